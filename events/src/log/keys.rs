@@ -1,0 +1,67 @@
+//! Key layout of the log's sled tree. Every key starts with a one-byte prefix and
+//! numbers are big-endian, so keys sort by position.
+//!
+//! | key | value |
+//! |---|---|
+//! | `r` seq | chain hash (32 bytes) ‖ encoded record |
+//! | `s` stream `0x00` version | seq |
+//! | `i` event id (16 bytes) | seq |
+//! | `m` name | log metadata (format marker) |
+
+use uuid::Uuid;
+
+use crate::envelope::StreamId;
+
+pub const RECORD: u8 = b'r';
+pub const STREAM: u8 = b's';
+pub const ID: u8 = b'i';
+
+/// Length of the chain hash stored before each record.
+pub const HASH_LEN: usize = 32;
+
+/// Marks a sled tree as a switchboard log; checked at open.
+pub const FORMAT_KEY: &[u8] = b"mformat";
+pub const FORMAT_MARK: &[u8] = b"switchboard-log-1";
+
+pub fn record(seq: u64) -> [u8; 9] {
+    let mut key = [RECORD; 9];
+    key[1..].copy_from_slice(&seq.to_be_bytes());
+    key
+}
+
+pub fn record_seq(key: &[u8]) -> Option<u64> {
+    match key {
+        [RECORD, rest @ ..] => Some(u64::from_be_bytes(rest.try_into().ok()?)),
+        _ => None,
+    }
+}
+
+pub fn stream_prefix(stream: &StreamId) -> Vec<u8> {
+    let mut key = Vec::with_capacity(stream.as_str().len() + 10);
+    key.push(STREAM);
+    key.extend_from_slice(stream.as_str().as_bytes());
+    key.push(0);
+    key
+}
+
+pub fn stream_entry(stream: &StreamId, version: u64) -> Vec<u8> {
+    let mut key = stream_prefix(stream);
+    key.extend_from_slice(&version.to_be_bytes());
+    key
+}
+
+/// The version at the end of a stream index key.
+pub fn stream_entry_version(key: &[u8]) -> Option<u64> {
+    let tail = key.len().checked_sub(8)?;
+    Some(u64::from_be_bytes(key[tail..].try_into().ok()?))
+}
+
+pub fn id(id: &Uuid) -> [u8; 17] {
+    let mut key = [ID; 17];
+    key[1..].copy_from_slice(id.as_bytes());
+    key
+}
+
+pub fn seq_value(value: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(value.try_into().ok()?))
+}

@@ -1,0 +1,332 @@
+//! The durable event log on sled (DESIGN §3).
+//!
+//! One sled tree holds records, the stream index, the id index and the chain
+//! hash, all written by one `Batch` per group commit (see [`writer`]). Readers
+//! iterate the tree lazily, so memory stays bounded however long the log is.
+
+mod keys;
+mod lock;
+mod read;
+mod verify;
+mod writer;
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use tokio::sync::{mpsc, oneshot, watch};
+use uuid::Uuid;
+
+use crate::envelope::{NewEvent, StreamId};
+
+pub use read::{ReadError, RecordIter, StreamIter, Subscription};
+pub use verify::{ChainBreak, ChainReport};
+
+/// The subdirectory of the data dir that holds the sled database.
+pub const DB_DIR: &str = "db";
+
+/// What version the appender believes the stream is at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpectedVersion {
+    /// Append whatever the stream's version.
+    Any,
+    /// Append only if the stream is exactly at this version (0: the stream is new).
+    Exact(u64),
+}
+
+impl std::fmt::Display for ExpectedVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExpectedVersion::Any => f.write_str("any"),
+            ExpectedVersion::Exact(version) => write!(f, "{version}"),
+        }
+    }
+}
+
+/// Where an event sits: globally and in its stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Position {
+    pub seq: u64,
+    pub version: u64,
+}
+
+/// The positions of an append's events, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Appended {
+    pub positions: Vec<Position>,
+    /// True when every event had been appended before: nothing was written and
+    /// the positions are the original ones.
+    pub deduplicated: bool,
+}
+
+impl Appended {
+    pub fn first(&self) -> Position {
+        self.positions[0]
+    }
+
+    pub fn last(&self) -> Position {
+        self.positions[self.positions.len() - 1]
+    }
+}
+
+/// Why an append was refused. Nothing of a refused append is written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AppendError {
+    #[error("version conflict on stream {stream}: expected version {expected}, actual {actual}")]
+    Conflict {
+        stream: StreamId,
+        expected: ExpectedVersion,
+        actual: u64,
+    },
+    #[error("an append needs at least one event")]
+    Empty,
+    #[error("event id {id} appears twice in one append")]
+    DuplicateInAppend { id: Uuid },
+    #[error("event id {id} was appended before (seq {seq}) but others of this append were not; an append is deduplicated whole")]
+    PartialDuplicate { id: Uuid, seq: u64 },
+    #[error("the event log is closed")]
+    Closed,
+    #[error("{0}")]
+    Storage(String),
+}
+
+/// Why a data dir could not be opened. Opening never changes a dir it refuses.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("data dir {dir} does not exist")]
+    Missing { dir: String },
+    #[error("{path} is not a directory")]
+    NotADirectory { path: String },
+    #[error("{dir} holds no switchboard event log")]
+    NotADataDir { dir: String },
+    #[error("data dir {dir} is in use by another switchboard process: {holder}")]
+    InUse { dir: String, holder: String },
+    #[error("data dir {dir} is corrupt: {detail}")]
+    Corrupt { dir: String, detail: String },
+    #[error("cannot open data dir {dir}: {source}")]
+    Io {
+        dir: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// How to open a data dir.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenMode {
+    /// Create the dir and an empty log when missing (`serve`, `keys issue`).
+    CreateIfMissing,
+    /// Refuse a missing dir or one without a log (read-only commands).
+    MustExist,
+}
+
+/// The durable event log. Cheap to clone; the last clone to drop closes it.
+#[derive(Clone)]
+pub struct EventLog {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    dir: PathBuf,
+    appends: Mutex<Option<mpsc::Sender<writer::AppendRequest>>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    head: watch::Receiver<u64>,
+    db: sled::Db,
+    tree: sled::Tree,
+    // Declared last so it is released only after sled has closed.
+    _lock: File,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.appends.lock().expect("append sender lock").take();
+        if let Some(writer) = self.writer.lock().expect("writer handle lock").take() {
+            let _ = writer.join();
+        }
+    }
+}
+
+impl EventLog {
+    /// Opens (or with [`OpenMode::CreateIfMissing`], creates) the log in `dir`.
+    pub fn open(dir: &Path, mode: OpenMode) -> Result<EventLog, OpenError> {
+        let shown = dir.display().to_string();
+        match std::fs::metadata(dir) {
+            Ok(meta) if !meta.is_dir() => {
+                return Err(OpenError::NotADirectory { path: shown });
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => match mode {
+                OpenMode::MustExist => return Err(OpenError::Missing { dir: shown }),
+                OpenMode::CreateIfMissing => {
+                    std::fs::create_dir_all(dir).map_err(|source| OpenError::Io {
+                        dir: shown.clone(),
+                        source,
+                    })?;
+                }
+            },
+            Err(source) => return Err(OpenError::Io { dir: shown, source }),
+        }
+        let db_path = dir.join(DB_DIR);
+        if mode == OpenMode::MustExist && !db_path.join("conf").exists() {
+            return Err(OpenError::NotADataDir { dir: shown });
+        }
+        let lock = lock::acquire(dir)?;
+        let corrupt = |detail: String| OpenError::Corrupt {
+            dir: shown.clone(),
+            detail,
+        };
+        let config = sled::Config::new().path(&db_path);
+        // sled panics on some corruptions instead of returning an error.
+        let db = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || config.open()))
+            .map_err(|_| corrupt("the database could not be read".to_owned()))?
+            .map_err(|e| match e {
+                sled::Error::Io(source) => OpenError::Io {
+                    dir: shown.clone(),
+                    source,
+                },
+                other => corrupt(other.to_string()),
+            })?;
+        let tree = db.open_tree("log").map_err(|e| corrupt(e.to_string()))?;
+        match tree
+            .get(keys::FORMAT_KEY)
+            .map_err(|e| corrupt(e.to_string()))?
+        {
+            Some(mark) if mark == keys::FORMAT_MARK => {}
+            Some(mark) => {
+                return Err(corrupt(format!(
+                    "unknown log format {:?}",
+                    String::from_utf8_lossy(&mark)
+                )))
+            }
+            None if tree.is_empty() => {
+                tree.insert(keys::FORMAT_KEY, keys::FORMAT_MARK)
+                    .and_then(|_| db.flush())
+                    .map_err(|e| corrupt(e.to_string()))?;
+            }
+            None => return Err(corrupt("the log has records but no format mark".to_owned())),
+        }
+        let (last_seq, last_hash) = match tree.scan_prefix([keys::RECORD]).next_back() {
+            None => (0, [0u8; 32]),
+            Some(entry) => {
+                let (key, value) = entry.map_err(|e| corrupt(e.to_string()))?;
+                let seq = keys::record_seq(&key)
+                    .ok_or_else(|| corrupt("a record key is malformed".to_owned()))?;
+                let hash = value
+                    .get(..keys::HASH_LEN)
+                    .and_then(|h| <[u8; 32]>::try_from(h).ok())
+                    .ok_or_else(|| corrupt(format!("record {seq} is truncated")))?;
+                (seq, hash)
+            }
+        };
+
+        let (head_tx, head_rx) = watch::channel(last_seq);
+        let (appends_tx, appends_rx) = mpsc::channel(8192);
+        let writer = writer::Writer {
+            db: db.clone(),
+            tree: tree.clone(),
+            next_seq: last_seq + 1,
+            last_hash,
+            head: head_tx,
+            failed: None,
+        };
+        let handle = std::thread::Builder::new()
+            .name("event-log-writer".to_owned())
+            .spawn(move || writer.run(appends_rx))
+            .map_err(|source| OpenError::Io {
+                dir: dir.display().to_string(),
+                source,
+            })?;
+        Ok(EventLog {
+            shared: Arc::new(Shared {
+                dir: dir.to_owned(),
+                appends: Mutex::new(Some(appends_tx)),
+                writer: Mutex::new(Some(handle)),
+                head: head_rx,
+                db,
+                tree,
+                _lock: lock,
+            }),
+        })
+    }
+
+    /// Appends `events` to `stream` if it is at `expected`; returns once they are
+    /// flushed to disk. Appending events whose ids were all appended before
+    /// writes nothing and returns the original positions.
+    pub async fn append(
+        &self,
+        stream: StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<Appended, AppendError> {
+        let (reply, answer) = oneshot::channel();
+        let sender = self.sender()?;
+        sender
+            .send(writer::AppendRequest {
+                stream,
+                expected,
+                events,
+                reply,
+            })
+            .await
+            .map_err(|_| AppendError::Closed)?;
+        answer.await.map_err(|_| AppendError::Closed)?
+    }
+
+    /// [`EventLog::append`] for callers outside an async runtime (the CLI).
+    pub fn append_blocking(
+        &self,
+        stream: StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<Appended, AppendError> {
+        let (reply, answer) = oneshot::channel();
+        self.sender()?
+            .blocking_send(writer::AppendRequest {
+                stream,
+                expected,
+                events,
+                reply,
+            })
+            .map_err(|_| AppendError::Closed)?;
+        answer.blocking_recv().map_err(|_| AppendError::Closed)?
+    }
+
+    fn sender(&self) -> Result<mpsc::Sender<writer::AppendRequest>, AppendError> {
+        self.shared
+            .appends
+            .lock()
+            .expect("append sender lock")
+            .clone()
+            .ok_or(AppendError::Closed)
+    }
+
+    /// The seq of the last durable record (0 for an empty log).
+    pub fn head(&self) -> u64 {
+        *self.shared.head.borrow()
+    }
+
+    /// The current version of a stream (0 when it has no events).
+    pub fn stream_version(&self, stream: &StreamId) -> Result<u64, ReadError> {
+        writer::stream_version(&self.shared.tree, stream)
+            .map_err(|e| ReadError::Storage(e.to_string()))
+    }
+
+    /// The data dir this log lives in.
+    pub fn dir(&self) -> &Path {
+        &self.shared.dir
+    }
+
+    /// The sled database, for projections to keep their own trees beside the log.
+    pub fn db(&self) -> &sled::Db {
+        &self.shared.db
+    }
+
+    /// Bytes the database takes on disk.
+    pub fn size_on_disk(&self) -> Result<u64, ReadError> {
+        self.shared
+            .db
+            .size_on_disk()
+            .map_err(|e| ReadError::Storage(e.to_string()))
+    }
+}

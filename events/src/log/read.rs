@@ -1,0 +1,247 @@
+//! Reading the log: by global position, by stream, and live.
+
+use std::collections::VecDeque;
+
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use super::{keys, EventLog};
+use crate::codec::{self, DecodeError};
+use crate::envelope::{Envelope, StreamId};
+
+/// Why a read failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("storage: {0}")]
+    Storage(String),
+    #[error("record {seq} does not decode: {source}")]
+    Decode {
+        seq: u64,
+        #[source]
+        source: DecodeError,
+    },
+    #[error("record {seq} is corrupt: {detail}")]
+    Corrupt { seq: u64, detail: String },
+}
+
+impl From<sled::Error> for ReadError {
+    fn from(error: sled::Error) -> Self {
+        ReadError::Storage(error.to_string())
+    }
+}
+
+/// A record as stored: its chain hash and encoded bytes.
+pub(crate) struct RawRecord {
+    pub seq: u64,
+    pub hash: [u8; 32],
+    pub bytes: sled::IVec,
+}
+
+impl RawRecord {
+    fn parse(key: &[u8], value: sled::IVec) -> Result<RawRecord, ReadError> {
+        let seq = keys::record_seq(key).ok_or_else(|| ReadError::Corrupt {
+            seq: 0,
+            detail: "malformed record key".to_owned(),
+        })?;
+        let hash = value
+            .get(..keys::HASH_LEN)
+            .and_then(|h| <[u8; 32]>::try_from(h).ok())
+            .ok_or_else(|| ReadError::Corrupt {
+                seq,
+                detail: "shorter than its chain hash".to_owned(),
+            })?;
+        let bytes = value.subslice(keys::HASH_LEN, value.len() - keys::HASH_LEN);
+        Ok(RawRecord { seq, hash, bytes })
+    }
+
+    pub fn decode(&self) -> Result<Envelope, ReadError> {
+        codec::decode(self.seq, &self.bytes).map_err(|source| ReadError::Decode {
+            seq: self.seq,
+            source,
+        })
+    }
+}
+
+/// Records in seq order, read lazily from the tree.
+pub struct RecordIter {
+    inner: sled::Iter,
+}
+
+impl RecordIter {
+    pub(crate) fn next_raw(&mut self) -> Option<Result<RawRecord, ReadError>> {
+        let (key, value) = match self.inner.next()? {
+            Ok(entry) => entry,
+            Err(e) => return Some(Err(e.into())),
+        };
+        Some(RawRecord::parse(&key, value))
+    }
+}
+
+impl Iterator for RecordIter {
+    type Item = Result<Envelope, ReadError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        Some(self.next_raw()?.and_then(|raw| raw.decode()))
+    }
+}
+
+/// A stream's events in version order.
+pub struct StreamIter {
+    tree: sled::Tree,
+    index: sled::Iter,
+}
+
+impl Iterator for StreamIter {
+    type Item = Result<Envelope, ReadError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let (key, value) = match self.index.next()? {
+            Ok(entry) => entry,
+            Err(e) => return Some(Err(e.into())),
+        };
+        Some(read_indexed(&self.tree, &key, &value))
+    }
+}
+
+fn read_indexed(tree: &sled::Tree, key: &[u8], value: &[u8]) -> Result<Envelope, ReadError> {
+    let seq = keys::seq_value(value).ok_or_else(|| ReadError::Corrupt {
+        seq: 0,
+        detail: format!("malformed index entry {}", String::from_utf8_lossy(key)),
+    })?;
+    let record = tree
+        .get(keys::record(seq))?
+        .ok_or_else(|| ReadError::Corrupt {
+            seq,
+            detail: "an index points at this missing record".to_owned(),
+        })?;
+    RawRecord::parse(&keys::record(seq), record)?.decode()
+}
+
+impl EventLog {
+    /// Every record from `from_seq` on, in order, including ones appended while
+    /// iterating. Memory stays bounded: records are read as the iterator advances.
+    pub fn read_from(&self, from_seq: u64) -> RecordIter {
+        self.read_range(from_seq, u64::MAX)
+    }
+
+    /// Records with `from_seq <= seq <= to_seq`, in order.
+    pub fn read_range(&self, from_seq: u64, to_seq: u64) -> RecordIter {
+        RecordIter {
+            inner: self
+                .shared
+                .tree
+                .range(keys::record(from_seq)..=keys::record(to_seq)),
+        }
+    }
+
+    /// The events of `stream` from `from_version` on, in order.
+    pub fn read_stream(&self, stream: &StreamId, from_version: u64) -> StreamIter {
+        let end = {
+            let mut end = keys::stream_prefix(stream);
+            end.extend_from_slice(&u64::MAX.to_be_bytes());
+            end
+        };
+        StreamIter {
+            tree: self.shared.tree.clone(),
+            index: self
+                .shared
+                .tree
+                .range(keys::stream_entry(stream, from_version)..=end),
+        }
+    }
+
+    /// The record at `seq`, if there is one.
+    pub fn get(&self, seq: u64) -> Result<Option<Envelope>, ReadError> {
+        let key = keys::record(seq);
+        match self.shared.tree.get(key)? {
+            None => Ok(None),
+            Some(value) => RawRecord::parse(&key, value)?.decode().map(Some),
+        }
+    }
+
+    /// The seq an event id was appended at, if it was.
+    pub fn seq_of(&self, id: &Uuid) -> Result<Option<u64>, ReadError> {
+        match self.shared.tree.get(keys::id(id))? {
+            None => Ok(None),
+            Some(value) => keys::seq_value(&value).map(Some).ok_or(ReadError::Corrupt {
+                seq: 0,
+                detail: format!("id index entry of {id} is malformed"),
+            }),
+        }
+    }
+
+    /// Follows the log from `from_seq`: first every stored record, then each new
+    /// one as it becomes durable — in order, with no gap and no duplicate.
+    pub fn subscribe(&self, from_seq: u64) -> Subscription {
+        Subscription {
+            tree: self.shared.tree.clone(),
+            head: self.shared.head.clone(),
+            next_seq: from_seq.max(1),
+            buffer: VecDeque::new(),
+        }
+    }
+}
+
+/// How many records a subscription reads from the tree at a time.
+const SUBSCRIPTION_CHUNK: u64 = 256;
+
+/// A live subscription to the log; see [`EventLog::subscribe`].
+pub struct Subscription {
+    tree: sled::Tree,
+    head: watch::Receiver<u64>,
+    next_seq: u64,
+    buffer: VecDeque<Envelope>,
+}
+
+impl Subscription {
+    /// The next record; waits for one when caught up. `None` once the log has
+    /// closed and every durable record was delivered.
+    pub async fn next(&mut self) -> Option<Result<Envelope, ReadError>> {
+        loop {
+            if let Some(envelope) = self.buffer.pop_front() {
+                return Some(Ok(envelope));
+            }
+            let head = *self.head.borrow_and_update();
+            if self.next_seq <= head {
+                let to = head.min(self.next_seq + SUBSCRIPTION_CHUNK - 1);
+                if let Err(e) = self.fill(to) {
+                    return Some(Err(e));
+                }
+                continue;
+            }
+            if self.head.changed().await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    /// The seq the next delivered record will have.
+    pub fn position(&self) -> u64 {
+        self.next_seq - self.buffer.len() as u64
+    }
+
+    fn fill(&mut self, to_seq: u64) -> Result<(), ReadError> {
+        for entry in self
+            .tree
+            .range(keys::record(self.next_seq)..=keys::record(to_seq))
+        {
+            let (key, value) = entry?;
+            let raw = RawRecord::parse(&key, value)?;
+            if raw.seq != self.next_seq {
+                return Err(ReadError::Corrupt {
+                    seq: self.next_seq,
+                    detail: format!("missing; the next stored record is {}", raw.seq),
+                });
+            }
+            self.buffer.push_back(raw.decode()?);
+            self.next_seq += 1;
+        }
+        if self.next_seq <= to_seq {
+            return Err(ReadError::Corrupt {
+                seq: self.next_seq,
+                detail: "durable but missing".to_owned(),
+            });
+        }
+        Ok(())
+    }
+}

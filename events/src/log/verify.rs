@@ -1,0 +1,89 @@
+//! Checking the hash chain and the indexes against the records.
+
+use super::read::RawRecord;
+use super::{keys, writer, EventLog, ReadError};
+
+/// A healthy log's summary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainReport {
+    pub records: u64,
+    /// The chain hash of the last record, hex.
+    pub head_hash: String,
+}
+
+/// Where and how the log is broken.
+#[derive(Debug, thiserror::Error)]
+pub enum ChainBreak {
+    #[error("record {expected} is missing (the next record is {found})")]
+    Missing { expected: u64, found: u64 },
+    #[error("record {seq} does not match its chain hash: it or an earlier record was changed")]
+    HashMismatch { seq: u64 },
+    #[error("record {seq}: {detail}")]
+    Index { seq: u64, detail: String },
+    #[error("the {index} index has {entries} entries for {records} records")]
+    IndexCount {
+        index: &'static str,
+        entries: u64,
+        records: u64,
+    },
+    #[error(transparent)]
+    Read(#[from] ReadError),
+}
+
+impl EventLog {
+    /// Walks every record: checks that seqs are gapless, that each chain hash
+    /// covers the previous hash and the record's bytes, that each record decodes
+    /// and that the stream and id indexes point exactly at the records.
+    /// `progress` is called with each verified seq.
+    pub fn verify_chain(&self, mut progress: impl FnMut(u64)) -> Result<ChainReport, ChainBreak> {
+        let tree = &self.shared.tree;
+        let mut previous = [0u8; 32];
+        let mut expected = 1u64;
+        let mut records = self.read_from(1);
+        while let Some(raw) = records.next_raw() {
+            let raw: RawRecord = raw?;
+            if raw.seq != expected {
+                return Err(ChainBreak::Missing {
+                    expected,
+                    found: raw.seq,
+                });
+            }
+            if writer::chain_hash(&previous, &raw.bytes) != raw.hash {
+                return Err(ChainBreak::HashMismatch { seq: raw.seq });
+            }
+            let envelope = raw.decode()?;
+            let index_detail = |what: &str| ChainBreak::Index {
+                seq: raw.seq,
+                detail: what.to_owned(),
+            };
+            let by_stream = tree
+                .get(keys::stream_entry(&envelope.stream, envelope.version))
+                .map_err(ReadError::from)?;
+            if by_stream.as_deref().and_then(keys::seq_value) != Some(raw.seq) {
+                return Err(index_detail("the stream index does not point at it"));
+            }
+            let by_id = tree.get(keys::id(&envelope.id)).map_err(ReadError::from)?;
+            if by_id.as_deref().and_then(keys::seq_value) != Some(raw.seq) {
+                return Err(index_detail("the id index does not point at it"));
+            }
+            previous = raw.hash;
+            progress(raw.seq);
+            expected += 1;
+        }
+        let records = expected - 1;
+        for (index, prefix) in [("stream", keys::STREAM), ("id", keys::ID)] {
+            let entries = tree.scan_prefix([prefix]).count() as u64;
+            if entries != records {
+                return Err(ChainBreak::IndexCount {
+                    index,
+                    entries,
+                    records,
+                });
+            }
+        }
+        Ok(ChainReport {
+            records,
+            head_hash: hex::encode(previous),
+        })
+    }
+}

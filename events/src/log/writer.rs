@@ -1,0 +1,265 @@
+//! The single writer: group commit of appends.
+//!
+//! All appends go through one thread. It takes every request waiting in its
+//! queue, checks each against the log (versions, ids) and the requests before it
+//! in the same group, stages all of them into one sled `Batch`, applies it and
+//! flushes once, and only then answers. Many concurrent appenders so share one
+//! fsync, and nobody is acknowledged before the bytes are on disk.
+//!
+//! If a write or flush fails the writer stops accepting appends (every later
+//! append fails with `Storage`): after a failed fsync the state on disk is
+//! unknown, and the only honest recovery is a restart that reads it back.
+
+use std::collections::HashMap;
+
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, oneshot, watch};
+use uuid::Uuid;
+
+use super::{keys, AppendError, Appended, ExpectedVersion, Position};
+use crate::codec;
+use crate::envelope::{Envelope, NewEvent, StreamId};
+use crate::time;
+
+/// The most events one group commit takes; bounds batch memory and latency.
+const MAX_GROUP_EVENTS: usize = 4096;
+
+pub struct AppendRequest {
+    pub stream: StreamId,
+    pub expected: ExpectedVersion,
+    pub events: Vec<NewEvent>,
+    pub reply: oneshot::Sender<Result<Appended, AppendError>>,
+}
+
+pub struct Writer {
+    pub db: sled::Db,
+    pub tree: sled::Tree,
+    /// The seq the next appended record gets.
+    pub next_seq: u64,
+    /// The chain hash of the last record (all zeros for an empty log).
+    pub last_hash: [u8; 32],
+    /// The durable head, published after each flush.
+    pub head: watch::Sender<u64>,
+    /// Set after a failed write or flush; the log then refuses appends.
+    pub failed: Option<String>,
+}
+
+/// What staging a group has learnt that the tree does not know yet.
+#[derive(Default)]
+struct Overlay {
+    versions: HashMap<StreamId, u64>,
+    ids: HashMap<Uuid, Position>,
+}
+
+impl Writer {
+    pub fn run(mut self, mut requests: mpsc::Receiver<AppendRequest>) {
+        while let Some(first) = requests.blocking_recv() {
+            let mut events = first.events.len();
+            let mut group = vec![first];
+            while events < MAX_GROUP_EVENTS {
+                match requests.try_recv() {
+                    Ok(next) => {
+                        events += next.events.len();
+                        group.push(next);
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.commit(group);
+        }
+    }
+
+    fn commit(&mut self, group: Vec<AppendRequest>) {
+        if let Some(reason) = &self.failed {
+            for request in group {
+                let _ = request
+                    .reply
+                    .send(Err(AppendError::Storage(reason.clone())));
+            }
+            return;
+        }
+        let first_new_seq = self.next_seq;
+        let mut batch = sled::Batch::default();
+        let mut overlay = Overlay::default();
+        let mut answers = Vec::with_capacity(group.len());
+        for request in group {
+            let result = self.stage(
+                &request.stream,
+                request.expected,
+                request.events,
+                &mut batch,
+                &mut overlay,
+            );
+            answers.push((request.reply, result));
+        }
+        if self.next_seq != first_new_seq {
+            let written = self
+                .tree
+                .apply_batch(batch)
+                .and_then(|()| self.db.flush().map(drop));
+            match written {
+                Ok(()) => {
+                    self.head.send_replace(self.next_seq - 1);
+                }
+                Err(error) => {
+                    let reason = format!("event log write failed: {error}");
+                    tracing::error!(%reason, "event log refuses further appends until restart");
+                    self.failed = Some(reason.clone());
+                    for (_, result) in &mut answers {
+                        if result.as_ref().is_ok_and(|a| !a.deduplicated) {
+                            *result = Err(AppendError::Storage(reason.clone()));
+                        }
+                    }
+                }
+            }
+        }
+        for (reply, result) in answers {
+            // An appender that gave up waiting is not an error of the log.
+            let _ = reply.send(result);
+        }
+    }
+
+    fn stage(
+        &mut self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+        batch: &mut sled::Batch,
+        overlay: &mut Overlay,
+    ) -> Result<Appended, AppendError> {
+        if events.is_empty() {
+            return Err(AppendError::Empty);
+        }
+        for (i, event) in events.iter().enumerate() {
+            if events[..i].iter().any(|e| e.id == event.id) {
+                return Err(AppendError::DuplicateInAppend { id: event.id });
+            }
+        }
+        let mut known = Vec::with_capacity(events.len());
+        for event in &events {
+            known.push(self.known_position(&event.id, overlay)?);
+        }
+        if known.iter().all(Option::is_some) {
+            return Ok(Appended {
+                positions: known.into_iter().flatten().collect(),
+                deduplicated: true,
+            });
+        }
+        if let Some((event, Some(position))) = events.iter().zip(&known).find(|(_, k)| k.is_some())
+        {
+            return Err(AppendError::PartialDuplicate {
+                id: event.id,
+                seq: position.seq,
+            });
+        }
+
+        let actual = match overlay.versions.get(stream) {
+            Some(version) => *version,
+            None => stream_version(&self.tree, stream)?,
+        };
+        if let ExpectedVersion::Exact(expected_version) = expected {
+            if expected_version != actual {
+                return Err(AppendError::Conflict {
+                    stream: stream.clone(),
+                    expected,
+                    actual,
+                });
+            }
+        }
+
+        let at = time::now();
+        let mut positions = Vec::with_capacity(events.len());
+        for (offset, new) in (1u64..).zip(events) {
+            let position = Position {
+                seq: self.next_seq,
+                version: actual + offset,
+            };
+            let envelope = Envelope {
+                seq: position.seq,
+                id: new.id,
+                stream: stream.clone(),
+                version: position.version,
+                at,
+                correlation_id: new.correlation_id,
+                causation_id: new.causation_id,
+                traceparent: new.traceparent,
+                event: new.event,
+            };
+            let bytes = codec::encode(&envelope);
+            let hash = chain_hash(&self.last_hash, &bytes);
+            let mut value = Vec::with_capacity(keys::HASH_LEN + bytes.len());
+            value.extend_from_slice(&hash);
+            value.extend_from_slice(&bytes);
+            batch.insert(&keys::record(position.seq), value);
+            batch.insert(
+                keys::stream_entry(stream, position.version),
+                &position.seq.to_be_bytes(),
+            );
+            batch.insert(&keys::id(&envelope.id), &position.seq.to_be_bytes());
+            overlay.ids.insert(envelope.id, position);
+            self.last_hash = hash;
+            self.next_seq += 1;
+            positions.push(position);
+        }
+        overlay
+            .versions
+            .insert(stream.clone(), actual + positions.len() as u64);
+        Ok(Appended {
+            positions,
+            deduplicated: false,
+        })
+    }
+
+    fn known_position(
+        &self,
+        id: &Uuid,
+        overlay: &Overlay,
+    ) -> Result<Option<Position>, AppendError> {
+        if let Some(position) = overlay.ids.get(id) {
+            return Ok(Some(*position));
+        }
+        let Some(seq) = self.tree.get(keys::id(id)).map_err(storage)? else {
+            return Ok(None);
+        };
+        let seq = keys::seq_value(&seq)
+            .ok_or_else(|| AppendError::Storage(format!("id index entry of {id} is corrupt")))?;
+        let record = self
+            .tree
+            .get(keys::record(seq))
+            .map_err(storage)?
+            .ok_or_else(|| {
+                AppendError::Storage(format!("id index points {id} at missing seq {seq}"))
+            })?;
+        let envelope = codec::decode(seq, record.get(keys::HASH_LEN..).unwrap_or_default())
+            .map_err(|e| AppendError::Storage(format!("record {seq} does not decode: {e}")))?;
+        Ok(Some(Position {
+            seq,
+            version: envelope.version,
+        }))
+    }
+}
+
+/// The chain hash of a record: it covers the previous record's hash and this
+/// record's bytes, so changing, dropping or reordering any record breaks the chain.
+pub fn chain_hash(previous: &[u8; 32], record: &[u8]) -> [u8; 32] {
+    let mut hasher = Sha256::new();
+    hasher.update(previous);
+    hasher.update(record);
+    hasher.finalize().into()
+}
+
+/// The current version of a stream according to its index (0 when it has none).
+pub fn stream_version(tree: &sled::Tree, stream: &StreamId) -> Result<u64, AppendError> {
+    match tree.scan_prefix(keys::stream_prefix(stream)).next_back() {
+        None => Ok(0),
+        Some(entry) => {
+            let (key, _) = entry.map_err(storage)?;
+            keys::stream_entry_version(&key)
+                .ok_or_else(|| AppendError::Storage(format!("stream index of {stream} is corrupt")))
+        }
+    }
+}
+
+fn storage(error: sled::Error) -> AppendError {
+    AppendError::Storage(error.to_string())
+}
