@@ -215,6 +215,21 @@ impl Subscription {
         }
     }
 
+    /// The next record if one is durable already; `None` when caught up (never waits).
+    pub fn try_next(&mut self) -> Option<Result<Envelope, ReadError>> {
+        if self.buffer.is_empty() {
+            let head = *self.head.borrow();
+            if self.next_seq > head {
+                return None;
+            }
+            let to = head.min(self.next_seq + SUBSCRIPTION_CHUNK - 1);
+            if let Err(e) = self.fill(to) {
+                return Some(Err(e));
+            }
+        }
+        self.buffer.pop_front().map(Ok)
+    }
+
     /// The seq the next delivered record will have.
     pub fn position(&self) -> u64 {
         self.next_seq - self.buffer.len() as u64

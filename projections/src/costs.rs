@@ -1,0 +1,171 @@
+//! costs: tokens and micro-USD per key, user, model and UTC day, summed from
+//! `usage_recorded` events only — so the view always equals the sum of those
+//! events, after any crash or replay.
+//!
+//! Rows: `d` day 0 key 0 user 0 model → [`CostTotals`] (the finest grain; any
+//! grouping over a day range is a scan of it); `a` key → the key's all-time
+//! [`CostTotals`], for `/v1/usage` without a scan.
+
+use std::collections::BTreeMap;
+
+use chrono::NaiveDate;
+use serde::{Deserialize, Serialize};
+use switchboard_events::{Envelope, Event};
+
+use crate::view::{decode_row, row_key, ProjectionError, Staged};
+
+pub const NAME: &str = "costs";
+
+/// Sums over a set of `usage_recorded` events.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CostTotals {
+    pub requests: u64,
+    pub tokens_in: u64,
+    pub tokens_out: u64,
+    pub cost_micros: u64,
+    /// Requests whose tokens were counted locally, not reported by the provider.
+    pub estimated_requests: u64,
+}
+
+impl CostTotals {
+    fn add(&mut self, other: &CostTotals) {
+        self.requests += other.requests;
+        self.tokens_in += other.tokens_in;
+        self.tokens_out += other.tokens_out;
+        self.cost_micros += other.cost_micros;
+        self.estimated_requests += other.estimated_requests;
+    }
+}
+
+/// The column a cost report groups by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CostGroup {
+    Key,
+    User,
+    Model,
+    Day,
+}
+
+impl std::str::FromStr for CostGroup {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "key" => Ok(Self::Key),
+            "user" => Ok(Self::User),
+            "model" => Ok(Self::Model),
+            "day" => Ok(Self::Day),
+            other => Err(format!(
+                "unknown grouping {other:?} (expected key, user, model or day)"
+            )),
+        }
+    }
+}
+
+/// One line of a cost report: the group's value and its totals.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CostRow {
+    pub group: String,
+    #[serde(flatten)]
+    pub totals: CostTotals,
+}
+
+/// The user column of usage without a user.
+const NO_USER: &str = "";
+
+pub fn apply(view: &mut Staged, envelope: &Envelope) -> Result<(), ProjectionError> {
+    let Event::UsageRecorded(usage) = &envelope.event else {
+        return Ok(());
+    };
+    let delta = CostTotals {
+        requests: 1,
+        tokens_in: usage.prompt_tokens,
+        tokens_out: usage.completion_tokens,
+        cost_micros: usage.cost_micros,
+        estimated_requests: u64::from(usage.estimated),
+    };
+    let day = envelope.at.date_naive().to_string();
+    let user = usage.user.as_deref().unwrap_or(NO_USER);
+    for key in [
+        row_key(
+            b'd',
+            &[
+                day.as_bytes(),
+                usage.key_id.as_bytes(),
+                user.as_bytes(),
+                usage.model.as_bytes(),
+            ],
+        ),
+        row_key(b'a', &[usage.key_id.as_bytes()]),
+    ] {
+        let mut totals = view.get::<CostTotals>(&key)?.unwrap_or_default();
+        totals.add(&delta);
+        view.put(key, &totals);
+    }
+    Ok(())
+}
+
+/// Read access to the costs view.
+#[derive(Clone)]
+pub struct CostsView {
+    pub(crate) tree: sled::Tree,
+}
+
+impl CostsView {
+    /// Totals grouped by `by` over the UTC days `since..=until` (both optional),
+    /// sorted by the group's value.
+    pub fn report(
+        &self,
+        by: CostGroup,
+        since: Option<NaiveDate>,
+        until: Option<NaiveDate>,
+    ) -> Result<Vec<CostRow>, ProjectionError> {
+        let start = match since {
+            Some(day) => row_key(b'd', &[day.to_string().as_bytes()]),
+            None => vec![b'd'],
+        };
+        let mut groups: BTreeMap<String, CostTotals> = BTreeMap::new();
+        for entry in self.tree.range(start..) {
+            let (key, value) = entry?;
+            if key.first() != Some(&b'd') {
+                break;
+            }
+            let parts: Vec<&[u8]> = key[1..].split(|b| *b == 0).collect();
+            let [day, key_id, user, model] = parts[..] else {
+                return Err(ProjectionError::CorruptRow {
+                    projection: NAME,
+                    key: String::from_utf8_lossy(&key).into_owned(),
+                    detail: "expected day, key, user and model".to_owned(),
+                });
+            };
+            let day = String::from_utf8_lossy(day);
+            if until.is_some_and(|until| day.as_ref() > until.to_string().as_str()) {
+                break;
+            }
+            let group = match by {
+                CostGroup::Key => key_id,
+                CostGroup::User => user,
+                CostGroup::Model => model,
+                CostGroup::Day => day.as_bytes(),
+            };
+            let totals: CostTotals = decode_row(NAME, &key, &value)?;
+            groups
+                .entry(String::from_utf8_lossy(group).into_owned())
+                .or_default()
+                .add(&totals);
+        }
+        Ok(groups
+            .into_iter()
+            .map(|(group, totals)| CostRow { group, totals })
+            .collect())
+    }
+
+    /// A key's all-time totals.
+    pub fn key_totals(&self, key_id: &str) -> Result<CostTotals, ProjectionError> {
+        let key = row_key(b'a', &[key_id.as_bytes()]);
+        match self.tree.get(&key)? {
+            None => Ok(CostTotals::default()),
+            Some(value) => decode_row(NAME, &key, &value),
+        }
+    }
+}

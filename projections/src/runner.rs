@@ -1,0 +1,372 @@
+//! Running the projections: catching up, tailing the log live, replaying and
+//! verifying.
+
+use std::future::Future;
+use std::path::PathBuf;
+
+use switchboard_events::{Envelope, EventLog};
+use tokio::sync::watch;
+
+use crate::view::{self, ProjectionError, Staged};
+use crate::{AuditView, CostsView, HistoryView, KeysView, ProjectionName};
+
+/// Rows staged before a commit while folding a stretch of the log.
+const COMMIT_EVERY_EVENTS: u64 = 8192;
+
+/// The four projections of one log.
+#[derive(Clone)]
+pub struct Projections {
+    log: EventLog,
+    trees: Vec<(ProjectionName, sled::Tree)>,
+    /// The seq every projection has folded up to.
+    caught_up: watch::Sender<u64>,
+}
+
+/// A live view that differs from its rebuild.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ViewDifference {
+    pub projection: ProjectionName,
+    pub detail: String,
+}
+
+impl std::fmt::Display for ViewDifference {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "projection {}: {}", self.projection, self.detail)
+    }
+}
+
+/// One projection being folded: its staged rows, where it stands and where it
+/// stops.
+struct Folding {
+    name: ProjectionName,
+    staged: Staged,
+    checkpoint: u64,
+    until: u64,
+}
+
+impl Folding {
+    fn apply(&mut self, envelope: &Envelope) -> Result<(), ProjectionError> {
+        if envelope.seq > self.checkpoint && envelope.seq <= self.until {
+            self.name.apply(&mut self.staged, envelope)?;
+        }
+        Ok(())
+    }
+
+    fn commit(&mut self, seq: u64) -> Result<(), ProjectionError> {
+        let seq = seq.min(self.until);
+        if seq > self.checkpoint {
+            self.staged.commit(seq)?;
+            self.checkpoint = seq;
+        }
+        Ok(())
+    }
+}
+
+impl Projections {
+    /// Opens the projections' trees beside `log`. Nothing is folded yet: call
+    /// [`Projections::catch_up`] or [`Projections::run_live`].
+    pub fn open(log: &EventLog) -> Result<Projections, ProjectionError> {
+        let trees = ProjectionName::ALL
+            .into_iter()
+            .map(|name| Ok((name, log.db().open_tree(name.tree_name())?)))
+            .collect::<Result<Vec<_>, ProjectionError>>()?;
+        let projections = Projections {
+            log: log.clone(),
+            trees,
+            caught_up: watch::Sender::new(0),
+        };
+        projections
+            .caught_up
+            .send_replace(projections.min_checkpoint()?);
+        Ok(projections)
+    }
+
+    fn tree(&self, name: ProjectionName) -> &sled::Tree {
+        &self
+            .trees
+            .iter()
+            .find(|(n, _)| *n == name)
+            .expect("every projection has a tree")
+            .1
+    }
+
+    pub fn history(&self) -> HistoryView {
+        HistoryView {
+            tree: self.tree(ProjectionName::History).clone(),
+        }
+    }
+
+    pub fn audit(&self) -> AuditView {
+        AuditView {
+            tree: self.tree(ProjectionName::Audit).clone(),
+        }
+    }
+
+    pub fn costs(&self) -> CostsView {
+        CostsView {
+            tree: self.tree(ProjectionName::Costs).clone(),
+        }
+    }
+
+    pub fn keys(&self) -> KeysView {
+        KeysView {
+            tree: self.tree(ProjectionName::Keys).clone(),
+        }
+    }
+
+    /// The seq a projection has folded up to.
+    pub fn checkpoint(&self, name: ProjectionName) -> Result<u64, ProjectionError> {
+        view::checkpoint(self.tree(name))
+    }
+
+    fn min_checkpoint(&self) -> Result<u64, ProjectionError> {
+        let mut min = u64::MAX;
+        for name in ProjectionName::ALL {
+            min = min.min(self.checkpoint(name)?);
+        }
+        Ok(min)
+    }
+
+    /// Waits until every projection has folded `seq` (read-your-writes for
+    /// queries after an append).
+    pub async fn wait_for(&self, seq: u64) {
+        let mut caught_up = self.caught_up.subscribe();
+        // The sender lives in `self`, so this cannot fail while we wait.
+        let _ = caught_up.wait_for(|at| *at >= seq).await;
+    }
+
+    fn folding(
+        &self,
+        only: &[ProjectionName],
+        until: u64,
+    ) -> Result<Vec<Folding>, ProjectionError> {
+        only.iter()
+            .map(|&name| {
+                let tree = self.tree(name).clone();
+                Ok(Folding {
+                    name,
+                    checkpoint: view::checkpoint(&tree)?,
+                    staged: Staged::new(name.as_str(), tree),
+                    until,
+                })
+            })
+            .collect()
+    }
+
+    /// Folds every projection from its checkpoint up to the log's head.
+    /// `progress` gets each folded seq. Returns the head.
+    pub fn catch_up(&self, progress: &mut dyn FnMut(u64)) -> Result<u64, ProjectionError> {
+        let head = self.log.head();
+        let mut folding = self.folding(&ProjectionName::ALL, head)?;
+        fold_range(&self.log, &mut folding, progress)?;
+        self.caught_up.send_replace(head);
+        Ok(head)
+    }
+
+    /// Rebuilds `only` (or every projection) from seq 1.
+    pub fn replay(
+        &self,
+        only: Option<ProjectionName>,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<u64, ProjectionError> {
+        let names: Vec<ProjectionName> = match only {
+            Some(name) => vec![name],
+            None => ProjectionName::ALL.to_vec(),
+        };
+        for name in &names {
+            self.tree(*name).clear()?;
+        }
+        let head = self.log.head();
+        let mut folding = self.folding(&names, head)?;
+        fold_range(&self.log, &mut folding, progress)?;
+        self.caught_up.send_replace(self.min_checkpoint()?);
+        Ok(head)
+    }
+
+    /// Tails the log, folding each event as it becomes durable, until `shutdown`
+    /// completes. Commits whenever it has caught up with the log, and at least
+    /// every 8192 events when it has not.
+    pub async fn run_live(
+        &self,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), ProjectionError> {
+        let mut folding = self.folding(&ProjectionName::ALL, u64::MAX)?;
+        let from = folding.iter().map(|f| f.checkpoint).min().unwrap_or(0) + 1;
+        let mut subscription = self.log.subscribe(from);
+        tokio::pin!(shutdown);
+        loop {
+            let first = tokio::select! {
+                next = subscription.next() => match next {
+                    Some(envelope) => envelope?,
+                    None => return Ok(()),
+                },
+                () = &mut shutdown => return Ok(()),
+            };
+            let mut last = first.seq;
+            for f in &mut folding {
+                f.apply(&first)?;
+            }
+            let mut folded = 1;
+            while folded < COMMIT_EVERY_EVENTS {
+                let Some(envelope) = subscription.try_next() else {
+                    break;
+                };
+                let envelope = envelope?;
+                for f in &mut folding {
+                    f.apply(&envelope)?;
+                }
+                last = envelope.seq;
+                folded += 1;
+            }
+            for f in &mut folding {
+                f.commit(last)?;
+            }
+            self.caught_up.send_replace(last);
+        }
+    }
+
+    /// Rebuilds every projection into scratch space, up to the live view's
+    /// checkpoint, and compares the rows. Returns the differences (empty when the
+    /// live views are exactly what the log gives). The live views are not changed.
+    pub fn verify(
+        &self,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<Vec<ViewDifference>, ProjectionError> {
+        let scratch_dir = scratch_path();
+        let scratch = sled::Config::new()
+            .path(&scratch_dir)
+            .temporary(true)
+            .open()?;
+        let mut folding = Vec::new();
+        let mut scratch_trees = Vec::new();
+        for name in ProjectionName::ALL {
+            let tree = scratch.open_tree(name.tree_name())?;
+            scratch_trees.push((name, tree.clone()));
+            folding.push(Folding {
+                name,
+                staged: Staged::new(name.as_str(), tree),
+                checkpoint: 0,
+                // Exactly as far as the live view has folded.
+                until: self.checkpoint(name)?,
+            });
+        }
+        fold_range(&self.log, &mut folding, progress)?;
+        let mut differences = Vec::new();
+        for (name, scratch_tree) in &scratch_trees {
+            if let Some(detail) = compare_trees(self.tree(*name), scratch_tree)? {
+                differences.push(ViewDifference {
+                    projection: *name,
+                    detail,
+                });
+            }
+        }
+        drop(scratch);
+        let _ = std::fs::remove_dir_all(&scratch_dir);
+        Ok(differences)
+    }
+}
+
+fn scratch_path() -> PathBuf {
+    std::env::temp_dir().join(format!(
+        "switchboard-verify-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default()
+    ))
+}
+
+/// Folds the log into each projection from its checkpoint up to its `until`,
+/// in one pass over the log.
+fn fold_range(
+    log: &EventLog,
+    folding: &mut [Folding],
+    progress: &mut dyn FnMut(u64),
+) -> Result<(), ProjectionError> {
+    let active: Vec<usize> = (0..folding.len())
+        .filter(|&i| folding[i].checkpoint < folding[i].until)
+        .collect();
+    let Some(from) = active.iter().map(|&i| folding[i].checkpoint).min() else {
+        return Ok(());
+    };
+    let to = active
+        .iter()
+        .map(|&i| folding[i].until)
+        .max()
+        .unwrap_or(from);
+    let mut since_commit = 0;
+    for envelope in log.read_range(from + 1, to) {
+        let envelope = envelope?;
+        for &i in &active {
+            folding[i].apply(&envelope)?;
+        }
+        since_commit += 1;
+        if since_commit == COMMIT_EVERY_EVENTS {
+            for &i in &active {
+                folding[i].commit(envelope.seq)?;
+            }
+            since_commit = 0;
+        }
+        progress(envelope.seq);
+    }
+    for &i in &active {
+        let until = folding[i].until;
+        folding[i].commit(until)?;
+    }
+    Ok(())
+}
+
+/// The first difference between two trees' rows, described; `None` if equal.
+fn compare_trees(
+    live: &sled::Tree,
+    rebuilt: &sled::Tree,
+) -> Result<Option<String>, ProjectionError> {
+    let mut live_rows = live.iter();
+    let mut rebuilt_rows = rebuilt.iter();
+    loop {
+        match (
+            live_rows.next().transpose()?,
+            rebuilt_rows.next().transpose()?,
+        ) {
+            (None, None) => return Ok(None),
+            (Some((key, _)), None) => {
+                return Ok(Some(format!(
+                    "live view has an extra row {}",
+                    show_key(&key)
+                )))
+            }
+            (None, Some((key, _))) => {
+                return Ok(Some(format!("live view lacks row {}", show_key(&key))))
+            }
+            (Some((live_key, live_value)), Some((key, value))) => {
+                if live_key != key {
+                    let (first, what) = if live_key < key {
+                        (live_key, "has an extra row")
+                    } else {
+                        (key, "lacks row")
+                    };
+                    return Ok(Some(format!("live view {what} {}", show_key(&first))));
+                }
+                if live_value != value {
+                    return Ok(Some(format!(
+                        "row {} differs from its rebuild",
+                        show_key(&key)
+                    )));
+                }
+            }
+        }
+    }
+}
+
+fn show_key(key: &[u8]) -> String {
+    key.iter()
+        .map(|&b| {
+            if b.is_ascii_graphic() {
+                (b as char).to_string()
+            } else {
+                format!("\\x{b:02x}")
+            }
+        })
+        .collect()
+}
