@@ -25,6 +25,7 @@
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
+pub mod apikey;
 pub mod catalog;
 pub mod codec;
 pub mod envelope;

@@ -1,0 +1,4 @@
+//! `switchboard bench`: benchmarks that print their figures beside a raw
+//! baseline measured in the same run, so the ratio holds on a noisy machine.
+
+pub mod log;
