@@ -95,9 +95,9 @@ pub struct LimitArgs {
     /// Budget in USD, e.g. 25 or 0.50 (kept as integer micro-USD).
     #[arg(long, value_parser = crate::parse::usd_to_micros)]
     pub budget_usd: Option<u64>,
-    /// The budget's period, in UTC.
-    #[arg(long, default_value = "month")]
-    pub budget_period: switchboard_events::catalog::BudgetPeriod,
+    /// The budget's period, in UTC: day, month (the default for a new budget) or total.
+    #[arg(long)]
+    pub budget_period: Option<switchboard_events::catalog::BudgetPeriod>,
 }
 
 #[derive(Debug, Args)]

@@ -2,3 +2,4 @@
 //! baseline measured in the same run, so the ratio holds on a noisy machine.
 
 pub mod log;
+mod workload;

@@ -29,13 +29,13 @@ pub fn export(settings: &Settings, args: AuditExportArgs) -> anyhow::Result<Exit
     loop {
         let page = audit.query(&query)?;
         for envelope in &page.events {
-            writeln!(out, "{}", envelope.to_json())?;
+            super::exit_on_broken_pipe(writeln!(out, "{}", envelope.to_json()));
         }
         match page.next_cursor {
             Some(cursor) => query.cursor = Some(cursor),
             None => break,
         }
     }
-    out.flush()?;
+    super::exit_on_broken_pipe(out.flush());
     Ok(ExitCode::SUCCESS)
 }

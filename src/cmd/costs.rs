@@ -24,7 +24,7 @@ pub fn run(settings: &Settings, args: CostsArgs) -> anyhow::Result<ExitCode> {
     };
     if settings.json {
         for row in &rows {
-            println!(
+            out!(
                 "{}",
                 json!({
                     column: row.group,
@@ -38,9 +38,13 @@ pub fn run(settings: &Settings, args: CostsArgs) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    println!(
+    out!(
         "{:<24} {:>10} {:>12} {:>12} {:>16}",
-        column, "requests", "tokens_in", "tokens_out", "cost_usd"
+        column,
+        "requests",
+        "tokens_in",
+        "tokens_out",
+        "cost_usd"
     );
     for row in &rows {
         let group = if row.group.is_empty() {
@@ -48,7 +52,7 @@ pub fn run(settings: &Settings, args: CostsArgs) -> anyhow::Result<ExitCode> {
         } else {
             &row.group
         };
-        println!(
+        out!(
             "{:<24} {:>10} {:>12} {:>12} {:>16}",
             group,
             row.totals.requests,

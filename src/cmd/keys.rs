@@ -5,7 +5,9 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use serde_json::json;
 use switchboard_events::apikey::ApiKey;
-use switchboard_events::catalog::{Budget, KeyIssued, KeyRevoked, KeyUpdated, Limits};
+use switchboard_events::catalog::{
+    Budget, BudgetPeriod, KeyIssued, KeyRevoked, KeyUpdated, Limits,
+};
 use switchboard_events::{time, Event, ExpectedVersion, NewEvent, OpenMode, StreamId};
 use switchboard_projections::KeyRecord;
 
@@ -30,7 +32,7 @@ pub fn issue(settings: &Settings, args: IssueArgs) -> anyhow::Result<ExitCode> {
         key_hash: key.hash(),
         scopes: args.scopes,
         limits: limits(&args.limits),
-        budget: budget(&args.limits),
+        budget: budget(&args.limits, None),
         expires_at: args.expires_in.map(|d| time::now() + d),
     };
     store.log.append_blocking(
@@ -39,11 +41,11 @@ pub fn issue(settings: &Settings, args: IssueArgs) -> anyhow::Result<ExitCode> {
         vec![NewEvent::new(Event::KeyIssued(event))],
     )?;
     if settings.json {
-        println!("{}", json!({ "key_id": key_id, "key": key.expose() }));
+        out!("{}", json!({ "key_id": key_id, "key": key.expose() }));
     } else {
-        println!("key_id: {key_id}");
-        println!("key:    {}", key.expose());
-        println!("Store the key now: it is not shown again (only its SHA-256 is kept).");
+        out!("key_id: {key_id}");
+        out!("key:    {}", key.expose());
+        out!("Store the key now: it is not shown again (only its SHA-256 is kept).");
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -53,12 +55,12 @@ pub fn list(settings: &Settings) -> anyhow::Result<ExitCode> {
     let keys = store.projections.keys().list()?;
     if settings.json {
         for record in &keys {
-            println!("{}", serde_json::to_string(&public(record))?);
+            out!("{}", serde_json::to_string(&public(record))?);
         }
         return Ok(ExitCode::SUCCESS);
     }
     if keys.is_empty() {
-        println!("no keys");
+        out!("no keys");
     }
     let now = time::now();
     for record in &keys {
@@ -75,7 +77,7 @@ pub fn list(settings: &Settings) -> anyhow::Result<ExitCode> {
                 switchboard_events::catalog::Scope::Admin => "admin",
             })
             .collect();
-        println!(
+        out!(
             "{}  {:<8} {:<24} owner={} scopes={}",
             record.key_id,
             state,
@@ -93,12 +95,12 @@ pub fn revoke(settings: &Settings, args: RevokeArgs) -> anyhow::Result<ExitCode>
     if let Some(revocation) = &record.revoked {
         let at = time::to_rfc3339(&revocation.at);
         if settings.json {
-            println!(
+            out!(
                 "{}",
                 json!({ "key_id": record.key_id, "revoked": true, "already": true, "at": at })
             );
         } else {
-            println!("key {} was already revoked at {at}", record.key_id);
+            out!("key {} was already revoked at {at}", record.key_id);
         }
         return Ok(ExitCode::SUCCESS);
     }
@@ -113,12 +115,12 @@ pub fn revoke(settings: &Settings, args: RevokeArgs) -> anyhow::Result<ExitCode>
         vec![NewEvent::new(event)],
     )?;
     if settings.json {
-        println!(
+        out!(
             "{}",
             json!({ "key_id": record.key_id, "revoked": true, "seq": appended.first().seq })
         );
     } else {
-        println!("revoked key {}", record.key_id);
+        out!("revoked key {}", record.key_id);
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -133,9 +135,17 @@ pub fn update(settings: &Settings, args: UpdateArgs) -> anyhow::Result<ExitCode>
             tpm: given.tpm.or(record.limits.tpm),
             max_parallel: given.max_parallel.or(record.limits.max_parallel),
         });
-    let new_budget = budget(given);
+    let new_budget = budget(given, record.budget.as_ref());
+    if given.budget_period.is_some() && given.budget_usd.is_none() && record.budget.is_none() {
+        bail!(
+            "--budget-period needs --budget-usd: key {} has no budget",
+            record.key_id
+        );
+    }
     if new_limits.is_none() && new_budget.is_none() {
-        bail!("nothing to update: give --rpm, --tpm, --max-parallel or --budget-usd");
+        bail!(
+            "nothing to update: give --rpm, --tpm, --max-parallel, --budget-usd or --budget-period"
+        );
     }
     let event = Event::KeyUpdated(KeyUpdated {
         key_id: record.key_id.clone(),
@@ -150,9 +160,9 @@ pub fn update(settings: &Settings, args: UpdateArgs) -> anyhow::Result<ExitCode>
     store.projections.catch_up(&mut |_| {})?;
     let updated = find(&store, &record.key_id)?;
     if settings.json {
-        println!("{}", serde_json::to_string(&public(&updated))?);
+        out!("{}", serde_json::to_string(&public(&updated))?);
     } else {
-        println!("updated key {}", updated.key_id);
+        out!("updated key {}", updated.key_id);
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -174,10 +184,19 @@ fn limits(args: &LimitArgs) -> Limits {
     }
 }
 
-fn budget(args: &LimitArgs) -> Option<Budget> {
-    args.budget_usd.map(|micros| Budget {
+/// The budget the flags ask for: a new amount and/or period over `current`.
+/// A new budget's period defaults to a month.
+fn budget(args: &LimitArgs, current: Option<&Budget>) -> Option<Budget> {
+    let micros = args.budget_usd.or(current.map(|b| b.micros))?;
+    if args.budget_usd.is_none() && args.budget_period.is_none() {
+        return None;
+    }
+    Some(Budget {
         micros,
-        period: args.budget_period,
+        period: args
+            .budget_period
+            .or(current.map(|b| b.period))
+            .unwrap_or(BudgetPeriod::Month),
     })
 }
 

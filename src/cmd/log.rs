@@ -38,24 +38,16 @@ pub fn run(settings: &Settings, args: LogArgs) -> anyhow::Result<ExitCode> {
             for envelope in log.read_stream(&stream, 1) {
                 let envelope = envelope?;
                 if envelope.seq >= args.from {
-                    ignore_broken_pipe(print(envelope))?;
+                    super::exit_on_broken_pipe(print(envelope));
                 }
             }
         }
         None => {
             for envelope in log.read_from(args.from) {
-                ignore_broken_pipe(print(envelope?))?;
+                super::exit_on_broken_pipe(print(envelope?));
             }
         }
     }
-    ignore_broken_pipe(out.flush())?;
+    super::exit_on_broken_pipe(out.flush());
     Ok(ExitCode::SUCCESS)
-}
-
-/// `switchboard log | head` closes the pipe early; that is not an error.
-fn ignore_broken_pipe(result: std::io::Result<()>) -> std::io::Result<()> {
-    match result {
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
-        other => other,
-    }
 }

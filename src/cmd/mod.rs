@@ -1,5 +1,13 @@
 //! One module per command.
 
+/// `println!` for command output: a closed pipe (`switchboard keys list | head`)
+/// ends the process quietly instead of panicking.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::cmd::write_stdout(format_args!($($arg)*))
+    };
+}
+
 mod audit;
 mod costs;
 mod keys;
@@ -45,4 +53,26 @@ pub fn progress_bar(total: u64, what: &str, json: bool) -> indicatif::ProgressBa
     );
     bar.set_message(what.to_owned());
     bar
+}
+
+/// Writes one line to stdout; see [`out!`].
+pub fn write_stdout(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    let written = stdout
+        .write_fmt(args)
+        .and_then(|()| stdout.write_all(b"\n"));
+    exit_on_broken_pipe(written);
+}
+
+/// Exits quietly when the reader of stdout has gone; reports other write errors.
+pub fn exit_on_broken_pipe(result: std::io::Result<()>) {
+    match result {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) => {
+            eprintln!("error: cannot write to stdout: {e}");
+            std::process::exit(1);
+        }
+    }
 }

@@ -24,12 +24,12 @@ pub fn run(settings: &Settings, args: ReplayArgs) -> anyhow::Result<ExitCode> {
     bar.finish_and_clear();
     let seconds = started.elapsed().as_secs_f64();
     if settings.json {
-        println!(
+        out!(
             "{}",
             json!({ "projections": what, "events": head, "seconds": seconds })
         );
     } else {
-        println!("replayed {what}: {head} events in {seconds:.2}s");
+        out!("replayed {what}: {head} events in {seconds:.2}s");
     }
     Ok(ExitCode::SUCCESS)
 }

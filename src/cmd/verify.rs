@@ -25,23 +25,25 @@ pub fn run(settings: &Settings) -> anyhow::Result<ExitCode> {
     };
 
     let bar = super::progress_bar(head, "rebuilding projections", settings.json);
-    let differences = store.projections.verify(&mut |seq| bar.set_position(seq))?;
+    match store.projections.verify(&mut |seq| bar.set_position(seq)) {
+        Ok(differences) => problems.extend(differences.iter().map(ToString::to_string)),
+        Err(error) => problems.push(format!("projections: cannot rebuild: {error}")),
+    }
     bar.finish_and_clear();
-    problems.extend(differences.iter().map(ToString::to_string));
 
     if settings.json {
-        println!(
+        out!(
             "{}",
             json!({ "ok": problems.is_empty(), "events": head, "head_hash": head_hash, "problems": problems })
         );
     } else if problems.is_empty() {
-        println!(
+        out!(
             "ok: {head} events, hash chain intact (head {}), every projection matches its rebuild",
             head_hash.as_deref().unwrap_or("-")
         );
     } else {
         for problem in &problems {
-            println!("FAILED {problem}");
+            out!("FAILED {problem}");
         }
     }
     Ok(if problems.is_empty() {

@@ -6,7 +6,7 @@
 //! | `r` seq | chain hash (32 bytes) ‖ encoded record |
 //! | `s` stream `0x00` version | seq |
 //! | `i` event id (16 bytes) | seq |
-//! | `m` name | log metadata (format marker) |
+//! | `m` name | log metadata: `mformat` marker, `mhead` last seq ‖ hash |
 
 use uuid::Uuid;
 
@@ -18,6 +18,23 @@ pub const ID: u8 = b'i';
 
 /// Length of the chain hash stored before each record.
 pub const HASH_LEN: usize = 32;
+
+/// The last record's seq and chain hash, rewritten by every group commit. The
+/// chain alone cannot show that records were cut off the end; this can.
+pub const HEAD_KEY: &[u8] = b"mhead";
+
+pub fn head_value(seq: u64, hash: &[u8; 32]) -> [u8; 40] {
+    let mut value = [0u8; 40];
+    value[..8].copy_from_slice(&seq.to_be_bytes());
+    value[8..].copy_from_slice(hash);
+    value
+}
+
+pub fn parse_head(value: &[u8]) -> Option<(u64, [u8; 32])> {
+    let seq = u64::from_be_bytes(value.get(..8)?.try_into().ok()?);
+    let hash = value.get(8..40)?.try_into().ok()?;
+    Some((seq, hash))
+}
 
 /// Marks a sled tree as a switchboard log; checked at open.
 pub const FORMAT_KEY: &[u8] = b"mformat";

@@ -220,6 +220,29 @@ impl EventLog {
             }
         };
 
+        let marked = match tree
+            .get(keys::HEAD_KEY)
+            .map_err(|e| corrupt(e.to_string()))?
+        {
+            None => (0, [0u8; 32]),
+            Some(value) => keys::parse_head(&value)
+                .ok_or_else(|| corrupt("the head marker is malformed".to_owned()))?,
+        };
+        if marked.0 > last_seq {
+            return Err(corrupt(format!(
+                "the log ends at seq {last_seq} but was written up to seq {}: records {}..={} are missing",
+                marked.0,
+                last_seq + 1,
+                marked.0
+            )));
+        }
+        if marked != (last_seq, last_hash) {
+            return Err(corrupt(format!(
+                "the last record (seq {last_seq}) does not match the head marker (seq {}); run `switchboard verify`",
+                marked.0
+            )));
+        }
+
         let (head_tx, head_rx) = watch::channel(last_seq);
         let (appends_tx, appends_rx) = mpsc::channel(8192);
         let writer = writer::Writer {

@@ -26,6 +26,8 @@ pub enum ChainBreak {
         entries: u64,
         records: u64,
     },
+    #[error("{detail}")]
+    Head { detail: String },
     #[error(transparent)]
     Read(#[from] ReadError),
 }
@@ -71,6 +73,20 @@ impl EventLog {
             expected += 1;
         }
         let records = expected - 1;
+        let marked = match tree.get(keys::HEAD_KEY).map_err(ReadError::from)? {
+            None => (0, [0u8; 32]),
+            Some(value) => keys::parse_head(&value).ok_or(ChainBreak::Head {
+                detail: "the head marker is malformed".to_owned(),
+            })?,
+        };
+        if marked != (records, previous) {
+            return Err(ChainBreak::Head {
+                detail: format!(
+                    "the log ends at record {records} but its head marker names record {}",
+                    marked.0
+                ),
+            });
+        }
         for (index, prefix) in [("stream", keys::STREAM), ("id", keys::ID)] {
             let entries = tree.scan_prefix([prefix]).count() as u64;
             if entries != records {

@@ -93,6 +93,10 @@ impl Writer {
             answers.push((request.reply, result));
         }
         if self.next_seq != first_new_seq {
+            batch.insert(
+                keys::HEAD_KEY,
+                &keys::head_value(self.next_seq - 1, &self.last_hash)[..],
+            );
             let written = self
                 .tree
                 .apply_batch(batch)
