@@ -41,7 +41,7 @@ fn event_id(i: u64) -> Uuid {
 fn event(i: u64) -> (StreamId, Event) {
     let conversation_id = format!("c{}", i % 50);
     let stream = StreamId::conversation(&conversation_id).expect("valid id");
-    let event = if i % 2 == 0 {
+    let event = if i.is_multiple_of(2) {
         Event::MessageReceived(MessageReceived {
             conversation_id,
             message_id: format!("m{i}"),
@@ -60,7 +60,7 @@ fn event(i: u64) -> (StreamId, Event) {
             model: format!("model_{}", i % 4),
             prompt_tokens: i % 97,
             completion_tokens: i % 89,
-            estimated: i % 5 == 0,
+            estimated: i.is_multiple_of(5),
             input_price: 150,
             output_price: 600,
             cost_micros: i % 1000,
