@@ -55,6 +55,12 @@ fn hash_key(hash: &KeyHash) -> Vec<u8> {
 pub fn apply(view: &mut Staged, envelope: &Envelope) -> Result<(), ProjectionError> {
     match &envelope.event {
         Event::KeyIssued(e) => {
+            // Issuing an existing id again replaces its secret: the old hash stops
+            // authenticating. A revocation is never undone by it.
+            let previous = view.get::<KeyRecord>(&record_key(&e.key_id))?;
+            if let Some(previous) = &previous {
+                view.delete(hash_key(&previous.key_hash));
+            }
             view.put(hash_key(&e.key_hash), &e.key_id);
             view.put(
                 record_key(&e.key_id),
@@ -68,7 +74,7 @@ pub fn apply(view: &mut Staged, envelope: &Envelope) -> Result<(), ProjectionErr
                     budget: e.budget.clone(),
                     issued_at: envelope.at,
                     expires_at: e.expires_at,
-                    revoked: None,
+                    revoked: previous.and_then(|p| p.revoked),
                 },
             );
         }
@@ -117,7 +123,7 @@ impl KeysView {
             None => Ok(None),
             Some(id) => {
                 let key_id: String = decode_row(NAME, &key, &id)?;
-                self.get(&key_id)
+                Ok(self.get(&key_id)?.filter(|record| record.key_hash == *hash))
             }
         }
     }
