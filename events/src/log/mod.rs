@@ -91,7 +91,9 @@ pub enum AppendError {
     Storage(String),
 }
 
-/// Why a data dir could not be opened. Opening never changes a dir it refuses.
+/// Why a data dir could not be opened. A refused open never changes the log's
+/// contents (sled may still rewrite its own bookkeeping files when it opened the
+/// database before the refusal).
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
     #[error("data dir {dir} does not exist")]
@@ -134,8 +136,10 @@ struct Shared {
     head: watch::Receiver<u64>,
     db: sled::Db,
     tree: sled::Tree,
-    // Declared last so it is released only after sled has closed.
-    _lock: File,
+    /// The data dir's lock. Readers that outlive the log (subscriptions,
+    /// iterators) hold sled open, so they hold this too: the lock is released
+    /// only when the last sled handle is gone. Declared last for the same reason.
+    lock: Arc<File>,
 }
 
 impl Drop for Shared {
@@ -268,7 +272,7 @@ impl EventLog {
                 head: head_rx,
                 db,
                 tree,
-                _lock: lock,
+                lock: Arc::new(lock),
             }),
         })
     }

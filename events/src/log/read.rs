@@ -1,6 +1,8 @@
 //! Reading the log: by global position, by stream, and live.
 
 use std::collections::VecDeque;
+use std::fs::File;
+use std::sync::Arc;
 
 use tokio::sync::watch;
 use uuid::Uuid;
@@ -65,6 +67,7 @@ impl RawRecord {
 /// Records in seq order, read lazily from the tree.
 pub struct RecordIter {
     inner: sled::Iter,
+    _lock: Arc<File>,
 }
 
 impl RecordIter {
@@ -89,6 +92,7 @@ impl Iterator for RecordIter {
 pub struct StreamIter {
     tree: sled::Tree,
     index: sled::Iter,
+    _lock: Arc<File>,
 }
 
 impl Iterator for StreamIter {
@@ -131,6 +135,7 @@ impl EventLog {
                 .shared
                 .tree
                 .range(keys::record(from_seq)..=keys::record(to_seq)),
+            _lock: self.shared.lock.clone(),
         }
     }
 
@@ -147,6 +152,7 @@ impl EventLog {
                 .shared
                 .tree
                 .range(keys::stream_entry(stream, from_version)..=end),
+            _lock: self.shared.lock.clone(),
         }
     }
 
@@ -178,6 +184,7 @@ impl EventLog {
             head: self.shared.head.clone(),
             next_seq: from_seq.max(1),
             buffer: VecDeque::new(),
+            _lock: self.shared.lock.clone(),
         }
     }
 }
@@ -191,6 +198,7 @@ pub struct Subscription {
     head: watch::Receiver<u64>,
     next_seq: u64,
     buffer: VecDeque<Envelope>,
+    _lock: Arc<File>,
 }
 
 impl Subscription {

@@ -39,9 +39,11 @@ impl EventLog {
     /// `progress` is called with each verified seq.
     pub fn verify_chain(&self, mut progress: impl FnMut(u64)) -> Result<ChainReport, ChainBreak> {
         let tree = &self.shared.tree;
+        // Appends may go on while this runs: check the log up to where it stood.
+        let head = self.head();
         let mut previous = [0u8; 32];
         let mut expected = 1u64;
-        let mut records = self.read_from(1);
+        let mut records = self.read_range(1, head);
         while let Some(raw) = records.next_raw() {
             let raw: RawRecord = raw?;
             if raw.seq != expected {
@@ -73,13 +75,19 @@ impl EventLog {
             expected += 1;
         }
         let records = expected - 1;
+        if records != head {
+            return Err(ChainBreak::Head {
+                detail: format!("records {expected}..={head} are missing"),
+            });
+        }
         let marked = match tree.get(keys::HEAD_KEY).map_err(ReadError::from)? {
             None => (0, [0u8; 32]),
             Some(value) => keys::parse_head(&value).ok_or(ChainBreak::Head {
                 detail: "the head marker is malformed".to_owned(),
             })?,
         };
-        if marked != (records, previous) {
+        let appended_since = marked.0 > head;
+        if !appended_since && marked != (records, previous) {
             return Err(ChainBreak::Head {
                 detail: format!(
                     "the log ends at record {records} but its head marker names record {}",
@@ -88,7 +96,13 @@ impl EventLog {
             });
         }
         for (index, prefix) in [("stream", keys::STREAM), ("id", keys::ID)] {
-            let entries = tree.scan_prefix([prefix]).count() as u64;
+            let mut entries = 0;
+            for entry in tree.scan_prefix([prefix]) {
+                let (_, seq) = entry.map_err(ReadError::from)?;
+                if keys::seq_value(&seq).is_some_and(|seq| seq <= head) {
+                    entries += 1;
+                }
+            }
             if entries != records {
                 return Err(ChainBreak::IndexCount {
                     index,

@@ -109,8 +109,10 @@ impl Writer {
                     let reason = format!("event log write failed: {error}");
                     tracing::error!(%reason, "event log refuses further appends until restart");
                     self.failed = Some(reason.clone());
+                    // Deduplicated answers may name events staged in this very
+                    // batch, so no answer of the group can be trusted.
                     for (_, result) in &mut answers {
-                        if result.as_ref().is_ok_and(|a| !a.deduplicated) {
+                        if result.is_ok() {
                             *result = Err(AppendError::Storage(reason.clone()));
                         }
                     }
@@ -134,10 +136,9 @@ impl Writer {
         if events.is_empty() {
             return Err(AppendError::Empty);
         }
-        for (i, event) in events.iter().enumerate() {
-            if events[..i].iter().any(|e| e.id == event.id) {
-                return Err(AppendError::DuplicateInAppend { id: event.id });
-            }
+        let mut ids = std::collections::HashSet::with_capacity(events.len());
+        if let Some(event) = events.iter().find(|e| !ids.insert(e.id)) {
+            return Err(AppendError::DuplicateInAppend { id: event.id });
         }
         let mut known = Vec::with_capacity(events.len());
         for event in &events {
