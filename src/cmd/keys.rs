@@ -22,6 +22,9 @@ pub fn issue(settings: &Settings, args: IssueArgs) -> anyhow::Result<ExitCode> {
     if args.name.trim().is_empty() {
         bail!("--name must not be empty");
     }
+    if args.limits.budget_period.is_some() && args.limits.budget_usd.is_none() {
+        bail!("--budget-period needs --budget-usd");
+    }
     let store = datadir::open(&settings.data_dir, OpenMode::CreateIfMissing)?;
     let key = ApiKey::generate();
     let key_id = new_key_id();

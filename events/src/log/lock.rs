@@ -4,19 +4,28 @@
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::OpenError;
 
 pub const LOCK_FILE: &str = "switchboard.lock";
 
-/// Takes the data dir's lock for as long as the returned file lives.
-pub fn acquire(dir: &Path) -> Result<File, OpenError> {
+/// The data dir's lock, taken but not yet claimed.
+pub struct DirLock {
+    file: File,
+    path: PathBuf,
+    /// Whether this open created the lock file (removed again if the open fails).
+    created: bool,
+}
+
+/// Takes the data dir's lock for as long as the returned lock lives.
+pub fn acquire(dir: &Path) -> Result<DirLock, OpenError> {
     let path = dir.join(LOCK_FILE);
     let io_error = |source| OpenError::Io {
         dir: dir.display().to_string(),
         source,
     };
+    let created = !path.exists();
     let mut file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -25,14 +34,11 @@ pub fn acquire(dir: &Path) -> Result<File, OpenError> {
         .open(&path)
         .map_err(io_error)?;
     match file.try_lock() {
-        Ok(()) => {
-            let args: Vec<String> = std::env::args().collect();
-            let holder = format!("pid {} ({})", std::process::id(), args.join(" "));
-            file.set_len(0).map_err(io_error)?;
-            file.rewind().map_err(io_error)?;
-            file.write_all(holder.as_bytes()).map_err(io_error)?;
-            Ok(file)
-        }
+        Ok(()) => Ok(DirLock {
+            file,
+            path,
+            created,
+        }),
         Err(TryLockError::WouldBlock) => {
             let mut holder = String::new();
             // The holder's description is best effort; the refusal is what matters.
@@ -48,5 +54,28 @@ pub fn acquire(dir: &Path) -> Result<File, OpenError> {
             })
         }
         Err(TryLockError::Error(source)) => Err(io_error(source)),
+    }
+}
+
+impl DirLock {
+    /// Records this process as the holder, once the open has succeeded, so a
+    /// refused open leaves the previous holder's description in place.
+    pub fn claim(&mut self) -> std::io::Result<()> {
+        let args: Vec<String> = std::env::args().collect();
+        let holder = format!("pid {} ({})", std::process::id(), args.join(" "));
+        self.file.set_len(0)?;
+        self.file.rewind()?;
+        self.file.write_all(holder.as_bytes())?;
+        self.created = false;
+        Ok(())
+    }
+}
+
+impl Drop for DirLock {
+    /// An open that failed after taking the lock removes the lock file it created.
+    fn drop(&mut self) {
+        if self.created {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }

@@ -10,7 +10,6 @@ mod read;
 mod verify;
 mod writer;
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -139,7 +138,7 @@ struct Shared {
     /// The data dir's lock. Readers that outlive the log (subscriptions,
     /// iterators) hold sled open, so they hold this too: the lock is released
     /// only when the last sled handle is gone. Declared last for the same reason.
-    lock: Arc<File>,
+    lock: Arc<lock::DirLock>,
 }
 
 impl Drop for Shared {
@@ -172,7 +171,8 @@ impl EventLog {
             Err(source) => return Err(OpenError::Io { dir: shown, source }),
         }
         let db_path = dir.join(DB_DIR);
-        if mode == OpenMode::MustExist && !db_path.join("conf").exists() {
+        let existed = db_path.join("conf").exists();
+        if mode == OpenMode::MustExist && !existed {
             return Err(OpenError::NotADataDir { dir: shown });
         }
         let lock = lock::acquire(dir)?;
@@ -203,6 +203,12 @@ impl EventLog {
                     String::from_utf8_lossy(&mark)
                 )))
             }
+            // sled recovers some garbage as an empty database: a database that
+            // existed before this open must already carry the mark.
+            None if existed => return Err(corrupt(
+                "the event log's format mark is missing (if this dir never held events, remove it)"
+                    .to_owned(),
+            )),
             None if tree.is_empty() => {
                 tree.insert(keys::FORMAT_KEY, keys::FORMAT_MARK)
                     .and_then(|_| db.flush())
@@ -247,6 +253,11 @@ impl EventLog {
             )));
         }
 
+        let mut lock = lock;
+        lock.claim().map_err(|source| OpenError::Io {
+            dir: dir.display().to_string(),
+            source,
+        })?;
         let (head_tx, head_rx) = watch::channel(last_seq);
         let (appends_tx, appends_rx) = mpsc::channel(8192);
         let writer = writer::Writer {

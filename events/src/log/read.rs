@@ -1,7 +1,6 @@
 //! Reading the log: by global position, by stream, and live.
 
 use std::collections::VecDeque;
-use std::fs::File;
 use std::sync::Arc;
 
 use tokio::sync::watch;
@@ -67,7 +66,7 @@ impl RawRecord {
 /// Records in seq order, read lazily from the tree.
 pub struct RecordIter {
     inner: sled::Iter,
-    _lock: Arc<File>,
+    _lock: Arc<super::lock::DirLock>,
 }
 
 impl RecordIter {
@@ -92,7 +91,7 @@ impl Iterator for RecordIter {
 pub struct StreamIter {
     tree: sled::Tree,
     index: sled::Iter,
-    _lock: Arc<File>,
+    _lock: Arc<super::lock::DirLock>,
 }
 
 impl Iterator for StreamIter {
@@ -198,7 +197,7 @@ pub struct Subscription {
     head: watch::Receiver<u64>,
     next_seq: u64,
     buffer: VecDeque<Envelope>,
-    _lock: Arc<File>,
+    _lock: Arc<super::lock::DirLock>,
 }
 
 impl Subscription {
