@@ -11,19 +11,15 @@
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde::Serialize;
-use switchboard_events::{codec, EventLog, ExpectedVersion, NewEvent, OpenMode, StreamId};
+use switchboard_events::{codec, EventLog};
 use switchboard_projections::Projections;
-use tokio::runtime::Runtime;
-use tokio::task::JoinSet;
-use uuid::Uuid;
 
-use super::workload::{self, Plan};
+use super::appends;
+use super::workload;
 use crate::config::Settings;
 
 #[derive(Debug, clap::Args)]
@@ -48,8 +44,6 @@ const APPEND_TARGET_RATIO: f64 = 0.5;
 const REPLAY_TARGET_PER_SEC: f64 = 1_000_000.0;
 /// The log may take at most this many times the encoded size on disk.
 const SIZE_TARGET_RATIO: f64 = 3.0;
-/// Concurrent appenders filling the log; group commit turns them into few flushes.
-const FILL_APPENDERS: usize = 64;
 /// The log stores a chain hash of this size before each record, so the raw
 /// baseline's records carry as many bytes.
 const CHAIN_HASH_BYTES: usize = 32;
@@ -165,13 +159,13 @@ pub fn measure(args: &LogBenchArgs, dir: &Path, quiet: bool) -> anyhow::Result<L
     ));
     let mut appends = Vec::new();
     for concurrency in CONCURRENCY {
-        let raw = raw_sled(
+        let raw = appends::raw_sled(
             &dir.join(format!("raw-{concurrency}")),
             concurrency,
             &record,
             window,
         )?;
-        let log = durable_appends(
+        let log = appends::durable_appends(
             &runtime,
             &dir.join(format!("appends-{concurrency}")),
             concurrency,
@@ -196,7 +190,7 @@ pub fn measure(args: &LogBenchArgs, dir: &Path, quiet: bool) -> anyhow::Result<L
     }
     show("  mean group size: not observable from outside the log (it counts no flushes)".into());
 
-    let (log, fill) = fill(&runtime, &dir.join("replay"), args.events, quiet)?;
+    let (log, fill) = appends::fill(&runtime, &dir.join("replay"), args.events, quiet)?;
     show(format!(
         "fill: {} events in {:.2} s ({} events/s; {} concurrent appenders, one conversation per append)",
         thousands(fill.events as f64),
@@ -299,174 +293,6 @@ pub fn measure(args: &LogBenchArgs, dir: &Path, quiet: bool) -> anyhow::Result<L
         replay,
         size,
     })
-}
-
-struct RawFlushes {
-    records: u64,
-    flushes: u64,
-    seconds: f64,
-}
-
-/// Plain sled: `batch` records per `apply_batch`, each followed by a flush, for
-/// `window`. Same configuration as the log (sled's defaults), in a fresh dir.
-fn raw_sled(
-    path: &Path,
-    batch: usize,
-    record: &[u8],
-    window: Duration,
-) -> anyhow::Result<RawFlushes> {
-    let db = sled::Config::new()
-        .path(path)
-        .open()
-        .with_context(|| format!("cannot open a sled database in {}", path.display()))?;
-    let tree = db.open_tree("raw")?;
-    let mut seq = 0u64;
-    let mut flushes = 0u64;
-    let started = Instant::now();
-    while started.elapsed() < window {
-        let mut records = sled::Batch::default();
-        for _ in 0..batch {
-            seq += 1;
-            let mut key = [b'r'; 9];
-            key[1..].copy_from_slice(&seq.to_be_bytes());
-            records.insert(&key[..], record);
-            if std::env::var_os("RAW3").is_some() {
-                let mut skey = b"sconv/c-0000000042\0".to_vec();
-                skey.extend_from_slice(&seq.to_be_bytes());
-                records.insert(skey, &seq.to_be_bytes()[..]);
-                let mut ikey = vec![b'i'];
-                ikey.extend_from_slice(uuid::Uuid::now_v7().as_bytes());
-                records.insert(ikey, &seq.to_be_bytes()[..]);
-            }
-        }
-        tree.apply_batch(records)?;
-        db.flush()?;
-        flushes += 1;
-    }
-    Ok(RawFlushes {
-        records: seq,
-        flushes,
-        seconds: started.elapsed().as_secs_f64(),
-    })
-}
-
-struct LogAppends {
-    appends: u64,
-    /// Summed over appends: from calling `append` to its durable answer.
-    waited: Duration,
-    seconds: f64,
-}
-
-/// `appenders` tasks, each appending one `message_received` at a time to its own
-/// conversation until `window` has passed.
-fn durable_appends(
-    runtime: &Runtime,
-    path: &Path,
-    appenders: usize,
-    window: Duration,
-) -> anyhow::Result<LogAppends> {
-    let log = EventLog::open(path, OpenMode::CreateIfMissing)?;
-    let measured = runtime.block_on(async {
-        let started = Instant::now();
-        let deadline = started + window;
-        let mut tasks = JoinSet::new();
-        for appender in 0..appenders {
-            tasks.spawn(append_until(log.clone(), appender as u64, deadline));
-        }
-        let mut appends = 0;
-        let mut waited = Duration::ZERO;
-        while let Some(joined) = tasks.join_next().await {
-            let (n, w) = joined.context("an appender panicked")??;
-            appends += n;
-            waited += w;
-        }
-        anyhow::Ok(LogAppends {
-            appends,
-            waited,
-            seconds: started.elapsed().as_secs_f64(),
-        })
-    })?;
-    anyhow::ensure!(
-        log.head() == measured.appends,
-        "the log holds {} events after {} acknowledged appends",
-        log.head(),
-        measured.appends
-    );
-    Ok(measured)
-}
-
-async fn append_until(
-    log: EventLog,
-    appender: u64,
-    deadline: Instant,
-) -> anyhow::Result<(u64, Duration)> {
-    let conversation = workload::conversation_id(appender);
-    let stream = StreamId::conversation(&conversation)?;
-    let mut appends = 0;
-    let mut waited = Duration::ZERO;
-    while Instant::now() < deadline {
-        let message_id = Uuid::now_v7().to_string();
-        let event = workload::message_received(&conversation, &message_id, "key_0001", appends);
-        let started = Instant::now();
-        log.append(
-            stream.clone(),
-            ExpectedVersion::Any,
-            vec![NewEvent::new(event)],
-        )
-        .await?;
-        waited += started.elapsed();
-        appends += 1;
-    }
-    Ok((appends, waited))
-}
-
-/// Fills a fresh log in `path` with `events` events of the realistic mix, from
-/// [`FILL_APPENDERS`] concurrent appenders, one conversation per append.
-fn fill(
-    runtime: &Runtime,
-    path: &Path,
-    events: u64,
-    quiet: bool,
-) -> anyhow::Result<(EventLog, FillFigures)> {
-    let plan = Arc::new(Plan::new(events));
-    let log = EventLog::open(path, OpenMode::CreateIfMissing)?;
-    let bar = crate::cmd::progress_bar(events, "filling the log", quiet);
-    let next = Arc::new(AtomicUsize::new(0));
-    let started = Instant::now();
-    runtime.block_on(async {
-        let mut tasks = JoinSet::new();
-        for _ in 0..FILL_APPENDERS {
-            let (log, plan, next, bar) = (log.clone(), plan.clone(), next.clone(), bar.clone());
-            tasks.spawn(async move {
-                while let Some(&unit) = plan.units.get(next.fetch_add(1, Ordering::Relaxed)) {
-                    let events = plan.events(unit);
-                    let count = events.len() as u64;
-                    log.append(plan.stream(unit), ExpectedVersion::Any, events)
-                        .await?;
-                    bar.inc(count);
-                }
-                anyhow::Ok(())
-            });
-        }
-        while let Some(joined) = tasks.join_next().await {
-            joined.context("a filling appender panicked")??;
-        }
-        anyhow::Ok(())
-    })?;
-    let seconds = started.elapsed().as_secs_f64();
-    bar.finish_and_clear();
-    anyhow::ensure!(
-        log.head() == events,
-        "the log holds {} events after filling {events}",
-        log.head()
-    );
-    let figures = FillFigures {
-        events,
-        appenders: FILL_APPENDERS,
-        seconds,
-        events_per_sec: rate(events, seconds),
-    };
-    Ok((log, figures))
 }
 
 /// Records/s of iterating the log's sled tree without decoding. Reaches past
@@ -591,7 +417,7 @@ fn positive_seconds(text: &str) -> Result<f64, String> {
     }
 }
 
-fn rate(count: u64, seconds: f64) -> f64 {
+pub(super) fn rate(count: u64, seconds: f64) -> f64 {
     share(count as f64, seconds)
 }
 

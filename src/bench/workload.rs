@@ -124,7 +124,8 @@ fn conversation_events(index: u64) -> u64 {
 fn turn_events(index: u64, turn: u64, key: &str) -> Vec<NewEvent> {
     let conversation_id = conversation_id(index);
     let message_id = Uuid::now_v7().to_string();
-    let assistant = (index + turn) % 5 == 0;
+    // One turn in five goes to the assistant.
+    let assistant = (index + turn) % 5 == 4;
     let agent = if assistant { "assistant" } else { "echo" };
     let prompt_tokens = 24 + turn * 60;
     let completion_tokens = 40 + (index + turn) % 30;
@@ -262,10 +263,10 @@ fn key_issued(k: u64) -> Event {
 
 fn auth_failed(index: u64) -> Event {
     Event::AuthFailed(AuthFailed {
-        channel: if index % 2 == 0 {
-            AuthChannel::Http
-        } else {
+        channel: if index % 2 == 1 {
             AuthChannel::Nats
+        } else {
+            AuthChannel::Http
         },
         reason: "unknown key".to_owned(),
         key_prefix: Some(format!("sb-{:04x}", index % 0xffff)),
