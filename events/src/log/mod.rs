@@ -267,6 +267,7 @@ impl EventLog {
             last_hash,
             head: head_tx,
             failed: None,
+            versions: Default::default(),
         };
         let handle = std::thread::Builder::new()
             .name("event-log-writer".to_owned())

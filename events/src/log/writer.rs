@@ -11,6 +11,7 @@
 //! unknown, and the only honest recovery is a restart that reads it back.
 
 use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -23,6 +24,12 @@ use crate::time;
 
 /// The most events one group commit takes; bounds batch memory and latency.
 const MAX_GROUP_EVENTS: usize = 4096;
+
+/// The longest the writer waits for stragglers before committing a group.
+const MAX_GATHER_WAIT: Duration = Duration::from_micros(500);
+
+/// Stream versions the writer keeps in memory before starting over.
+const MAX_CACHED_STREAMS: usize = 100_000;
 
 pub struct AppendRequest {
     pub stream: StreamId,
@@ -42,6 +49,9 @@ pub struct Writer {
     pub head: watch::Sender<u64>,
     /// Set after a failed write or flush; the log then refuses appends.
     pub failed: Option<String>,
+    /// Versions of recently written streams. The writer is the only writer, so
+    /// a cached version is the stream's version.
+    pub versions: HashMap<StreamId, u64>,
 }
 
 /// What staging a group has learnt that the tree does not know yet.
@@ -53,30 +63,45 @@ struct Overlay {
 
 impl Writer {
     pub fn run(mut self, mut requests: mpsc::Receiver<AppendRequest>) {
+        // Appenders answered by one commit send their next request a moment later;
+        // taking only what is queued would commit them one by one. So when the last
+        // group was larger than what is queued now, wait a little for the rest —
+        // never longer than half a flush, which is what a lone commit would cost.
+        let mut last_group = 1;
+        let mut last_flush = Duration::ZERO;
         while let Some(first) = requests.blocking_recv() {
             let mut events = first.events.len();
             let mut group = vec![first];
+            let deadline = Instant::now() + (last_flush / 2).min(MAX_GATHER_WAIT);
             while events < MAX_GROUP_EVENTS {
                 match requests.try_recv() {
                     Ok(next) => {
                         events += next.events.len();
                         group.push(next);
                     }
+                    Err(_) if group.len() < last_group && Instant::now() < deadline => {
+                        std::thread::yield_now();
+                    }
                     Err(_) => break,
                 }
             }
-            self.commit(group);
+            last_group = group.len();
+            let started = Instant::now();
+            if self.commit(group) {
+                last_flush = started.elapsed();
+            }
         }
     }
 
-    fn commit(&mut self, group: Vec<AppendRequest>) {
+    /// Commits a group; returns whether it wrote (and flushed) anything.
+    fn commit(&mut self, group: Vec<AppendRequest>) -> bool {
         if let Some(reason) = &self.failed {
             for request in group {
                 let _ = request
                     .reply
                     .send(Err(AppendError::Storage(reason.clone())));
             }
-            return;
+            return false;
         }
         let first_new_seq = self.next_seq;
         let mut batch = sled::Batch::default();
@@ -92,7 +117,8 @@ impl Writer {
             );
             answers.push((request.reply, result));
         }
-        if self.next_seq != first_new_seq {
+        let wrote = self.next_seq != first_new_seq;
+        if wrote {
             batch.insert(
                 keys::HEAD_KEY,
                 &keys::head_value(self.next_seq - 1, &self.last_hash)[..],
@@ -104,6 +130,10 @@ impl Writer {
             match written {
                 Ok(()) => {
                     self.head.send_replace(self.next_seq - 1);
+                    if self.versions.len() + overlay.versions.len() > MAX_CACHED_STREAMS {
+                        self.versions.clear();
+                    }
+                    self.versions.extend(overlay.versions);
                 }
                 Err(error) => {
                     let reason = format!("event log write failed: {error}");
@@ -123,6 +153,7 @@ impl Writer {
             // An appender that gave up waiting is not an error of the log.
             let _ = reply.send(result);
         }
+        wrote
     }
 
     fn stage(
@@ -158,7 +189,7 @@ impl Writer {
             });
         }
 
-        let actual = match overlay.versions.get(stream) {
+        let actual = match overlay.versions.get(stream).or(self.versions.get(stream)) {
             Some(version) => *version,
             None => stream_version(&self.tree, stream)?,
         };
