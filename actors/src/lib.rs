@@ -1,13 +1,30 @@
 //! switchboard-actors: the live core — per-conversation, per-key rate-limit and
 //! per-agent actors, the router and the agent providers (DESIGN §5).
 //!
-//! Boundary: depends on `switchboard-events` (it appends to the log) and
-//! `switchboard-projections` (it recovers state and reads keys through their read
-//! API); it never talks HTTP or NATS itself — the binary's gateways do, and hand
-//! it commands.
+//! Boundary: depends on `switchboard-events` (it appends to the log and recovers
+//! state from it) and, once the actors land, `switchboard-projections` (keys); it serves neither HTTP nor NATS — the binary's gateways do, and hand it
+//! commands. Its only network use is the `openai` provider calling model servers.
 //!
-//! The crate is empty until the actors issue lands; nothing here pretends to
-//! work before then.
+//! What exists so far:
+//! - [`provider`]: the [`provider::Provider`] trait agents call, with the
+//!   deterministic [`provider::EchoProvider`] and [`provider::OpenAiProvider`]
+//!   for any OpenAI-compatible chat-completions server (streaming SSE, usage
+//!   reported by the server or counted with tiktoken), and the error kinds an
+//!   agent retries on or gives up on;
+//! - [`router`]: ordered regex rules, a default agent, and messages naming their
+//!   agent;
+//! - [`conversation`]: a conversation's state folded from its stream, and what a
+//!   send appends (idempotent on `message_id`, at the stream's version);
+//! - [`rate_limit`]: one key's sliding-window rpm and tpm and its concurrency,
+//!   with exact `retry_after` and refusals coalesced to one report a second.
+//!
+//! The actors that drive these (ractor) come next; nothing here pretends they
+//! exist before then.
 
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
+
+pub mod conversation;
+pub mod provider;
+pub mod rate_limit;
+pub mod router;

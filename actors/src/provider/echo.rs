@@ -1,0 +1,126 @@
+//! The `echo` provider: deterministic replies for tests, demos and benchmarks,
+//! with no model server and no network.
+
+use async_trait::async_trait;
+use tokio::sync::mpsc;
+
+use super::{
+    estimate_usage_blocking, send_delta, Completion, CompletionRequest, Provider, ProviderError,
+    Role,
+};
+
+/// Replies `echo: <content of the last user message>`, streamed word by word.
+///
+/// Each delta is one word with the whitespace that follows it, so the deltas
+/// concatenate to the reply exactly. Usage is counted with the tokenizer
+/// ([`super::estimate_usage`]) and marked estimated.
+#[derive(Debug, Clone, Default)]
+pub struct EchoProvider {
+    _private: (),
+}
+
+impl EchoProvider {
+    /// The model name echo reports (there is only one).
+    pub const MODEL: &'static str = "echo";
+
+    /// An echo provider.
+    pub fn new() -> Self {
+        EchoProvider::default()
+    }
+}
+
+#[async_trait]
+impl Provider for EchoProvider {
+    fn kind(&self) -> &'static str {
+        "echo"
+    }
+
+    fn model(&self) -> &str {
+        Self::MODEL
+    }
+
+    async fn complete(
+        &self,
+        request: CompletionRequest,
+        deltas: mpsc::Sender<String>,
+    ) -> Result<Completion, ProviderError> {
+        let CompletionRequest {
+            model,
+            messages,
+            timeout,
+            ..
+        } = request;
+        let model = model.unwrap_or_else(|| Self::MODEL.to_owned());
+        let last_user = messages
+            .iter()
+            .rev()
+            .find(|message| message.role == Role::User)
+            .map_or("", |message| message.content.as_str());
+        let content = format!("echo: {last_user}");
+
+        // Streaming can only be slow if the receiver is; the timeout still holds.
+        let stream = async {
+            for word in words_with_trailing_space(&content) {
+                send_delta(&deltas, word.to_owned()).await;
+            }
+        };
+        tokio::time::timeout(timeout, stream)
+            .await
+            .map_err(|_| ProviderError::Timeout)?;
+
+        let usage = estimate_usage_blocking(model.clone(), messages, content.clone()).await;
+        Ok(Completion {
+            content,
+            finish_reason: "stop".to_owned(),
+            model,
+            usage: Some(usage),
+            estimated: true,
+        })
+    }
+}
+
+/// Split `text` into pieces that each end after a run of whitespace (or at the
+/// end): `"a  b\nc"` → `["a  ", "b\n", "c"]`. Leading whitespace joins the
+/// first piece. The pieces concatenate to `text`.
+pub(crate) fn words_with_trailing_space(text: &str) -> impl Iterator<Item = &str> {
+    let mut rest = text;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut seen_word = false;
+        let mut in_space = false;
+        let mut end = rest.len();
+        for (at, ch) in rest.char_indices() {
+            if ch.is_whitespace() {
+                in_space = seen_word || in_space;
+            } else if in_space {
+                end = at;
+                break;
+            } else {
+                seen_word = true;
+            }
+        }
+        let (piece, tail) = rest.split_at(end);
+        rest = tail;
+        Some(piece)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::words_with_trailing_space;
+
+    fn split(text: &str) -> Vec<&str> {
+        words_with_trailing_space(text).collect()
+    }
+
+    #[test]
+    fn words_keep_their_following_whitespace() {
+        assert_eq!(split("echo: hi there"), ["echo: ", "hi ", "there"]);
+        assert_eq!(split("a  b\nc "), ["a  ", "b\n", "c "]);
+        assert_eq!(split("  lead"), ["  lead"]);
+        assert_eq!(split(""), Vec::<&str>::new());
+        assert_eq!(split("héllo wörld"), ["héllo ", "wörld"]);
+    }
+}
