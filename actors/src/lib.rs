@@ -2,7 +2,8 @@
 //! per-agent actors, the router and the agent providers (DESIGN §5).
 //!
 //! Boundary: depends on `switchboard-events` (it appends to the log and recovers
-//! state from it) and, once the actors land, `switchboard-projections` (keys); it serves neither HTTP nor NATS — the binary's gateways do, and hand it
+//! state from it) and, once the actors land, `switchboard-projections` (keys);
+//! it serves neither HTTP nor NATS — the binary's gateways do, and hand it
 //! commands. Its only network use is the `openai` provider calling model servers.
 //!
 //! What exists so far:
