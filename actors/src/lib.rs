@@ -18,14 +18,24 @@
 //!   send appends (idempotent on `message_id`, at the stream's version);
 //! - [`rate_limit`]: one key's sliding-window rpm and tpm and its concurrency,
 //!   with exact `retry_after` and refusals coalesced to one report a second.
+//! - [`conversation_actor`]: the `ConversationActor` (single writer of
+//!   `conv/<id>`, acks only after the durable append) and the
+//!   `ConversationRegistry` (spawn on first command, LRU and idle passivation,
+//!   respawn from the log after a crash);
+//! - [`agent`]: the `AgentActor` — concurrency cap, per-attempt timeout, retries
+//!   with backoff honouring `Retry-After`, a circuit breaker, integer micro-USD
+//!   pricing — returning the events that end a turn (`reply_completed` +
+//!   `usage_recorded`, or `reply_failed`) for the conversation to append.
 //!
-//! The actors that drive these (ractor) come next; nothing here pretends they
-//! exist before then.
+//! Not yet: the turn coordination between the two, the `RateLimiter` actor
+//! around [`rate_limit`], and the NATS gateway that drives it all.
 
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
+pub mod agent;
 pub mod conversation;
+pub mod conversation_actor;
 pub mod provider;
 pub mod rate_limit;
 pub mod router;

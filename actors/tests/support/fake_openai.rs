@@ -1,11 +1,17 @@
 //! A fake OpenAI-compatible chat-completions server on 127.0.0.1, speaking the
 //! real wire format (SSE `chat.completion.chunk` objects, a usage chunk when
 //! `stream_options.include_usage` asks for one, `data: [DONE]`), with one
-//! misbehaviour chosen per server, and a record of every request it got.
+//! misbehaviour chosen per server (or a script of them, one per request), and
+//! a record of every request it got and of how many it handled at once.
+
+// Each test binary uses its own part of the fake.
+#![allow(dead_code)]
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
@@ -48,6 +54,12 @@ pub enum Behaviour {
     ErrorInStream,
     /// Ignores `stream: true` and answers one `chat.completion` JSON object.
     PlainJson,
+    /// 429 with `retry-after-ms: <ms>` and OpenAI's error JSON.
+    RateLimitedMs(u64),
+    /// Waits until this many requests have been in flight together (at most
+    /// 5 s), holds each a little longer so any request over a cap would show
+    /// up, then answers like `Normal`.
+    Gate(usize),
 }
 
 /// One request the server received.
@@ -61,23 +73,43 @@ pub struct RecordedRequest {
 
 #[derive(Clone)]
 struct FakeState {
-    behaviour: Behaviour,
+    /// The n-th request gets the n-th behaviour; the last one repeats.
+    script: Arc<Vec<Behaviour>>,
     requests: Arc<Mutex<Vec<RecordedRequest>>>,
+    in_flight: Arc<InFlight>,
+}
+
+/// Requests being handled now, and the most ever handled at once.
+#[derive(Default)]
+struct InFlight {
+    now: AtomicUsize,
+    max: AtomicUsize,
 }
 
 /// A running fake server; it stops when the test's runtime ends.
 pub struct FakeOpenAi {
     addr: SocketAddr,
     requests: Arc<Mutex<Vec<RecordedRequest>>>,
+    in_flight: Arc<InFlight>,
 }
 
 impl FakeOpenAi {
     /// Start a server with `behaviour` on a free port of 127.0.0.1.
     pub async fn start(behaviour: Behaviour) -> FakeOpenAi {
+        Self::start_script(vec![behaviour]).await
+    }
+
+    /// Start a server that answers its n-th request with `script[n]`, and every
+    /// request past the end with the script's last behaviour — e.g.
+    /// `[ServerError, ServerError, Normal]` fails twice, then succeeds.
+    pub async fn start_script(script: Vec<Behaviour>) -> FakeOpenAi {
+        assert!(!script.is_empty(), "a script needs at least one behaviour");
         let requests = Arc::new(Mutex::new(Vec::new()));
+        let in_flight = Arc::new(InFlight::default());
         let state = FakeState {
-            behaviour,
+            script: Arc::new(script),
             requests: requests.clone(),
+            in_flight: in_flight.clone(),
         };
         let app = axum::Router::new()
             .route("/v1/chat/completions", post(chat_completions))
@@ -91,7 +123,11 @@ impl FakeOpenAi {
         tokio::spawn(async move {
             axum::serve(listener, app).await.expect("fake server runs");
         });
-        FakeOpenAi { addr, requests }
+        FakeOpenAi {
+            addr,
+            requests,
+            in_flight,
+        }
     }
 
     /// The base URL to configure a provider with (`…/v1`).
@@ -106,6 +142,37 @@ impl FakeOpenAi {
             .expect("no test panics holding the lock")
             .clone()
     }
+
+    /// How many requests arrived so far.
+    pub fn request_count(&self) -> usize {
+        self.requests
+            .lock()
+            .expect("no test panics holding the lock")
+            .len()
+    }
+
+    /// The most requests the server was handling at the same moment (from a
+    /// request's arrival until its response starts).
+    pub fn max_in_flight(&self) -> usize {
+        self.in_flight.max.load(Ordering::SeqCst)
+    }
+}
+
+/// Counts a request as in flight until dropped.
+struct InFlightGuard(Arc<InFlight>);
+
+impl InFlightGuard {
+    fn enter(in_flight: &Arc<InFlight>) -> Self {
+        let now = in_flight.now.fetch_add(1, Ordering::SeqCst) + 1;
+        in_flight.max.fetch_max(now, Ordering::SeqCst);
+        InFlightGuard(in_flight.clone())
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.0.now.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 async fn chat_completions(
@@ -117,14 +184,19 @@ async fn chat_completions(
     let authorization = headers
         .get(header::AUTHORIZATION)
         .map(|value| value.to_str().expect("ASCII header").to_owned());
-    state
-        .requests
-        .lock()
-        .expect("no test panics holding the lock")
-        .push(RecordedRequest {
+    let _in_flight = InFlightGuard::enter(&state.in_flight);
+    let behaviour = {
+        let mut requests = state
+            .requests
+            .lock()
+            .expect("no test panics holding the lock");
+        requests.push(RecordedRequest {
             authorization,
             body: body.clone(),
         });
+        let last = state.script.len() - 1;
+        state.script[(requests.len() - 1).min(last)]
+    };
 
     let model = body["model"].as_str().unwrap_or("unknown").to_owned();
     let include_usage = body["stream_options"]["include_usage"] == json!(true);
@@ -132,7 +204,7 @@ async fn chat_completions(
         model: model.clone(),
         include_usage,
     };
-    match state.behaviour {
+    match behaviour {
         Behaviour::Normal => sse(stream::iter(chunks.full_reply(include_usage))),
         Behaviour::NoUsage => sse(stream::iter(chunks.full_reply(false))),
         Behaviour::Hang => std::future::pending().await,
@@ -152,6 +224,29 @@ async fn chat_completions(
                 .headers_mut()
                 .insert(header::RETRY_AFTER, "2".parse().expect("valid header"));
             response
+        }
+        Behaviour::RateLimitedMs(ms) => {
+            let mut response = error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "Rate limit reached for requests",
+                "requests",
+            );
+            response.headers_mut().insert(
+                "retry-after-ms",
+                ms.to_string().parse().expect("valid header"),
+            );
+            response
+        }
+        Behaviour::Gate(wanted) => {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            // Once that many were in flight together, the gate stays open.
+            while state.in_flight.max.load(Ordering::SeqCst) < wanted
+                && tokio::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            sse(stream::iter(chunks.full_reply(include_usage)))
         }
         Behaviour::BadRequest => error(
             StatusCode::BAD_REQUEST,
