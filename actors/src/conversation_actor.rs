@@ -6,6 +6,8 @@
 //! needs a process: recovery from the log on spawn, an acknowledgment only
 //! after the durable append, one mailbox per conversation so its appends never
 //! race each other, and a bound on how many conversations are held in memory.
+//! It also appends the end of each turn ([`ConversationMsg::EndTurn`]), which
+//! the agent returns rather than writes, so the stream keeps one writer.
 //!
 //! ```no_run
 //! use switchboard_actors::conversation::SendCommand;
@@ -43,11 +45,13 @@ use ractor::{
     Actor, ActorProcessingErr, ActorRef, ActorRuntime, ActorStatus, MessagingErr, RpcReplyPort,
 };
 use serde::{Deserialize, Serialize};
-use switchboard_events::{AppendError, Event, EventLog, ReadError, StreamId};
+use switchboard_events::{
+    AppendError, Event, EventLog, ExpectedVersion, NewEvent, ReadError, StreamId,
+};
 use tokio::sync::Notify;
 use tokio::time::{Instant, MissedTickBehavior};
 
-use crate::conversation::{ConversationState, SendCommand, SendPlan};
+use crate::conversation::{ConversationState, SendCommand, SendPlan, TurnOutcome};
 
 /// The acknowledgment of a send: the message is durably stored at `seq` (the
 /// seq of its `message_received`). `duplicate`: it was stored by an earlier send
@@ -147,6 +151,27 @@ pub enum ConversationMsg {
     /// Store a message (once per `message_id`) and acknowledge it. The reply
     /// comes only after the durable append, or with a coded error.
     Send(SendCommand, RpcReplyPort<Result<Ack, ConversationError>>),
+    /// Append the events that end the turn of `message_id` (an agent's
+    /// [`crate::agent::TurnOutcome::events`]), in one append at the stream's
+    /// version. Idempotent: a turn that already ended appends nothing and
+    /// answers `Ok`, so a late or repeated end cannot give a message two replies.
+    EndTurn {
+        message_id: String,
+        events: Vec<NewEvent>,
+        reply: RpcReplyPort<Result<(), ConversationError>>,
+    },
+    /// The turns received but not yet ended, oldest first.
+    Pending(RpcReplyPort<Result<Vec<PendingTurn>, ConversationError>>),
+}
+
+/// A turn received but not yet ended (no `reply_completed` or `reply_failed`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingTurn {
+    pub message_id: String,
+    /// The seq of its `message_received`.
+    pub message_seq: u64,
+    /// The agent it was routed to, if `agent_routed` is stored.
+    pub agent: Option<String>,
 }
 
 /// A [`ConversationActor`]'s state: the folded stream and where to append.
@@ -204,6 +229,32 @@ impl Actor for ConversationActor {
                         message_id = %command.message_id, code = error.code(), %error, "send failed");
                 }
                 // A caller that gave up can resend; the stored message is deduplicated.
+                let _ = reply.send(answer);
+            }
+            ConversationMsg::EndTurn {
+                message_id,
+                events,
+                reply,
+            } => {
+                let answer = state.end_turn(&message_id, events).await;
+                if let Err(error) = &answer {
+                    tracing::warn!(conversation_id = %state.conversation_id,
+                        %message_id, code = error.code(), %error, "ending a turn failed");
+                }
+                let _ = reply.send(answer);
+            }
+            ConversationMsg::Pending(reply) => {
+                let answer = state.recovered().await.map(|folded| {
+                    folded
+                        .pending_turns()
+                        .into_iter()
+                        .map(|(message_id, turn)| PendingTurn {
+                            message_id: message_id.to_owned(),
+                            message_seq: turn.message_seq,
+                            agent: turn.agent.clone(),
+                        })
+                        .collect()
+                });
                 let _ = reply.send(answer);
             }
         }
@@ -288,6 +339,52 @@ impl ConversationActorState {
                     // The append is durable: the ack stands even if the read-back fails.
                     self.catch_up();
                     return Ok(self.ack(command, seq, appended.deduplicated));
+                }
+                Err(AppendError::Conflict { actual, .. }) if retries > 0 => {
+                    retries -= 1;
+                    tracing::info!(conversation_id = %self.conversation_id, actual,
+                        "another writer appended to the conversation; catching up");
+                    self.catch_up();
+                }
+                Err(error) => return Err(append_error(&self.conversation_id, error)),
+            }
+        }
+    }
+
+    /// Appends a turn's end unless the turn already ended; see [`ConversationMsg::EndTurn`].
+    async fn end_turn(
+        &mut self,
+        message_id: &str,
+        events: Vec<NewEvent>,
+    ) -> Result<(), ConversationError> {
+        if events.is_empty() {
+            return Err(ConversationError::InvalidRequest(
+                "a turn ends with at least one event".into(),
+            ));
+        }
+        let mut retries = CONFLICT_RETRIES;
+        loop {
+            let folded = self.recovered().await?;
+            match folded.turn(message_id).map(|turn| turn.outcome) {
+                None => {
+                    return Err(ConversationError::InvalidRequest(format!(
+                        "conversation {} has no message {message_id:?} to answer",
+                        self.conversation_id
+                    )))
+                }
+                Some(TurnOutcome::Completed | TurnOutcome::Failed) => return Ok(()),
+                Some(TurnOutcome::Pending) => {}
+            }
+            let expected = ExpectedVersion::Exact(folded.version);
+            // Cloned so a conflict can retry; a turn's end is two small events.
+            match self
+                .log
+                .append(self.stream.clone(), expected, events.clone())
+                .await
+            {
+                Ok(_) => {
+                    self.catch_up();
+                    return Ok(());
                 }
                 Err(AppendError::Conflict { actual, .. }) if retries > 0 => {
                     retries -= 1;
@@ -470,20 +567,89 @@ impl ConversationRegistry {
                 "message_id must not be empty".into(),
             ));
         }
-        let mut command = command;
+        self.call(
+            conversation_id,
+            command,
+            ConversationMsg::Send,
+            |undelivered| match undelivered {
+                ConversationMsg::Send(command, _) => Some(command),
+                _ => None,
+            },
+        )
+        .await
+    }
+
+    /// Appends the events that end the turn of `message_id` — unless the turn
+    /// already ended, which appends nothing and answers `Ok`.
+    pub async fn end_turn(
+        &self,
+        conversation_id: &str,
+        message_id: &str,
+        events: Vec<NewEvent>,
+    ) -> Result<(), ConversationError> {
+        validate_conversation_id(conversation_id)?;
+        self.call(
+            conversation_id,
+            (message_id.to_owned(), events),
+            |(message_id, events), reply| ConversationMsg::EndTurn {
+                message_id,
+                events,
+                reply,
+            },
+            |undelivered| match undelivered {
+                ConversationMsg::EndTurn {
+                    message_id, events, ..
+                } => Some((message_id, events)),
+                _ => None,
+            },
+        )
+        .await
+    }
+
+    /// The conversation's turns received but not yet ended, oldest first.
+    pub async fn pending_turns(
+        &self,
+        conversation_id: &str,
+    ) -> Result<Vec<PendingTurn>, ConversationError> {
+        validate_conversation_id(conversation_id)?;
+        self.call(
+            conversation_id,
+            (),
+            |(), reply| ConversationMsg::Pending(reply),
+            |undelivered| matches!(undelivered, ConversationMsg::Pending(_)).then_some(()),
+        )
+        .await
+    }
+
+    /// Delivers one command to the conversation's actor and waits for its answer.
+    /// `undelivered` takes the payload back out of a message the actor never
+    /// received, for the one retry with a fresh actor.
+    async fn call<P, T>(
+        &self,
+        conversation_id: &str,
+        payload: P,
+        message: impl Fn(P, RpcReplyPort<Result<T, ConversationError>>) -> ConversationMsg,
+        undelivered: impl Fn(ConversationMsg) -> Option<P>,
+    ) -> Result<T, ConversationError>
+    where
+        T: Send + 'static,
+    {
+        let mut payload = payload;
         // A second attempt only when the first message was never delivered (the
         // actor had stopped): then nothing can have been stored.
         for _ in 0..2 {
             let mut lease = self.inner.checkout(conversation_id)?;
             let call = lease
                 .actor
-                .call(|reply| ConversationMsg::Send(command, reply), None)
+                .call(|reply| message(payload, reply), None)
                 .await;
             match call {
                 Ok(CallResult::Success(answer)) => return answer,
-                Err(MessagingErr::SendErr(ConversationMsg::Send(undelivered, _))) => {
+                Err(MessagingErr::SendErr(message)) => {
                     lease.forget = true;
-                    command = undelivered;
+                    payload = undelivered(message).ok_or_else(|| {
+                        ConversationError::Internal("a different message came back".into())
+                    })?;
                 }
                 Ok(CallResult::SenderError | CallResult::Timeout) => {
                     lease.forget = true;
@@ -812,6 +978,54 @@ mod tests {
             log.stream_version(&stream).expect("version"),
             appended.last().version + 2
         );
+        registry.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_turn_ends_once_and_only_for_a_known_message() {
+        use switchboard_events::catalog::ReplyFailed;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let log = EventLog::open(dir.path(), OpenMode::CreateIfMissing).expect("open");
+        let registry = ConversationRegistry::new(log.clone(), RegistryConfig::default());
+        registry.send("c1", command("m1")).await.expect("m1");
+        let pending = registry.pending_turns("c1").await.expect("pending");
+        assert_eq!(pending.len(), 1);
+        assert_eq!(
+            (pending[0].message_id.as_str(), pending[0].agent.as_deref()),
+            ("m1", Some("echo"))
+        );
+
+        let failed = |message_id: &str| {
+            vec![NewEvent::new(Event::ReplyFailed(ReplyFailed {
+                conversation_id: "c1".into(),
+                message_id: message_id.into(),
+                agent: "echo".into(),
+                code: "unavailable".into(),
+                message: "down".into(),
+            }))]
+        };
+        registry
+            .end_turn("c1", "m1", failed("m1"))
+            .await
+            .expect("ended");
+        // A second end (fresh event ids) appends nothing.
+        registry
+            .end_turn("c1", "m1", failed("m1"))
+            .await
+            .expect("idempotent");
+        let stream = StreamId::conversation("c1").expect("valid");
+        assert_eq!(log.stream_version(&stream).expect("version"), 4);
+        assert!(registry
+            .pending_turns("c1")
+            .await
+            .expect("pending")
+            .is_empty());
+
+        let unknown = registry
+            .end_turn("c1", "m9", failed("m9"))
+            .await
+            .expect_err("no such message");
+        assert_eq!(unknown.code(), "invalid_request");
         registry.shutdown().await;
     }
 }

@@ -25,9 +25,13 @@
 //! - [`agent`]: the `AgentActor` — concurrency cap, per-attempt timeout, retries
 //!   with backoff honouring `Retry-After`, a circuit breaker, integer micro-USD
 //!   pricing — returning the events that end a turn (`reply_completed` +
-//!   `usage_recorded`, or `reply_failed`) for the conversation to append.
+//!   `usage_recorded`, or `reply_failed`) for the conversation to append;
+//! - [`turns`]: the `TurnCoordinator` between the two — route, store, run the
+//!   turn with the conversation's history as context, stream `reply_delta`s,
+//!   store the end through the conversation's actor, and fail turns lost in a
+//!   restart.
 //!
-//! Not yet: the turn coordination between the two, the `RateLimiter` actor
+//! Not yet: the `RateLimiter` actor
 //! around [`rate_limit`], and the NATS gateway that drives it all.
 
 #![forbid(unsafe_code)]
@@ -39,3 +43,4 @@ pub mod conversation_actor;
 pub mod provider;
 pub mod rate_limit;
 pub mod router;
+pub mod turns;

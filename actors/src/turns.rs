@@ -1,0 +1,554 @@
+//! Turn coordination: from an acknowledged send to the reply stored in the
+//! conversation (DESIGN §5).
+//!
+//! The [`TurnCoordinator`] routes a message, stores it through its
+//! conversation's actor, and — once the ack is durable and the message is new —
+//! runs the turn in its own task: it builds the context from the stream, asks
+//! the routed agent, forwards the streamed pieces as [`ReplyDelta`]s, and hands
+//! the events that end the turn back to the conversation's actor, which stays
+//! the single writer of `conv/<id>`. So every acknowledged message ends with
+//! `reply_completed` (+ `usage_recorded`) or `reply_failed` in its stream, and a
+//! resend (a duplicate ack) starts no second turn.
+//!
+//! **Context.** [`ConversationState`](crate::conversation::ConversationState)
+//! keeps no content, so the context is read from the log here (readers never
+//! race the writer): every earlier exchange that completed, as a `user` and an
+//! `assistant` message, then the message being answered. Failed turns and
+//! turns still running are left out (the model sees strictly alternating
+//! roles), as is everything before a `conversation_erased`.
+//!
+//! **Turns lost in a restart.** A turn runs in memory; if the process dies
+//! between the ack and the reply, the stream keeps a message with no end. The
+//! coordinator does not rerun such turns (the caller may have given up, and a
+//! reply long after the fact surprises more than it helps): the first time it
+//! touches a conversation it ends each of them with `reply_failed`, code
+//! `unavailable` ([`TurnCoordinator::finish_pending`]); startup can do the same
+//! for every known conversation with [`TurnCoordinator::finish_all_pending`].
+//! This happens once per conversation per coordinator, before any of its own
+//! turns there start, so it can never fail a turn that is really running.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use ractor::ActorRef;
+use serde::{Deserialize, Serialize};
+use switchboard_events::{Event, EventLog, StreamId};
+use tokio::sync::{mpsc, Notify, OnceCell};
+use uuid::Uuid;
+
+use crate::agent::{request_turn, AgentMsg, TurnOutcome, TurnRequest};
+use crate::conversation::SendCommand;
+use crate::conversation_actor::{
+    validate_conversation_id, Ack, ConversationError, ConversationRegistry,
+};
+use crate::provider::ChatMessage;
+use crate::router::{RouteError, Router};
+
+/// The code of the `reply_failed` that ends a turn lost in a restart.
+pub const LOST_TURN_CODE: &str = "unavailable";
+/// Its message: a resend of the same `message_id` is a duplicate, so retrying
+/// takes a new one.
+pub const LOST_TURN_MESSAGE: &str =
+    "the turn was lost in a restart; send the message again with a new message_id to retry";
+
+/// Deltas buffered between the agent and the caller's channel.
+const DELTA_BUFFER: usize = 64;
+/// Conversations whose lost turns are finished at once by `finish_all_pending`.
+const RECOVERY_PARALLELISM: usize = 16;
+/// Attempts at storing a turn's end while the conversation is unavailable.
+const END_TURN_ATTEMPTS: u32 = 3;
+
+/// A message to send, as a gateway hands it over (already authenticated and
+/// admitted by the rate limiter).
+#[derive(Debug, Clone, Default)]
+pub struct SendInput {
+    /// The caller's id for the message; a UUID v7 is generated when absent.
+    pub message_id: Option<String>,
+    pub key_id: String,
+    pub user: Option<String>,
+    pub content: String,
+    /// The agent the caller asks for; the router decides otherwise.
+    pub agent: Option<String>,
+    pub correlation_id: Option<Uuid>,
+    pub traceparent: Option<String>,
+    /// Where to stream the reply's pieces. Drain it while the turn runs (a full
+    /// channel holds the model back); dropping the receiver is fine.
+    pub deltas: Option<mpsc::Sender<ReplyDelta>>,
+}
+
+/// One streamed piece of a reply (`reply_delta`, DESIGN §6); not stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplyDelta {
+    pub conversation_id: String,
+    pub message_id: String,
+    /// The `reply_id` the turn's `reply_completed` will carry.
+    pub reply_id: String,
+    /// 0, 1, 2, … in the order the pieces were streamed.
+    pub index: u64,
+    pub delta: String,
+}
+
+/// The context of one turn, read from the conversation's stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TurnContext {
+    /// Earlier completed exchanges, then the message being answered.
+    pub history: Vec<ChatMessage>,
+    /// The id of the message's `agent_routed` event: the cause of its reply.
+    pub routed_event: Option<Uuid>,
+}
+
+/// Runs the turn of every new message; see the module doc. Cheap to clone.
+///
+/// ```no_run
+/// # use std::collections::HashMap;
+/// # use std::sync::Arc;
+/// # use ractor::Actor;
+/// use switchboard_actors::agent::{Agent, AgentActor, AgentConfig};
+/// use switchboard_actors::conversation_actor::{ConversationRegistry, RegistryConfig};
+/// use switchboard_actors::provider::EchoProvider;
+/// use switchboard_actors::router::Router;
+/// use switchboard_actors::turns::{SendInput, TurnCoordinator};
+/// use switchboard_events::{EventLog, OpenMode};
+///
+/// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+/// let log = EventLog::open("./data".as_ref(), OpenMode::CreateIfMissing)?;
+/// let registry = ConversationRegistry::new(log.clone(), RegistryConfig::default());
+/// let echo = Arc::new(Agent::new(AgentConfig::new("echo"), Arc::new(EchoProvider::new())));
+/// let (echo, _) = Actor::spawn(None, AgentActor, echo).await?;
+/// let agents = HashMap::from([("echo".to_owned(), echo)]);
+/// let turns = TurnCoordinator::new(registry.clone(), Router::new(vec![], "echo")?, agents, log)?;
+/// let ack = turns
+///     .send("c1", SendInput { key_id: "key_1".into(), content: "hi".into(), ..Default::default() })
+///     .await?;
+/// turns.drain().await; // the reply `echo: hi` is stored
+/// registry.shutdown().await;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct TurnCoordinator {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    registry: ConversationRegistry,
+    router: Router,
+    agents: HashMap<String, ActorRef<AgentMsg>>,
+    log: EventLog,
+    /// Conversations whose lost turns were (or are being) finished.
+    recovered: Mutex<HashMap<String, Arc<OnceCell<()>>>>,
+    in_flight: InFlight,
+    closed: AtomicBool,
+}
+
+#[derive(Default)]
+struct InFlight {
+    count: AtomicUsize,
+    done: Notify,
+}
+
+/// A running turn, counted until dropped (also when its task panics).
+struct TurnGuard(Arc<Inner>);
+
+impl TurnGuard {
+    fn new(inner: &Arc<Inner>) -> Self {
+        inner.in_flight.count.fetch_add(1, Ordering::SeqCst);
+        TurnGuard(inner.clone())
+    }
+}
+
+impl Drop for TurnGuard {
+    fn drop(&mut self) {
+        self.0.in_flight.count.fetch_sub(1, Ordering::SeqCst);
+        self.0.in_flight.done.notify_waiters();
+    }
+}
+
+/// What a turn task needs once the message is stored.
+struct TurnJob {
+    conversation_id: String,
+    message_id: String,
+    key_id: String,
+    user: Option<String>,
+    agent: String,
+    correlation_id: Option<Uuid>,
+    traceparent: Option<String>,
+    deltas: Option<mpsc::Sender<ReplyDelta>>,
+}
+
+impl TurnCoordinator {
+    /// A coordinator sending through `registry`, routing with `router` to
+    /// `agents` (by name) and reading context from `log`. Fails if a rule or
+    /// the default agent names an agent that is not in `agents`.
+    pub fn new(
+        registry: ConversationRegistry,
+        router: Router,
+        agents: HashMap<String, ActorRef<AgentMsg>>,
+        log: EventLog,
+    ) -> Result<Self, RouteError> {
+        router.check(|name| agents.contains_key(name))?;
+        Ok(TurnCoordinator {
+            inner: Arc::new(Inner {
+                registry,
+                router,
+                agents,
+                log,
+                recovered: Mutex::new(HashMap::new()),
+                in_flight: InFlight::default(),
+                closed: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    /// Routes and stores a message, answers once it is durable, and starts
+    /// its turn unless the message was stored before (a duplicate ack). An
+    /// unknown agent is `invalid_request` and stores nothing.
+    pub async fn send(
+        &self,
+        conversation_id: &str,
+        input: SendInput,
+    ) -> Result<Ack, ConversationError> {
+        validate_conversation_id(conversation_id)?;
+        if self.inner.closed.load(Ordering::SeqCst) {
+            return Err(ConversationError::Unavailable(
+                "the service is shutting down".into(),
+            ));
+        }
+        let known = |name: &str| self.inner.agents.contains_key(name);
+        let routed = self
+            .inner
+            .router
+            .route(&input.content, input.agent.as_deref(), known)
+            .map_err(|RouteError::UnknownAgent(agent)| {
+                ConversationError::InvalidRequest(format!("unknown agent {agent:?}"))
+            })?;
+        self.finish_pending(conversation_id).await?;
+
+        let message_id = input
+            .message_id
+            .unwrap_or_else(|| Uuid::now_v7().to_string());
+        let command = SendCommand {
+            message_id: message_id.clone(),
+            key_id: input.key_id.clone(),
+            user: input.user.clone(),
+            content: input.content,
+            requested_agent: input.agent,
+            agent: routed.agent.clone(),
+            rule: routed.rule,
+            correlation_id: input.correlation_id,
+            traceparent: input.traceparent.clone(),
+        };
+        let ack = self.inner.registry.send(conversation_id, command).await?;
+        if !ack.duplicate {
+            let job = TurnJob {
+                conversation_id: conversation_id.to_owned(),
+                message_id,
+                key_id: input.key_id,
+                user: input.user,
+                agent: routed.agent,
+                correlation_id: input.correlation_id,
+                traceparent: input.traceparent,
+                deltas: input.deltas,
+            };
+            // Counted before the task exists, so `wait_idle` cannot miss it.
+            let guard = TurnGuard::new(&self.inner);
+            tokio::spawn(async move {
+                let inner = guard.0.clone();
+                inner.run_turn(job).await;
+                drop(guard);
+            });
+        }
+        Ok(ack)
+    }
+
+    /// The conversation's chat history as an agent sees it: its completed
+    /// exchanges, oldest first (see the module doc).
+    pub async fn context(
+        &self,
+        conversation_id: &str,
+    ) -> Result<Vec<ChatMessage>, ConversationError> {
+        validate_conversation_id(conversation_id)?;
+        read_context(&self.inner.log, conversation_id, None)
+            .await
+            .map(|context| context.history)
+    }
+
+    /// Ends every turn of the conversation left without a reply by an earlier
+    /// process with `reply_failed` ([`LOST_TURN_CODE`]); returns how many.
+    /// Runs once per conversation per coordinator: later calls return 0, since
+    /// pending turns then are this coordinator's own, still running. `send`
+    /// calls it before a conversation's first message.
+    pub async fn finish_pending(&self, conversation_id: &str) -> Result<usize, ConversationError> {
+        validate_conversation_id(conversation_id)?;
+        let once = self
+            .inner
+            .recovered
+            .lock()
+            .expect("recovered lock")
+            .entry(conversation_id.to_owned())
+            .or_default()
+            .clone();
+        let mut ended = 0;
+        once.get_or_try_init(|| async {
+            ended = self.inner.fail_lost_turns(conversation_id).await?;
+            Ok::<(), ConversationError>(())
+        })
+        .await?;
+        Ok(ended)
+    }
+
+    /// [`Self::finish_pending`] for each of `conversation_ids` (at startup,
+    /// every conversation the history projection knows), a few at a time;
+    /// returns how many turns were ended. Stops at the first error.
+    pub async fn finish_all_pending(
+        &self,
+        conversation_ids: impl IntoIterator<Item = String>,
+    ) -> Result<usize, ConversationError> {
+        let mut finished = futures::stream::iter(conversation_ids)
+            .map(|id| async move { self.finish_pending(&id).await })
+            .buffer_unordered(RECOVERY_PARALLELISM);
+        let mut ended = 0;
+        while let Some(result) = finished.next().await {
+            ended += result?;
+        }
+        Ok(ended)
+    }
+
+    /// How many turns are running.
+    pub fn turns_in_flight(&self) -> usize {
+        self.inner.in_flight.count.load(Ordering::SeqCst)
+    }
+
+    /// Waits until no turn is running (new sends may start more).
+    pub async fn wait_idle(&self) {
+        loop {
+            let done = self.inner.in_flight.done.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            if self.turns_in_flight() == 0 {
+                return;
+            }
+            done.await;
+        }
+    }
+
+    /// For shutdown: stops taking sends (they answer `unavailable`) and waits
+    /// for the running turns to store their end. Call it before
+    /// [`ConversationRegistry::shutdown`], which the turns still need.
+    pub async fn drain(&self) {
+        self.inner.closed.store(true, Ordering::SeqCst);
+        self.wait_idle().await;
+    }
+}
+
+impl Inner {
+    async fn run_turn(&self, job: TurnJob) {
+        let TurnJob {
+            conversation_id,
+            message_id,
+            key_id,
+            user,
+            agent,
+            correlation_id,
+            traceparent,
+            deltas,
+        } = job;
+        let mut request = TurnRequest::new(&conversation_id, &message_id, key_id, Vec::new());
+        request.user = user;
+        request.correlation_id = correlation_id;
+        request.traceparent = traceparent;
+        let outcome = match read_context(&self.log, &conversation_id, Some(&message_id)).await {
+            Ok(context) => {
+                request.history = context.history;
+                request.causation_id = context.routed_event;
+                self.ask_agent(&agent, request, deltas).await
+            }
+            Err(error) => {
+                tracing::warn!(%conversation_id, %message_id, %error, "no context for the turn");
+                TurnOutcome::failure(&request, &agent, "internal", error.to_string())
+            }
+        };
+        self.store_end(&conversation_id, &message_id, outcome).await;
+    }
+
+    /// Runs the turn on the agent, relaying its deltas to the caller as
+    /// [`ReplyDelta`]s; returns once both the turn and the relay are done.
+    async fn ask_agent(
+        &self,
+        agent: &str,
+        mut request: TurnRequest,
+        caller: Option<mpsc::Sender<ReplyDelta>>,
+    ) -> TurnOutcome {
+        let Some(actor) = self.agents.get(agent) else {
+            return TurnOutcome::failure(
+                &request,
+                agent,
+                "internal",
+                "the agent is not configured",
+            );
+        };
+        let Some(caller) = caller else {
+            return request_turn(actor, agent, request).await;
+        };
+        let (pieces, mut received) = mpsc::channel::<String>(DELTA_BUFFER);
+        request.deltas = Some(pieces);
+        let (conversation_id, message_id, reply_id) = (
+            request.conversation_id.clone(),
+            request.message_id.clone(),
+            request.reply_id.clone(),
+        );
+        let relay = async move {
+            let mut index = 0;
+            while let Some(delta) = received.recv().await {
+                let delta = ReplyDelta {
+                    conversation_id: conversation_id.clone(),
+                    message_id: message_id.clone(),
+                    reply_id: reply_id.clone(),
+                    index,
+                    delta,
+                };
+                index += 1;
+                // A caller that stopped listening does not stop the turn.
+                let _ = caller.send(delta).await;
+            }
+        };
+        let (outcome, ()) = tokio::join!(request_turn(actor, agent, request), relay);
+        outcome
+    }
+
+    /// Hands the turn's end to the conversation's actor, retrying a little
+    /// while the conversation is unavailable. If it still cannot be stored,
+    /// the turn stays pending in the log and a later start fails it.
+    async fn store_end(&self, conversation_id: &str, message_id: &str, outcome: TurnOutcome) {
+        let mut wait = Duration::from_millis(50);
+        for attempt in 1..=END_TURN_ATTEMPTS {
+            let result = self
+                .registry
+                .end_turn(conversation_id, message_id, outcome.events.clone())
+                .await;
+            match result {
+                Ok(()) => return,
+                Err(error @ ConversationError::Unavailable(_)) if attempt < END_TURN_ATTEMPTS => {
+                    tracing::info!(%conversation_id, %message_id, %error, "retrying the turn's end");
+                    tokio::time::sleep(wait).await;
+                    wait *= 4;
+                }
+                Err(error) => {
+                    tracing::error!(%conversation_id, %message_id, code = error.code(), %error,
+                        "the turn's end was not stored; it stays pending until a restart fails it");
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn fail_lost_turns(&self, conversation_id: &str) -> Result<usize, ConversationError> {
+        let pending = self.registry.pending_turns(conversation_id).await?;
+        for turn in &pending {
+            let agent = turn.agent.as_deref().unwrap_or(self.router.default_agent());
+            // Only the ids matter for a failure: no context, no usage.
+            let request = TurnRequest::new(conversation_id, &turn.message_id, "", Vec::new());
+            let outcome = TurnOutcome::failure(&request, agent, LOST_TURN_CODE, LOST_TURN_MESSAGE);
+            self.registry
+                .end_turn(conversation_id, &turn.message_id, outcome.events)
+                .await?;
+        }
+        if !pending.is_empty() {
+            tracing::warn!(%conversation_id, turns = pending.len(), "failed turns lost in a restart");
+        }
+        Ok(pending.len())
+    }
+}
+
+/// Reads the context of `message_id` (or, with `None`, the whole completed
+/// history) from the conversation's stream, off the async workers.
+async fn read_context(
+    log: &EventLog,
+    conversation_id: &str,
+    message_id: Option<&str>,
+) -> Result<TurnContext, ConversationError> {
+    let stream = StreamId::conversation(conversation_id)
+        .map_err(|e| ConversationError::InvalidRequest(e.to_string()))?;
+    let (log, message_id) = (log.clone(), message_id.map(str::to_owned));
+    tokio::task::spawn_blocking(move || build_context(&log, &stream, message_id.as_deref()))
+        .await
+        .map_err(|e| ConversationError::Internal(format!("context task failed: {e}")))?
+}
+
+/// One user message and, once answered, its reply.
+struct Exchange {
+    message_id: String,
+    user: String,
+    reply: Option<String>,
+    ended: bool,
+}
+
+fn build_context(
+    log: &EventLog,
+    stream: &StreamId,
+    message_id: Option<&str>,
+) -> Result<TurnContext, ConversationError> {
+    let mut exchanges: Vec<Exchange> = Vec::new();
+    let mut routed_event = None;
+    for envelope in log.read_stream(stream, 1) {
+        let envelope = envelope
+            .map_err(|e| ConversationError::Unavailable(format!("cannot read {stream}: {e}")))?;
+        let find = |exchanges: &mut Vec<Exchange>, id: &str| -> Option<usize> {
+            exchanges.iter().rposition(|x| x.message_id == id)
+        };
+        match envelope.event {
+            Event::MessageReceived(e) => exchanges.push(Exchange {
+                message_id: e.message_id,
+                user: e.content,
+                reply: None,
+                ended: false,
+            }),
+            Event::AgentRouted(e) if Some(e.message_id.as_str()) == message_id => {
+                routed_event = Some(envelope.id);
+            }
+            Event::ReplyCompleted(e) => {
+                if let Some(i) = find(&mut exchanges, &e.message_id) {
+                    if !exchanges[i].ended {
+                        exchanges[i].ended = true;
+                        exchanges[i].reply = Some(e.content);
+                    }
+                }
+            }
+            Event::ReplyFailed(e) => {
+                if let Some(i) = find(&mut exchanges, &e.message_id) {
+                    exchanges[i].ended = true;
+                }
+            }
+            Event::ConversationErased(_) => {
+                exchanges.clear();
+                routed_event = None;
+            }
+            _ => {}
+        }
+    }
+    let mut history = Vec::new();
+    for exchange in exchanges {
+        if Some(exchange.message_id.as_str()) == message_id {
+            history.push(ChatMessage::user(exchange.user));
+            return Ok(TurnContext {
+                history,
+                routed_event,
+            });
+        }
+        if let Some(reply) = exchange.reply {
+            history.push(ChatMessage::user(exchange.user));
+            history.push(ChatMessage::assistant(reply));
+        }
+    }
+    match message_id {
+        None => Ok(TurnContext {
+            history,
+            routed_event: None,
+        }),
+        Some(id) => Err(ConversationError::InvalidRequest(format!(
+            "{stream} has no message {id:?} (erased?)"
+        ))),
+    }
+}
