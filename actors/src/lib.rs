@@ -40,6 +40,7 @@
 pub mod agent;
 pub mod conversation;
 pub mod conversation_actor;
+pub mod conversation_registry;
 pub mod provider;
 pub mod rate_limit;
 pub mod router;
