@@ -6,3 +6,4 @@
 #![deny(rust_2018_idioms)]
 
 pub mod bus;
+pub mod gateway;

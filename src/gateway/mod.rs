@@ -1,0 +1,401 @@
+//! The NATS gateway (DESIGN §6): answers `<prefix>.conv.<id>.send` and
+//! `<prefix>.conv.<id>.history` requests on the [`Bus`], handing sends to the
+//! [`TurnCoordinator`] and reading history from the [`Projections`].
+//!
+//! Every request is answered with JSON: an ack, a history, or
+//! `{"ok":false,"error":{"code","message"}}` ([`wire`]). In order, a request
+//! is
+//! 1. authenticated ([`auth`]): `Authorization: Bearer <key>`; a missing,
+//!    malformed, unknown, revoked or expired key is `unauthorized`, a key
+//!    without the right scope (`chat` to send; `chat` or `admin` to read) is
+//!    `forbidden`, and each refusal appends one `auth_failed` to `system`;
+//! 2. checked: the conversation id (the subject's token) and the body (size,
+//!    encoding, fields) — a bad one is `invalid_request` and appends nothing;
+//! 3. served: a send is acknowledged once durable (`"duplicate":true` on a
+//!    resend of a stored `message_id`); a history is read after the
+//!    projections have folded the log's head, so a caller sees its own acked
+//!    sends. Reading another key's conversation is `forbidden` (and audited)
+//!    unless the key has the `admin` scope. A conversation nobody started
+//!    reads as empty (`"messages":[]`), not as an error: a client can poll a
+//!    conversation it is about to start without special-casing it.
+//!
+//! Members of the queue group `switchboard` share the requests, so several
+//! processes can serve one NATS account. Each request runs in its own task,
+//! so a slow send never holds up the others.
+//!
+//! ```no_run
+//! # use switchboard::bus::{Bus, LocalBus};
+//! # use switchboard::gateway::{NatsGateway, DEFAULT_PREFIX};
+//! # async fn example(
+//! #     coordinator: switchboard_actors::turns::TurnCoordinator,
+//! #     projections: switchboard_projections::Projections,
+//! #     log: switchboard_events::EventLog,
+//! # ) -> Result<(), switchboard::bus::BusError> {
+//! let bus = Bus::from(LocalBus::new());
+//! let gateway = NatsGateway::start(bus, DEFAULT_PREFIX, coordinator, projections, log).await?;
+//! // ... serve until shutdown ...
+//! gateway.stop().await;
+//! # Ok(()) }
+//! ```
+
+pub mod auth;
+pub mod wire;
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::FutureExt;
+use serde_json::Value;
+use switchboard_actors::conversation_actor::validate_conversation_id;
+use switchboard_actors::turns::{SendInput, TurnCoordinator};
+use switchboard_events::catalog::Scope;
+use switchboard_events::EventLog;
+use switchboard_projections::Projections;
+use tokio::sync::oneshot;
+use tokio::task::{JoinHandle, JoinSet};
+use uuid::Uuid;
+
+use crate::bus::{Bus, BusError, Headers, Message, Subscription};
+use auth::{AuthFailure, Authenticator};
+use wire::{ack_json, history_json, BodyFormat, GatewayError, SendRequest};
+
+/// The subject prefix of DESIGN §6 when none is configured.
+pub const DEFAULT_PREFIX: &str = "sb";
+/// The queue group every gateway joins, so each request is served once.
+pub const QUEUE_GROUP: &str = "switchboard";
+/// How long a history request waits for the projections to fold the log's
+/// head before answering `unavailable`.
+const HISTORY_FRESHNESS_WAIT: Duration = Duration::from_secs(5);
+
+/// The two request kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Operation {
+    Send,
+    History,
+}
+
+impl Operation {
+    fn suffix(self) -> &'static str {
+        match self {
+            Operation::Send => "send",
+            Operation::History => "history",
+        }
+    }
+}
+
+/// What is known about a request before it is served: the correlation id its
+/// events carry, and its `traceparent` when it sent a valid one.
+#[derive(Debug, Clone)]
+pub struct RequestMeta {
+    pub correlation_id: Uuid,
+    pub traceparent: Option<String>,
+}
+
+impl RequestMeta {
+    fn new(headers: &Headers) -> Self {
+        RequestMeta {
+            correlation_id: Uuid::now_v7(),
+            traceparent: header(headers, "traceparent")
+                .filter(|value| valid_traceparent(value))
+                .map(str::to_owned),
+        }
+    }
+}
+
+/// Starts gateways; see the module doc.
+pub struct NatsGateway;
+
+impl NatsGateway {
+    /// Subscribes (queue group [`QUEUE_GROUP`]) to `{prefix}.conv.*.send` and
+    /// `{prefix}.conv.*.history` and serves them until
+    /// [`GatewayHandle::stop`]. The subscriptions are in place, also for other
+    /// NATS connections, when this returns.
+    pub async fn start(
+        bus: Bus,
+        prefix: &str,
+        coordinator: TurnCoordinator,
+        projections: Projections,
+        log: EventLog,
+    ) -> Result<GatewayHandle, BusError> {
+        let sends = bus
+            .queue_subscribe(&format!("{prefix}.conv.*.send"), QUEUE_GROUP)
+            .await?;
+        let histories = bus
+            .queue_subscribe(&format!("{prefix}.conv.*.history"), QUEUE_GROUP)
+            .await?;
+        bus.flush().await?;
+        let gateway = Arc::new(Gateway {
+            bus,
+            subject_start: format!("{prefix}.conv."),
+            auth: Authenticator::new(projections.clone(), log.clone()),
+            coordinator,
+            projections,
+            log,
+        });
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(serve(gateway, sends, histories, stopped));
+        Ok(GatewayHandle {
+            stop: Some(stop),
+            task,
+        })
+    }
+}
+
+/// A running gateway. Dropping it stops the gateway too, without waiting.
+pub struct GatewayHandle {
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl GatewayHandle {
+    /// Stops taking requests (unsubscribes, also as other NATS connections
+    /// see it), answers those already taken, and returns once they are
+    /// answered.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Err(error) = (&mut self.task).await {
+            tracing::error!(%error, "the gateway task failed");
+        }
+    }
+}
+
+/// Receives requests and runs each in its own task; on stop, unsubscribes
+/// and waits for the running ones.
+async fn serve(
+    gateway: Arc<Gateway>,
+    mut sends: Subscription,
+    mut histories: Subscription,
+    mut stop: oneshot::Receiver<()>,
+) {
+    let mut in_flight = JoinSet::new();
+    loop {
+        let (operation, message) = tokio::select! {
+            _ = &mut stop => break,
+            Some(message) = sends.recv() => (Operation::Send, message),
+            Some(message) = histories.recv() => (Operation::History, message),
+            Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
+                if let Err(error) = done {
+                    tracing::error!(%error, "a gateway request task failed");
+                }
+                continue;
+            }
+            else => break,
+        };
+        let gateway = gateway.clone();
+        in_flight.spawn(async move { gateway.answer(operation, message).await });
+    }
+    for subscription in [sends, histories] {
+        if let Err(error) = subscription.unsubscribe().await {
+            tracing::warn!(%error, "unsubscribing the gateway failed");
+        }
+    }
+    // So that, once `stop` returns, no other connection's request reaches us.
+    if let Err(error) = gateway.bus.flush().await {
+        tracing::warn!(%error, "flushing the gateway's unsubscribe failed");
+    }
+    while let Some(done) = in_flight.join_next().await {
+        if let Err(error) = done {
+            tracing::error!(%error, "a gateway request task failed");
+        }
+    }
+}
+
+struct Gateway {
+    bus: Bus,
+    /// `{prefix}.conv.`: what precedes the conversation id in a subject.
+    subject_start: String,
+    auth: Authenticator,
+    coordinator: TurnCoordinator,
+    projections: Projections,
+    log: EventLog,
+}
+
+impl Gateway {
+    /// Serves one request and publishes the answer (when it has a reply
+    /// subject). A panic while serving is answered `internal`, never silence.
+    async fn answer(&self, operation: Operation, message: Message) {
+        let meta = RequestMeta::new(&message.headers);
+        let served = AssertUnwindSafe(self.serve(operation, &message, &meta))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|_| {
+                tracing::error!(subject = %message.subject, "a gateway request panicked");
+                Err(GatewayError::Internal("the request failed".into()))
+            });
+        let body = match served {
+            Ok(body) => body,
+            Err(error) => {
+                tracing::debug!(
+                    subject = %message.subject,
+                    code = error.code(),
+                    correlation_id = %meta.correlation_id,
+                    "request refused: {}", error.message()
+                );
+                error.to_json()
+            }
+        };
+        if message.reply.is_none() {
+            return;
+        }
+        let mut headers = Headers::new().with("Content-Type", "application/json");
+        if let Some(traceparent) = &meta.traceparent {
+            headers.insert("traceparent", traceparent.clone());
+        }
+        let body = serde_json::to_vec(&body).expect("a JSON value always serializes");
+        if let Err(error) = self.bus.respond(&message, headers, body).await {
+            tracing::warn!(subject = %message.subject, %error, "the reply was not sent");
+        }
+    }
+
+    async fn serve(
+        &self,
+        operation: Operation,
+        message: &Message,
+        meta: &RequestMeta,
+    ) -> Result<Value, GatewayError> {
+        match operation {
+            Operation::Send => self.send(message, meta).await,
+            Operation::History => self.history(message, meta).await,
+        }
+    }
+
+    async fn send(&self, message: &Message, meta: &RequestMeta) -> Result<Value, GatewayError> {
+        let caller = self
+            .auth
+            .authenticate(&message.headers, &[Scope::Chat], meta)
+            .await?;
+        let conversation_id = self.conversation_id(&message.subject, Operation::Send)?;
+        let format = BodyFormat::from_content_type(header(&message.headers, "Content-Type"))?;
+        let body = SendRequest::decode(&message.payload, format)?;
+        let input = SendInput {
+            message_id: body.message_id,
+            key_id: caller.record.key_id.clone(),
+            user: body.user.or(caller.record.owner),
+            content: body.content,
+            agent: body.agent,
+            correlation_id: Some(meta.correlation_id),
+            traceparent: meta.traceparent.clone(),
+            deltas: None,
+        };
+        let ack = self.coordinator.send(conversation_id, input).await?;
+        Ok(ack_json(&ack))
+    }
+
+    async fn history(&self, message: &Message, meta: &RequestMeta) -> Result<Value, GatewayError> {
+        let caller = self
+            .auth
+            .authenticate(&message.headers, &[Scope::Chat, Scope::Admin], meta)
+            .await?;
+        let conversation_id = self.conversation_id(&message.subject, Operation::History)?;
+        let head = self.log.head();
+        tokio::time::timeout(HISTORY_FRESHNESS_WAIT, self.projections.wait_for(head))
+            .await
+            .map_err(|_| GatewayError::Unavailable("the history is behind the log".into()))?;
+        let history = self.projections.history();
+        let id = conversation_id.to_owned();
+        let conversation = tokio::task::spawn_blocking(move || history.conversation(&id))
+            .await
+            .map_err(|e| GatewayError::Internal(format!("history read failed: {e}")))?
+            .map_err(|error| {
+                tracing::error!(%error, "cannot read the history projection");
+                GatewayError::Unavailable("the history cannot be read".into())
+            })?;
+        let Some(conversation) = conversation else {
+            return Ok(history_json(conversation_id, &[], false));
+        };
+        if conversation.summary.key_id != caller.record.key_id && !caller.has(Scope::Admin) {
+            let failure = AuthFailure::forbidden(
+                "not_owner",
+                "the conversation was started by another key",
+                &caller,
+            );
+            return Err(self.auth.refuse(failure, meta).await);
+        }
+        Ok(history_json(
+            conversation_id,
+            &conversation.messages,
+            conversation.summary.erased,
+        ))
+    }
+
+    /// The valid conversation id in `subject`
+    /// (`{prefix}.conv.<id>.<operation>`).
+    fn conversation_id<'a>(
+        &self,
+        subject: &'a str,
+        operation: Operation,
+    ) -> Result<&'a str, GatewayError> {
+        let id = subject
+            .strip_prefix(self.subject_start.as_str())
+            .and_then(|rest| rest.strip_suffix(operation.suffix()))
+            .and_then(|rest| rest.strip_suffix('.'))
+            .ok_or_else(|| {
+                GatewayError::Internal(format!("unexpected subject {subject:?} for the gateway"))
+            })?;
+        validate_conversation_id(id)?;
+        Ok(id)
+    }
+}
+
+/// A header's first value; the name matched exactly first, then ignoring
+/// ASCII case (NATS header names are case-sensitive, callers' spellings vary).
+pub(crate) fn header<'a>(headers: &'a Headers, name: &str) -> Option<&'a str> {
+    headers.get(name).or_else(|| {
+        headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, value)| value)
+    })
+}
+
+/// Whether `value` is a W3C `traceparent`: `vv-<32 hex>-<16 hex>-<2 hex>`,
+/// lowercase, version not `ff`, trace and parent ids not all zero. An invalid
+/// one is dropped, as the spec says, and the work starts a new trace.
+fn valid_traceparent(value: &str) -> bool {
+    let parts: Vec<&str> = value.split('-').collect();
+    let hex = |s: &str, len: usize| {
+        s.len() == len
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    let nonzero = |s: &str| s.bytes().any(|b| b != b'0');
+    parts.len() >= 4
+        && hex(parts[0], 2)
+        && parts[0] != "ff"
+        && (parts.len() == 4 || parts[0] != "00")
+        && hex(parts[1], 32)
+        && nonzero(parts[1])
+        && hex(parts[2], 16)
+        && nonzero(parts[2])
+        && hex(parts[3], 2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparents() {
+        let good = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        assert!(valid_traceparent(good));
+        assert!(!valid_traceparent(&good.to_uppercase()));
+        assert!(!valid_traceparent(
+            "00-00000000000000000000000000000000-b7ad6b7169203331-01"
+        ));
+        assert!(!valid_traceparent(
+            "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+        ));
+        assert!(!valid_traceparent("00-0af7-b7ad-01"));
+        assert!(!valid_traceparent("garbage"));
+    }
+
+    #[test]
+    fn headers_match_case_insensitively() {
+        let headers = Headers::new().with("authorization", "Bearer x");
+        assert_eq!(header(&headers, "Authorization"), Some("Bearer x"));
+        assert_eq!(header(&headers, "Content-Type"), None);
+    }
+}

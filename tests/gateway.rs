@@ -1,0 +1,603 @@
+//! The NATS gateway (DESIGN §6) end to end: a real log in a temp dir, live
+//! projections, the turn coordinator with the echo agent, and requests over
+//! the bus. Every scenario runs twice: on the embedded bus, and on a real
+//! `nats-server` with the client on its own connection.
+
+mod support;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::Actor;
+use serde_json::{json, Value};
+use switchboard::bus::{Bus, Headers, LocalBus, NatsBus};
+use switchboard::gateway::wire::{SendRequest, MAX_BODY_BYTES};
+use switchboard::gateway::{GatewayHandle, NatsGateway, DEFAULT_PREFIX};
+use switchboard_actors::agent::{Agent, AgentActor, AgentConfig};
+use switchboard_actors::conversation_actor::{ConversationRegistry, RegistryConfig};
+use switchboard_actors::provider::EchoProvider;
+use switchboard_actors::router::Router;
+use switchboard_actors::turns::TurnCoordinator;
+use switchboard_events::apikey::ApiKey;
+use switchboard_events::catalog::{AuthFailed, KeyIssued, KeyRevoked, Limits, Scope};
+use switchboard_events::{
+    Envelope, Event, EventLog, ExpectedVersion, NewEvent, OpenMode, StreamId,
+};
+use switchboard_projections::Projections;
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use support::nats::NatsServer;
+
+/// How long any one wait may take on a busy 2-core CI machine.
+const WAIT: Duration = Duration::from_secs(20);
+const TRACEPARENT: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+
+#[derive(Debug, Clone, Copy)]
+enum Transport {
+    Local,
+    Nats,
+}
+
+/// The service (log, projections, coordinator, gateway) and a client bus.
+struct Service {
+    _dir: TempDir,
+    log: EventLog,
+    projections: Projections,
+    registry: ConversationRegistry,
+    turns: TurnCoordinator,
+    gateway: GatewayHandle,
+    client: Bus,
+    stop_projections: oneshot::Sender<()>,
+    projections_task: JoinHandle<()>,
+    _server: Option<NatsServer>,
+}
+
+impl Service {
+    async fn start(transport: Transport) -> Service {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let log = EventLog::open(dir.path(), OpenMode::CreateIfMissing).expect("open the log");
+        let projections = Projections::open(&log).expect("open the projections");
+        let (stop_projections, stopped) = oneshot::channel::<()>();
+        let live = projections.clone();
+        let projections_task = tokio::spawn(async move {
+            live.run_live(async {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("the projections fold");
+        });
+
+        let registry = ConversationRegistry::new(log.clone(), RegistryConfig::default());
+        let echo = Arc::new(Agent::new(
+            AgentConfig::new("echo"),
+            Arc::new(EchoProvider::new()),
+        ));
+        let (echo, _) = Actor::spawn(None, AgentActor, echo)
+            .await
+            .expect("the agent starts");
+        let agents = HashMap::from([("echo".to_owned(), echo)]);
+        let router = Router::new(vec![], "echo").expect("valid router");
+        let turns =
+            TurnCoordinator::new(registry.clone(), router, agents, log.clone()).expect("agents");
+
+        let (service_bus, client, server) = match transport {
+            Transport::Local => {
+                let bus = Bus::from(LocalBus::new());
+                (bus.clone(), bus, None)
+            }
+            Transport::Nats => {
+                let server = NatsServer::start();
+                let service = connect(&server).await;
+                let client = connect(&server).await;
+                (service, client, Some(server))
+            }
+        };
+        let gateway = NatsGateway::start(
+            service_bus,
+            DEFAULT_PREFIX,
+            turns.clone(),
+            projections.clone(),
+            log.clone(),
+        )
+        .await
+        .expect("the gateway starts");
+        Service {
+            _dir: dir,
+            log,
+            projections,
+            registry,
+            turns,
+            gateway,
+            client,
+            stop_projections,
+            projections_task,
+            _server: server,
+        }
+    }
+
+    async fn shutdown(self) {
+        self.gateway.stop().await;
+        let after = self
+            .client
+            .request("sb.conv.c1.send", Headers::new(), "{}", WAIT)
+            .await
+            .expect_err("a stopped gateway answers nothing");
+        assert_eq!(after.code(), "no_responders", "{after}");
+        self.turns.drain().await;
+        self.registry.shutdown().await;
+        let _ = self.stop_projections.send(());
+        self.projections_task.await.expect("the projections stop");
+    }
+
+    /// Issues a key (appends `key_issued`) and waits until it authenticates.
+    async fn issue_key(&self, key_id: &str, scopes: &[Scope]) -> String {
+        let key = ApiKey::generate();
+        let issued = Event::KeyIssued(KeyIssued {
+            key_id: key_id.into(),
+            name: format!("test key {key_id}"),
+            owner: Some(format!("owner-of-{key_id}")),
+            key_hash: key.hash(),
+            scopes: scopes.to_vec(),
+            limits: Limits::default(),
+            budget: None,
+            expires_at: None,
+        });
+        self.append(StreamId::key(key_id).expect("valid key id"), issued)
+            .await;
+        key.expose().to_owned()
+    }
+
+    async fn revoke_key(&self, key_id: &str) {
+        let revoked = Event::KeyRevoked(KeyRevoked {
+            key_id: key_id.into(),
+            by: "test".into(),
+            reason: Some("leaked".into()),
+        });
+        self.append(StreamId::key(key_id).expect("valid key id"), revoked)
+            .await;
+    }
+
+    async fn append(&self, stream: StreamId, event: Event) {
+        let appended = self
+            .log
+            .append(stream, ExpectedVersion::Any, vec![NewEvent::new(event)])
+            .await
+            .expect("append");
+        within(
+            "the projections",
+            self.projections.wait_for(appended.last().seq),
+        )
+        .await;
+    }
+
+    /// A request on `sb.conv.<id>.<operation>`; the JSON reply.
+    async fn request(
+        &self,
+        conversation_id: &str,
+        operation: &str,
+        headers: Headers,
+        body: impl Into<bytes::Bytes>,
+    ) -> Value {
+        let subject = format!("{DEFAULT_PREFIX}.conv.{conversation_id}.{operation}");
+        let reply = self
+            .client
+            .request(&subject, headers, body.into(), WAIT)
+            .await
+            .unwrap_or_else(|error| panic!("request on {subject}: {error}"));
+        serde_json::from_slice(&reply.payload)
+            .unwrap_or_else(|error| panic!("reply on {subject} is not JSON: {error}"))
+    }
+
+    async fn send(&self, conversation_id: &str, key: &str, body: Value) -> Value {
+        self.request(
+            conversation_id,
+            "send",
+            bearer(key),
+            serde_json::to_vec(&body).expect("JSON"),
+        )
+        .await
+    }
+
+    async fn history(&self, conversation_id: &str, key: &str) -> Value {
+        self.request(conversation_id, "history", bearer(key), "{}")
+            .await
+    }
+
+    fn events(&self) -> Vec<Envelope> {
+        self.log
+            .read_from(1)
+            .map(|envelope| envelope.expect("decodes"))
+            .collect()
+    }
+
+    fn auth_failures(&self) -> Vec<AuthFailed> {
+        self.events()
+            .into_iter()
+            .filter_map(|envelope| match envelope.event {
+                Event::AuthFailed(failed) => Some(failed),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+async fn connect(server: &NatsServer) -> Bus {
+    let bus = NatsBus::connect(&server.url())
+        .await
+        .unwrap_or_else(|error| panic!("connect to {}: {error}", server.url()));
+    within("the connection", async {
+        while !bus.is_connected() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    bus.into()
+}
+
+async fn within<F: Future>(what: &str, future: F) -> F::Output {
+    tokio::time::timeout(WAIT, future)
+        .await
+        .unwrap_or_else(|_| panic!("timed out after {WAIT:?} waiting for {what}"))
+}
+
+fn bearer(key: &str) -> Headers {
+    Headers::new().with("Authorization", format!("Bearer {key}"))
+}
+
+#[track_caller]
+fn assert_error(reply: &Value, code: &str) {
+    assert_eq!(reply["ok"], json!(false), "{reply}");
+    assert_eq!(reply["error"]["code"], json!(code), "{reply}");
+    let message = reply["error"]["message"].as_str().unwrap_or("");
+    assert!(!message.is_empty(), "an error says what is wrong: {reply}");
+}
+
+/// Polls the history until it holds `count` messages.
+async fn history_with(service: &Service, conversation_id: &str, key: &str, count: usize) -> Value {
+    within("the reply in the history", async {
+        loop {
+            let history = service.history(conversation_id, key).await;
+            assert_eq!(history["ok"], json!(true), "{history}");
+            if history["messages"].as_array().map_or(0, Vec::len) >= count {
+                return history;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+}
+
+async fn send_ack_resend_and_history(transport: Transport) {
+    let service = Service::start(transport).await;
+    let key = service.issue_key("key_a", &[Scope::Chat]).await;
+
+    let ack = service
+        .send(
+            "c1",
+            &key,
+            json!({"content": "hello there", "message_id": "m1"}),
+        )
+        .await;
+    assert_eq!(ack["ok"], json!(true), "{ack}");
+    assert_eq!(ack["conversation_id"], json!("c1"));
+    assert_eq!(ack["message_id"], json!("m1"));
+    let seq = ack["seq"].as_u64().expect("a seq");
+    assert!(seq > 0);
+    assert!(ack.get("duplicate").is_none(), "{ack}");
+
+    let again = service
+        .send(
+            "c1",
+            &key,
+            json!({"content": "hello there", "message_id": "m1"}),
+        )
+        .await;
+    assert_eq!(again["ok"], json!(true), "{again}");
+    assert_eq!(again["seq"].as_u64(), Some(seq));
+    assert_eq!(again["duplicate"], json!(true));
+
+    let history = history_with(&service, "c1", &key, 2).await;
+    assert_eq!(history["conversation_id"], json!("c1"));
+    assert_eq!(history["erased"], json!(false));
+    let messages = history["messages"].as_array().expect("messages");
+    assert_eq!(messages.len(), 2, "one message, one reply: {history}");
+    assert_eq!(messages[0]["role"], json!("user"));
+    assert_eq!(messages[0]["message_id"], json!("m1"));
+    assert_eq!(messages[0]["content"], json!("hello there"));
+    assert_eq!(messages[0]["seq"].as_u64(), Some(seq));
+    assert_eq!(messages[1]["role"], json!("assistant"));
+    assert_eq!(messages[1]["content"], json!("echo: hello there"));
+    assert_eq!(messages[1]["agent"], json!("echo"));
+    assert!(messages[1]["at"].is_string());
+
+    // Sends without a message_id get one; the user defaults to the key's owner.
+    let ack = service.send("c1", &key, json!({"content": "again"})).await;
+    assert_eq!(ack["ok"], json!(true), "{ack}");
+    assert!(ack["message_id"].as_str().is_some_and(|id| !id.is_empty()));
+    let received = service.events().into_iter().find_map(|e| match e.event {
+        Event::MessageReceived(m) if m.content == "again" => Some(m),
+        _ => None,
+    });
+    let received = received.expect("the message is stored");
+    assert_eq!(received.key_id, "key_a");
+    assert_eq!(received.user.as_deref(), Some("owner-of-key_a"));
+    assert!(service.auth_failures().is_empty());
+    service.shutdown().await;
+}
+
+async fn bad_keys_are_unauthorized_and_audited(transport: Transport) {
+    let service = Service::start(transport).await;
+    let revoked = service.issue_key("key_r", &[Scope::Chat]).await;
+    service.revoke_key("key_r").await;
+    let unknown = ApiKey::generate().expose().to_owned();
+    let body = serde_json::to_vec(&json!({"content": "hi"})).expect("JSON");
+
+    let cases = [
+        ("missing", Headers::new(), "missing_key"),
+        (
+            "garbage",
+            Headers::new().with("Authorization", "not-a-bearer-at-all"),
+            "malformed_authorization",
+        ),
+        (
+            "garbage bearer",
+            Headers::new().with("Authorization", "Bearer not-a-real-key-at-all"),
+            "unknown_key",
+        ),
+        ("unknown", bearer(&unknown), "unknown_key"),
+        ("revoked", bearer(&revoked), "revoked_key"),
+    ];
+    for (what, headers, reason) in cases {
+        let before = service.auth_failures().len();
+        let head = service.log.head();
+        let reply = service.request("c1", "send", headers, body.clone()).await;
+        assert_error(&reply, "unauthorized");
+        let failures = service.auth_failures();
+        assert_eq!(failures.len(), before + 1, "{what}: one auth_failed");
+        assert_eq!(
+            service.log.head(),
+            head + 1,
+            "{what}: nothing else appended"
+        );
+        let failure = failures.last().expect("one");
+        assert_eq!(failure.reason, reason, "{what}");
+        assert!(
+            failure
+                .key_prefix
+                .as_ref()
+                .is_none_or(|p| p.chars().count() <= 8),
+            "{what}: {failure:?}"
+        );
+    }
+    let prefixes: Vec<Option<String>> = service
+        .auth_failures()
+        .into_iter()
+        .map(|f| f.key_prefix)
+        .collect();
+    assert_eq!(prefixes[0], None, "no key, no prefix");
+    assert_eq!(prefixes[3], Some(unknown.chars().take(8).collect()));
+    assert_eq!(prefixes[4], Some(revoked.chars().take(8).collect()));
+    // History is guarded the same way.
+    let reply = service.history("c1", &unknown).await;
+    assert_error(&reply, "unauthorized");
+
+    let everything: String = service.events().iter().map(Envelope::to_json).collect();
+    for key in [&revoked, &unknown] {
+        assert!(
+            !everything.contains(key.as_str()),
+            "a whole key is in the log"
+        );
+    }
+    assert!(!everything.contains("not-a-real-key-at-all"));
+    assert!(
+        !service.events().iter().any(|e| matches!(
+            e.event,
+            Event::MessageReceived(_) | Event::ConversationStarted(_)
+        )),
+        "nothing was sent"
+    );
+    service.shutdown().await;
+}
+
+async fn bad_input_is_refused_and_stores_nothing(transport: Transport) {
+    let service = Service::start(transport).await;
+    let chat = service.issue_key("key_c", &[Scope::Chat]).await;
+    let admin_only = service.issue_key("key_x", &[Scope::Admin]).await;
+    let head = service.log.head();
+
+    let reply = service
+        .send("c1", &admin_only, json!({"content": "hi"}))
+        .await;
+    assert_error(&reply, "forbidden");
+    assert_eq!(service.auth_failures().len(), 1, "forbidden is audited");
+    assert_eq!(
+        service.auth_failures()[0].reason,
+        "missing_scope",
+        "{:?}",
+        service.auth_failures()
+    );
+    let head = head + 1;
+
+    let long_id = "a".repeat(129);
+    let reply = service
+        .send(&long_id, &chat, json!({"content": "hi"}))
+        .await;
+    assert_error(&reply, "invalid_request");
+    assert!(reply["error"]["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("conversation id")));
+
+    let bodies: Vec<(&str, Headers, Vec<u8>, &str)> = vec![
+        (
+            "malformed JSON",
+            bearer(&chat),
+            b"{\"content\":".to_vec(),
+            "JSON",
+        ),
+        ("not an object", bearer(&chat), b"[1,2]".to_vec(), "JSON"),
+        (
+            "empty content",
+            bearer(&chat),
+            br#"{"content":""}"#.to_vec(),
+            "content",
+        ),
+        (
+            "missing content",
+            bearer(&chat),
+            br#"{"message_id":"m1"}"#.to_vec(),
+            "content",
+        ),
+        (
+            "wrong type",
+            bearer(&chat),
+            br#"{"content":42}"#.to_vec(),
+            "JSON",
+        ),
+        (
+            "huge body",
+            bearer(&chat),
+            serde_json::to_vec(&json!({"content": "x".repeat(MAX_BODY_BYTES + 10)})).expect("JSON"),
+            "exceeds",
+        ),
+        (
+            "bad postcard",
+            bearer(&chat).with("Content-Type", "application/postcard"),
+            vec![0xff, 0xff, 0xff],
+            "postcard",
+        ),
+        (
+            "unknown content type",
+            bearer(&chat).with("Content-Type", "text/plain"),
+            b"hi".to_vec(),
+            "Content-Type",
+        ),
+        (
+            "unknown agent",
+            bearer(&chat),
+            br#"{"content":"hi","agent":"nobody"}"#.to_vec(),
+            "agent",
+        ),
+    ];
+    for (what, headers, body, needle) in bodies {
+        let reply = service.request("c1", "send", headers, body).await;
+        assert_error(&reply, "invalid_request");
+        let message = reply["error"]["message"].as_str().unwrap_or("");
+        assert!(message.contains(needle), "{what}: {reply}");
+    }
+    assert_eq!(service.log.head(), head, "bad input appends nothing");
+    assert_eq!(service.auth_failures().len(), 1);
+    service.shutdown().await;
+}
+
+async fn postcard_bodies_work(transport: Transport) {
+    let service = Service::start(transport).await;
+    let key = service.issue_key("key_p", &[Scope::Chat]).await;
+    let request = SendRequest {
+        content: "binary hello".into(),
+        message_id: Some("pc-1".into()),
+        agent: Some("echo".into()),
+        user: Some("bob".into()),
+    };
+    let body = postcard::to_stdvec(&request).expect("postcard");
+    let headers = bearer(&key)
+        .with("Content-Type", "application/postcard")
+        .with("traceparent", TRACEPARENT);
+    let ack = service.request("pc", "send", headers, body).await;
+    assert_eq!(ack["ok"], json!(true), "{ack}");
+    assert_eq!(ack["message_id"], json!("pc-1"));
+
+    let history = history_with(&service, "pc", &key, 2).await;
+    assert_eq!(history["messages"][0]["content"], json!("binary hello"));
+    assert_eq!(
+        history["messages"][1]["content"],
+        json!("echo: binary hello")
+    );
+    let received = service.events().into_iter().find_map(|e| match e.event {
+        Event::MessageReceived(m) => Some(m),
+        _ => None,
+    });
+    assert_eq!(received.expect("stored").user.as_deref(), Some("bob"));
+    let stored = service.events();
+    let traced = stored.iter().filter(|e| {
+        matches!(
+            e.event,
+            Event::MessageReceived(_) | Event::ReplyCompleted(_)
+        )
+    });
+    for envelope in traced {
+        assert_eq!(
+            envelope.traceparent.as_deref(),
+            Some(TRACEPARENT),
+            "{envelope:?}"
+        );
+        assert!(envelope.correlation_id.is_some());
+    }
+    service.shutdown().await;
+}
+
+async fn history_of_another_keys_conversation_is_forbidden(transport: Transport) {
+    let service = Service::start(transport).await;
+    let alice = service.issue_key("key_alice", &[Scope::Chat]).await;
+    let mallory = service.issue_key("key_mallory", &[Scope::Chat]).await;
+    let admin = service.issue_key("key_admin", &[Scope::Admin]).await;
+
+    let ack = service
+        .send("private", &alice, json!({"content": "secret"}))
+        .await;
+    assert_eq!(ack["ok"], json!(true), "{ack}");
+    let mine = service.history("private", &alice).await;
+    assert_eq!(mine["ok"], json!(true), "{mine}");
+    assert!(!mine["messages"].as_array().expect("messages").is_empty());
+
+    let before = service.auth_failures().len();
+    let theirs = service.history("private", &mallory).await;
+    assert_error(&theirs, "forbidden");
+    assert!(!theirs.to_string().contains("secret"));
+    let failures = service.auth_failures();
+    assert_eq!(failures.len(), before + 1);
+    assert_eq!(failures.last().expect("one").reason, "not_owner");
+
+    let audited = service.history("private", &admin).await;
+    assert_eq!(audited["ok"], json!(true), "admin reads any: {audited}");
+
+    // Nobody started this one: an empty history, not an error.
+    let empty = service.history("nobody-here", &mallory).await;
+    assert_eq!(empty["ok"], json!(true), "{empty}");
+    assert_eq!(empty["messages"], json!([]));
+    assert_eq!(empty["erased"], json!(false));
+    service.shutdown().await;
+}
+
+/// Each scenario as two tests: embedded bus and real NATS.
+macro_rules! on_both_buses {
+    ($($scenario:ident),* $(,)?) => {
+        mod local_bus {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    super::$scenario(super::Transport::Local).await;
+                }
+            )*
+        }
+        mod nats_bus {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    super::$scenario(super::Transport::Nats).await;
+                }
+            )*
+        }
+    };
+}
+
+on_both_buses!(
+    send_ack_resend_and_history,
+    bad_keys_are_unauthorized_and_audited,
+    bad_input_is_refused_and_stores_nothing,
+    postcard_bodies_work,
+    history_of_another_keys_conversation_is_forbidden,
+);
