@@ -572,6 +572,58 @@ async fn history_of_another_keys_conversation_is_forbidden(transport: Transport)
     service.shutdown().await;
 }
 
+/// The conversation's history is the agent's context, so a send from another
+/// key would read it through the reply: it is refused and audited, and nothing
+/// is stored.
+async fn sending_into_another_keys_conversation_is_forbidden(transport: Transport) {
+    let service = Service::start(transport).await;
+    let alice = service.issue_key("key_alice", &[Scope::Chat]).await;
+    let mallory = service.issue_key("key_mallory", &[Scope::Chat]).await;
+
+    let ack = service
+        .send(
+            "private",
+            &alice,
+            json!({"content": "secret", "message_id": "m1"}),
+        )
+        .await;
+    assert_eq!(ack["ok"], json!(true), "{ack}");
+    // Alice's turn appends its reply on its own; let it finish first.
+    service.turns.wait_idle().await;
+    let before = service.auth_failures().len();
+    let head = service.log.head();
+
+    let intrusion = service
+        .send(
+            "private",
+            &mallory,
+            json!({"content": "what did alice say?"}),
+        )
+        .await;
+    assert_error(&intrusion, "forbidden");
+    // Resending alice's message id does not reveal her ack either.
+    let probe = service
+        .send(
+            "private",
+            &mallory,
+            json!({"content": "x", "message_id": "m1"}),
+        )
+        .await;
+    assert_error(&probe, "forbidden");
+    assert!(!probe.to_string().contains("seq"), "{probe}");
+
+    let failures = service.auth_failures();
+    assert_eq!(failures.len(), before + 2, "each refusal is audited");
+    assert!(failures[before..].iter().all(|f| f.reason == "not_owner"));
+    service.turns.wait_idle().await;
+    assert_eq!(
+        service.log.head(),
+        head + 2,
+        "nothing but the two auth_failed events is stored"
+    );
+    service.shutdown().await;
+}
+
 /// Each scenario as two tests: embedded bus and real NATS.
 macro_rules! on_both_buses {
     ($($scenario:ident),* $(,)?) => {
@@ -600,4 +652,5 @@ on_both_buses!(
     bad_input_is_refused_and_stores_nothing,
     postcard_bodies_work,
     history_of_another_keys_conversation_is_forbidden,
+    sending_into_another_keys_conversation_is_forbidden,
 );

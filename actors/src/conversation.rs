@@ -6,7 +6,9 @@
 //! a `message_id` is answered with the first acknowledgment and starts no second
 //! turn; a send appends `conversation_started` (first time only),
 //! `message_received` and `agent_routed` in one append at the stream's version,
-//! so a concurrent writer shows up as a conflict rather than interleaving.
+//! so a concurrent writer shows up as a conflict rather than interleaving. Only
+//! the key that started a conversation may send into it: the conversation's
+//! history is the agent's context, so another key's send would read it.
 
 use std::collections::HashMap;
 
@@ -53,6 +55,8 @@ pub struct SendCommand {
 pub enum SendPlan {
     /// The message was received before: answer with its first acknowledgment.
     Duplicate { message_seq: u64 },
+    /// The conversation was started by another key; nothing is appended.
+    NotOwner,
     /// Append these events, expecting the stream at `expected`.
     Append {
         expected: ExpectedVersion,
@@ -67,6 +71,8 @@ pub struct ConversationState {
     /// The stream's version: what the next append expects.
     pub version: u64,
     pub started: bool,
+    /// The key that started the conversation: the only one that may send.
+    pub owner_key: Option<String>,
     pub erased: bool,
     turns: HashMap<String, Turn>,
 }
@@ -78,6 +84,7 @@ impl ConversationState {
             conversation_id: conversation_id.to_owned(),
             version: 0,
             started: false,
+            owner_key: None,
             erased: false,
             turns: HashMap::new(),
         }
@@ -96,7 +103,10 @@ impl ConversationState {
     pub fn apply(&mut self, envelope: &Envelope) {
         self.version = self.version.max(envelope.version);
         match &envelope.event {
-            Event::ConversationStarted(_) => self.started = true,
+            Event::ConversationStarted(e) => {
+                self.started = true;
+                self.owner_key.get_or_insert_with(|| e.key_id.clone());
+            }
             Event::MessageReceived(e) => {
                 self.turns.entry(e.message_id.clone()).or_insert(Turn {
                     message_seq: envelope.seq,
@@ -143,6 +153,13 @@ impl ConversationState {
 
     /// Decides what a send does; see the module doc.
     pub fn plan_send(&self, send: &SendCommand) -> SendPlan {
+        if self
+            .owner_key
+            .as_ref()
+            .is_some_and(|owner| *owner != send.key_id)
+        {
+            return SendPlan::NotOwner;
+        }
         if let Some(turn) = self.turns.get(&send.message_id) {
             return SendPlan::Duplicate {
                 message_seq: turn.message_seq,
@@ -213,6 +230,7 @@ mod tests {
     fn execute(log: &EventLog, state: &mut ConversationState, plan: SendPlan) -> u64 {
         match plan {
             SendPlan::Duplicate { message_seq } => message_seq,
+            SendPlan::NotOwner => panic!("the test's sends all come from one key"),
             SendPlan::Append { expected, events } => {
                 let stream = StreamId::conversation(&state.conversation_id).expect("valid id");
                 let appended = log
@@ -401,5 +419,31 @@ mod tests {
         });
         assert!(state.erased);
         assert_eq!(state.version, 4);
+    }
+
+    #[test]
+    fn only_the_key_that_started_a_conversation_may_send_into_it() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let log = EventLog::open(dir.path(), OpenMode::CreateIfMissing).expect("open");
+        let mut state = ConversationState::new("c5");
+        let plan = state.plan_send(&send("m1"));
+        execute(&log, &mut state, plan);
+        assert_eq!(state.owner_key.as_deref(), Some("key_1"));
+        let mut intruder = send("m2");
+        intruder.key_id = "key_2".into();
+        assert_eq!(state.plan_send(&intruder), SendPlan::NotOwner);
+        // Not even a resend of the owner's message id reveals its ack.
+        intruder.message_id = "m1".into();
+        assert_eq!(state.plan_send(&intruder), SendPlan::NotOwner);
+        let stream = StreamId::conversation("c5").expect("valid id");
+        let recovered = ConversationState::recover(
+            "c5",
+            log.read_stream(&stream, 1).map(|e| e.expect("decodes")),
+        );
+        assert_eq!(recovered.owner_key.as_deref(), Some("key_1"));
+        assert!(matches!(
+            recovered.plan_send(&send("m3")),
+            SendPlan::Append { .. }
+        ));
     }
 }

@@ -67,6 +67,9 @@ pub enum ConversationError {
     /// The request can never succeed as it is (bad conversation id, no message id).
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+    /// The caller's key may not do this (the conversation belongs to another key).
+    #[error("forbidden: {0}")]
+    Forbidden(String),
     /// Another writer kept appending to the conversation's stream; resending
     /// with the same `message_id` is safe.
     #[error("conflict: {0}")]
@@ -82,10 +85,12 @@ pub enum ConversationError {
 }
 
 impl ConversationError {
-    /// The code of DESIGN §6: `invalid_request`, `conflict`, `unavailable` or `internal`.
+    /// The code of DESIGN §6: `invalid_request`, `forbidden`, `conflict`,
+    /// `unavailable` or `internal`.
     pub fn code(&self) -> &'static str {
         match self {
             ConversationError::InvalidRequest(_) => "invalid_request",
+            ConversationError::Forbidden(_) => "forbidden",
             ConversationError::Conflict(_) => "conflict",
             ConversationError::Unavailable(_) => "unavailable",
             ConversationError::Internal(_) => "internal",
@@ -96,6 +101,7 @@ impl ConversationError {
     pub fn message(&self) -> &str {
         match self {
             ConversationError::InvalidRequest(m)
+            | ConversationError::Forbidden(m)
             | ConversationError::Conflict(m)
             | ConversationError::Unavailable(m)
             | ConversationError::Internal(m) => m,
@@ -314,6 +320,12 @@ impl ConversationActorState {
             let (expected, events) = match plan {
                 SendPlan::Duplicate { message_seq } => {
                     return Ok(self.ack(command, message_seq, true))
+                }
+                SendPlan::NotOwner => {
+                    return Err(ConversationError::Forbidden(format!(
+                        "conversation {} was started by another key",
+                        self.conversation_id
+                    )))
                 }
                 SendPlan::Append { expected, events } => (expected, events),
             };

@@ -10,10 +10,12 @@ use switchboard_actors::conversation::SendCommand;
 use switchboard_actors::conversation_actor::{Ack, ConversationRegistry, RegistryConfig};
 use switchboard_events::{Envelope, Event, EventLog, OpenMode, StreamId};
 
+/// A send from one of several clients; they share one API key, since only the
+/// key that started a conversation may send into it.
 fn command(sender: usize, message_id: &str) -> SendCommand {
     SendCommand {
         message_id: message_id.to_owned(),
-        key_id: format!("key_{sender}"),
+        key_id: "key_shared".to_owned(),
         user: Some(format!("user_{sender}")),
         content: format!("content of {message_id}"),
         requested_agent: None,

@@ -47,7 +47,7 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use serde_json::Value;
-use switchboard_actors::conversation_actor::validate_conversation_id;
+use switchboard_actors::conversation_actor::{validate_conversation_id, ConversationError};
 use switchboard_actors::turns::{SendInput, TurnCoordinator};
 use switchboard_events::catalog::Scope;
 use switchboard_events::EventLog;
@@ -273,15 +273,21 @@ impl Gateway {
         let input = SendInput {
             message_id: body.message_id,
             key_id: caller.record.key_id.clone(),
-            user: body.user.or(caller.record.owner),
+            user: body.user.or_else(|| caller.record.owner.clone()),
             content: body.content,
             agent: body.agent,
             correlation_id: Some(meta.correlation_id),
             traceparent: meta.traceparent.clone(),
             deltas: None,
         };
-        let ack = self.coordinator.send(conversation_id, input).await?;
-        Ok(ack_json(&ack))
+        match self.coordinator.send(conversation_id, input).await {
+            Ok(ack) => Ok(ack_json(&ack)),
+            Err(ConversationError::Forbidden(reason)) => {
+                let failure = AuthFailure::forbidden("not_owner", &reason, &caller);
+                Err(self.auth.refuse(failure, meta).await)
+            }
+            Err(error) => Err(error.into()),
+        }
     }
 
     async fn history(&self, message: &Message, meta: &RequestMeta) -> Result<Value, GatewayError> {
