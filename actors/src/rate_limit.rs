@@ -104,7 +104,7 @@ impl KeyRateLimit {
             if self.tokens_in_window >= tpm {
                 return Err(Refusal {
                     limit: LimitKind::Tpm,
-                    retry_after: self.tokens_free_at(tpm).saturating_duration_since(now),
+                    retry_after: self.tokens_free_at(tpm, now).saturating_duration_since(now),
                 });
             }
         }
@@ -170,19 +170,20 @@ impl KeyRateLimit {
         })
     }
 
-    /// The earliest time the tokens in the window drop below `tpm`.
-    fn tokens_free_at(&self, tpm: u64) -> Instant {
+    /// The earliest time the tokens in the window drop below `tpm` (`now` if
+    /// they already are).
+    fn tokens_free_at(&self, tpm: u64, now: Instant) -> Instant {
         let mut sum = self.tokens_in_window;
         for (at, tokens) in &self.tokens {
+            if sum < tpm {
+                break;
+            }
             sum -= tokens;
             if sum < tpm {
                 return *at + WINDOW;
             }
         }
-        // Unreachable while the sum is at or over the limit; harmless otherwise.
-        self.tokens
-            .back()
-            .map_or_else(Instant::now, |(at, _)| *at + WINDOW)
+        now
     }
 
     fn expire(&mut self, now: Instant) {

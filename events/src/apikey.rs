@@ -44,7 +44,39 @@ pub fn key_matches(presented: &str, stored: &KeyHash) -> bool {
 }
 
 /// The part of a presented key that may appear in audit events: its first 8
-/// characters, never more.
-pub fn key_prefix(presented: &str) -> String {
-    presented.chars().take(8).collect()
+/// characters, and nothing when that would be the whole of it (a short
+/// "key" is still a secret someone typed).
+pub fn key_prefix(presented: &str) -> Option<String> {
+    let prefix: String = presented.chars().take(8).collect();
+    (prefix.len() < presented.len()).then_some(prefix)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn audit_prefix_is_never_the_whole_key() {
+        let key = ApiKey::generate();
+        assert_eq!(key.expose().len(), 3 + 43);
+        assert_eq!(
+            key_prefix(key.expose()).as_deref(),
+            Some(&key.expose()[..8])
+        );
+        assert_eq!(
+            key_prefix("sb-short"),
+            None,
+            "8 characters are the whole key"
+        );
+        assert_eq!(key_prefix("abc"), None);
+        assert_eq!(key_prefix(""), None);
+        assert_eq!(key_prefix("sb-shorter"), Some("sb-short".to_owned()));
+    }
+
+    #[test]
+    fn keys_match_their_hash_only() {
+        let key = ApiKey::generate();
+        assert!(key_matches(key.expose(), &key.hash()));
+        assert!(!key_matches(ApiKey::generate().expose(), &key.hash()));
+    }
 }

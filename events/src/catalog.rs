@@ -300,14 +300,25 @@ pub enum Scope {
     Admin,
 }
 
+impl Scope {
+    pub const ALL: [Scope; 2] = [Scope::Chat, Scope::Admin];
+
+    /// The scope's name, as on the wire and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Chat => "chat",
+            Scope::Admin => "admin",
+        }
+    }
+}
+
 impl std::str::FromStr for Scope {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "chat" => Ok(Self::Chat),
-            "admin" => Ok(Self::Admin),
-            other => Err(format!("unknown scope {other:?} (expected chat or admin)")),
-        }
+        Scope::ALL
+            .into_iter()
+            .find(|scope| scope.as_str() == s)
+            .ok_or_else(|| format!("unknown scope {s:?} (expected chat or admin)"))
     }
 }
 

@@ -72,14 +72,7 @@ pub fn list(settings: &Settings) -> anyhow::Result<ExitCode> {
             (None, false) => "expired",
             (None, true) => "active",
         };
-        let scopes: Vec<&str> = record
-            .scopes
-            .iter()
-            .map(|s| match s {
-                switchboard_events::catalog::Scope::Chat => "chat",
-                switchboard_events::catalog::Scope::Admin => "admin",
-            })
-            .collect();
+        let scopes: Vec<&str> = record.scopes.iter().map(|s| s.as_str()).collect();
         out!(
             "{}  {:<8} {:<24} owner={} scopes={}",
             record.key_id,

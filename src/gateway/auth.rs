@@ -53,7 +53,7 @@ impl AuthFailure {
         AuthFailure {
             reason,
             message: message.into(),
-            key_prefix: key.and_then(audit_prefix),
+            key_prefix: key.and_then(key_prefix),
             forbidden: false,
         }
     }
@@ -96,7 +96,7 @@ impl Authenticator {
             Err(Err(error)) => return Err(error),
         };
         if !scopes.iter().any(|scope| caller.has(*scope)) {
-            let wanted: Vec<&str> = scopes.iter().map(|s| scope_name(*s)).collect();
+            let wanted: Vec<&str> = scopes.iter().map(|s| s.as_str()).collect();
             let failure = AuthFailure::forbidden(
                 "missing_scope",
                 format!("the key lacks the {} scope", wanted.join(" or ")),
@@ -187,7 +187,7 @@ impl Authenticator {
         }
         Ok(Caller {
             record,
-            key_prefix: audit_prefix(key),
+            key_prefix: key_prefix(key),
         })
     }
 
@@ -210,20 +210,6 @@ fn bearer_token(value: &str) -> Option<&str> {
     (scheme.eq_ignore_ascii_case("bearer") && single).then_some(token)
 }
 
-/// What of a presented key an audit event may hold: its first 8 characters,
-/// and nothing when that would be the whole of it.
-fn audit_prefix(key: &str) -> Option<String> {
-    let prefix = key_prefix(key);
-    (prefix.len() < key.len()).then_some(prefix)
-}
-
-fn scope_name(scope: Scope) -> &'static str {
-    match scope {
-        Scope::Chat => "chat",
-        Scope::Admin => "admin",
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -240,8 +226,8 @@ mod tests {
 
     #[test]
     fn audit_prefix_is_never_the_whole_key() {
-        assert_eq!(audit_prefix("sb-0123456789"), Some("sb-01234".into()));
-        assert_eq!(audit_prefix("sb-01234"), None);
-        assert_eq!(audit_prefix("short"), None);
+        assert_eq!(key_prefix("sb-0123456789"), Some("sb-01234".into()));
+        assert_eq!(key_prefix("sb-01234"), None);
+        assert_eq!(key_prefix("short"), None);
     }
 }

@@ -348,7 +348,6 @@ impl EventLog {
     /// The current version of a stream (0 when it has no events).
     pub fn stream_version(&self, stream: &StreamId) -> Result<u64, ReadError> {
         writer::stream_version(&self.shared.tree, stream)
-            .map_err(|e| ReadError::Storage(e.to_string()))
     }
 
     /// The data dir this log lives in.

@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
 
-use super::{keys, AppendError, Appended, ExpectedVersion, Position};
+use super::{keys, AppendError, Appended, ExpectedVersion, Position, ReadError};
 use crate::codec;
 use crate::envelope::{Envelope, NewEvent, StreamId};
 use crate::time;
@@ -191,7 +191,8 @@ impl Writer {
 
         let actual = match overlay.versions.get(stream).or(self.versions.get(stream)) {
             Some(version) => *version,
-            None => stream_version(&self.tree, stream)?,
+            None => stream_version(&self.tree, stream)
+                .map_err(|e| AppendError::Storage(e.to_string()))?,
         };
         if let ExpectedVersion::Exact(expected_version) = expected {
             if expected_version != actual {
@@ -285,13 +286,15 @@ pub fn chain_hash(previous: &[u8; 32], record: &[u8]) -> [u8; 32] {
 }
 
 /// The current version of a stream according to its index (0 when it has none).
-pub fn stream_version(tree: &sled::Tree, stream: &StreamId) -> Result<u64, AppendError> {
+pub fn stream_version(tree: &sled::Tree, stream: &StreamId) -> Result<u64, ReadError> {
     match tree.scan_prefix(keys::stream_prefix(stream)).next_back() {
         None => Ok(0),
         Some(entry) => {
-            let (key, _) = entry.map_err(storage)?;
-            keys::stream_entry_version(&key)
-                .ok_or_else(|| AppendError::Storage(format!("stream index of {stream} is corrupt")))
+            let (key, value) = entry?;
+            keys::stream_entry_version(&key).ok_or_else(|| ReadError::Corrupt {
+                seq: keys::seq_value(&value).unwrap_or_default(),
+                detail: format!("the stream index of {stream} is malformed"),
+            })
         }
     }
 }
