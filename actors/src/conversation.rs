@@ -101,15 +101,21 @@ impl ConversationState {
 
     /// Folds one event of this conversation's stream.
     pub fn apply(&mut self, envelope: &Envelope) {
-        self.version = self.version.max(envelope.version);
-        match &envelope.event {
+        self.apply_event(envelope.seq, envelope.version, &envelope.event);
+    }
+
+    /// Folds an event stored at `seq`, `version` of this conversation's stream —
+    /// for a writer that knows what it just appended and where.
+    pub fn apply_event(&mut self, seq: u64, version: u64, event: &Event) {
+        self.version = self.version.max(version);
+        match event {
             Event::ConversationStarted(e) => {
                 self.started = true;
                 self.owner_key.get_or_insert_with(|| e.key_id.clone());
             }
             Event::MessageReceived(e) => {
                 self.turns.entry(e.message_id.clone()).or_insert(Turn {
-                    message_seq: envelope.seq,
+                    message_seq: seq,
                     agent: None,
                     outcome: TurnOutcome::Pending,
                 });

@@ -42,7 +42,7 @@ use std::sync::Arc;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde::{Deserialize, Serialize};
 use switchboard_events::{
-    AppendError, Event, EventLog, ExpectedVersion, NewEvent, ReadError, StreamId,
+    AppendError, Appended, Event, EventLog, ExpectedVersion, NewEvent, ReadError, StreamId,
 };
 use tokio::sync::Notify;
 
@@ -293,9 +293,19 @@ impl ConversationActorState {
         Ok(self.folded.as_mut().expect("recovered just above"))
     }
 
-    /// Folds what the stream gained since the state's version: this actor's own
-    /// append, or another writer's. On failure the state is dropped, to be
-    /// recovered whole by the next command.
+    /// Folds this actor's own append from what it appended and the positions the
+    /// log gave it, without reading the events back. The append expected the
+    /// stream at the state's version, so nothing can lie between.
+    fn fold_own(&mut self, appended: &Appended, events: &[Event]) {
+        if let Some(folded) = self.folded.as_mut() {
+            for (position, event) in appended.positions.iter().zip(events) {
+                folded.apply_event(position.seq, position.version, event);
+            }
+        }
+    }
+
+    /// Folds what another writer added to the stream since the state's version.
+    /// On failure the state is dropped, to be recovered whole by the next command.
     fn catch_up(&mut self) {
         let Some(folded) = self.folded.as_mut() else {
             return;
@@ -335,6 +345,7 @@ impl ConversationActorState {
                 .ok_or_else(|| {
                     ConversationError::Internal("a send plan without message_received".into())
                 })?;
+            let appending: Vec<Event> = events.iter().map(|e| e.event.clone()).collect();
             match self.log.append(self.stream.clone(), expected, events).await {
                 Ok(appended) => {
                     let seq = appended
@@ -344,8 +355,7 @@ impl ConversationActorState {
                         .ok_or_else(|| {
                             ConversationError::Internal("the log returned too few positions".into())
                         })?;
-                    // The append is durable: the ack stands even if the read-back fails.
-                    self.catch_up();
+                    self.fold_own(&appended, &appending);
                     return Ok(self.ack(command, seq, appended.deduplicated));
                 }
                 Err(AppendError::Conflict { actual, .. }) if retries > 0 => {
@@ -390,8 +400,9 @@ impl ConversationActorState {
                 .append(self.stream.clone(), expected, events.clone())
                 .await
             {
-                Ok(_) => {
-                    self.catch_up();
+                Ok(appended) => {
+                    let appending: Vec<Event> = events.into_iter().map(|e| e.event).collect();
+                    self.fold_own(&appended, &appending);
                     return Ok(());
                 }
                 Err(AppendError::Conflict { actual, .. }) if retries > 0 => {
