@@ -32,6 +32,8 @@ pub struct GlobalArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the service: the actors and the NATS gateway, on NATS or the embedded bus.
+    Serve(ServeArgs),
     /// Issue, list, update and revoke API keys.
     #[command(subcommand)]
     Keys(KeysCommand),
@@ -49,6 +51,29 @@ pub enum Command {
     /// Benchmarks, each beside a raw baseline measured in the same run.
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Serve on this NATS server (e.g. nats://127.0.0.1:4222) instead of the embedded bus.
+    #[arg(long, env = "SWITCHBOARD_NATS_URL")]
+    pub nats_url: Option<String>,
+    /// The first token of every subject (default sb).
+    #[arg(long, env = "SWITCHBOARD_NATS_PREFIX")]
+    pub nats_prefix: Option<String>,
+    /// Publish events matching this pattern (e.g. sb.evt.>) through JetStream,
+    /// advancing only on the stream's acknowledgment; a stream must capture them.
+    #[arg(long, env = "SWITCHBOARD_OUTBOX_JETSTREAM")]
+    pub outbox_jetstream: Option<String>,
+    /// At most this many conversation actors live at once (default 10000).
+    #[arg(long, env = "SWITCHBOARD_MAX_LIVE")]
+    pub max_live: Option<usize>,
+    /// Passivate a conversation actor idle this long (default 300).
+    #[arg(long, env = "SWITCHBOARD_IDLE_PASSIVATE_SECS")]
+    pub idle_passivate_secs: Option<u64>,
+    /// On shutdown, wait this long for running turns (default 30).
+    #[arg(long, env = "SWITCHBOARD_DRAIN_TIMEOUT_SECS")]
+    pub drain_timeout_secs: Option<u64>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -4,20 +4,103 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
-use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::time::Duration;
 
-use crate::cli::GlobalArgs;
+use anyhow::{bail, Context};
+use serde::Deserialize;
+use switchboard::server::{AgentSpec, ProviderSpec, ServerConfig};
+use switchboard_actors::agent::{AgentConfig, Price};
+
+use crate::cli::{GlobalArgs, ServeArgs};
 
 /// The config file read when `--config` is not given, if it exists.
 const DEFAULT_CONFIG: &str = "switchboard.toml";
 const DEFAULT_DATA_DIR: &str = "./data";
 
-/// The parts of `switchboard.toml` this build reads; other sections are for
-/// `serve` and are ignored by the offline commands.
+/// `switchboard.toml` (DESIGN §8). Unknown keys are refused, so a typo is an
+/// error rather than a setting silently not applied.
 #[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ConfigFile {
     data_dir: Option<PathBuf>,
+    /// Checked (so DESIGN §8's sample file loads); the HTTP front serves on it.
+    #[serde(default)]
+    #[allow(dead_code)] // read by the HTTP front
+    http: HttpSection,
+    #[serde(default)]
+    nats: NatsSection,
+    #[serde(default)]
+    router: RouterSection,
+    #[serde(default)]
+    agents: Vec<AgentSection>,
+    #[serde(default)]
+    routes: Vec<RouteSection>,
+    /// USD per million tokens, by model (an `echo` agent's model is its name).
+    #[serde(default)]
+    prices: BTreeMap<String, PriceSection>,
+    #[serde(default)]
+    conversations: ConversationsSection,
+}
+
+/// The HTTP front's address; read and checked now, served by the HTTP front.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)] // read by the HTTP front
+struct HttpSection {
+    addr: Option<std::net::SocketAddr>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NatsSection {
+    url: Option<String>,
+    prefix: Option<String>,
+    outbox_jetstream: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouterSection {
+    default_agent: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AgentSection {
+    name: String,
+    provider: String,
+    base_url: Option<String>,
+    model: Option<String>,
+    /// The environment variable holding the provider's API key (the key
+    /// itself never goes in the file).
+    api_key_env: Option<String>,
+    max_concurrency: Option<usize>,
+    timeout_secs: Option<u64>,
+    max_retries: Option<u32>,
+    circuit_failure_threshold: Option<u32>,
+    circuit_open_secs: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouteSection {
+    pattern: String,
+    agent: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PriceSection {
+    input: f64,
+    output: f64,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConversationsSection {
+    max_live: Option<usize>,
+    idle_passivate_secs: Option<u64>,
 }
 
 /// Settings every command shares.
@@ -28,11 +111,7 @@ pub struct Settings {
 }
 
 pub fn resolve(global: &GlobalArgs) -> anyhow::Result<Settings> {
-    let file = match &global.config {
-        Some(path) => read(path)?,
-        None if Path::new(DEFAULT_CONFIG).is_file() => read(Path::new(DEFAULT_CONFIG))?,
-        None => ConfigFile::default(),
-    };
+    let file = config_file(global)?;
     Ok(Settings {
         data_dir: global
             .data_dir
@@ -41,6 +120,156 @@ pub fn resolve(global: &GlobalArgs) -> anyhow::Result<Settings> {
             .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
         json: global.json,
     })
+}
+
+fn config_file(global: &GlobalArgs) -> anyhow::Result<ConfigFile> {
+    Ok(match &global.config {
+        Some(path) => read(path)?,
+        None if Path::new(DEFAULT_CONFIG).is_file() => read(Path::new(DEFAULT_CONFIG))?,
+        None => ConfigFile::default(),
+    })
+}
+
+/// The whole configuration of `serve`: flags (and their `SWITCHBOARD_*`
+/// variables, which clap reads) over the config file over the defaults.
+pub fn resolve_serve(global: &GlobalArgs, args: &ServeArgs) -> anyhow::Result<ServerConfig> {
+    let file = config_file(global)?;
+    let settings = resolve(global)?;
+    let mut config = ServerConfig::new(settings.data_dir);
+    config.nats_url = args.nats_url.clone().or(file.nats.url);
+    config.prefix = args
+        .nats_prefix
+        .clone()
+        .or(file.nats.prefix)
+        .unwrap_or(config.prefix);
+    validate_token("the NATS prefix", &config.prefix)?;
+    config.outbox_jetstream = args.outbox_jetstream.clone().or(file.nats.outbox_jetstream);
+    if config.outbox_jetstream.is_some() && config.nats_url.is_none() {
+        bail!("--outbox-jetstream needs NATS (--nats-url): the embedded bus has no JetStream");
+    }
+    config.admin_key = std::env::var("SWITCHBOARD_ADMIN_KEY")
+        .ok()
+        .filter(|key| !key.is_empty());
+    if !file.agents.is_empty() {
+        config.agents = file
+            .agents
+            .into_iter()
+            .map(|section| agent(section, &file.prices))
+            .collect::<anyhow::Result<_>>()?;
+    } else if let Some(price) = file.prices.get("echo") {
+        config.agents[0].config.prices = micros(price)?;
+    }
+    let mut names = std::collections::HashSet::new();
+    for spec in &config.agents {
+        if !names.insert(spec.config.name.as_str()) {
+            bail!("agent {:?} is configured twice", spec.config.name);
+        }
+    }
+    config.default_agent = file
+        .router
+        .default_agent
+        .unwrap_or_else(|| config.agents[0].config.name.clone());
+    config.routes = file
+        .routes
+        .into_iter()
+        .map(|route| (route.pattern, route.agent))
+        .collect();
+    if let Some(max_live) = args.max_live.or(file.conversations.max_live) {
+        config.conversations.max_live = max_live.max(1);
+    }
+    if let Some(secs) = args
+        .idle_passivate_secs
+        .or(file.conversations.idle_passivate_secs)
+    {
+        config.conversations.idle_passivate = Duration::from_secs(secs.max(1));
+    }
+    if let Some(secs) = args.drain_timeout_secs {
+        config.drain_timeout = Duration::from_secs(secs);
+    }
+    Ok(config)
+}
+
+fn agent(
+    section: AgentSection,
+    prices: &BTreeMap<String, PriceSection>,
+) -> anyhow::Result<AgentSpec> {
+    validate_token("an agent name", &section.name)?;
+    let mut config = AgentConfig::new(section.name.clone());
+    let (provider, model) = match section.provider.as_str() {
+        "echo" => (ProviderSpec::Echo, section.name.clone()),
+        "openai" => {
+            let name = &section.name;
+            let base_url = section
+                .base_url
+                .with_context(|| format!("agent {name:?}: provider openai needs base_url"))?;
+            let model = section
+                .model
+                .with_context(|| format!("agent {name:?}: provider openai needs model"))?;
+            let api_key = match &section.api_key_env {
+                Some(var) => Some(std::env::var(var).with_context(|| {
+                    format!(
+                        "agent {name:?}: the environment variable {var} (api_key_env) is not set"
+                    )
+                })?),
+                None => None,
+            };
+            (
+                ProviderSpec::OpenAi {
+                    base_url,
+                    model: model.clone(),
+                    api_key,
+                },
+                model,
+            )
+        }
+        other => bail!(
+            "agent {:?}: unknown provider {other:?} (expected echo or openai)",
+            section.name
+        ),
+    };
+    if let Some(price) = prices.get(&model) {
+        config.prices = micros(price)?;
+    }
+    if let Some(n) = section.max_concurrency {
+        config.max_concurrency = n.max(1);
+    }
+    if let Some(secs) = section.timeout_secs {
+        config.timeout = Duration::from_secs(secs.max(1));
+    }
+    if let Some(n) = section.max_retries {
+        config.max_retries = n;
+    }
+    if let Some(n) = section.circuit_failure_threshold {
+        config.circuit_failure_threshold = n.max(1);
+    }
+    if let Some(secs) = section.circuit_open_secs {
+        config.circuit_open_for = Duration::from_secs(secs.max(1));
+    }
+    Ok(AgentSpec { config, provider })
+}
+
+/// USD per million tokens as integer micro-USD per million tokens, rounded to
+/// the nearest micro-USD (prices are given to at most six decimals).
+fn micros(price: &PriceSection) -> anyhow::Result<Price> {
+    let convert = |usd: f64| -> anyhow::Result<u64> {
+        if !usd.is_finite() || !(0.0..=1e9).contains(&usd) {
+            bail!("a price must be between 0 and 1e9 USD per million tokens, not {usd}");
+        }
+        Ok((usd * 1_000_000.0).round() as u64)
+    };
+    Ok(Price::new(convert(price.input)?, convert(price.output)?))
+}
+
+/// Names that become a subject token and a stream id: `[A-Za-z0-9_-]{1,64}`.
+fn validate_token(what: &str, value: &str) -> anyhow::Result<()> {
+    let ok = (1..=64).contains(&value.len())
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if !ok {
+        bail!("{what} {value:?} must be 1-64 characters from [A-Za-z0-9_-]");
+    }
+    Ok(())
 }
 
 fn read(path: &Path) -> anyhow::Result<ConfigFile> {

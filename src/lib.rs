@@ -7,3 +7,7 @@
 
 pub mod bus;
 pub mod gateway;
+pub mod keys;
+pub mod outbox;
+pub mod server;
+pub mod service;

@@ -309,6 +309,9 @@ impl Drop for Lease<'_> {
                     live.by_use.remove(&previous);
                     live.by_use.insert(tick, self.conversation_id.to_owned());
                 }
+                // Actors busy when the cap was reached count against it
+                // until they are idle: passivate down to it now.
+                live.passivate_over(self.inner.config.max_live.max(1));
             }
         }
         drop(live);
@@ -347,14 +350,8 @@ impl Inner {
             live.by_use.insert(tick, conversation_id.to_owned());
             return Ok(self.lease(conversation_id, actor));
         }
-        if live.actors.len() >= self.config.max_live.max(1) {
-            if let Some(victim) = live.least_recently_used_idle() {
-                tracing::debug!(conversation_id = %victim, "passivating: over max_live");
-                if let Some(entry) = live.remove(&victim) {
-                    entry.actor.stop(Some("passivated".into()));
-                }
-            }
-        }
+        // Room for the new actor.
+        live.passivate_over(self.config.max_live.max(1) - 1);
         let args = ConversationArgs {
             conversation_id: conversation_id.to_owned(),
             log: self.log.clone(),
@@ -443,6 +440,20 @@ impl Live {
         let entry = self.actors.remove(conversation_id)?;
         self.by_use.remove(&entry.tick);
         Some(entry)
+    }
+
+    /// Passivates idle actors, least recently used first, until at most
+    /// `cap` are live or none of the rest is idle.
+    fn passivate_over(&mut self, cap: usize) {
+        while self.actors.len() > cap {
+            let Some(victim) = self.least_recently_used_idle() else {
+                break;
+            };
+            tracing::debug!(conversation_id = %victim, "passivating: over max_live");
+            if let Some(entry) = self.remove(&victim) {
+                entry.actor.stop(Some("passivated".into()));
+            }
+        }
     }
 
     fn least_recently_used_idle(&self) -> Option<String> {

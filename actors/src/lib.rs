@@ -17,7 +17,10 @@
 //! - [`conversation`]: a conversation's state folded from its stream, and what a
 //!   send appends (idempotent on `message_id`, at the stream's version);
 //! - [`rate_limit`]: one key's sliding-window rpm and tpm and its concurrency,
-//!   with exact `retry_after` and refusals coalesced to one report a second.
+//!   with exact `retry_after` and refusals coalesced to one report a second;
+//! - [`rate_limiter`]: the `RateLimiter` actor per key around it — admits a
+//!   send with a `Permit` held for its turn, refuses with `retry_after_ms`, and
+//!   appends the coalesced `rate_limited` events;
 //! - [`conversation_actor`]: the `ConversationActor` (single writer of
 //!   `conv/<id>`, acks only after the durable append) and the
 //!   `ConversationRegistry` (spawn on first command, LRU and idle passivation,
@@ -31,8 +34,7 @@
 //!   store the end through the conversation's actor, and fail turns lost in a
 //!   restart.
 //!
-//! Not yet: the `RateLimiter` actor
-//! around [`rate_limit`], and the NATS gateway that drives it all.
+//! The binary's NATS gateway drives it all (`switchboard serve`).
 
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
@@ -43,5 +45,6 @@ pub mod conversation_actor;
 pub mod conversation_registry;
 pub mod provider;
 pub mod rate_limit;
+pub mod rate_limiter;
 pub mod router;
 pub mod turns;

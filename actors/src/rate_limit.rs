@@ -35,7 +35,8 @@ pub struct Refusal {
 pub struct Remaining {
     pub requests: Option<u64>,
     pub tokens: Option<u64>,
-    /// When the oldest admission or token record leaves the window.
+    /// When the oldest admission (under an rpm) or token record (under a tpm)
+    /// leaves the window; zero when nothing limited is in it.
     pub reset: Duration,
 }
 
@@ -56,6 +57,8 @@ pub struct KeyRateLimit {
     tokens_in_window: u64,
     in_flight: u32,
     unreported: u64,
+    /// The latest of the unreported refusals: what a flushed report names.
+    last_refusal: Option<Refusal>,
     last_report: Option<Instant>,
 }
 
@@ -68,8 +71,14 @@ impl KeyRateLimit {
             tokens_in_window: 0,
             in_flight: 0,
             unreported: 0,
+            last_refusal: None,
             last_report: None,
         }
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
     }
 
     /// Applies changed limits (`key_updated`); history in the window is kept.
@@ -131,8 +140,14 @@ impl KeyRateLimit {
     pub fn remaining(&mut self, now: Instant) -> Remaining {
         self.expire(now);
         let oldest = [
-            self.admitted.front().copied(),
-            self.tokens.front().map(|(at, _)| *at),
+            self.admitted
+                .front()
+                .copied()
+                .filter(|_| self.limits.rpm.is_some()),
+            self.tokens
+                .front()
+                .map(|(at, _)| *at)
+                .filter(|_| self.limits.tpm.is_some()),
         ]
         .into_iter()
         .flatten()
@@ -154,20 +169,62 @@ impl KeyRateLimit {
 
     /// Counts a refusal; returns a summary when one is due (at most one per
     /// [`REFUSAL_REPORT_INTERVAL`]), covering every refusal since the last.
+    /// When none is due the refusal waits for [`Self::flush_refusals`] at
+    /// [`Self::report_due_at`].
     pub fn note_refusal(&mut self, now: Instant, refusal: Refusal) -> Option<RefusalReport> {
         self.unreported += 1;
+        self.last_refusal = Some(refusal);
+        self.flush_refusals(now)
+    }
+
+    /// The summary of the refusals not yet reported, if there are any and one
+    /// is due. A report names the latest refusal's limit and `retry_after`.
+    pub fn flush_refusals(&mut self, now: Instant) -> Option<RefusalReport> {
+        let refusal = self.last_refusal?;
         let due = self
             .last_report
             .is_none_or(|last| now.saturating_duration_since(last) >= REFUSAL_REPORT_INTERVAL);
-        if !due {
+        if !due || self.unreported == 0 {
             return None;
         }
         self.last_report = Some(now);
+        self.last_refusal = None;
         Some(RefusalReport {
             limit: refusal.limit,
             count: std::mem::take(&mut self.unreported),
             retry_after: refusal.retry_after,
         })
+    }
+
+    /// When the unreported refusals may be reported (`now` if already);
+    /// `None` when there are none.
+    pub fn report_due_at(&self, now: Instant) -> Option<Instant> {
+        self.last_refusal?;
+        Some(
+            self.last_report
+                .map_or(now, |last| (last + REFUSAL_REPORT_INTERVAL).max(now)),
+        )
+    }
+
+    /// Takes back a report that could not be stored, to be included in the
+    /// next one: its refusals are counted again as unreported.
+    pub fn restore_report(&mut self, report: RefusalReport) {
+        self.unreported += report.count;
+        self.last_refusal.get_or_insert(Refusal {
+            limit: report.limit,
+            retry_after: report.retry_after,
+        });
+    }
+
+    /// True when forgetting this key loses nothing: no request in flight, the
+    /// windows empty and no refusal unreported. A fresh `KeyRateLimit` with the
+    /// same limits would answer exactly the same from here on.
+    pub fn is_idle(&mut self, now: Instant) -> bool {
+        self.expire(now);
+        self.in_flight == 0
+            && self.admitted.is_empty()
+            && self.tokens.is_empty()
+            && self.last_refusal.is_none()
     }
 
     /// The earliest time the tokens in the window drop below `tpm` (`now` if
@@ -300,6 +357,8 @@ mod tests {
         assert_eq!(refused.limit, LimitKind::Tpm);
         // The 600 recorded at t=1 leave at t=61, bringing the sum to 600.
         assert_eq!(refused.retry_after, secs(55));
+        // Without an rpm, the admission at t=0 does not set the reset.
+        assert_eq!(limit.remaining(start + secs(6)).reset, secs(55));
         limit
             .try_admit(start + secs(61))
             .expect("back under the limit");
@@ -371,5 +430,70 @@ mod tests {
             [1, 10, 10]
         );
         assert!(reports.iter().all(|r| r.limit == LimitKind::Rpm));
+    }
+
+    #[test]
+    fn pending_refusals_are_flushed_once_their_interval_ends() {
+        let start = Instant::now();
+        let mut limit = KeyRateLimit::new(limits(None, None, Some(1)));
+        limit.try_admit(start).expect("admit");
+        assert_eq!(limit.report_due_at(start), None, "nothing to report");
+        let refusal = limit.try_admit(start).expect_err("over max_parallel");
+        let first = limit
+            .note_refusal(start, refusal)
+            .expect("the first is reported");
+        assert_eq!(first.count, 1);
+        for ms in [100, 200, 300] {
+            let now = start + Duration::from_millis(ms);
+            assert_eq!(limit.note_refusal(now, refusal), None);
+        }
+        let due = limit.report_due_at(start).expect("three pending");
+        assert_eq!(due, start + REFUSAL_REPORT_INTERVAL);
+        assert_eq!(limit.flush_refusals(due - Duration::from_millis(1)), None);
+        let flushed = limit.flush_refusals(due).expect("due");
+        assert_eq!((flushed.limit, flushed.count), (LimitKind::Parallel, 3));
+        assert_eq!(limit.flush_refusals(due + secs(5)), None, "nothing left");
+        assert_eq!(limit.report_due_at(due), None);
+    }
+
+    #[test]
+    fn a_restored_report_is_counted_into_the_next() {
+        let start = Instant::now();
+        let mut limit = KeyRateLimit::new(limits(Some(1), None, None));
+        limit.try_admit(start).expect("admit");
+        let refusal = limit.try_admit(start).expect_err("over rpm");
+        let lost = limit.note_refusal(start, refusal).expect("reported");
+        limit.restore_report(lost);
+        assert_eq!(
+            limit.report_due_at(start),
+            Some(start + REFUSAL_REPORT_INTERVAL)
+        );
+        assert_eq!(
+            limit.note_refusal(start, refusal),
+            None,
+            "within the second"
+        );
+        let next = limit
+            .flush_refusals(start + REFUSAL_REPORT_INTERVAL)
+            .expect("due");
+        assert_eq!(next.count, 2, "the lost refusal and the new one");
+    }
+
+    #[test]
+    fn a_key_is_idle_once_nothing_is_in_flight_in_a_window_or_unreported() {
+        let start = Instant::now();
+        let mut limit = KeyRateLimit::new(limits(Some(1), Some(100), None));
+        assert!(limit.is_idle(start), "a fresh key");
+        limit.try_admit(start).expect("admit");
+        assert!(!limit.is_idle(start), "in flight");
+        limit.finish(start + secs(10), 5);
+        assert!(!limit.is_idle(start + secs(10)), "in the windows");
+        let refusal = limit.try_admit(start + secs(20)).expect_err("over rpm");
+        limit.note_refusal(start + secs(20), refusal);
+        limit.note_refusal(start + secs(20), refusal);
+        // The admission left at 60 s, the tokens at 70 s; one refusal is unreported.
+        assert!(!limit.is_idle(start + secs(70)));
+        limit.flush_refusals(start + secs(70)).expect("due");
+        assert!(limit.is_idle(start + secs(70)));
     }
 }

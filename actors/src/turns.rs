@@ -45,6 +45,7 @@ use crate::conversation_actor::{
     validate_conversation_id, Ack, ConversationError, ConversationRegistry,
 };
 use crate::provider::ChatMessage;
+use crate::rate_limiter::Permit;
 use crate::router::{RouteError, Router};
 
 /// The code of the `reply_failed` that ends a turn lost in a restart.
@@ -63,7 +64,7 @@ const END_TURN_ATTEMPTS: u32 = 3;
 
 /// A message to send, as a gateway hands it over (already authenticated and
 /// admitted by the rate limiter).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct SendInput {
     /// The caller's id for the message; a UUID v7 is generated when absent.
     pub message_id: Option<String>,
@@ -77,6 +78,9 @@ pub struct SendInput {
     /// Where to stream the reply's pieces. Drain it while the turn runs (a full
     /// channel holds the model back); dropping the receiver is fine.
     pub deltas: Option<mpsc::Sender<ReplyDelta>>,
+    /// The rate limiter's admission: held until the turn ends, then finished
+    /// with the turn's tokens (dropped at once when no turn starts).
+    pub permit: Option<Permit>,
 }
 
 /// One streamed piece of a reply (`reply_delta`, DESIGN §6); not stored.
@@ -176,6 +180,7 @@ struct TurnJob {
     correlation_id: Option<Uuid>,
     traceparent: Option<String>,
     deltas: Option<mpsc::Sender<ReplyDelta>>,
+    permit: Option<Permit>,
 }
 
 impl TurnCoordinator {
@@ -251,6 +256,7 @@ impl TurnCoordinator {
                 correlation_id: input.correlation_id,
                 traceparent: input.traceparent,
                 deltas: input.deltas,
+                permit: input.permit,
             };
             // Counted before the task exists, so `wait_idle` cannot miss it.
             let guard = TurnGuard::new(&self.inner);
@@ -354,6 +360,7 @@ impl Inner {
             correlation_id,
             traceparent,
             deltas,
+            permit,
         } = job;
         let mut request = TurnRequest::new(&conversation_id, &message_id, key_id, Vec::new());
         request.user = user;
@@ -370,7 +377,13 @@ impl Inner {
                 TurnOutcome::failure(&request, &agent, "internal", error.to_string())
             }
         };
+        let tokens = outcome
+            .usage()
+            .map_or(0, |usage| usage.prompt_tokens + usage.completion_tokens);
         self.store_end(&conversation_id, &message_id, outcome).await;
+        if let Some(permit) = permit {
+            permit.finish(tokens);
+        }
     }
 
     /// Runs the turn on the agent, relaying its deltas to the caller as

@@ -226,13 +226,15 @@ async fn concurrent_sends_over_many_conversations_each_get_exactly_one_reply() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resend_is_a_duplicate_and_starts_no_second_turn() {
     let h = harness(None).await;
-    let mut send = input("once only");
-    send.message_id = Some("m1".into());
-    let first = h.turns.send("c1", send.clone()).await.expect("acked");
+    let send = || SendInput {
+        message_id: Some("m1".into()),
+        ..input("once only")
+    };
+    let first = h.turns.send("c1", send()).await.expect("acked");
     // Once while the first turn may still run, once after it ended.
-    let again = h.turns.send("c1", send.clone()).await.expect("acked");
+    let again = h.turns.send("c1", send()).await.expect("acked");
     h.turns.wait_idle().await;
-    let after = h.turns.send("c1", send).await.expect("acked");
+    let after = h.turns.send("c1", send()).await.expect("acked");
     h.turns.wait_idle().await;
     for ack in [&again, &after] {
         assert_eq!((ack.seq, ack.duplicate), (first.seq, true));

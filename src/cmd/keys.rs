@@ -4,10 +4,8 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use serde_json::json;
-use switchboard_events::apikey::ApiKey;
-use switchboard_events::catalog::{
-    Budget, BudgetPeriod, KeyIssued, KeyRevoked, KeyUpdated, Limits,
-};
+use switchboard::keys::{self, public, KeySpec};
+use switchboard_events::catalog::{Budget, BudgetPeriod, KeyRevoked, KeyUpdated, Limits};
 use switchboard_events::{time, Event, ExpectedVersion, NewEvent, OpenMode, StreamId};
 use switchboard_projections::KeyRecord;
 
@@ -25,19 +23,16 @@ pub fn issue(settings: &Settings, args: IssueArgs) -> anyhow::Result<ExitCode> {
     if args.limits.budget_period.is_some() && args.limits.budget_usd.is_none() {
         bail!("--budget-period needs --budget-usd");
     }
-    let store = datadir::open(&settings.data_dir, OpenMode::CreateIfMissing)?;
-    let key = ApiKey::generate();
-    let key_id = new_key_id();
-    let event = KeyIssued {
-        key_id: key_id.clone(),
+    let spec = KeySpec {
         name: args.name,
         owner: args.owner,
-        key_hash: key.hash(),
         scopes: args.scopes,
         limits: limits(&args.limits),
         budget: budget(&args.limits, None),
         expires_at: args.expires_in.map(|d| time::now() + d),
     };
+    let (key_id, key, event) = keys::issue_event(spec, time::now())?;
+    let store = datadir::open(&settings.data_dir, OpenMode::CreateIfMissing)?;
     store.log.append_blocking(
         StreamId::key(&key_id)?,
         ExpectedVersion::Exact(0),
@@ -194,19 +189,4 @@ fn budget(args: &LimitArgs, current: Option<&Budget>) -> Option<Budget> {
             .or(current.map(|b| b.period))
             .unwrap_or(BudgetPeriod::Month),
     })
-}
-
-/// A key id: `key_` and 16 hex digits of randomness.
-fn new_key_id() -> String {
-    let random = uuid::Uuid::new_v4();
-    format!("key_{}", &random.simple().to_string()[..16])
-}
-
-/// A key record as listed: everything but the hash.
-fn public(record: &KeyRecord) -> serde_json::Value {
-    let mut value = serde_json::to_value(record).expect("key records serialize");
-    if let Some(fields) = value.as_object_mut() {
-        fields.remove("key_hash");
-    }
-    value
 }

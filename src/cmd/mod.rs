@@ -13,6 +13,7 @@ mod costs;
 mod keys;
 mod log;
 mod replay;
+mod serve;
 mod verify;
 
 use std::process::ExitCode;
@@ -23,6 +24,7 @@ use crate::config;
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let settings = config::resolve(&cli.global)?;
     match cli.command {
+        Command::Serve(args) => serve::run(&cli.global, args),
         Command::Keys(KeysCommand::Issue(args)) => keys::issue(&settings, args),
         Command::Keys(KeysCommand::List) => keys::list(&settings),
         Command::Keys(KeysCommand::Revoke(args)) => keys::revoke(&settings, args),

@@ -38,25 +38,28 @@
 //! # Ok(()) }
 //! ```
 
+mod admin;
 pub mod auth;
 pub mod wire;
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use serde_json::Value;
 use switchboard_actors::conversation_actor::{validate_conversation_id, ConversationError};
-use switchboard_actors::turns::{SendInput, TurnCoordinator};
+use switchboard_actors::rate_limiter::{RateLimiterConfig, RateLimiters};
+use switchboard_actors::turns::{ReplyDelta, SendInput, TurnCoordinator};
 use switchboard_events::catalog::Scope;
 use switchboard_events::EventLog;
 use switchboard_projections::Projections;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::{JoinHandle, JoinSet};
 use uuid::Uuid;
 
 use crate::bus::{Bus, BusError, Headers, Message, Subscription};
+use crate::service::{Endpoint, EndpointStats};
 use auth::{AuthFailure, Authenticator};
 use wire::{ack_json, history_json, BodyFormat, GatewayError, SendRequest};
 
@@ -64,15 +67,18 @@ use wire::{ack_json, history_json, BodyFormat, GatewayError, SendRequest};
 pub const DEFAULT_PREFIX: &str = "sb";
 /// The queue group every gateway joins, so each request is served once.
 pub const QUEUE_GROUP: &str = "switchboard";
-/// How long a history request waits for the projections to fold the log's
-/// head before answering `unavailable`.
-const HISTORY_FRESHNESS_WAIT: Duration = Duration::from_secs(5);
+/// Reply deltas buffered on their way to the bus.
+const DELTA_BUFFER: usize = 64;
+/// How long a read waits for the projections to fold the log's head before
+/// answering `unavailable`.
+const FRESHNESS_WAIT: Duration = Duration::from_secs(5);
 
-/// The two request kinds.
+/// The request kinds (in the order of `Gateway::stats`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Operation {
-    Send,
-    History,
+    Send = 0,
+    History = 1,
+    AdminKeys = 2,
 }
 
 impl Operation {
@@ -80,6 +86,7 @@ impl Operation {
         match self {
             Operation::Send => "send",
             Operation::History => "history",
+            Operation::AdminKeys => "keys",
         }
     }
 }
@@ -124,20 +131,33 @@ impl NatsGateway {
         let histories = bus
             .queue_subscribe(&format!("{prefix}.conv.*.history"), QUEUE_GROUP)
             .await?;
+        let admin = bus
+            .queue_subscribe(&format!("{prefix}.admin.keys.*"), QUEUE_GROUP)
+            .await?;
         bus.flush().await?;
+        let endpoints = [
+            Endpoint::new("send", format!("{prefix}.conv.*.send"), QUEUE_GROUP),
+            Endpoint::new("history", format!("{prefix}.conv.*.history"), QUEUE_GROUP),
+            Endpoint::new("admin_keys", format!("{prefix}.admin.keys.*"), QUEUE_GROUP),
+        ];
         let gateway = Arc::new(Gateway {
+            stats: endpoints.clone().map(|endpoint| endpoint.stats),
             bus,
             subject_start: format!("{prefix}.conv."),
+            admin_keys_start: format!("{prefix}.admin.keys."),
+            prefix: prefix.to_owned(),
             auth: Authenticator::new(projections.clone(), log.clone()),
+            limiters: RateLimiters::new(log.clone(), RateLimiterConfig::default()),
             coordinator,
             projections,
             log,
         });
         let (stop, stopped) = oneshot::channel();
-        let task = tokio::spawn(serve(gateway, sends, histories, stopped));
+        let task = tokio::spawn(serve(gateway, [sends, histories, admin], stopped));
         Ok(GatewayHandle {
             stop: Some(stop),
             task,
+            endpoints: endpoints.to_vec(),
         })
     }
 }
@@ -146,9 +166,16 @@ impl NatsGateway {
 pub struct GatewayHandle {
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
+    endpoints: Vec<Endpoint>,
 }
 
 impl GatewayHandle {
+    /// The gateway's endpoints, whose statistics it keeps, for registering
+    /// with the NATS service API ([`crate::service::register`]).
+    pub fn endpoints(&self) -> Vec<Endpoint> {
+        self.endpoints.clone()
+    }
+
     /// Stops taking requests (unsubscribes, also as other NATS connections
     /// see it), answers those already taken, and returns once they are
     /// answered.
@@ -166,16 +193,17 @@ impl GatewayHandle {
 /// and waits for the running ones.
 async fn serve(
     gateway: Arc<Gateway>,
-    mut sends: Subscription,
-    mut histories: Subscription,
+    subscriptions: [Subscription; 3],
     mut stop: oneshot::Receiver<()>,
 ) {
+    let [mut sends, mut histories, mut admin] = subscriptions;
     let mut in_flight = JoinSet::new();
     loop {
         let (operation, message) = tokio::select! {
             _ = &mut stop => break,
             Some(message) = sends.recv() => (Operation::Send, message),
             Some(message) = histories.recv() => (Operation::History, message),
+            Some(message) = admin.recv() => (Operation::AdminKeys, message),
             Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
                 if let Err(error) = done {
                     tracing::error!(%error, "a gateway request task failed");
@@ -187,7 +215,7 @@ async fn serve(
         let gateway = gateway.clone();
         in_flight.spawn(async move { gateway.answer(operation, message).await });
     }
-    for subscription in [sends, histories] {
+    for subscription in [sends, histories, admin] {
         if let Err(error) = subscription.unsubscribe().await {
             tracing::warn!(%error, "unsubscribing the gateway failed");
         }
@@ -201,13 +229,22 @@ async fn serve(
             tracing::error!(%error, "a gateway request task failed");
         }
     }
+    // Stores the refusals not yet reported.
+    gateway.limiters.shutdown().await;
 }
 
 struct Gateway {
     bus: Bus,
+    /// Request statistics per [`Operation`] (send, history, admin keys).
+    stats: [Arc<EndpointStats>; 3],
     /// `{prefix}.conv.`: what precedes the conversation id in a subject.
     subject_start: String,
+    /// `{prefix}.admin.keys.`: what precedes a key operation.
+    admin_keys_start: String,
+    prefix: String,
     auth: Authenticator,
+    /// Per-key admission of sends (rpm, tpm, concurrent turns).
+    limiters: RateLimiters,
     coordinator: TurnCoordinator,
     projections: Projections,
     log: EventLog,
@@ -217,6 +254,7 @@ impl Gateway {
     /// Serves one request and publishes the answer (when it has a reply
     /// subject). A panic while serving is answered `internal`, never silence.
     async fn answer(&self, operation: Operation, message: Message) {
+        let started = Instant::now();
         let meta = RequestMeta::new(&message.headers);
         let served = AssertUnwindSafe(self.serve(operation, &message, &meta))
             .catch_unwind()
@@ -225,9 +263,18 @@ impl Gateway {
                 tracing::error!(subject = %message.subject, "a gateway request panicked");
                 Err(GatewayError::Internal("the request failed".into()))
             });
+        let stats = &self.stats[operation as usize];
         let body = match served {
-            Ok(body) => body,
+            Ok(body) => {
+                stats.record(started.elapsed(), None);
+                body
+            }
             Err(error) => {
+                // Refusals of bad input are the caller's errors, not ours:
+                // the service API's error count is for failures.
+                let failure = matches!(error.code(), "internal" | "unavailable");
+                let described = format!("{}:{}", error.code(), error.message());
+                stats.record(started.elapsed(), failure.then_some(described.as_str()));
                 tracing::debug!(
                     subject = %message.subject,
                     code = error.code(),
@@ -259,6 +306,7 @@ impl Gateway {
         match operation {
             Operation::Send => self.send(message, meta).await,
             Operation::History => self.history(message, meta).await,
+            Operation::AdminKeys => self.admin_keys(message, meta).await,
         }
     }
 
@@ -270,6 +318,10 @@ impl Gateway {
         let conversation_id = self.conversation_id(&message.subject, Operation::Send)?;
         let format = BodyFormat::from_content_type(header(&message.headers, "Content-Type"))?;
         let body = SendRequest::decode(&message.payload, format)?;
+        let permit = self
+            .limiters
+            .admit(&caller.record.key_id, caller.record.limits.clone())
+            .await?;
         let input = SendInput {
             message_id: body.message_id,
             key_id: caller.record.key_id.clone(),
@@ -278,7 +330,8 @@ impl Gateway {
             agent: body.agent,
             correlation_id: Some(meta.correlation_id),
             traceparent: meta.traceparent.clone(),
-            deltas: None,
+            deltas: Some(self.publish_deltas(conversation_id, meta)),
+            permit: Some(permit),
         };
         match self.coordinator.send(conversation_id, input).await {
             Ok(ack) => Ok(ack_json(&ack)),
@@ -296,10 +349,7 @@ impl Gateway {
             .authenticate(&message.headers, &[Scope::Chat, Scope::Admin], meta)
             .await?;
         let conversation_id = self.conversation_id(&message.subject, Operation::History)?;
-        let head = self.log.head();
-        tokio::time::timeout(HISTORY_FRESHNESS_WAIT, self.projections.wait_for(head))
-            .await
-            .map_err(|_| GatewayError::Unavailable("the history is behind the log".into()))?;
+        self.caught_up().await?;
         let history = self.projections.history();
         let id = conversation_id.to_owned();
         let conversation = tokio::task::spawn_blocking(move || history.conversation(&id))
@@ -325,6 +375,42 @@ impl Gateway {
             &conversation.messages,
             conversation.summary.erased,
         ))
+    }
+
+    /// A channel whose [`ReplyDelta`]s are published, in order, on
+    /// `{prefix}.evt.conv.<id>.reply_delta` as they come (live only: deltas
+    /// are not stored, so one published while NATS is away is gone — the
+    /// stored `reply_completed` holds the whole reply).
+    fn publish_deltas(
+        &self,
+        conversation_id: &str,
+        meta: &RequestMeta,
+    ) -> mpsc::Sender<ReplyDelta> {
+        let (deltas, mut received) = mpsc::channel::<ReplyDelta>(DELTA_BUFFER);
+        let bus = self.bus.clone();
+        let subject = format!("{}.evt.conv.{conversation_id}.reply_delta", self.prefix);
+        let mut headers = Headers::new().with("Content-Type", "application/json");
+        if let Some(traceparent) = &meta.traceparent {
+            headers.insert("traceparent", traceparent.clone());
+        }
+        tokio::spawn(async move {
+            while let Some(delta) = received.recv().await {
+                let payload = serde_json::to_vec(&delta).expect("a delta always serializes");
+                if let Err(error) = bus.publish(&subject, headers.clone(), payload).await {
+                    tracing::debug!(%subject, %error, "a reply delta was not published");
+                }
+            }
+        });
+        deltas
+    }
+
+    /// Waits until the projections have folded the log's head as it is now,
+    /// so a caller reads its own writes.
+    async fn caught_up(&self) -> Result<(), GatewayError> {
+        let head = self.log.head();
+        tokio::time::timeout(FRESHNESS_WAIT, self.projections.wait_for(head))
+            .await
+            .map_err(|_| GatewayError::Unavailable("the projections are behind the log".into()))
     }
 
     /// The valid conversation id in `subject`

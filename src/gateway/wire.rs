@@ -7,9 +7,11 @@
 //! that postcard (not self-describing) cannot carry, and one reply format keeps
 //! every client's decoder the same.
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use switchboard_actors::conversation_actor::{Ack, ConversationError};
+use switchboard_actors::rate_limiter::AdmitError;
 use switchboard_projections::HistoryMessage;
 
 /// The largest request body accepted; bigger ones are `invalid_request`.
@@ -59,32 +61,41 @@ impl BodyFormat {
     }
 }
 
+/// Decodes a request body of at most [`MAX_BODY_BYTES`] in `format`; any
+/// failure is `invalid_request` saying what was wrong.
+pub fn decode_body<T: DeserializeOwned>(
+    body: &[u8],
+    format: BodyFormat,
+) -> Result<T, GatewayError> {
+    if body.len() > MAX_BODY_BYTES {
+        return Err(GatewayError::InvalidRequest(format!(
+            "body of {} bytes exceeds the limit of {MAX_BODY_BYTES} bytes",
+            body.len()
+        )));
+    }
+    match format {
+        BodyFormat::Json => serde_json::from_slice(body)
+            .map_err(|e| GatewayError::InvalidRequest(format!("malformed JSON body: {e}"))),
+        BodyFormat::Postcard => {
+            let (request, rest) = postcard::take_from_bytes(body).map_err(|e| {
+                GatewayError::InvalidRequest(format!("malformed postcard body: {e}"))
+            })?;
+            if !rest.is_empty() {
+                return Err(GatewayError::InvalidRequest(format!(
+                    "malformed postcard body: {} trailing bytes",
+                    rest.len()
+                )));
+            }
+            Ok(request)
+        }
+    }
+}
+
 impl SendRequest {
     /// Decodes and checks a send body: size, encoding, a non-blank `content`,
     /// and short non-empty optional fields.
     pub fn decode(body: &[u8], format: BodyFormat) -> Result<SendRequest, GatewayError> {
-        if body.len() > MAX_BODY_BYTES {
-            return Err(GatewayError::InvalidRequest(format!(
-                "body of {} bytes exceeds the limit of {MAX_BODY_BYTES} bytes",
-                body.len()
-            )));
-        }
-        let request: SendRequest = match format {
-            BodyFormat::Json => serde_json::from_slice(body)
-                .map_err(|e| GatewayError::InvalidRequest(format!("malformed JSON body: {e}")))?,
-            BodyFormat::Postcard => {
-                let (request, rest) = postcard::take_from_bytes(body).map_err(|e| {
-                    GatewayError::InvalidRequest(format!("malformed postcard body: {e}"))
-                })?;
-                if !rest.is_empty() {
-                    return Err(GatewayError::InvalidRequest(format!(
-                        "malformed postcard body: {} trailing bytes",
-                        rest.len()
-                    )));
-                }
-                request
-            }
-        };
+        let request: SendRequest = decode_body(body, format)?;
         request.check()?;
         Ok(request)
     }
@@ -128,6 +139,9 @@ pub enum GatewayError {
     /// The core refused or failed the send.
     #[error(transparent)]
     Conversation(#[from] ConversationError),
+    /// The key's rate limiter refused or could not answer.
+    #[error(transparent)]
+    Admission(#[from] AdmitError),
     /// A dependency (the log, the projections) is not answering in time.
     #[error("unavailable: {0}")]
     Unavailable(String),
@@ -144,29 +158,43 @@ impl GatewayError {
             GatewayError::Forbidden(_) => "forbidden",
             GatewayError::InvalidRequest(_) => "invalid_request",
             GatewayError::Conversation(error) => error.code(),
+            GatewayError::Admission(error) => error.code(),
             GatewayError::Unavailable(_) => "unavailable",
             GatewayError::Internal(_) => "internal",
         }
     }
 
     /// The message without the code.
-    pub fn message(&self) -> &str {
+    pub fn message(&self) -> String {
         match self {
             GatewayError::Unauthorized(m)
             | GatewayError::Forbidden(m)
             | GatewayError::InvalidRequest(m)
             | GatewayError::Unavailable(m)
-            | GatewayError::Internal(m) => m,
-            GatewayError::Conversation(error) => error.message(),
+            | GatewayError::Internal(m) => m.clone(),
+            GatewayError::Conversation(error) => error.message().to_owned(),
+            GatewayError::Admission(AdmitError::RateLimited(refused)) => refused.to_string(),
+            GatewayError::Admission(AdmitError::Unavailable(m) | AdmitError::Internal(m)) => {
+                m.clone()
+            }
         }
     }
 
-    /// `{"ok":false,"error":{"code","message"}}`.
+    /// When trying again can succeed, for a refusal that knows.
+    pub fn retry_after_ms(&self) -> Option<u64> {
+        match self {
+            GatewayError::Admission(error) => error.retry_after_ms(),
+            _ => None,
+        }
+    }
+
+    /// `{"ok":false,"error":{"code","message","retry_after_ms"?}}`.
     pub fn to_json(&self) -> Value {
-        json!({
-            "ok": false,
-            "error": { "code": self.code(), "message": self.message() },
-        })
+        let mut error = json!({ "code": self.code(), "message": self.message() });
+        if let Some(ms) = self.retry_after_ms() {
+            error["retry_after_ms"] = json!(ms);
+        }
+        json!({ "ok": false, "error": error })
     }
 }
 

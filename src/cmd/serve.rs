@@ -1,0 +1,88 @@
+//! `switchboard serve`: runs the [`Server`] until SIGINT or SIGTERM, then
+//! shuts it down in order and exits 0.
+
+use std::process::ExitCode;
+
+use serde_json::json;
+use switchboard::keys::AdminBootstrap;
+use switchboard::server::Server;
+
+use crate::cli::{GlobalArgs, ServeArgs};
+use crate::config;
+
+pub fn run(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<ExitCode> {
+    init_tracing();
+    let config = config::resolve_serve(global, &args)?;
+    let json = global.json;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("switchboard")
+        .build()?;
+    runtime.block_on(async move {
+        let server = Server::start(config.clone()).await?;
+        let bus = match &config.nats_url {
+            Some(url) => url.clone(),
+            None => "embedded".to_owned(),
+        };
+        let admin_key_file = match server.admin_bootstrap() {
+            AdminBootstrap::Generated(path) => Some(path.display().to_string()),
+            _ => None,
+        };
+        if json {
+            out!(
+                "{}",
+                json!({
+                    "ready": true,
+                    "bus": bus,
+                    "prefix": config.prefix,
+                    "data_dir": config.data_dir,
+                    "log_head": server.log().head(),
+                    "admin_key_file": admin_key_file,
+                })
+            );
+        } else {
+            if let Some(path) = &admin_key_file {
+                out!("created the admin key; it is in {path} (mode 0600), shown nowhere else");
+            }
+            out!(
+                "switchboard serving: bus {bus}, subjects {}.>, data dir {} (log head {}); Ctrl-C stops",
+                config.prefix,
+                config.data_dir.display(),
+                server.log().head()
+            );
+        }
+        shutdown_signal().await?;
+        tracing::info!("shutting down");
+        server.shutdown().await;
+        if !json {
+            out!("switchboard stopped");
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// SIGINT (Ctrl-C) or SIGTERM.
+async fn shutdown_signal() -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut terminate = signal(SignalKind::terminate())?;
+        tokio::select! {
+            result = tokio::signal::ctrl_c() => result?,
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    tokio::signal::ctrl_c().await?;
+    Ok(())
+}
+
+/// Human-readable logs on stderr, filtered by `RUST_LOG` (default `info`).
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

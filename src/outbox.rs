@@ -1,0 +1,988 @@
+//! The outbox (DESIGN §6): the checkpointed publisher that carries stored
+//! events from the log to NATS.
+//!
+//! The log is the source of truth; NATS is how others hear about it. Publishing
+//! straight after an append would lose every event appended while NATS is
+//! away, so instead one task follows the log ([`EventLog::subscribe`]) from a
+//! checkpoint kept beside the projections (sled tree `outbox`, key
+//! `checkpoint`, u64 big-endian) and publishes each event in seq order.
+//!
+//! What that gives:
+//! - **At-least-once delivery.** No event is skipped: after any failure (NATS
+//!   away, a flush timing out, a read error) the outbox backs off (100 ms
+//!   doubling to 5 s), waits until a flush reaches the server, and publishes
+//!   again from the checkpoint. Core NATS subscribers may then see an event
+//!   twice.
+//! - **Once per id where it counts.** Every message carries `Nats-Msg-Id`, so a
+//!   JetStream stream capturing these subjects drops the re-publishes (within
+//!   its duplicate window, 2 minutes by default).
+//! - **The checkpoint never runs ahead of the server.** Seq N is checkpointed
+//!   only after a flush (a round trip to the server) that followed every
+//!   publish up to N, with no reconnect in between: a reconnect may have
+//!   dropped what sat in the old connection's buffers, so the batch is
+//!   published again. Losing a checkpoint write in a crash only re-publishes,
+//!   so the checkpoint is not fsynced per batch (sled flushes it within
+//!   half a second, and [`OutboxHandle::stop`] flushes it).
+//! - **Optionally, never ahead of a stream.** A flush proves the server took
+//!   a message, not that a JetStream stream stored it (around a server
+//!   restart, a message the server took can miss the stream). With
+//!   [`Outbox::confirm_with_jetstream`], subjects a stream captures are
+//!   published as JetStream publishes and a batch is checkpointed only once
+//!   each has its acknowledgment.
+//!
+//! # Subjects
+//!
+//! | event | subjects (first one primary) |
+//! |---|---|
+//! | conversation events¹ | `{prefix}.evt.conv.<conversation_id>.<type>` |
+//! | `conversation_erased` | the conversation subject, then `{prefix}.evt.audit.conversation_erased` |
+//! | `usage_recorded` | `{prefix}.evt.usage.<key_id>`, then `{prefix}.evt.conv.<conversation_id>.usage_recorded` |
+//! | `rate_limited` | `{prefix}.evt.audit.rate_limited`, then `{prefix}.alert.rate_limit.<key_id>` |
+//! | `budget_threshold_crossed`, `budget_exceeded` | `{prefix}.evt.audit.<type>`, then `{prefix}.alert.budget.<key_id>` (scope key) or `{prefix}.alert.budget.user.<user>` (scope user) |
+//! | other audit events | `{prefix}.evt.audit.<type>` |
+//!
+//! ¹ `conversation_started`, `message_received`, `agent_routed`,
+//! `reply_completed`, `reply_failed`. User budget alerts have one token more
+//! than key alerts, so `{prefix}.alert.budget.*` is every key's and
+//! `{prefix}.alert.budget.user.*` every user's.
+//!
+//! The body is the envelope's wire JSON ([`Envelope::to_json`]) on every
+//! subject; headers are `Nats-Msg-Id`, `Content-Type: application/json` and
+//! the envelope's `traceparent`, when it has one that can be a header value.
+//!
+//! # Message ids
+//!
+//! JetStream deduplicates per stream, and one stream may well capture several
+//! of an event's subjects (`{prefix}.evt.>` holds both subjects of a
+//! `usage_recorded`). So the id is unique per (event, subject): the primary
+//! subject gets the event's UUID, each other one `<uuid>:<kind>` with kind
+//! `conv`, `usage`, `audit` or `alert` ([`Route::msg_id`]).
+//!
+//! # Tokens that are not subject tokens
+//!
+//! Ids come from event data and may hold characters a subject token cannot
+//! (a user's e-mail address has dots; stream names allow `.`). Rather than
+//! drop such an event, each id is percent-encoded ([`subject_token`]): `.`,
+//! `*`, `>`, `%`, whitespace and control characters become `%XX` per UTF-8
+//! byte, and the empty id becomes a lone `%`, which nothing else encodes to.
+//! Ids made of `[A-Za-z0-9_-]` (all conversation ids, DESIGN §6) are unchanged.
+//!
+//! A message the bus refuses outright (in practice only one over the server's
+//! maximum payload) can never be published; it is logged with
+//! `tracing::error!` and left out, rather than stalling every later event.
+
+use std::borrow::Cow;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use switchboard_events::catalog::BudgetScope;
+use switchboard_events::{Envelope, Event, EventLog, ReadError};
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+
+use crate::bus::subject::{self, SubjectError};
+use crate::bus::{Bus, BusError, Headers, NATS_MSG_ID};
+
+/// The sled tree (beside the log and the projections) holding the checkpoint.
+pub const TREE: &str = "outbox";
+/// The checkpoint's key: the last published seq, u64 big-endian.
+const CHECKPOINT_KEY: &[u8] = b"checkpoint";
+/// Events published between two flushes at most.
+const BATCH: usize = 1024;
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How often a batch awaiting confirmation checks for a reconnect.
+const RECONNECT_POLL: Duration = Duration::from_millis(50);
+/// How long [`OutboxHandle::stop`] keeps publishing what is in the log.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why the outbox could not start, or has stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    #[error("invalid subject prefix {prefix:?}: {source}")]
+    InvalidPrefix {
+        prefix: String,
+        #[source]
+        source: SubjectError,
+    },
+    #[error("invalid JetStream subject pattern {pattern:?}: {source}")]
+    InvalidPattern {
+        pattern: String,
+        #[source]
+        source: SubjectError,
+    },
+    #[error("JetStream confirmation needs the NATS bus")]
+    JetStreamNeedsNats,
+    #[error("outbox checkpoint storage: {0}")]
+    Storage(#[from] sled::Error),
+    #[error("the outbox checkpoint is corrupt: {len} bytes where 8 were expected")]
+    CorruptCheckpoint { len: usize },
+    /// The publisher task has ended (stopped or failed) before reaching the
+    /// awaited seq.
+    #[error("the outbox has stopped")]
+    Stopped,
+}
+
+/// One message the outbox sends for an event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub subject: String,
+    /// The `Nats-Msg-Id`: the event's UUID on the primary subject,
+    /// `<uuid>:<kind>` on the others.
+    pub msg_id: String,
+}
+
+/// What a subject is for; names the secondary message ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Conv,
+    Usage,
+    Audit,
+    Alert,
+}
+
+impl Kind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Kind::Conv => "conv",
+            Kind::Usage => "usage",
+            Kind::Audit => "audit",
+            Kind::Alert => "alert",
+        }
+    }
+}
+
+/// Where an event is published, primary subject first; see the module doc.
+///
+/// ```
+/// # use switchboard_events::{catalog::ConversationStarted, Envelope, Event, StreamId};
+/// # let envelope = Envelope {
+/// #     seq: 1, id: uuid::Uuid::now_v7(), stream: StreamId::conversation("c1").unwrap(),
+/// #     version: 1, at: chrono::Utc::now(), correlation_id: None, causation_id: None,
+/// #     traceparent: None,
+/// #     event: Event::ConversationStarted(ConversationStarted {
+/// #         conversation_id: "c1".into(), key_id: "key_1".into(), user: None,
+/// #     }),
+/// # };
+/// use switchboard::outbox::subjects;
+/// assert_eq!(subjects("sb", &envelope), ["sb.evt.conv.c1.conversation_started"]);
+/// ```
+pub fn subjects(prefix: &str, envelope: &Envelope) -> Vec<String> {
+    routes(prefix, envelope)
+        .into_iter()
+        .map(|route| route.subject)
+        .collect()
+}
+
+/// [`subjects`] with each subject's `Nats-Msg-Id`.
+pub fn routes(prefix: &str, envelope: &Envelope) -> Vec<Route> {
+    let kind = envelope.event.type_name();
+    let conv = |id: &str| {
+        let subject = format!("{prefix}.evt.conv.{}.{kind}", subject_token(id));
+        (Kind::Conv, subject)
+    };
+    let audit = || (Kind::Audit, format!("{prefix}.evt.audit.{kind}"));
+    let budget = |scope: BudgetScope, id: &str| {
+        let scope = match scope {
+            BudgetScope::Key => "",
+            BudgetScope::User => "user.",
+        };
+        let subject = format!("{prefix}.alert.budget.{scope}{}", subject_token(id));
+        (Kind::Alert, subject)
+    };
+    // Exhaustive on purpose: a new event type needs a decision here.
+    let targets = match &envelope.event {
+        Event::ConversationStarted(e) => vec![conv(&e.conversation_id)],
+        Event::MessageReceived(e) => vec![conv(&e.conversation_id)],
+        Event::AgentRouted(e) => vec![conv(&e.conversation_id)],
+        Event::ReplyCompleted(e) => vec![conv(&e.conversation_id)],
+        Event::ReplyFailed(e) => vec![conv(&e.conversation_id)],
+        Event::ConversationErased(e) => vec![conv(&e.conversation_id), audit()],
+        Event::UsageRecorded(e) => vec![
+            (
+                Kind::Usage,
+                format!("{prefix}.evt.usage.{}", subject_token(&e.key_id)),
+            ),
+            conv(&e.conversation_id),
+        ],
+        Event::BudgetThresholdCrossed(e) => vec![audit(), budget(e.scope, &e.subject_id)],
+        Event::BudgetExceeded(e) => vec![audit(), budget(e.scope, &e.subject_id)],
+        Event::RateLimited(e) => vec![
+            audit(),
+            (
+                Kind::Alert,
+                format!("{prefix}.alert.rate_limit.{}", subject_token(&e.key_id)),
+            ),
+        ],
+        Event::KeyIssued(_)
+        | Event::KeyUpdated(_)
+        | Event::KeyRevoked(_)
+        | Event::AuthFailed(_)
+        | Event::AdminAction(_) => vec![audit()],
+    };
+    targets
+        .into_iter()
+        .enumerate()
+        .map(|(index, (kind, subject))| Route {
+            subject,
+            msg_id: match index {
+                0 => envelope.id.to_string(),
+                _ => format!("{}:{}", envelope.id, kind.as_str()),
+            },
+        })
+        .collect()
+}
+
+/// An id as one subject token: `.`, `*`, `>`, `%`, whitespace and control
+/// characters percent-encoded per UTF-8 byte, the empty id as `%`. Anything
+/// that publishes or subscribes to a subject naming an id uses this, so both
+/// sides agree.
+///
+/// ```
+/// use switchboard::outbox::subject_token;
+/// assert_eq!(subject_token("c1"), "c1");
+/// assert_eq!(subject_token("bob@example.com"), "bob@example%2Ecom");
+/// assert_eq!(subject_token(""), "%");
+/// ```
+pub fn subject_token(id: &str) -> Cow<'_, str> {
+    fn unsafe_char(ch: char) -> bool {
+        matches!(ch, '.' | '*' | '>' | '%') || ch.is_whitespace() || ch.is_control()
+    }
+    if id.is_empty() {
+        return Cow::Borrowed("%");
+    }
+    if !id.contains(unsafe_char) {
+        return Cow::Borrowed(id);
+    }
+    let mut token = String::with_capacity(id.len() + 8);
+    for ch in id.chars() {
+        if unsafe_char(ch) {
+            for byte in ch.encode_utf8(&mut [0; 4]).bytes() {
+                token.push_str(&format!("%{byte:02X}"));
+            }
+        } else {
+            token.push(ch);
+        }
+    }
+    Cow::Owned(token)
+}
+
+/// The headers of one message for `envelope`.
+fn headers(envelope: &Envelope, msg_id: &str) -> Headers {
+    let mut headers = Headers::new()
+        .with(NATS_MSG_ID, msg_id)
+        .with("Content-Type", "application/json");
+    if let Some(traceparent) = &envelope.traceparent {
+        if traceparent.trim().is_empty() || traceparent.contains(['\r', '\n']) {
+            tracing::warn!(
+                seq = envelope.seq,
+                "traceparent cannot be a header; left out"
+            );
+        } else {
+            headers.append("traceparent", traceparent.as_str());
+        }
+    }
+    headers
+}
+
+/// An outbox about to start; see the module doc.
+///
+/// ```no_run
+/// # use switchboard::bus::Bus;
+/// # use switchboard::outbox::{Outbox, OutboxError};
+/// # async fn example(log: switchboard_events::EventLog, bus: Bus) -> Result<(), OutboxError> {
+/// let outbox = Outbox::new(log, bus, "sb")
+///     .confirm_with_jetstream("sb.evt.>")?
+///     .spawn()?;
+/// // ... serve until shutdown ...
+/// outbox.stop().await;
+/// # Ok(()) }
+/// ```
+pub struct Outbox {
+    log: EventLog,
+    bus: Bus,
+    prefix: String,
+    jetstream: Option<subject::Pattern>,
+}
+
+impl Outbox {
+    /// An outbox publishing `log`'s events on `bus` under `prefix`. Each
+    /// batch is checkpointed once a flush says the server has it (and, see
+    /// [`confirm_with_jetstream`](Self::confirm_with_jetstream), once a
+    /// stream has it).
+    pub fn new(log: EventLog, bus: Bus, prefix: &str) -> Outbox {
+        Outbox {
+            log,
+            bus,
+            prefix: prefix.to_owned(),
+            jetstream: None,
+        }
+    }
+
+    /// Publishes subjects matching `pattern` through JetStream and checkpoints
+    /// a batch only once a stream has acknowledged each of them (a duplicate
+    /// counts). A flush only says the server has a message, not that a stream
+    /// stored it: around a server restart, a message the server took can miss
+    /// the stream. Every subject matching `pattern` must be captured by a
+    /// stream, or the outbox retries forever (and logs why). NATS only.
+    pub fn confirm_with_jetstream(mut self, pattern: &str) -> Result<Outbox, OutboxError> {
+        let parsed =
+            subject::Pattern::parse(pattern).map_err(|source| OutboxError::InvalidPattern {
+                pattern: pattern.to_owned(),
+                source,
+            })?;
+        self.jetstream = Some(parsed);
+        Ok(self)
+    }
+
+    /// Starts an outbox that needs no JetStream acknowledgments:
+    /// [`Outbox::new`] then [`Outbox::spawn`].
+    pub fn start(log: EventLog, bus: Bus, prefix: &str) -> Result<OutboxHandle, OutboxError> {
+        Outbox::new(log, bus, prefix).spawn()
+    }
+
+    /// Reads the checkpoint and spawns the publisher on the current Tokio
+    /// runtime (so call it inside one). It publishes every event after the
+    /// checkpoint, then each new one as it becomes durable, until
+    /// [`OutboxHandle::stop`].
+    pub fn spawn(self) -> Result<OutboxHandle, OutboxError> {
+        let Outbox {
+            log,
+            bus,
+            prefix,
+            jetstream,
+        } = self;
+        subject::validate_subject(&prefix).map_err(|source| OutboxError::InvalidPrefix {
+            prefix: prefix.clone(),
+            source,
+        })?;
+        let jetstream = match (jetstream, &bus) {
+            (None, _) => None,
+            (Some(pattern), Bus::Nats(nats)) => {
+                Some((async_nats::jetstream::new(nats.client().clone()), pattern))
+            }
+            (Some(_), Bus::Local(_)) => return Err(OutboxError::JetStreamNeedsNats),
+        };
+        let tree = log.db().open_tree(TREE)?;
+        let mut checkpoint = match tree.get(CHECKPOINT_KEY)? {
+            None => 0,
+            Some(bytes) => u64::from_be_bytes(
+                bytes
+                    .as_ref()
+                    .try_into()
+                    .map_err(|_| OutboxError::CorruptCheckpoint { len: bytes.len() })?,
+            ),
+        };
+        let head = log.head();
+        if checkpoint > head {
+            // The log was replaced by a shorter one: what comes next is new.
+            tracing::warn!(checkpoint, head, "outbox checkpoint is past the log's head");
+            checkpoint = head;
+        }
+        tracing::info!(checkpoint, head, prefix, "outbox publishing");
+        let (through, published) = watch::channel(checkpoint);
+        let (stop, stopped) = oneshot::channel();
+        let publisher = Publisher {
+            log: log.clone(),
+            bus,
+            prefix,
+            jetstream,
+            tree,
+            checkpoint,
+            through,
+        };
+        Ok(OutboxHandle {
+            published,
+            stop: Some(stop),
+            task: Some(tokio::spawn(publisher.run(stopped))),
+            log,
+        })
+    }
+}
+
+/// A running outbox. Dropping it aborts the publisher without waiting (the
+/// checkpoint stays at the last flushed batch); [`stop`](Self::stop) first
+/// publishes what is in the log.
+pub struct OutboxHandle {
+    published: watch::Receiver<u64>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+    log: EventLog,
+}
+
+impl OutboxHandle {
+    /// The checkpoint: every event up to this seq has reached the server.
+    pub fn published_through(&self) -> u64 {
+        *self.published.borrow()
+    }
+
+    /// Waits until every event up to `seq` has reached the server;
+    /// [`OutboxError::Stopped`] if the publisher ended first.
+    pub async fn wait_for(&self, seq: u64) -> Result<(), OutboxError> {
+        let mut published = self.published.clone();
+        let reached = published.wait_for(|through| *through >= seq).await.is_ok();
+        if reached {
+            Ok(())
+        } else {
+            Err(OutboxError::Stopped)
+        }
+    }
+
+    /// Publishes the events up to the log's head at the time of the call (for
+    /// at most 5 seconds: NATS may be away), checkpoints them, flushes the
+    /// checkpoint to disk and returns.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(mut task) = self.task.take() {
+            match tokio::time::timeout(STOP_TIMEOUT, &mut task).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => tracing::error!(%error, "the outbox task failed"),
+                Err(_) => {
+                    tracing::warn!(
+                        published_through = self.published_through(),
+                        head = self.log.head(),
+                        "outbox stopped before publishing the whole log; the rest goes out on the next start"
+                    );
+                    task.abort();
+                    let _ = task.await;
+                }
+            }
+        }
+        if let Err(error) = self.log.db().flush_async().await {
+            tracing::error!(%error, "flushing the outbox checkpoint failed");
+        }
+    }
+}
+
+impl Drop for OutboxHandle {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// Why a batch did not get checkpointed; each is retried from the checkpoint.
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    #[error("reading the log: {0}")]
+    Read(#[from] ReadError),
+    #[error("publishing: {0}")]
+    Bus(#[from] BusError),
+    #[error("JetStream: {0}")]
+    JetStream(#[from] async_nats::jetstream::context::PublishError),
+    #[error("writing the checkpoint: {0}")]
+    Storage(#[from] sled::Error),
+    #[error("NATS reconnected during the batch")]
+    Reconnected,
+}
+
+/// A JetStream acknowledgment still to come.
+type Ack = async_nats::jetstream::context::PublishAckFuture;
+
+/// The publisher task's state.
+struct Publisher {
+    log: EventLog,
+    bus: Bus,
+    prefix: String,
+    /// Subjects that need a stream's acknowledgment, and how to publish them.
+    jetstream: Option<(async_nats::jetstream::Context, subject::Pattern)>,
+    tree: sled::Tree,
+    checkpoint: u64,
+    through: watch::Sender<u64>,
+}
+
+/// Set once [`OutboxHandle::stop`] is asked: the log's head at that moment.
+type DrainTo = Option<u64>;
+
+impl Publisher {
+    async fn run(mut self, mut stop: oneshot::Receiver<()>) {
+        let mut drain_to: DrainTo = None;
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let failure = match self
+                .publish_from_checkpoint(&mut stop, &mut drain_to, &mut backoff)
+                .await
+            {
+                Ok(()) => return,
+                Err(failure) => failure,
+            };
+            if let Failure::Reconnected = failure {
+                // Publish the batch again on the new connection, at once.
+                tracing::info!(
+                    checkpoint = self.checkpoint,
+                    "NATS reconnected mid-batch; publishing the batch again"
+                );
+                continue;
+            }
+            tracing::error!(
+                checkpoint = self.checkpoint,
+                error = %failure,
+                retry_in = ?backoff,
+                "outbox batch failed"
+            );
+            // Publish again only once the server answers, so an outage does not
+            // pile copies of the batch into the client's queue.
+            loop {
+                self.pause(backoff, &mut stop, &mut drain_to).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                match self.bus.flush().await {
+                    Ok(()) => break,
+                    Err(error) => {
+                        tracing::warn!(%error, retry_in = ?backoff, "outbox waiting for the bus")
+                    }
+                }
+            }
+        }
+    }
+
+    /// Publishes batches from the checkpoint on until drained or failed.
+    async fn publish_from_checkpoint(
+        &mut self,
+        stop: &mut oneshot::Receiver<()>,
+        drain_to: &mut DrainTo,
+        backoff: &mut Duration,
+    ) -> Result<(), Failure> {
+        let mut events = self.log.subscribe(self.checkpoint + 1);
+        let mut acks = Vec::new();
+        loop {
+            if drain_to.is_some_and(|to| self.checkpoint >= to) {
+                return Ok(());
+            }
+            let next = if drain_to.is_some() {
+                // Everything up to the drain target is durable: no waiting.
+                events.next().await
+            } else {
+                tokio::select! {
+                    next = events.next() => next,
+                    _ = &mut *stop => {
+                        *drain_to = Some(self.log.head());
+                        continue;
+                    }
+                }
+            };
+            let Some(first) = next else {
+                return Ok(()); // the log has closed
+            };
+            let connects = self.connects();
+            let mut last = self.publish(first?, &mut acks).await?;
+            for _ in 1..BATCH {
+                match events.try_next() {
+                    Some(next) => last = self.publish(next?, &mut acks).await?,
+                    None => break,
+                }
+            }
+            let confirmed = async {
+                self.bus.flush().await?;
+                let acks = acks.drain(..).map(std::future::IntoFuture::into_future);
+                futures::future::try_join_all(acks).await?;
+                Ok::<(), Failure>(())
+            };
+            tokio::select! {
+                confirmed = confirmed => confirmed?,
+                () = self.reconnect_after(connects) => return Err(Failure::Reconnected),
+            }
+            if self.connects() != connects {
+                return Err(Failure::Reconnected);
+            }
+            self.tree.insert(CHECKPOINT_KEY, &last.to_be_bytes())?;
+            self.checkpoint = last;
+            self.through.send_replace(last);
+            *backoff = BACKOFF_MIN;
+        }
+    }
+
+    /// Publishes one event on each of its subjects; returns its seq.
+    async fn publish(&self, envelope: Envelope, acks: &mut Vec<Ack>) -> Result<u64, Failure> {
+        let payload = Bytes::from(envelope.to_json());
+        for route in routes(&self.prefix, &envelope) {
+            let headers = headers(&envelope, &route.msg_id);
+            let published = match &self.jetstream {
+                Some((jetstream, pattern)) if pattern.matches(&route.subject) => {
+                    match self.stream_message(&route.subject, headers, &payload) {
+                        Ok(message) => {
+                            let subject = route.subject.clone();
+                            acks.push(jetstream.send_publish(subject, message).await?);
+                            Ok(())
+                        }
+                        Err(refused) => Err(refused),
+                    }
+                }
+                _ => {
+                    let payload = payload.clone();
+                    self.bus.publish(&route.subject, headers, payload).await
+                }
+            };
+            match published {
+                Ok(()) => {}
+                Err(
+                    error @ (BusError::InvalidSubject { .. }
+                    | BusError::InvalidHeader(_)
+                    | BusError::PayloadTooLarge { .. }),
+                ) => tracing::error!(
+                    seq = envelope.seq,
+                    id = %envelope.id,
+                    subject = route.subject,
+                    %error,
+                    "event can never be published on this subject; left out"
+                ),
+                Err(error) => return Err(error.into()),
+            }
+        }
+        Ok(envelope.seq)
+    }
+
+    /// The checks [`Bus::publish`] makes, for a message that goes through
+    /// JetStream instead: a refused one would get the connection closed.
+    fn stream_message(
+        &self,
+        subject: &str,
+        headers: Headers,
+        payload: &Bytes,
+    ) -> Result<async_nats::jetstream::context::Publish, BusError> {
+        subject::validate_subject(subject).map_err(|source| BusError::InvalidSubject {
+            subject: subject.to_owned(),
+            source,
+        })?;
+        headers.validate()?;
+        let max = match &self.bus {
+            Bus::Nats(nats) => nats.client().server_info().max_payload,
+            Bus::Local(_) => 0,
+        };
+        // Before the first connect the limit is unknown; assume the default.
+        let max = if max == 0 { 1024 * 1024 } else { max };
+        let size = headers.wire_len() + payload.len();
+        if size > max {
+            return Err(BusError::PayloadTooLarge { size, max });
+        }
+        let mut map = async_nats::HeaderMap::new();
+        for (name, value) in headers.iter() {
+            map.append(name, value);
+        }
+        Ok(async_nats::jetstream::context::Publish::build()
+            .payload(payload.clone())
+            .headers(map))
+    }
+
+    /// How often the NATS client has connected: a change between a batch's
+    /// first publish and its confirmation means the batch may have been lost
+    /// with the old connection.
+    fn connects(&self) -> u64 {
+        match &self.bus {
+            Bus::Local(_) => 0,
+            Bus::Nats(nats) => nats.client().statistics().connects.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Completes once the client has connected again since `connects` was
+    /// read; then what is awaited on the old connection may never come.
+    async fn reconnect_after(&self, connects: u64) {
+        if let Bus::Local(_) = self.bus {
+            return std::future::pending().await;
+        }
+        while self.connects() == connects {
+            tokio::time::sleep(RECONNECT_POLL).await;
+        }
+    }
+
+    /// Sleeps for `duration`, noting a stop request meanwhile.
+    async fn pause(
+        &self,
+        duration: Duration,
+        stop: &mut oneshot::Receiver<()>,
+        drain_to: &mut DrainTo,
+    ) {
+        tokio::select! {
+            () = tokio::time::sleep(duration) => {}
+            _ = &mut *stop, if drain_to.is_none() => *drain_to = Some(self.log.head()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use switchboard_events::catalog::*;
+    use switchboard_events::{StreamId, EVENT_TYPES};
+
+    fn envelope(event: Event) -> Envelope {
+        Envelope {
+            seq: 7,
+            id: uuid::Uuid::now_v7(),
+            stream: StreamId::system(),
+            version: 1,
+            at: chrono::Utc::now(),
+            correlation_id: None,
+            causation_id: None,
+            traceparent: None,
+            event,
+        }
+    }
+
+    /// One event of every type, with `conv` as conversation id, `key` as key
+    /// id and `user` as budget user.
+    fn one_of_each(conv: &str, key: &str, user: &str) -> Vec<Event> {
+        let at = chrono::Utc::now();
+        vec![
+            Event::ConversationStarted(ConversationStarted {
+                conversation_id: conv.into(),
+                key_id: key.into(),
+                user: None,
+            }),
+            Event::MessageReceived(MessageReceived {
+                conversation_id: conv.into(),
+                message_id: "m1".into(),
+                key_id: key.into(),
+                user: None,
+                content: "hi".into(),
+                agent: None,
+            }),
+            Event::AgentRouted(AgentRouted {
+                conversation_id: conv.into(),
+                message_id: "m1".into(),
+                agent: "echo".into(),
+                rule: None,
+            }),
+            Event::ReplyCompleted(ReplyCompleted {
+                conversation_id: conv.into(),
+                message_id: "m1".into(),
+                reply_id: "r1".into(),
+                agent: "echo".into(),
+                content: "echo: hi".into(),
+                finish_reason: "stop".into(),
+                latency_ms: 3,
+            }),
+            Event::ReplyFailed(ReplyFailed {
+                conversation_id: conv.into(),
+                message_id: "m1".into(),
+                agent: "echo".into(),
+                code: "timeout".into(),
+                message: "slow".into(),
+            }),
+            Event::ConversationErased(ConversationErased {
+                conversation_id: conv.into(),
+                by: "admin".into(),
+            }),
+            Event::UsageRecorded(UsageRecorded {
+                conversation_id: conv.into(),
+                message_id: "m1".into(),
+                key_id: key.into(),
+                user: None,
+                agent: "echo".into(),
+                model: "echo".into(),
+                prompt_tokens: 1,
+                completion_tokens: 2,
+                estimated: true,
+                input_price: 0,
+                output_price: 0,
+                cost_micros: 0,
+            }),
+            Event::BudgetThresholdCrossed(BudgetThresholdCrossed {
+                scope: BudgetScope::Key,
+                subject_id: key.into(),
+                period: BudgetPeriod::Day,
+                period_start: at,
+                threshold_pct: 80,
+                spent_micros: 80,
+                budget_micros: 100,
+            }),
+            Event::BudgetExceeded(BudgetExceeded {
+                scope: BudgetScope::User,
+                subject_id: user.into(),
+                period: BudgetPeriod::Month,
+                spent_micros: 101,
+                budget_micros: 100,
+            }),
+            Event::KeyIssued(KeyIssued {
+                key_id: key.into(),
+                name: "k".into(),
+                owner: None,
+                key_hash: KeyHash([0; 32]),
+                scopes: vec![Scope::Chat],
+                limits: Limits::default(),
+                budget: None,
+                expires_at: None,
+            }),
+            Event::KeyUpdated(KeyUpdated {
+                key_id: key.into(),
+                limits: None,
+                budget: None,
+            }),
+            Event::KeyRevoked(KeyRevoked {
+                key_id: key.into(),
+                by: "admin".into(),
+                reason: None,
+            }),
+            Event::AuthFailed(AuthFailed {
+                channel: AuthChannel::Nats,
+                reason: "unknown key".into(),
+                key_prefix: None,
+                remote: None,
+            }),
+            Event::RateLimited(RateLimited {
+                key_id: key.into(),
+                limit: LimitKind::Rpm,
+                count: 1,
+                retry_after_ms: 100,
+            }),
+            Event::AdminAction(AdminAction {
+                actor: "admin".into(),
+                action: "rotate".into(),
+                target: "x".into(),
+            }),
+        ]
+    }
+
+    #[test]
+    fn subjects_of_every_type() {
+        let expected: &[(&str, &[&str])] = &[
+            (
+                "conversation_started",
+                &["sb.evt.conv.c1.conversation_started"],
+            ),
+            ("message_received", &["sb.evt.conv.c1.message_received"]),
+            ("agent_routed", &["sb.evt.conv.c1.agent_routed"]),
+            ("reply_completed", &["sb.evt.conv.c1.reply_completed"]),
+            ("reply_failed", &["sb.evt.conv.c1.reply_failed"]),
+            (
+                "conversation_erased",
+                &[
+                    "sb.evt.conv.c1.conversation_erased",
+                    "sb.evt.audit.conversation_erased",
+                ],
+            ),
+            (
+                "usage_recorded",
+                &["sb.evt.usage.key_1", "sb.evt.conv.c1.usage_recorded"],
+            ),
+            (
+                "budget_threshold_crossed",
+                &[
+                    "sb.evt.audit.budget_threshold_crossed",
+                    "sb.alert.budget.key_1",
+                ],
+            ),
+            (
+                "budget_exceeded",
+                &["sb.evt.audit.budget_exceeded", "sb.alert.budget.user.alice"],
+            ),
+            ("key_issued", &["sb.evt.audit.key_issued"]),
+            ("key_updated", &["sb.evt.audit.key_updated"]),
+            ("key_revoked", &["sb.evt.audit.key_revoked"]),
+            ("auth_failed", &["sb.evt.audit.auth_failed"]),
+            (
+                "rate_limited",
+                &["sb.evt.audit.rate_limited", "sb.alert.rate_limit.key_1"],
+            ),
+            ("admin_action", &["sb.evt.audit.admin_action"]),
+        ];
+        let events = one_of_each("c1", "key_1", "alice");
+        assert_eq!(events.len(), EVENT_TYPES.len(), "one of each type");
+        for (event, (kind, subjects_of)) in events.into_iter().zip(expected) {
+            assert_eq!(event.type_name(), *kind);
+            assert_eq!(subjects("sb", &envelope(event)), *subjects_of, "{kind}");
+        }
+    }
+
+    #[test]
+    fn audit_events_and_only_they_reach_the_audit_subjects() {
+        for event in one_of_each("c1", "key_1", "alice") {
+            let audit = format!("acme.sb.evt.audit.{}", event.type_name());
+            let subjects = subjects("acme.sb", &envelope(event.clone()));
+            assert_eq!(
+                subjects.contains(&audit),
+                event.is_audit(),
+                "{}: {subjects:?}",
+                event.type_name()
+            );
+        }
+    }
+
+    #[test]
+    fn msg_ids_are_the_event_id_then_unique_per_subject() {
+        for event in one_of_each("c1", "key_1", "alice") {
+            let envelope = envelope(event);
+            let routes = routes("sb", &envelope);
+            assert_eq!(routes[0].msg_id, envelope.id.to_string());
+            let mut ids: Vec<_> = routes.iter().map(|route| route.msg_id.as_str()).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            assert_eq!(ids.len(), routes.len(), "{routes:?}");
+            for route in &routes[1..] {
+                assert!(route.msg_id.starts_with(&format!("{}:", envelope.id)));
+            }
+        }
+    }
+
+    #[test]
+    fn tokens_are_encoded_only_when_needed() {
+        let table = [
+            ("c1", "c1"),
+            ("key_1-A", "key_1-A"),
+            ("", "%"),
+            ("a.b", "a%2Eb"),
+            ("*", "%2A"),
+            (">", "%3E"),
+            ("a*b>c", "a%2Ab%3Ec"),
+            ("100%", "100%25"),
+            ("two words", "two%20words"),
+            ("tab\there", "tab%09here"),
+            ("line\r\n", "line%0D%0A"),
+            ("nb\u{a0}sp", "nb%C2%A0sp"),
+            ("bob@example.com", "bob@example%2Ecom"),
+            ("key:1", "key:1"),
+            ("zoë", "zoë"),
+        ];
+        for (id, token) in table {
+            assert_eq!(subject_token(id), token, "{id:?}");
+        }
+        assert!(matches!(subject_token("c1"), Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn hostile_ids_still_make_valid_distinct_subjects() {
+        let ids = [
+            "", ".", "..", "*", ">", "a.*", "a.>", " ", "%", "%2E", "a\u{0}b",
+        ];
+        let mut seen = std::collections::HashSet::new();
+        for id in ids {
+            for event in one_of_each(id, id, id) {
+                for subject in subjects("sb", &envelope(event)) {
+                    assert_eq!(
+                        subject::validate_subject(&subject),
+                        Ok(()),
+                        "{id:?}: {subject}"
+                    );
+                }
+            }
+            assert!(
+                seen.insert(subject_token(id).into_owned()),
+                "{id:?} collides"
+            );
+        }
+    }
+
+    #[test]
+    fn headers_carry_id_content_type_and_a_usable_traceparent() {
+        let mut envelope = envelope(one_of_each("c1", "k", "u").remove(0));
+        let plain = headers(&envelope, "id-1");
+        assert_eq!(plain.get(NATS_MSG_ID), Some("id-1"));
+        assert_eq!(plain.get("Content-Type"), Some("application/json"));
+        assert_eq!(plain.get("traceparent"), None);
+
+        let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        envelope.traceparent = Some(traceparent.into());
+        assert_eq!(
+            headers(&envelope, "x").get("traceparent"),
+            Some(traceparent)
+        );
+
+        envelope.traceparent = Some("bad\r\nInjected: yes".into());
+        let refused = headers(&envelope, "x");
+        assert_eq!(refused.get("traceparent"), None);
+        assert_eq!(refused.validate(), Ok(()));
+    }
+}

@@ -1,0 +1,414 @@
+//! `switchboard serve` as a library: one [`Server`] wires the log, the
+//! projections, the actors and the NATS gateway together on one bus (DESIGN
+//! §1, §8), and takes them apart again in an order that loses nothing.
+//!
+//! Start-up: open the log (refusing a dir another process holds), bring the
+//! projections up to its head, make sure the admin key exists, connect the bus
+//! (NATS, or the embedded bus), start the agents, the conversations and the
+//! gateway, then publish events from the log (the outbox) and end turns an
+//! earlier process left without a reply.
+//!
+//! Shutdown ([`Server::shutdown`]): stop taking requests (answering those
+//! already taken), let running turns finish — each ends `reply_completed` or
+//! `reply_failed` — for up to [`ServerConfig::drain_timeout`], stop the
+//! actors, publish what the log holds, stop the projections, flush. Turns
+//! still running after the drain timeout are ended `reply_failed` by the next
+//! start, never left open.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::{Actor, ActorRef};
+use serde_json::json;
+use switchboard_actors::agent::circuit::CircuitTransition;
+use switchboard_actors::agent::{Agent, AgentActor, AgentConfig, AgentMsg, CircuitAlert};
+use switchboard_actors::conversation_actor::{ConversationRegistry, RegistryConfig};
+use switchboard_actors::provider::{EchoProvider, OpenAiProvider, Provider};
+use switchboard_actors::router::Router;
+use switchboard_actors::turns::TurnCoordinator;
+use switchboard_events::{EventLog, OpenMode};
+use switchboard_projections::Projections;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::bus::{Bus, Headers, LocalBus, NatsBus};
+use crate::gateway::{GatewayHandle, NatsGateway};
+use crate::keys::{self, AdminBootstrap};
+use crate::outbox::{Outbox, OutboxError, OutboxHandle};
+use crate::service::{self, ServiceHandle, ServiceInfo};
+
+/// Everything `serve` is configured with, resolved from flags, environment,
+/// config file and defaults.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub data_dir: PathBuf,
+    /// `None`: the embedded bus.
+    pub nats_url: Option<String>,
+    /// The first token of every subject (`sb`).
+    pub prefix: String,
+    /// Publish events whose subjects match this pattern through JetStream
+    /// and advance the outbox only on the stream's acknowledgment (set it
+    /// when a stream captures them, e.g. `sb.evt.>`; every matching subject
+    /// must then be captured). NATS only.
+    pub outbox_jetstream: Option<String>,
+    /// `SWITCHBOARD_ADMIN_KEY`; without it the first start generates one.
+    pub admin_key: Option<String>,
+    pub agents: Vec<AgentSpec>,
+    /// `(pattern, agent)` routing rules, in order.
+    pub routes: Vec<(String, String)>,
+    pub default_agent: String,
+    pub conversations: RegistryConfig,
+    /// How long shutdown waits for running turns.
+    pub drain_timeout: Duration,
+}
+
+impl ServerConfig {
+    /// The defaults of DESIGN §8: `./data`, the embedded bus, one `echo` agent.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        ServerConfig {
+            data_dir: data_dir.into(),
+            nats_url: None,
+            prefix: crate::gateway::DEFAULT_PREFIX.to_owned(),
+            outbox_jetstream: None,
+            admin_key: None,
+            agents: vec![AgentSpec {
+                config: AgentConfig::new("echo"),
+                provider: ProviderSpec::Echo,
+            }],
+            routes: Vec::new(),
+            default_agent: "echo".to_owned(),
+            conversations: RegistryConfig::default(),
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// One configured agent.
+#[derive(Debug, Clone)]
+pub struct AgentSpec {
+    pub config: AgentConfig,
+    pub provider: ProviderSpec,
+}
+
+/// The model behind an agent.
+#[derive(Clone)]
+pub enum ProviderSpec {
+    Echo,
+    /// An OpenAI-compatible chat-completions server.
+    OpenAi {
+        base_url: String,
+        model: String,
+        /// The secret itself (read from the environment variable the config
+        /// names); never printed.
+        api_key: Option<String>,
+    },
+}
+
+impl std::fmt::Debug for ProviderSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ProviderSpec::Echo => f.write_str("Echo"),
+            ProviderSpec::OpenAi {
+                base_url,
+                model,
+                api_key,
+            } => f
+                .debug_struct("OpenAi")
+                .field("base_url", base_url)
+                .field("model", model)
+                .field("api_key", &api_key.as_ref().map(|_| "<set>"))
+                .finish(),
+        }
+    }
+}
+
+/// Why the server could not start or stop cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Open(#[from] switchboard_events::OpenError),
+    #[error("the projections: {0}")]
+    Projections(#[from] switchboard_projections::ProjectionError),
+    #[error("the admin key: {0}")]
+    AdminKey(#[from] keys::KeyAdminError),
+    #[error("the bus: {0}")]
+    Bus(#[from] crate::bus::BusError),
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("{0}")]
+    Actor(String),
+}
+
+/// A running switchboard; see the module doc.
+pub struct Server {
+    log: EventLog,
+    projections: Projections,
+    bus: Bus,
+    registry: ConversationRegistry,
+    coordinator: TurnCoordinator,
+    agents: Vec<ActorRef<AgentMsg>>,
+    gateway: GatewayHandle,
+    service: ServiceHandle,
+    outbox: OutboxHandle,
+    admin: AdminBootstrap,
+    stop_projections: oneshot::Sender<()>,
+    projections_task: JoinHandle<()>,
+    alerts_task: JoinHandle<()>,
+    recovery_task: JoinHandle<()>,
+    drain_timeout: Duration,
+}
+
+impl Server {
+    /// Starts everything; see the module doc. Returns once requests are
+    /// being taken.
+    pub async fn start(config: ServerConfig) -> Result<Server, ServerError> {
+        let dir = config.data_dir.clone();
+        let (log, projections) = tokio::task::spawn_blocking(move || {
+            let log = EventLog::open(&dir, OpenMode::CreateIfMissing)?;
+            let projections = Projections::open(&log)?;
+            projections.catch_up(&mut |_| {})?;
+            Ok::<_, ServerError>((log, projections))
+        })
+        .await
+        .map_err(|e| ServerError::Actor(format!("opening the data dir panicked: {e}")))??;
+        let admin = keys::bootstrap_admin(&log, &projections, config.admin_key.as_deref()).await?;
+
+        let (stop_projections, stopped) = oneshot::channel::<()>();
+        let live = projections.clone();
+        let projections_task = tokio::spawn(async move {
+            if let Err(error) = live
+                .run_live(async {
+                    let _ = stopped.await;
+                })
+                .await
+            {
+                tracing::error!(%error, "the projections stopped");
+            }
+        });
+
+        let bus = match &config.nats_url {
+            Some(url) => Bus::from(NatsBus::connect(url).await?),
+            None => Bus::from(LocalBus::new()),
+        };
+
+        let (alerts, alert_stream) = mpsc::unbounded_channel();
+        let alerts_task = tokio::spawn(publish_agent_alerts(
+            bus.clone(),
+            config.prefix.clone(),
+            alert_stream,
+        ));
+        let mut agent_refs = HashMap::new();
+        for spec in &config.agents {
+            let provider = provider(&spec.provider)?;
+            let agent = Agent::new(spec.config.clone(), provider).with_alerts(alerts.clone());
+            let (actor, _) = Actor::spawn(None, AgentActor, Arc::new(agent))
+                .await
+                .map_err(|e| ServerError::Actor(format!("agent {}: {e}", spec.config.name)))?;
+            agent_refs.insert(spec.config.name.clone(), actor);
+        }
+        let router = Router::new(config.routes.clone(), config.default_agent.clone())
+            .map_err(|e| ServerError::Config(e.to_string()))?;
+        let registry = ConversationRegistry::new(log.clone(), config.conversations);
+        let agents: Vec<_> = agent_refs.values().cloned().collect();
+        let coordinator = TurnCoordinator::new(registry.clone(), router, agent_refs, log.clone())
+            .map_err(|e| ServerError::Config(e.to_string()))?;
+
+        let gateway = NatsGateway::start(
+            bus.clone(),
+            &config.prefix,
+            coordinator.clone(),
+            projections.clone(),
+            log.clone(),
+        )
+        .await?;
+
+        let mut info = ServiceInfo::new("switchboard", env!("CARGO_PKG_VERSION"));
+        info.description = "conversations, keys and agents over NATS (DESIGN §6)".to_owned();
+        info.metadata
+            .insert("prefix".to_owned(), config.prefix.clone());
+        let service = service::register(bus.clone(), info, gateway.endpoints())
+            .await
+            .map_err(|e| ServerError::Actor(format!("the service API registration: {e}")))?;
+
+        let outbox_error = |e: OutboxError| ServerError::Config(format!("the outbox: {e}"));
+        let mut outbox = Outbox::new(log.clone(), bus.clone(), &config.prefix);
+        if let Some(pattern) = &config.outbox_jetstream {
+            outbox = outbox
+                .confirm_with_jetstream(pattern)
+                .map_err(outbox_error)?;
+        }
+        let outbox = outbox.spawn().map_err(outbox_error)?;
+
+        let recovery_task =
+            tokio::spawn(finish_lost_turns(coordinator.clone(), projections.clone()));
+
+        Ok(Server {
+            log,
+            projections,
+            bus,
+            registry,
+            coordinator,
+            agents,
+            gateway,
+            service,
+            outbox,
+            admin,
+            stop_projections,
+            projections_task,
+            alerts_task,
+            recovery_task,
+            drain_timeout: config.drain_timeout,
+        })
+    }
+
+    /// What start-up did about the admin key.
+    pub fn admin_bootstrap(&self) -> &AdminBootstrap {
+        &self.admin
+    }
+
+    /// The bus the server serves on (a client of the embedded bus uses it).
+    pub fn bus(&self) -> &Bus {
+        &self.bus
+    }
+
+    pub fn log(&self) -> &EventLog {
+        &self.log
+    }
+
+    pub fn projections(&self) -> &Projections {
+        &self.projections
+    }
+
+    /// Conversation actors alive now.
+    pub fn live_conversations(&self) -> usize {
+        self.registry.live_count()
+    }
+
+    /// Stops in the order of the module doc; returns once the log is flushed.
+    pub async fn shutdown(self) {
+        if let Err(error) = self.service.stop().await {
+            tracing::warn!(%error, "leaving the service API failed");
+        }
+        self.gateway.stop().await;
+        let drain = async {
+            if let Err(error) = self.recovery_task.await {
+                tracing::error!(%error, "ending lost turns failed");
+            }
+            self.coordinator.drain().await;
+        };
+        if tokio::time::timeout(self.drain_timeout, drain)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                turns = self.coordinator.turns_in_flight(),
+                "turns still running at shutdown; the next start ends them reply_failed"
+            );
+        }
+        self.registry.shutdown().await;
+        for agent in &self.agents {
+            agent.stop(None);
+        }
+        self.alerts_task.abort();
+        self.outbox.stop().await;
+        let _ = self.stop_projections.send(());
+        if let Err(error) = self.projections_task.await {
+            tracing::error!(%error, "the projections task failed");
+        }
+        if let Err(error) = self.bus.flush().await {
+            tracing::warn!(%error, "the bus did not flush at shutdown");
+        }
+        let log = self.log;
+        let flushed = tokio::task::spawn_blocking(move || log.db().flush()).await;
+        if !matches!(flushed, Ok(Ok(_))) {
+            tracing::error!("the data dir did not flush at shutdown");
+        }
+    }
+}
+
+fn provider(spec: &ProviderSpec) -> Result<Arc<dyn Provider>, ServerError> {
+    Ok(match spec {
+        ProviderSpec::Echo => Arc::new(EchoProvider::new()),
+        ProviderSpec::OpenAi {
+            base_url,
+            model,
+            api_key,
+        } => Arc::new(
+            OpenAiProvider::new(base_url, model.clone(), api_key.clone())
+                .map_err(|e| ServerError::Config(e.to_string()))?,
+        ),
+    })
+}
+
+/// Publishes each circuit change on `<prefix>.alert.agent.<name>`. Alerts are
+/// not events (the circuit is process state, rebuilt on restart), so they
+/// are published directly; one lost while NATS is away is not retried.
+async fn publish_agent_alerts(
+    bus: Bus,
+    prefix: String,
+    mut alerts: mpsc::UnboundedReceiver<CircuitAlert>,
+) {
+    while let Some(alert) = alerts.recv().await {
+        let (transition, state, failures) = match alert.transition {
+            CircuitTransition::Opened {
+                consecutive_failures,
+            } => ("opened", "open", Some(consecutive_failures)),
+            CircuitTransition::HalfOpened => ("half_opened", "half_open", None),
+            CircuitTransition::Reopened => ("reopened", "open", None),
+            CircuitTransition::Closed => ("closed", "closed", None),
+        };
+        let body = json!({
+            "agent": alert.agent,
+            "transition": transition,
+            "state": state,
+            "consecutive_failures": failures,
+            "cause": alert.cause,
+            "at": switchboard_events::time::to_rfc3339(&switchboard_events::time::now()),
+        });
+        let subject = format!("{prefix}.alert.agent.{}", alert.agent);
+        let headers = Headers::new().with("Content-Type", "application/json");
+        let payload = serde_json::to_vec(&body).expect("a JSON value always serializes");
+        if let Err(error) = bus.publish(&subject, headers, payload).await {
+            tracing::warn!(%subject, %error, "an agent alert was not published");
+        }
+    }
+}
+
+/// Ends turns an earlier process left without a reply, in every conversation
+/// the history knows (in the background: a send reaching a conversation
+/// first does the same for it before its turn starts).
+async fn finish_lost_turns(coordinator: TurnCoordinator, projections: Projections) {
+    let conversations = tokio::task::spawn_blocking(move || {
+        let history = projections.history();
+        let mut ids = Vec::new();
+        for key in projections.keys().list()? {
+            let mut after: Option<String> = None;
+            loop {
+                let page = history.conversations_of_key(&key.key_id, after.as_deref(), 1000)?;
+                let Some(last) = page.last() else { break };
+                after = Some(last.conversation_id.clone());
+                ids.extend(page.into_iter().map(|c| c.conversation_id));
+            }
+        }
+        Ok::<_, switchboard_projections::ProjectionError>(ids)
+    })
+    .await;
+    let ids = match conversations {
+        Ok(Ok(ids)) => ids,
+        Ok(Err(error)) => {
+            tracing::error!(%error, "cannot list conversations to end lost turns");
+            return;
+        }
+        Err(error) => {
+            tracing::error!(%error, "listing conversations panicked");
+            return;
+        }
+    };
+    match coordinator.finish_all_pending(ids).await {
+        Ok(0) => {}
+        Ok(ended) => tracing::info!(ended, "ended turns lost in the last shutdown"),
+        Err(error) => tracing::warn!(%error, "could not end every lost turn"),
+    }
+}

@@ -1,0 +1,463 @@
+//! `switchboard serve` end to end, as a process on a real `nats-server`:
+//! load over many conversations, `kill -9` under load, a NATS restart under
+//! load, and a graceful SIGTERM (DESIGN §6, §8).
+
+mod support;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use serde_json::{json, Value};
+use tokio::task::JoinSet;
+
+use support::nats::NatsServer;
+use support::serve::{Client, ServeProcess};
+
+/// How long a whole phase may take on a busy 2-core CI machine.
+const PHASE: Duration = Duration::from_secs(120);
+
+/// Every event of the data dir, from `switchboard log --json` (the server
+/// must be stopped: the CLI opens the dir itself).
+fn log_events(data: &Path) -> Vec<Value> {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["log", "--json", "--data-dir"])
+        .arg(data)
+        .output()
+        .expect("the CLI runs");
+    assert!(
+        output.status.success(),
+        "log failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout)
+        .expect("UTF-8")
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("one envelope per line"))
+        .collect()
+}
+
+/// `switchboard verify` passes on the data dir.
+fn assert_verifies(data: &Path) {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["verify", "--data-dir"])
+        .arg(data)
+        .output()
+        .expect("the CLI runs");
+    assert!(
+        output.status.success(),
+        "verify failed: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Per conversation, the `message_id`s of its `message_received` events in
+/// order, and checks that each has exactly one end (`reply_completed` or
+/// `reply_failed`) after it.
+fn messages_and_ends(events: &[Value]) -> BTreeMap<String, Vec<String>> {
+    let mut received: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut ends: HashMap<(String, String), usize> = HashMap::new();
+    for event in events {
+        let data = &event["data"];
+        let conversation = data["conversation_id"].as_str().unwrap_or_default();
+        let message = data["message_id"].as_str().unwrap_or_default();
+        match event["type"].as_str() {
+            Some("message_received") => received
+                .entry(conversation.to_owned())
+                .or_default()
+                .push(message.to_owned()),
+            Some("reply_completed" | "reply_failed") => {
+                *ends
+                    .entry((conversation.to_owned(), message.to_owned()))
+                    .or_default() += 1;
+            }
+            _ => {}
+        }
+    }
+    for (conversation, messages) in &received {
+        for message in messages {
+            let count = ends
+                .get(&(conversation.clone(), message.clone()))
+                .copied()
+                .unwrap_or(0);
+            assert_eq!(count, 1, "{conversation}/{message} has {count} turn ends");
+        }
+    }
+    received
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_thousand_messages_over_fifty_conversations_are_acked_answered_and_kept_in_order() {
+    const CONVERSATIONS: usize = 50;
+    const PER_CONVERSATION: usize = 20;
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let mut serve = ServeProcess::start(&data, &nats.url(), &[]);
+    let client = Client::connect(&nats.url()).await;
+    let (_, key) = client.issue_key(json!({ "name": "load" })).await;
+
+    let mut replies = client
+        .bus
+        .subscribe("sb.evt.conv.*.reply_completed")
+        .await
+        .expect("subscribes");
+    let mut deltas = client
+        .bus
+        .subscribe("sb.evt.conv.*.reply_delta")
+        .await
+        .expect("subscribes");
+    client.bus.flush().await.expect("flushes");
+
+    let mut senders = JoinSet::new();
+    for c in 0..CONVERSATIONS {
+        let (client, key) = (client.clone(), key.clone());
+        senders.spawn(async move {
+            for m in 0..PER_CONVERSATION {
+                let ack = client
+                    .send(
+                        &key,
+                        &format!("c{c}"),
+                        &format!("hello {m}"),
+                        &format!("c{c}-m{m}"),
+                    )
+                    .await
+                    .expect("answered");
+                assert_eq!(ack["ok"], json!(true), "{ack}");
+                assert_eq!(ack["message_id"], json!(format!("c{c}-m{m}")));
+                assert!(ack["seq"].as_u64().is_some_and(|seq| seq > 0), "{ack}");
+            }
+        });
+    }
+    while let Some(done) = senders.join_next().await {
+        done.expect("a sender failed");
+    }
+
+    let deadline = Instant::now() + PHASE;
+    let mut answered = HashSet::new();
+    while answered.len() < CONVERSATIONS * PER_CONVERSATION {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let message = tokio::time::timeout(left, replies.recv())
+            .await
+            .unwrap_or_else(|_| panic!("only {} replies arrived", answered.len()))
+            .expect("the subscription is open");
+        let event: Value = serde_json::from_slice(&message.payload).expect("JSON");
+        assert_eq!(event["type"], json!("reply_completed"));
+        let message_id = event["data"]["message_id"].as_str().expect("message_id");
+        assert!(answered.insert(message_id.to_owned()), "{message_id} twice");
+    }
+    let delta = tokio::time::timeout(PHASE, deltas.recv())
+        .await
+        .expect("reply deltas are streamed")
+        .expect("open");
+    let delta: Value = serde_json::from_slice(&delta.payload).expect("JSON");
+    for field in [
+        "conversation_id",
+        "message_id",
+        "reply_id",
+        "index",
+        "delta",
+    ] {
+        assert!(!delta[field].is_null(), "{field} missing from {delta}");
+    }
+
+    for c in 0..CONVERSATIONS {
+        let history = client.history(&key, &format!("c{c}")).await;
+        let messages = history["messages"].as_array().expect("messages");
+        assert_eq!(messages.len(), 2 * PER_CONVERSATION, "c{c}: {history}");
+        let users: Vec<&str> = messages
+            .iter()
+            .filter(|m| m["role"] == json!("user"))
+            .map(|m| m["content"].as_str().expect("content"))
+            .collect();
+        let expected: Vec<String> = (0..PER_CONVERSATION)
+            .map(|m| format!("hello {m}"))
+            .collect();
+        assert_eq!(users, expected, "c{c}: user messages out of order");
+        let seqs: Vec<u64> = messages
+            .iter()
+            .map(|m| m["seq"].as_u64().expect("seq"))
+            .collect();
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "c{c}: not in log order"
+        );
+        for m in 0..PER_CONVERSATION {
+            let reply = messages
+                .iter()
+                .find(|x| {
+                    x["role"] == json!("assistant")
+                        && x["message_id"] == json!(format!("c{c}-m{m}"))
+                })
+                .unwrap_or_else(|| panic!("c{c}-m{m} has no reply"));
+            assert_eq!(reply["content"], json!(format!("echo: hello {m}")));
+        }
+    }
+
+    let status = serve.terminate();
+    assert!(
+        status.success(),
+        "serve exited with {status}; stderr:\n{}",
+        serve.stderr()
+    );
+    let received = messages_and_ends(&log_events(&data));
+    assert_eq!(received.len(), CONVERSATIONS);
+    assert_verifies(&data);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_under_load_loses_and_duplicates_no_acknowledged_message() {
+    const CONVERSATIONS: usize = 16;
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let mut serve = ServeProcess::start(&data, &nats.url(), &[]);
+    let client = Client::connect(&nats.url()).await;
+    let (_, key) = client.issue_key(json!({ "name": "crash" })).await;
+
+    // Each sender sends until its first unanswered request, recording what
+    // was acknowledged and the one message left in doubt.
+    let acked = Arc::new(Mutex::new(HashSet::<String>::new()));
+    let in_doubt = Arc::new(Mutex::new(Vec::<(String, String)>::new()));
+    let mut senders = JoinSet::new();
+    for c in 0..CONVERSATIONS {
+        let (client, key) = (client.clone(), key.clone());
+        let (acked, in_doubt) = (acked.clone(), in_doubt.clone());
+        senders.spawn(async move {
+            for m in 0.. {
+                let (conversation, message_id) = (format!("k{c}"), format!("k{c}-m{m}"));
+                match client.send(&key, &conversation, "hi", &message_id).await {
+                    Ok(ack) if ack["ok"] == json!(true) => {
+                        acked.lock().expect("lock").insert(message_id);
+                    }
+                    _ => {
+                        in_doubt
+                            .lock()
+                            .expect("lock")
+                            .push((conversation, message_id));
+                        return;
+                    }
+                }
+            }
+        });
+    }
+    let deadline = Instant::now() + PHASE;
+    while acked.lock().expect("lock").len() < 300 {
+        assert!(Instant::now() < deadline, "the load did not get going");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    serve.kill();
+    while let Some(done) = senders.join_next().await {
+        done.expect("a sender panicked");
+    }
+    let acked = acked.lock().expect("lock").clone();
+
+    let mut serve = ServeProcess::start(&data, &nats.url(), &[]);
+    // A client unsure of its last message sends it again, same message_id.
+    let in_doubt = in_doubt.lock().expect("lock").clone();
+    for (conversation, message_id) in &in_doubt {
+        let ack = client
+            .send(&key, conversation, "hi", message_id)
+            .await
+            .expect("answered after the restart");
+        assert_eq!(ack["ok"], json!(true), "{ack}");
+    }
+    // A graceful stop drains running turns and ends those the kill cut off
+    // (reply_failed), so the log check below sees an end for every message.
+    let status = serve.terminate();
+    assert!(status.success(), "serve exited with {status}");
+
+    let received = messages_and_ends(&log_events(&data));
+    let mut stored = HashSet::new();
+    for messages in received.values() {
+        for message_id in messages {
+            assert!(
+                stored.insert(message_id.clone()),
+                "{message_id} stored twice"
+            );
+        }
+    }
+    for message_id in &acked {
+        assert!(
+            stored.contains(message_id),
+            "acknowledged {message_id} was lost"
+        );
+    }
+    for (_, message_id) in &in_doubt {
+        assert!(
+            stored.contains(message_id),
+            "resent {message_id} is missing"
+        );
+    }
+    let expected: HashSet<String> = acked
+        .iter()
+        .cloned()
+        .chain(in_doubt.iter().map(|(_, m)| m.clone()))
+        .collect();
+    assert_eq!(stored, expected, "the log holds messages nobody sent");
+    assert_verifies(&data);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_nats_restart_under_load_loses_nothing_and_publishes_each_event_once() {
+    const CONVERSATIONS: usize = 8;
+    const PER_CONVERSATION: usize = 25;
+    let mut nats = NatsServer::start();
+    let url = nats.url();
+    // A JetStream stream records everything published on sb.evt.>, across
+    // the restart (the store survives it), deduplicating by Nats-Msg-Id.
+    let observer = async_nats::connect(&url).await.expect("connects");
+    let js = jetstream::new(observer.clone());
+    js.create_stream(jetstream::stream::Config {
+        name: "EVENTS".into(),
+        subjects: vec!["sb.evt.>".into()],
+        duplicate_window: Duration::from_secs(600),
+        ..Default::default()
+    })
+    .await
+    .expect("the stream is created");
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let mut serve = ServeProcess::start(&data, &url, &["--outbox-jetstream", "sb.evt.>"]);
+    let client = Client::connect(&url).await;
+    let (_, key) = client.issue_key(json!({ "name": "restart" })).await;
+
+    let acked = Arc::new(Mutex::new(0usize));
+    let mut senders = JoinSet::new();
+    for c in 0..CONVERSATIONS {
+        let (client, key, acked) = (client.clone(), key.clone(), acked.clone());
+        senders.spawn(async move {
+            for m in 0..PER_CONVERSATION {
+                let message_id = format!("r{c}-m{m}");
+                let deadline = Instant::now() + PHASE;
+                // Retried with the same message_id until acknowledged.
+                loop {
+                    match client.send(&key, &format!("r{c}"), "hi", &message_id).await {
+                        Ok(ack) if ack["ok"] == json!(true) => break,
+                        Ok(refused) if refused["error"]["code"] != json!("unavailable") => {
+                            panic!("refused: {refused}")
+                        }
+                        _ => {}
+                    }
+                    assert!(Instant::now() < deadline, "{message_id} never acknowledged");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                *acked.lock().expect("lock") += 1;
+            }
+        });
+    }
+    let deadline = Instant::now() + PHASE;
+    while *acked.lock().expect("lock") < 40 {
+        assert!(Instant::now() < deadline, "the load did not get going");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _nats = tokio::task::spawn_blocking(move || {
+        nats.restart();
+        nats
+    })
+    .await
+    .expect("the restart works");
+    while let Some(done) = senders.join_next().await {
+        done.expect("a sender failed");
+    }
+
+    let status = serve.terminate();
+    assert!(
+        status.success(),
+        "serve exited with {status}; stderr:\n{}",
+        serve.stderr()
+    );
+    let events = log_events(&data);
+    messages_and_ends(&events);
+    let published_types = [
+        "conversation_started",
+        "message_received",
+        "agent_routed",
+        "reply_completed",
+        "reply_failed",
+    ];
+    let expected: HashSet<String> = events
+        .iter()
+        .filter(|e| published_types.contains(&e["type"].as_str().unwrap_or_default()))
+        .map(|e| e["id"].as_str().expect("id").to_owned())
+        .collect();
+
+    // What reached NATS: each stored conversation event exactly once, under
+    // its own id.
+    let mut stream = js.get_stream("EVENTS").await.expect("the stream exists");
+    let last = stream.info().await.expect("info").state.last_sequence;
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for seq in 1..=last {
+        let Ok(message) = stream.get_raw_message(seq).await else {
+            continue;
+        };
+        if message.subject.ends_with(".reply_delta") {
+            continue;
+        }
+        let event: Value = serde_json::from_slice(&message.payload).expect("JSON");
+        let id = event["id"].as_str().expect("id").to_owned();
+        let msg_id = message
+            .headers
+            .get(async_nats::header::NATS_MESSAGE_ID)
+            .map(|v| v.as_str().to_owned())
+            .unwrap_or_else(|| {
+                panic!(
+                    "no Nats-Msg-Id on {}: {:?}",
+                    message.subject, message.headers
+                )
+            });
+        assert!(msg_id.starts_with(&id), "{msg_id} published for event {id}");
+        if message.subject.starts_with("sb.evt.conv.")
+            && !message.subject.ends_with(".usage_recorded")
+        {
+            *seen.entry(id).or_default() += 1;
+        }
+    }
+    let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "published more than once: {twice:?}");
+    let seen: HashSet<String> = seen.into_keys().collect();
+    let missing: Vec<_> = expected.difference(&seen).collect();
+    assert!(
+        missing.is_empty(),
+        "never published: {} events, e.g. {:?}",
+        missing.len(),
+        missing.first()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_running_turns_and_exits_zero() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let mut serve = ServeProcess::start(&data, &nats.url(), &[]);
+    assert_eq!(serve.ready["bus"], json!(nats.url()));
+    let client = Client::connect(&nats.url()).await;
+    let (_, key) = client.issue_key(json!({ "name": "stop" })).await;
+    for m in 0..20 {
+        let ack = client
+            .send(&key, "s1", &format!("m{m}"), &format!("s1-m{m}"))
+            .await
+            .expect("answered");
+        assert_eq!(ack["ok"], json!(true));
+    }
+    let status = serve.terminate();
+    assert!(
+        status.success(),
+        "serve exited with {status}; stderr:\n{}",
+        serve.stderr()
+    );
+    // Nothing left open: every acknowledged message's turn ended before exit.
+    let received = messages_and_ends(&log_events(&data));
+    assert_eq!(received["s1"].len(), 20);
+    let events = log_events(&data);
+    let failed = events
+        .iter()
+        .filter(|e| e["type"] == json!("reply_failed"))
+        .count();
+    assert_eq!(failed, 0, "a graceful stop lets echo turns complete");
+}
