@@ -164,6 +164,18 @@ impl Server {
     /// Starts everything; see the module doc. Returns once requests are
     /// being taken.
     pub async fn start(config: ServerConfig) -> Result<Server, ServerError> {
+        // A configuration mistake is reported before anything is opened or created.
+        let router = Router::new(config.routes.clone(), config.default_agent.clone())
+            .map_err(|e| ServerError::Config(e.to_string()))?;
+        router
+            .check(|name| config.agents.iter().any(|a| a.config.name == name))
+            .map_err(|e| ServerError::Config(e.to_string()))?;
+        let providers = config
+            .agents
+            .iter()
+            .map(|spec| provider(&spec.provider))
+            .collect::<Result<Vec<_>, _>>()?;
+
         let dir = config.data_dir.clone();
         let (log, projections) = tokio::task::spawn_blocking(move || {
             let log = EventLog::open(&dir, OpenMode::CreateIfMissing)?;
@@ -200,16 +212,13 @@ impl Server {
             alert_stream,
         ));
         let mut agent_refs = HashMap::new();
-        for spec in &config.agents {
-            let provider = provider(&spec.provider)?;
+        for (spec, provider) in config.agents.iter().zip(providers) {
             let agent = Agent::new(spec.config.clone(), provider).with_alerts(alerts.clone());
             let (actor, _) = Actor::spawn(None, AgentActor, Arc::new(agent))
                 .await
                 .map_err(|e| ServerError::Actor(format!("agent {}: {e}", spec.config.name)))?;
             agent_refs.insert(spec.config.name.clone(), actor);
         }
-        let router = Router::new(config.routes.clone(), config.default_agent.clone())
-            .map_err(|e| ServerError::Config(e.to_string()))?;
         let registry = ConversationRegistry::new(log.clone(), config.conversations);
         let agents: Vec<_> = agent_refs.values().cloned().collect();
         let coordinator = TurnCoordinator::new(registry.clone(), router, agent_refs, log.clone())

@@ -461,3 +461,145 @@ async fn sigterm_finishes_running_turns_and_exits_zero() {
         .count();
     assert_eq!(failed, 0, "a graceful stop lets echo turns complete");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_file_sets_agents_routes_and_the_prefix_and_flags_win_over_it() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let config = dir.path().join("switchboard.toml");
+    std::fs::write(
+        &config,
+        r#"
+[nats]
+prefix = "acme"
+[router]
+default_agent = "front"
+[[agents]]
+name = "front"
+provider = "echo"
+[[agents]]
+name = "legal"
+provider = "echo"
+max_concurrency = 4
+[[routes]]
+pattern = "(?i)\\bcontract\\b"
+agent = "legal"
+[prices.legal]
+input = 2.5
+output = 10.0
+"#,
+    )
+    .expect("writes");
+    let config_arg = config.to_str().expect("UTF-8 path");
+
+    // The file's prefix, unless a flag says otherwise.
+    let mut serve = ServeProcess::start(&data, &nats.url(), &["--config", config_arg]);
+    assert_eq!(serve.ready["prefix"], json!("acme"));
+    let mut client = Client::connect(&nats.url()).await;
+    client.prefix = "acme".into();
+    let (_, key) = client.issue_key(json!({ "name": "cfg" })).await;
+    for (m, content) in ["hello", "about the Contract", "more"].iter().enumerate() {
+        let ack = client
+            .send(&key, "cfg1", content, &format!("m{m}"))
+            .await
+            .expect("answered");
+        assert_eq!(ack["ok"], json!(true), "{ack}");
+    }
+    let deadline = Instant::now() + PHASE;
+    let agents: Vec<String> = loop {
+        let history = client.history(&key, "cfg1").await;
+        let replies: Vec<String> = history["messages"]
+            .as_array()
+            .expect("messages")
+            .iter()
+            .filter(|m| m["role"] == json!("assistant"))
+            .map(|m| m["agent"].as_str().expect("agent").to_owned())
+            .collect();
+        if replies.len() == 3 {
+            // Turns run concurrently: order the replies by their message.
+            let mut by_message: Vec<(String, String)> = history["messages"]
+                .as_array()
+                .expect("messages")
+                .iter()
+                .filter(|m| m["role"] == json!("assistant"))
+                .map(|m| {
+                    (
+                        m["message_id"].as_str().expect("id").to_owned(),
+                        m["agent"].as_str().expect("agent").to_owned(),
+                    )
+                })
+                .collect();
+            by_message.sort();
+            break by_message.into_iter().map(|(_, agent)| agent).collect();
+        }
+        assert!(Instant::now() < deadline, "{history}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(agents, ["front", "legal", "front"]);
+    assert!(serve.terminate().success());
+    let usage: Vec<Value> = log_events(&data)
+        .into_iter()
+        .filter(|e| e["type"] == json!("usage_recorded") && e["data"]["agent"] == json!("legal"))
+        .collect();
+    assert_eq!(usage.len(), 1);
+    // $2.50 and $10.00 per million tokens, as integer micro-USD.
+    assert_eq!(usage[0]["data"]["input_price"], json!(2_500_000));
+    assert_eq!(usage[0]["data"]["output_price"], json!(10_000_000));
+
+    let mut serve = ServeProcess::start(
+        &data,
+        &nats.url(),
+        &["--config", config_arg, "--nats-prefix", "beta"],
+    );
+    assert_eq!(serve.ready["prefix"], json!("beta"));
+    client.prefix = "beta".into();
+    let ack = client
+        .send(&key, "cfg2", "hi", "b1")
+        .await
+        .expect("answered");
+    assert_eq!(ack["ok"], json!(true), "{ack}");
+    assert!(serve.terminate().success());
+}
+
+#[test]
+fn a_bad_config_is_refused_before_anything_starts() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    for (toml, needle) in [
+        (
+            "[nats]\nurl = \"nats://127.0.0.1:1\"\nprefx = \"x\"\n",
+            "prefx",
+        ),
+        (
+            "[[agents]]\nname = \"a\"\nprovider = \"gpt\"\n",
+            "unknown provider",
+        ),
+        (
+            "[[agents]]\nname = \"a.b\"\nprovider = \"echo\"\n",
+            "agent name",
+        ),
+        (
+            "[[agents]]\nname = \"a\"\nprovider = \"openai\"\nmodel = \"m\"\n",
+            "base_url",
+        ),
+        ("[router]\ndefault_agent = \"nobody\"\n", "nobody"),
+        ("[[routes]]\npattern = \"(\"\nagent = \"echo\"\n", "("),
+        ("[prices.echo]\ninput = -1.0\noutput = 0.0\n", "price"),
+    ] {
+        let config = dir.path().join("bad.toml");
+        std::fs::write(&config, toml).expect("writes");
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+            .args(["serve", "--data-dir"])
+            .arg(&data)
+            .arg("--config")
+            .arg(&config)
+            .env_remove("SWITCHBOARD_NATS_URL")
+            .output()
+            .expect("runs");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{toml} was accepted");
+        assert!(stderr.contains(needle), "{toml}: {stderr}");
+        assert!(!data.exists(), "{toml} created the data dir");
+    }
+}

@@ -480,3 +480,48 @@ async fn the_service_answers_srv_ping_info_and_stats_with_request_counts() {
     assert_eq!(stats["endpoints"][2]["num_requests"], json!(1));
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_traceparent_travels_to_the_ack_the_deltas_and_the_published_events() {
+    const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = start(config(dir.path())).await;
+    let bus = server.bus().clone();
+    let issued = request(&bus, "sb.admin.keys.issue", ADMIN_KEY, json!({ "name": "t" })).await;
+    let key = issued["key"].as_str().expect("key").to_owned();
+    let mut published = bus.subscribe("sb.evt.conv.tp.>").await.expect("subscribes");
+
+    let headers = Headers::new()
+        .with("Authorization", format!("Bearer {key}"))
+        .with("traceparent", TRACEPARENT);
+    let body = serde_json::to_vec(&json!({ "content": "one two three" })).expect("JSON");
+    let ack = bus
+        .request("sb.conv.tp.send", headers, body, WAIT)
+        .await
+        .expect("answered");
+    assert_eq!(ack.headers.get("traceparent"), Some(TRACEPARENT));
+
+    let mut seen = std::collections::BTreeSet::new();
+    while !seen.contains("reply_completed") {
+        let message = tokio::time::timeout(WAIT, published.recv())
+            .await
+            .expect("the turn's messages arrive")
+            .expect("open");
+        let kind = message.subject.rsplit('.').next().expect("a type").to_owned();
+        assert_eq!(
+            message.headers.get("traceparent"),
+            Some(TRACEPARENT),
+            "{} lacks the trace",
+            message.subject
+        );
+        if kind != "reply_delta" {
+            let event: Value = serde_json::from_slice(&message.payload).expect("JSON");
+            assert_eq!(event["traceparent"], json!(TRACEPARENT), "{event}");
+        }
+        seen.insert(kind);
+    }
+    for kind in ["message_received", "agent_routed", "reply_delta", "reply_completed"] {
+        assert!(seen.contains(kind), "no {kind} among {seen:?}");
+    }
+    server.shutdown().await;
+}
