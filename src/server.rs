@@ -39,6 +39,9 @@ use crate::keys::{self, AdminBootstrap};
 use crate::outbox::{Outbox, OutboxError, OutboxHandle};
 use crate::service::{self, ServiceHandle, ServiceInfo};
 
+/// How long start-up waits for the first NATS connection.
+const NATS_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Everything `serve` is configured with, resolved from flags, environment,
 /// config file and defaults.
 #[derive(Debug, Clone)]
@@ -137,6 +140,8 @@ pub enum ServerError {
     Bus(#[from] crate::bus::BusError),
     #[error("configuration: {0}")]
     Config(String),
+    #[error("cannot reach NATS at {url} within {}s: is nats-server running there?", waited.as_secs())]
+    NatsUnreachable { url: String, waited: Duration },
     #[error("{0}")]
     Actor(String),
 }
@@ -201,7 +206,7 @@ impl Server {
         });
 
         let bus = match &config.nats_url {
-            Some(url) => Bus::from(NatsBus::connect(url).await?),
+            Some(url) => Bus::from(connect_nats(url).await?),
             None => Bus::from(LocalBus::new()),
         };
 
@@ -335,6 +340,25 @@ impl Server {
             tracing::error!("the data dir did not flush at shutdown");
         }
     }
+}
+
+/// Connects to NATS, waiting up to [`NATS_CONNECT_TIMEOUT`] for the first
+/// connection: a server that cannot be reached at start is a clear error, not
+/// a service that silently answers nobody. (Later disconnects are waited out.)
+async fn connect_nats(url: &str) -> Result<NatsBus, ServerError> {
+    let bus = NatsBus::connect(url).await?;
+    let connected = async {
+        while !bus.is_connected() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(NATS_CONNECT_TIMEOUT, connected)
+        .await
+        .map_err(|_| ServerError::NatsUnreachable {
+            url: url.to_owned(),
+            waited: NATS_CONNECT_TIMEOUT,
+        })?;
+    Ok(bus)
 }
 
 fn provider(spec: &ProviderSpec) -> Result<Arc<dyn Provider>, ServerError> {

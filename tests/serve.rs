@@ -603,3 +603,24 @@ fn a_bad_config_is_refused_before_anything_starts() {
         assert!(!data.exists(), "{toml} created the data dir");
     }
 }
+
+#[test]
+fn an_unreachable_nats_server_is_a_clear_error_at_start() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    // A port nothing listens on: bind one, note it, let it go.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .port();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["serve", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .arg("--nats-url")
+        .arg(format!("nats://127.0.0.1:{port}"))
+        .env("SWITCHBOARD_ADMIN_KEY", support::serve::ADMIN_KEY)
+        .output()
+        .expect("runs");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("cannot reach NATS at"), "{stderr}");
+}
