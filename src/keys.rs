@@ -214,12 +214,20 @@ pub enum AdminBootstrap {
     Generated(PathBuf),
 }
 
-/// Makes sure the admin key exists (DESIGN §8). With `configured` (from
-/// `SWITCHBOARD_ADMIN_KEY`), its hash becomes key `admin` unless it already
-/// is; a changed key replaces the old one (re-issuing a key id retires its old
-/// hash). Without, the first start generates a key, writes it to
-/// `<data dir>/admin.key` with mode 0600 — before storing its hash, so a crash
-/// in between leaves no admin key nobody can read — and later starts leave it.
+/// Makes sure an admin key exists (DESIGN §8).
+///
+/// With `configured` (from `SWITCHBOARD_ADMIN_KEY`): a key with its hash and
+/// the `admin` scope is used as it is; otherwise its hash is stored as key
+/// `admin` — replacing the key `admin` had (re-issuing a key id retires its
+/// old hash) — or, when `admin` was revoked (a revocation is never undone),
+/// under a new key id. A configured key that was itself revoked is refused:
+/// choose another.
+///
+/// Without: the first start generates a key, writes it to
+/// `<data dir>/admin.key` with mode 0600 — before storing its hash, so a
+/// crash in between leaves no admin key nobody can read — and later starts
+/// leave it. If `admin` was revoked and no other active key has the `admin`
+/// scope, a new one is generated the same way under a new key id.
 ///
 /// `projections` must be caught up with the log.
 pub async fn bootstrap_admin(
@@ -227,14 +235,11 @@ pub async fn bootstrap_admin(
     projections: &Projections,
     configured: Option<&str>,
 ) -> Result<AdminBootstrap, KeyAdminError> {
-    let existing = projections.keys().get(ADMIN_KEY_ID)?;
-    if existing.as_ref().is_some_and(|r| r.revoked.is_some()) {
-        return Err(KeyAdminError::Invalid(format!(
-            "the admin key (id {ADMIN_KEY_ID:?}) was revoked; a revocation is never undone, \
-             so issue another key with the admin scope (`switchboard keys issue --scopes admin`)"
-        )));
-    }
-    let (hash, outcome) = match configured {
+    let keys = projections.keys();
+    let now = Utc::now();
+    let admin = keys.get(ADMIN_KEY_ID)?;
+    let admin_revoked = admin.as_ref().is_some_and(|r| r.revoked.is_some());
+    let (key_id, hash, outcome) = match configured {
         Some(key) => {
             if key.chars().count() < MIN_ADMIN_KEY_CHARS || key.chars().any(char::is_whitespace) {
                 return Err(KeyAdminError::Invalid(format!(
@@ -243,23 +248,53 @@ pub async fn bootstrap_admin(
                 )));
             }
             let hash = hash_key(key);
-            if existing.as_ref().is_some_and(|r| r.key_hash == hash) {
+            if let Some(record) = keys.by_hash(&hash)? {
+                if record.revoked.is_some() {
+                    return Err(KeyAdminError::Invalid(format!(
+                        "SWITCHBOARD_ADMIN_KEY is key {} and was revoked; set another",
+                        record.key_id
+                    )));
+                }
+                if !record.scopes.contains(&Scope::Admin) || !record.is_active(now) {
+                    return Err(KeyAdminError::Invalid(format!(
+                        "SWITCHBOARD_ADMIN_KEY is key {}, which is not an active admin key; \
+                         set another",
+                        record.key_id
+                    )));
+                }
                 return Ok(AdminBootstrap::Existing);
             }
-            (hash, AdminBootstrap::FromConfig)
+            let key_id = if admin_revoked {
+                new_key_id()
+            } else {
+                ADMIN_KEY_ID.to_owned()
+            };
+            (key_id, hash, AdminBootstrap::FromConfig)
         }
         None => {
-            if existing.is_some() {
+            if admin.is_some() && !admin_revoked {
                 return Ok(AdminBootstrap::Existing);
             }
+            let key_id = if admin_revoked {
+                let another = keys
+                    .list()?
+                    .into_iter()
+                    .any(|r| r.scopes.contains(&Scope::Admin) && r.is_active(now));
+                if another {
+                    return Ok(AdminBootstrap::Existing);
+                }
+                new_key_id()
+            } else {
+                ADMIN_KEY_ID.to_owned()
+            };
             let key = ApiKey::generate();
             let path = log.dir().join(ADMIN_KEY_FILE);
             write_secret(&path, key.expose())?;
-            (key.hash(), AdminBootstrap::Generated(path))
+            (key_id, key.hash(), AdminBootstrap::Generated(path))
         }
     };
     let event = KeyIssued {
-        key_id: ADMIN_KEY_ID.to_owned(),
+        key_id: key_id.clone(),
         name: "admin".to_owned(),
         owner: None,
         key_hash: hash,
@@ -268,8 +303,9 @@ pub async fn bootstrap_admin(
         budget: None,
         expires_at: None,
     };
+    let stream = StreamId::key(&key_id).map_err(|e| KeyAdminError::Invalid(e.to_string()))?;
     log.append(
-        StreamId::key(ADMIN_KEY_ID).expect("the admin key id is a valid stream id"),
+        stream,
         ExpectedVersion::Any,
         vec![NewEvent::new(Event::KeyIssued(event))],
     )

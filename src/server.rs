@@ -320,6 +320,8 @@ impl Server {
                 turns = self.coordinator.turns_in_flight(),
                 "turns still running at shutdown; the next start ends them reply_failed"
             );
+            self.coordinator.abort_all();
+            self.coordinator.wait_idle().await;
         }
         self.registry.shutdown().await;
         for agent in &self.agents {

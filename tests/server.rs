@@ -487,7 +487,13 @@ async fn a_traceparent_travels_to_the_ack_the_deltas_and_the_published_events() 
     let dir = tempfile::tempdir().expect("temp dir");
     let server = start(config(dir.path())).await;
     let bus = server.bus().clone();
-    let issued = request(&bus, "sb.admin.keys.issue", ADMIN_KEY, json!({ "name": "t" })).await;
+    let issued = request(
+        &bus,
+        "sb.admin.keys.issue",
+        ADMIN_KEY,
+        json!({ "name": "t" }),
+    )
+    .await;
     let key = issued["key"].as_str().expect("key").to_owned();
     let mut published = bus.subscribe("sb.evt.conv.tp.>").await.expect("subscribes");
 
@@ -507,7 +513,12 @@ async fn a_traceparent_travels_to_the_ack_the_deltas_and_the_published_events() 
             .await
             .expect("the turn's messages arrive")
             .expect("open");
-        let kind = message.subject.rsplit('.').next().expect("a type").to_owned();
+        let kind = message
+            .subject
+            .rsplit('.')
+            .next()
+            .expect("a type")
+            .to_owned();
         assert_eq!(
             message.headers.get("traceparent"),
             Some(TRACEPARENT),
@@ -520,8 +531,60 @@ async fn a_traceparent_travels_to_the_ack_the_deltas_and_the_published_events() 
         }
         seen.insert(kind);
     }
-    for kind in ["message_received", "agent_routed", "reply_delta", "reply_completed"] {
+    for kind in [
+        "message_received",
+        "agent_routed",
+        "reply_delta",
+        "reply_completed",
+    ] {
         assert!(seen.contains(kind), "no {kind} among {seen:?}");
     }
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_revoked_admin_key_is_replaced_not_a_dead_end() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = start(config(dir.path())).await;
+    let revoked = request(
+        server.bus(),
+        "sb.admin.keys.revoke",
+        ADMIN_KEY,
+        json!({ "key_id": "admin", "reason": "leaked" }),
+    )
+    .await;
+    assert_eq!(revoked["ok"], json!(true), "{revoked}");
+    server.shutdown().await;
+
+    // The revoked key itself is refused, with a reason.
+    let refused = Server::start(config(dir.path()))
+        .await
+        .err()
+        .expect("refused");
+    assert!(refused.to_string().contains("was revoked"), "{refused}");
+
+    // Another configured key takes over under a new id.
+    let mut fresh = config(dir.path());
+    fresh.admin_key = Some("sb-fresh-admin-key-0000000001".into());
+    let server = start(fresh.clone()).await;
+    assert_eq!(server.admin_bootstrap(), &AdminBootstrap::FromConfig);
+    let listed = request(
+        server.bus(),
+        "sb.admin.keys.list",
+        "sb-fresh-admin-key-0000000001",
+        json!({}),
+    )
+    .await;
+    assert_eq!(listed["ok"], json!(true), "{listed}");
+    server.shutdown().await;
+    let server = start(fresh).await;
+    assert_eq!(server.admin_bootstrap(), &AdminBootstrap::Existing);
+    server.shutdown().await;
+
+    // Without a configured key, an active admin key is enough.
+    let mut unset = config(dir.path());
+    unset.admin_key = None;
+    let server = start(unset).await;
+    assert_eq!(server.admin_bootstrap(), &AdminBootstrap::Existing);
     server.shutdown().await;
 }

@@ -74,6 +74,9 @@ pub struct ConversationState {
     /// The key that started the conversation: the only one that may send.
     pub owner_key: Option<String>,
     pub erased: bool,
+    /// Messages or replies stored since the last erasure (or ever, if never
+    /// erased): what an erasure now would remove.
+    content_since_erasure: bool,
     turns: HashMap<String, Turn>,
 }
 
@@ -86,6 +89,7 @@ impl ConversationState {
             started: false,
             owner_key: None,
             erased: false,
+            content_since_erasure: false,
             turns: HashMap::new(),
         }
     }
@@ -114,6 +118,7 @@ impl ConversationState {
                 self.owner_key.get_or_insert_with(|| e.key_id.clone());
             }
             Event::MessageReceived(e) => {
+                self.content_since_erasure = true;
                 self.turns.entry(e.message_id.clone()).or_insert(Turn {
                     message_seq: seq,
                     agent: None,
@@ -125,9 +130,15 @@ impl ConversationState {
                     turn.agent = Some(e.agent.clone());
                 }
             }
-            Event::ReplyCompleted(e) => self.end_turn(&e.message_id, TurnOutcome::Completed),
+            Event::ReplyCompleted(e) => {
+                self.content_since_erasure = true;
+                self.end_turn(&e.message_id, TurnOutcome::Completed);
+            }
             Event::ReplyFailed(e) => self.end_turn(&e.message_id, TurnOutcome::Failed),
-            Event::ConversationErased(_) => self.erased = true,
+            Event::ConversationErased(_) => {
+                self.erased = true;
+                self.content_since_erasure = false;
+            }
             _ => {}
         }
     }
@@ -138,6 +149,11 @@ impl ConversationState {
                 turn.outcome = outcome;
             }
         }
+    }
+
+    /// Whether anything an erasure removes was stored since the last one.
+    pub fn has_content_after_erasure(&self) -> bool {
+        self.content_since_erasure
     }
 
     pub fn turn(&self, message_id: &str) -> Option<&Turn> {

@@ -41,6 +41,7 @@ use std::sync::Arc;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde::{Deserialize, Serialize};
+use switchboard_events::catalog::ConversationErased;
 use switchboard_events::{
     AppendError, Appended, Event, EventLog, ExpectedVersion, NewEvent, ReadError, StreamId,
 };
@@ -79,6 +80,9 @@ pub enum ConversationError {
     /// same `message_id`, which is deduplicated.
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// The conversation has no events (nobody started it).
+    #[error("not found: {0}")]
+    NotFound(String),
     /// A bug or a corrupt log; retrying will not help.
     #[error("internal error: {0}")]
     Internal(String),
@@ -86,9 +90,11 @@ pub enum ConversationError {
 
 impl ConversationError {
     /// The code of DESIGN §6: `invalid_request`, `forbidden`, `conflict`,
-    /// `unavailable` or `internal`.
+    /// `unavailable` or `internal`; and `not_found` for a conversation
+    /// nobody started (HTTP's 404).
     pub fn code(&self) -> &'static str {
         match self {
+            ConversationError::NotFound(_) => "not_found",
             ConversationError::InvalidRequest(_) => "invalid_request",
             ConversationError::Forbidden(_) => "forbidden",
             ConversationError::Conflict(_) => "conflict",
@@ -104,6 +110,7 @@ impl ConversationError {
             | ConversationError::Forbidden(m)
             | ConversationError::Conflict(m)
             | ConversationError::Unavailable(m)
+            | ConversationError::NotFound(m)
             | ConversationError::Internal(m) => m,
         }
     }
@@ -164,6 +171,21 @@ pub enum ConversationMsg {
     },
     /// The turns received but not yet ended, oldest first.
     Pending(RpcReplyPort<Result<Vec<PendingTurn>, ConversationError>>),
+    /// Erase the conversation's content: append `conversation_erased` (by the
+    /// single writer, at the stream's version). Erasing an erased
+    /// conversation appends nothing; one nobody started is `NotFound`.
+    Erase {
+        by: String,
+        reply: RpcReplyPort<Result<Erased, ConversationError>>,
+    },
+}
+
+/// What an erase did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Erased {
+    /// The seq of the `conversation_erased` appended now; `None` when the
+    /// conversation was already erased and nothing was written since.
+    pub seq: Option<u64>,
 }
 
 /// A turn received but not yet ended (no `reply_completed` or `reply_failed`).
@@ -242,6 +264,14 @@ impl Actor for ConversationActor {
                 if let Err(error) = &answer {
                     tracing::warn!(conversation_id = %state.conversation_id,
                         %message_id, code = error.code(), %error, "ending a turn failed");
+                }
+                let _ = reply.send(answer);
+            }
+            ConversationMsg::Erase { by, reply } => {
+                let answer = state.erase(&by).await;
+                if let Err(error) = &answer {
+                    tracing::warn!(conversation_id = %state.conversation_id,
+                        code = error.code(), %error, "erasing failed");
                 }
                 let _ = reply.send(answer);
             }
@@ -404,6 +434,51 @@ impl ConversationActorState {
                     let appending: Vec<Event> = events.into_iter().map(|e| e.event).collect();
                     self.fold_own(&appended, &appending);
                     return Ok(());
+                }
+                Err(AppendError::Conflict { actual, .. }) if retries > 0 => {
+                    retries -= 1;
+                    tracing::info!(conversation_id = %self.conversation_id, actual,
+                        "another writer appended to the conversation; catching up");
+                    self.catch_up();
+                }
+                Err(error) => return Err(append_error(&self.conversation_id, error)),
+            }
+        }
+    }
+
+    /// See [`ConversationMsg::Erase`].
+    async fn erase(&mut self, by: &str) -> Result<Erased, ConversationError> {
+        let mut retries = CONFLICT_RETRIES;
+        loop {
+            let conversation_id = self.conversation_id.clone();
+            let folded = self.recovered().await?;
+            if folded.version == 0 {
+                return Err(ConversationError::NotFound(format!(
+                    "no conversation {conversation_id}"
+                )));
+            }
+            if folded.erased && !folded.has_content_after_erasure() {
+                return Ok(Erased { seq: None });
+            }
+            let expected = ExpectedVersion::Exact(folded.version);
+            let event = Event::ConversationErased(ConversationErased {
+                conversation_id,
+                by: by.to_owned(),
+            });
+            match self
+                .log
+                .append(
+                    self.stream.clone(),
+                    expected,
+                    vec![NewEvent::new(event.clone())],
+                )
+                .await
+            {
+                Ok(appended) => {
+                    self.fold_own(&appended, std::slice::from_ref(&event));
+                    return Ok(Erased {
+                        seq: Some(appended.first().seq),
+                    });
                 }
                 Err(AppendError::Conflict { actual, .. }) if retries > 0 => {
                     retries -= 1;

@@ -23,7 +23,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use crate::conversation::SendCommand;
 use crate::conversation_actor::{
     validate_conversation_id, Ack, Alive, AliveToken, ConversationActor, ConversationArgs,
-    ConversationError, ConversationMsg, PendingTurn,
+    ConversationError, ConversationMsg, Erased, PendingTurn,
 };
 
 /// Limits of the [`ConversationRegistry`].
@@ -164,6 +164,26 @@ impl ConversationRegistry {
                 ConversationMsg::EndTurn {
                     message_id, events, ..
                 } => Some((message_id, events)),
+                _ => None,
+            },
+        )
+        .await
+    }
+
+    /// Erases the conversation's content on behalf of `by`; see
+    /// [`ConversationMsg::Erase`].
+    pub async fn erase(
+        &self,
+        conversation_id: &str,
+        by: &str,
+    ) -> Result<Erased, ConversationError> {
+        validate_conversation_id(conversation_id)?;
+        self.call(
+            conversation_id,
+            by.to_owned(),
+            |by, reply| ConversationMsg::Erase { by, reply },
+            |undelivered| match undelivered {
+                ConversationMsg::Erase { by, .. } => Some(by),
                 _ => None,
             },
         )

@@ -28,7 +28,7 @@
 //! turns there start, so it can never fail a turn that is really running.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -151,22 +151,38 @@ struct Inner {
 struct InFlight {
     count: AtomicUsize,
     done: Notify,
+    /// The running turn tasks, for [`TurnCoordinator::abort_all`].
+    tasks: Mutex<HashMap<u64, tokio::task::AbortHandle>>,
+    next_task: AtomicU64,
 }
 
-/// A running turn, counted until dropped (also when its task panics).
-struct TurnGuard(Arc<Inner>);
+/// A running turn, counted until dropped (also when its task panics or is
+/// aborted).
+struct TurnGuard {
+    inner: Arc<Inner>,
+    task: u64,
+}
 
 impl TurnGuard {
     fn new(inner: &Arc<Inner>) -> Self {
         inner.in_flight.count.fetch_add(1, Ordering::SeqCst);
-        TurnGuard(inner.clone())
+        TurnGuard {
+            inner: inner.clone(),
+            task: inner.in_flight.next_task.fetch_add(1, Ordering::SeqCst),
+        }
     }
 }
 
 impl Drop for TurnGuard {
     fn drop(&mut self) {
-        self.0.in_flight.count.fetch_sub(1, Ordering::SeqCst);
-        self.0.in_flight.done.notify_waiters();
+        let in_flight = &self.inner.in_flight;
+        in_flight
+            .tasks
+            .lock()
+            .expect("tasks lock")
+            .remove(&self.task);
+        in_flight.count.fetch_sub(1, Ordering::SeqCst);
+        in_flight.done.notify_waiters();
     }
 }
 
@@ -260,11 +276,16 @@ impl TurnCoordinator {
             };
             // Counted before the task exists, so `wait_idle` cannot miss it.
             let guard = TurnGuard::new(&self.inner);
-            tokio::spawn(async move {
-                let inner = guard.0.clone();
+            let task = guard.task;
+            // Registered under the lock the guard's drop takes, so a turn
+            // that ends at once still finds (and removes) its entry.
+            let mut tasks = self.inner.in_flight.tasks.lock().expect("tasks lock");
+            let handle = tokio::spawn(async move {
+                let inner = guard.inner.clone();
                 inner.run_turn(job).await;
                 drop(guard);
             });
+            tasks.insert(task, handle.abort_handle());
         }
         Ok(ack)
     }
@@ -337,6 +358,26 @@ impl TurnCoordinator {
                 return;
             }
             done.await;
+        }
+    }
+
+    /// For shutdown after [`Self::drain`] timed out: aborts the turns still
+    /// running. Their ends are not stored; the next start ends them
+    /// `reply_failed` ([`LOST_TURN_CODE`]). Their tasks drop their handles
+    /// on the log, so the data dir can be closed.
+    pub fn abort_all(&self) {
+        self.inner.closed.store(true, Ordering::SeqCst);
+        let tasks: Vec<_> = self
+            .inner
+            .in_flight
+            .tasks
+            .lock()
+            .expect("tasks lock")
+            .values()
+            .cloned()
+            .collect();
+        for task in tasks {
+            task.abort();
         }
     }
 

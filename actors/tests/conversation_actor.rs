@@ -412,3 +412,44 @@ async fn after_a_restart_resends_get_their_first_acks() {
     }
     registry.shutdown().await;
 }
+
+#[tokio::test]
+async fn erasing_appends_one_conversation_erased_until_new_content_arrives() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = open(&dir);
+    let registry = ConversationRegistry::new(log.clone(), RegistryConfig::default());
+    let unknown = registry
+        .erase("nobody", "admin")
+        .await
+        .expect_err("nothing to erase");
+    assert_eq!(unknown.code(), "not_found");
+
+    registry.send("e1", command(0, "m1")).await.expect("acked");
+    let first = registry.erase("e1", "admin").await.expect("erased");
+    let seq = first.seq.expect("appended now");
+    let again = registry.erase("e1", "admin").await.expect("answered");
+    assert_eq!(again.seq, None, "nothing new to erase");
+
+    // New content after the erasure can be erased in turn.
+    registry.send("e1", command(0, "m2")).await.expect("acked");
+    let later = registry.erase("e1", "admin").await.expect("erased");
+    assert!(later.seq.expect("appended") > seq);
+
+    let erasures: Vec<String> = stream_of(&log, "e1")
+        .into_iter()
+        .filter_map(|e| match e.event {
+            Event::ConversationErased(erased) => Some(erased.by),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(erasures, ["admin", "admin"]);
+    assert_eq!(
+        registry
+            .erase("bad.id", "admin")
+            .await
+            .expect_err("bad id")
+            .code(),
+        "invalid_request"
+    );
+    registry.shutdown().await;
+}

@@ -19,9 +19,11 @@
 //!    reads as empty (`"messages":[]`), not as an error: a client can poll a
 //!    conversation it is about to start without special-casing it.
 //!
-//! Members of the queue group `switchboard` share the requests, so several
-//! processes can serve one NATS account. Each request runs in its own task,
-//! so a slow send never holds up the others.
+//! The gateway subscribes in the queue group `switchboard`, so each request
+//! is served once even while a replacement process starts beside a stopping
+//! one. Each process has its own log, though: run one `serve` per NATS
+//! account and prefix, or conversations split across logs. Each request runs
+//! in its own task, so a slow send never holds up the others.
 //!
 //! ```no_run
 //! # use switchboard::bus::{Bus, LocalBus};

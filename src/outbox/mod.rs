@@ -437,7 +437,7 @@ impl Publisher {
 
     /// Publishes one event on each of its subjects; returns its seq.
     async fn publish(&self, envelope: Envelope, acks: &mut Vec<Ack>) -> Result<u64, Failure> {
-        let payload = Bytes::from(envelope.to_json());
+        let payload = Bytes::from(route::payload(&envelope));
         for route in routes(&self.prefix, &envelope) {
             let headers = headers(&envelope, &route.msg_id);
             let published = match &self.jetstream {

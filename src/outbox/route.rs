@@ -153,6 +153,22 @@ pub fn subject_token(id: &str) -> Cow<'_, str> {
     Cow::Owned(token)
 }
 
+/// The body published for `envelope`: its wire JSON, except that a
+/// `key_issued` goes out without `key_hash`. The hash stays in the log (and
+/// in `switchboard log`, for auditors with the data dir); on the bus it would
+/// let any subscriber try guesses offline against a human-chosen key such as
+/// `SWITCHBOARD_ADMIN_KEY`.
+pub(super) fn payload(envelope: &Envelope) -> Vec<u8> {
+    if !matches!(envelope.event, Event::KeyIssued(_)) {
+        return envelope.to_json().into_bytes();
+    }
+    let mut value = serde_json::to_value(envelope).expect("an envelope serializes");
+    if let Some(data) = value.get_mut("data").and_then(|d| d.as_object_mut()) {
+        data.remove("key_hash");
+    }
+    serde_json::to_vec(&value).expect("a JSON value serializes")
+}
+
 /// The headers of one message for `envelope`.
 pub(super) fn headers(envelope: &Envelope, msg_id: &str) -> Headers {
     let mut headers = Headers::new()
@@ -433,6 +449,33 @@ mod tests {
                 "{id:?} collides"
             );
         }
+    }
+
+    #[test]
+    fn key_hashes_never_reach_the_bus() {
+        let key = switchboard_events::apikey::ApiKey::generate();
+        let issued = envelope(Event::KeyIssued(KeyIssued {
+            key_id: "key_1".into(),
+            name: "n".into(),
+            owner: None,
+            key_hash: key.hash(),
+            scopes: vec![Scope::Chat],
+            limits: Limits::default(),
+            budget: None,
+            expires_at: None,
+        }));
+        let body: serde_json::Value = serde_json::from_slice(&payload(&issued)).expect("JSON");
+        assert_eq!(body["type"], "key_issued");
+        assert_eq!(body["data"]["key_id"], "key_1");
+        assert!(body["data"].get("key_hash").is_none(), "{body}");
+        let hex = serde_json::to_value(key.hash()).expect("JSON");
+        assert!(!String::from_utf8_lossy(&payload(&issued)).contains(hex.as_str().expect("hex")));
+        let other = envelope(Event::AdminAction(AdminAction {
+            actor: "a".into(),
+            action: "b".into(),
+            target: "c".into(),
+        }));
+        assert_eq!(payload(&other), other.to_json().into_bytes());
     }
 
     #[test]
