@@ -42,7 +42,7 @@ use uuid::Uuid;
 use crate::agent::{request_turn, AgentMsg, TurnOutcome, TurnRequest};
 use crate::conversation::SendCommand;
 use crate::conversation_actor::{
-    validate_conversation_id, Ack, ConversationError, ConversationRegistry,
+    validate_conversation_id, Ack, ConversationError, ConversationRegistry, Erased,
 };
 use crate::provider::ChatMessage;
 use crate::rate_limiter::Permit;
@@ -341,6 +341,33 @@ impl TurnCoordinator {
             ended += result?;
         }
         Ok(ended)
+    }
+
+    /// The configured agents' names, sorted.
+    pub fn agent_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.inner.agents.keys().cloned().collect();
+        names.sort();
+        names
+    }
+
+    /// The agent messages go to when nothing else decides.
+    pub fn default_agent(&self) -> &str {
+        self.inner.router.default_agent()
+    }
+
+    /// Conversation actors alive now.
+    pub fn live_conversations(&self) -> usize {
+        self.inner.registry.live_count()
+    }
+
+    /// Erases a conversation's content on behalf of `by`
+    /// ([`ConversationRegistry::erase`]).
+    pub async fn erase(
+        &self,
+        conversation_id: &str,
+        by: &str,
+    ) -> Result<Erased, ConversationError> {
+        self.inner.registry.erase(conversation_id, by).await
     }
 
     /// How many turns are running.

@@ -114,6 +114,11 @@ impl Projections {
         }
     }
 
+    /// The seq every projection has folded (and committed) up to.
+    pub fn caught_up_to(&self) -> u64 {
+        *self.caught_up.borrow()
+    }
+
     /// The seq a projection has folded up to.
     pub fn checkpoint(&self, name: ProjectionName) -> Result<u64, ProjectionError> {
         view::checkpoint(self.tree(name))

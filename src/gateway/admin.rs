@@ -122,7 +122,13 @@ impl Gateway {
     }
 
     /// Appends `admin_action`; a failure is logged, the change it records stands.
-    async fn record_action(&self, caller: &Caller, action: &str, target: &str, meta: &RequestMeta) {
+    pub(super) async fn record_action(
+        &self,
+        caller: &Caller,
+        action: &str,
+        target: &str,
+        meta: &RequestMeta,
+    ) {
         let mut event = NewEvent::new(Event::AdminAction(AdminAction {
             actor: caller.record.key_id.clone(),
             action: action.to_owned(),

@@ -42,27 +42,29 @@
 
 mod admin;
 pub mod auth;
+mod query;
+pub mod ratelimit;
 pub mod wire;
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::FutureExt;
+use futures::{FutureExt, StreamExt};
 use serde_json::Value;
 use switchboard_actors::conversation_actor::{validate_conversation_id, ConversationError};
-use switchboard_actors::rate_limiter::{RateLimiterConfig, RateLimiters};
+use switchboard_actors::rate_limiter::{AdmitError, RateLimiterConfig, RateLimiters};
 use switchboard_actors::turns::{ReplyDelta, SendInput, TurnCoordinator};
 use switchboard_events::catalog::Scope;
 use switchboard_events::EventLog;
-use switchboard_projections::Projections;
+use switchboard_projections::{Conversation, Projections};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::{JoinHandle, JoinSet};
 use uuid::Uuid;
 
 use crate::bus::{Bus, BusError, Headers, Message, Subscription};
 use crate::service::{Endpoint, EndpointStats};
-use auth::{AuthFailure, Authenticator};
+use auth::{AuthFailure, Authenticator, Caller};
 use wire::{ack_json, history_json, BodyFormat, GatewayError, SendRequest};
 
 /// The subject prefix of DESIGN §6 when none is configured.
@@ -75,30 +77,87 @@ const DELTA_BUFFER: usize = 64;
 /// answering `unavailable`.
 const FRESHNESS_WAIT: Duration = Duration::from_secs(5);
 
-/// The request kinds (in the order of `Gateway::stats`).
+/// The request kinds, each one endpoint of the service API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Operation {
-    Send = 0,
-    History = 1,
-    AdminKeys = 2,
+    Send,
+    History,
+    Events,
+    ConvList,
+    Usage,
+    Agents,
+    Health,
+    AdminKeys,
+    AdminCosts,
+    AdminAudit,
+    AdminErase,
 }
 
 impl Operation {
-    fn suffix(self) -> &'static str {
+    const ALL: [Operation; 11] = [
+        Operation::Send,
+        Operation::History,
+        Operation::Events,
+        Operation::ConvList,
+        Operation::Usage,
+        Operation::Agents,
+        Operation::Health,
+        Operation::AdminKeys,
+        Operation::AdminCosts,
+        Operation::AdminAudit,
+        Operation::AdminErase,
+    ];
+
+    /// The endpoint's name in the service API.
+    fn name(self) -> &'static str {
         match self {
             Operation::Send => "send",
             Operation::History => "history",
-            Operation::AdminKeys => "keys",
+            Operation::Events => "events",
+            Operation::ConvList => "conversations",
+            Operation::Usage => "usage",
+            Operation::Agents => "agents",
+            Operation::Health => "health",
+            Operation::AdminKeys => "admin_keys",
+            Operation::AdminCosts => "admin_costs",
+            Operation::AdminAudit => "admin_audit",
+            Operation::AdminErase => "admin_erase",
         }
+    }
+
+    /// The subject pattern, after `{prefix}.`.
+    fn pattern(self) -> &'static str {
+        match self {
+            Operation::Send => "conv.*.send",
+            Operation::History => "conv.*.history",
+            Operation::Events => "conv.*.events",
+            Operation::ConvList => "conv.list",
+            Operation::Usage => "usage",
+            Operation::Agents => "agents",
+            Operation::Health => "health",
+            Operation::AdminKeys => "admin.keys.*",
+            Operation::AdminCosts => "admin.costs",
+            Operation::AdminAudit => "admin.audit",
+            Operation::AdminErase => "admin.conv.*.erase",
+        }
+    }
+
+    fn index(self) -> usize {
+        Operation::ALL
+            .iter()
+            .position(|op| *op == self)
+            .expect("every operation is in ALL")
     }
 }
 
 /// What is known about a request before it is served: the correlation id its
-/// events carry, and its `traceparent` when it sent a valid one.
-#[derive(Debug, Clone)]
+/// events carry, and its `traceparent` when it sent a valid one; and, once
+/// the caller is known, the rate-limit headers of its reply.
+#[derive(Debug)]
 pub struct RequestMeta {
     pub correlation_id: Uuid,
     pub traceparent: Option<String>,
+    reply_headers: std::sync::Mutex<Headers>,
 }
 
 impl RequestMeta {
@@ -108,6 +167,16 @@ impl RequestMeta {
             traceparent: header(headers, "traceparent")
                 .filter(|value| valid_traceparent(value))
                 .map(str::to_owned),
+            reply_headers: std::sync::Mutex::new(Headers::new()),
+        }
+    }
+
+    /// Sets headers of the reply (the rate-limit ones), replacing earlier
+    /// values of the same names.
+    fn set_reply_headers(&self, headers: Headers) {
+        let mut reply = self.reply_headers.lock().expect("reply headers lock");
+        for (name, value) in headers.iter() {
+            reply.insert(name.to_owned(), value.to_owned());
         }
     }
 }
@@ -127,23 +196,19 @@ impl NatsGateway {
         projections: Projections,
         log: EventLog,
     ) -> Result<GatewayHandle, BusError> {
-        let sends = bus
-            .queue_subscribe(&format!("{prefix}.conv.*.send"), QUEUE_GROUP)
-            .await?;
-        let histories = bus
-            .queue_subscribe(&format!("{prefix}.conv.*.history"), QUEUE_GROUP)
-            .await?;
-        let admin = bus
-            .queue_subscribe(&format!("{prefix}.admin.keys.*"), QUEUE_GROUP)
-            .await?;
+        let mut subscriptions = Vec::new();
+        let mut endpoints = Vec::new();
+        for operation in Operation::ALL {
+            let subject = format!("{prefix}.{}", operation.pattern());
+            subscriptions.push((operation, bus.queue_subscribe(&subject, QUEUE_GROUP).await?));
+            endpoints.push(Endpoint::new(operation.name(), subject, QUEUE_GROUP));
+        }
         bus.flush().await?;
-        let endpoints = [
-            Endpoint::new("send", format!("{prefix}.conv.*.send"), QUEUE_GROUP),
-            Endpoint::new("history", format!("{prefix}.conv.*.history"), QUEUE_GROUP),
-            Endpoint::new("admin_keys", format!("{prefix}.admin.keys.*"), QUEUE_GROUP),
-        ];
         let gateway = Arc::new(Gateway {
-            stats: endpoints.clone().map(|endpoint| endpoint.stats),
+            stats: endpoints
+                .iter()
+                .map(|endpoint| endpoint.stats.clone())
+                .collect(),
             bus,
             subject_start: format!("{prefix}.conv."),
             admin_keys_start: format!("{prefix}.admin.keys."),
@@ -155,11 +220,11 @@ impl NatsGateway {
             log,
         });
         let (stop, stopped) = oneshot::channel();
-        let task = tokio::spawn(serve(gateway, [sends, histories, admin], stopped));
+        let task = tokio::spawn(serve(gateway, subscriptions, stopped));
         Ok(GatewayHandle {
             stop: Some(stop),
             task,
-            endpoints: endpoints.to_vec(),
+            endpoints,
         })
     }
 }
@@ -195,17 +260,18 @@ impl GatewayHandle {
 /// and waits for the running ones.
 async fn serve(
     gateway: Arc<Gateway>,
-    subscriptions: [Subscription; 3],
+    subscriptions: Vec<(Operation, Subscription)>,
     mut stop: oneshot::Receiver<()>,
 ) {
-    let [mut sends, mut histories, mut admin] = subscriptions;
+    let mut incoming =
+        futures::stream::select_all(subscriptions.into_iter().map(|(operation, subscription)| {
+            subscription.map(move |message| (operation, message))
+        }));
     let mut in_flight = JoinSet::new();
     loop {
         let (operation, message) = tokio::select! {
             _ = &mut stop => break,
-            Some(message) = sends.recv() => (Operation::Send, message),
-            Some(message) = histories.recv() => (Operation::History, message),
-            Some(message) = admin.recv() => (Operation::AdminKeys, message),
+            Some(request) = incoming.next() => request,
             Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
                 if let Err(error) = done {
                     tracing::error!(%error, "a gateway request task failed");
@@ -217,8 +283,8 @@ async fn serve(
         let gateway = gateway.clone();
         in_flight.spawn(async move { gateway.answer(operation, message).await });
     }
-    for subscription in [sends, histories, admin] {
-        if let Err(error) = subscription.unsubscribe().await {
+    for subscription in incoming {
+        if let Err(error) = subscription.into_inner().unsubscribe().await {
             tracing::warn!(%error, "unsubscribing the gateway failed");
         }
     }
@@ -237,8 +303,8 @@ async fn serve(
 
 struct Gateway {
     bus: Bus,
-    /// Request statistics per [`Operation`] (send, history, admin keys).
-    stats: [Arc<EndpointStats>; 3],
+    /// Request statistics per [`Operation`], in the order of `Operation::ALL`.
+    stats: Vec<Arc<EndpointStats>>,
     /// `{prefix}.conv.`: what precedes the conversation id in a subject.
     subject_start: String,
     /// `{prefix}.admin.keys.`: what precedes a key operation.
@@ -265,7 +331,7 @@ impl Gateway {
                 tracing::error!(subject = %message.subject, "a gateway request panicked");
                 Err(GatewayError::Internal("the request failed".into()))
             });
-        let stats = &self.stats[operation as usize];
+        let stats = &self.stats[operation.index()];
         let body = match served {
             Ok(body) => {
                 stats.record(started.elapsed(), None);
@@ -289,7 +355,9 @@ impl Gateway {
         if message.reply.is_none() {
             return;
         }
-        let mut headers = Headers::new().with("Content-Type", "application/json");
+        let mut headers =
+            std::mem::take(&mut *meta.reply_headers.lock().expect("reply headers lock"));
+        headers.insert("Content-Type", "application/json");
         if let Some(traceparent) = &meta.traceparent {
             headers.insert("traceparent", traceparent.clone());
         }
@@ -308,7 +376,21 @@ impl Gateway {
         match operation {
             Operation::Send => self.send(message, meta).await,
             Operation::History => self.history(message, meta).await,
+            Operation::Events => {
+                let id = self.conversation_id(&message.subject, "events")?;
+                self.conversation_events(message, meta, id).await
+            }
+            Operation::ConvList => self.list_conversations(message, meta).await,
+            Operation::Usage => self.usage(message, meta).await,
+            Operation::Agents => self.agents(message, meta).await,
+            Operation::Health => self.health().await,
             Operation::AdminKeys => self.admin_keys(message, meta).await,
+            Operation::AdminCosts => self.costs(message, meta).await,
+            Operation::AdminAudit => self.audit(message, meta).await,
+            Operation::AdminErase => {
+                let id = self.erased_conversation_id(&message.subject)?;
+                self.erase(message, meta, id).await
+            }
         }
     }
 
@@ -317,13 +399,31 @@ impl Gateway {
             .auth
             .authenticate(&message.headers, &[Scope::Chat], meta)
             .await?;
-        let conversation_id = self.conversation_id(&message.subject, Operation::Send)?;
+        let conversation_id = self.conversation_id(&message.subject, "send")?;
         let format = BodyFormat::from_content_type(header(&message.headers, "Content-Type"))?;
         let body = SendRequest::decode(&message.payload, format)?;
-        let permit = self
+        let limits = &caller.record.limits;
+        let permit = match self
             .limiters
-            .admit(&caller.record.key_id, caller.record.limits.clone())
-            .await?;
+            .admit(&caller.record.key_id, limits.clone())
+            .await
+        {
+            Ok(permit) => {
+                meta.set_reply_headers(ratelimit::headers(limits, &permit.remaining(), None));
+                permit
+            }
+            Err(error) => {
+                if let AdmitError::RateLimited(refused) = &error {
+                    let wait = Duration::from_millis(refused.retry_after_ms);
+                    meta.set_reply_headers(ratelimit::headers(
+                        limits,
+                        &refused.remaining,
+                        Some(wait),
+                    ));
+                }
+                return Err(error.into());
+            }
+        };
         let input = SendInput {
             message_id: body.message_id,
             key_id: caller.record.key_id.clone(),
@@ -347,10 +447,31 @@ impl Gateway {
 
     async fn history(&self, message: &Message, meta: &RequestMeta) -> Result<Value, GatewayError> {
         let caller = self
-            .auth
-            .authenticate(&message.headers, &[Scope::Chat, Scope::Admin], meta)
+            .keyed(message, &[Scope::Chat, Scope::Admin], meta)
             .await?;
-        let conversation_id = self.conversation_id(&message.subject, Operation::History)?;
+        let conversation_id = self.conversation_id(&message.subject, "history")?;
+        let Some(conversation) = self
+            .owned_conversation(&caller, conversation_id, meta)
+            .await?
+        else {
+            return Ok(history_json(conversation_id, &[], false));
+        };
+        Ok(history_json(
+            conversation_id,
+            &conversation.messages,
+            conversation.summary.erased,
+        ))
+    }
+
+    /// The conversation from the history view, once the view has folded the
+    /// log's head; `forbidden` (audited) when another key started it and the
+    /// caller is no admin; `None` when nobody started it.
+    async fn owned_conversation(
+        &self,
+        caller: &Caller,
+        conversation_id: &str,
+        meta: &RequestMeta,
+    ) -> Result<Option<Conversation>, GatewayError> {
         self.caught_up().await?;
         let history = self.projections.history();
         let id = conversation_id.to_owned();
@@ -361,22 +482,30 @@ impl Gateway {
                 tracing::error!(%error, "cannot read the history projection");
                 GatewayError::Unavailable("the history cannot be read".into())
             })?;
-        let Some(conversation) = conversation else {
-            return Ok(history_json(conversation_id, &[], false));
-        };
-        if conversation.summary.key_id != caller.record.key_id && !caller.has(Scope::Admin) {
-            let failure = AuthFailure::forbidden(
-                "not_owner",
-                "the conversation was started by another key",
-                &caller,
-            );
-            return Err(self.auth.refuse(failure, meta).await);
+        if let Some(conversation) = &conversation {
+            if conversation.summary.key_id != caller.record.key_id && !caller.has(Scope::Admin) {
+                let failure = AuthFailure::forbidden(
+                    "not_owner",
+                    "the conversation was started by another key",
+                    caller,
+                );
+                return Err(self.auth.refuse(failure, meta).await);
+            }
         }
-        Ok(history_json(
-            conversation_id,
-            &conversation.messages,
-            conversation.summary.erased,
-        ))
+        Ok(conversation)
+    }
+
+    /// The caller's rate-limit figures, as reply headers.
+    async fn note_rate(&self, caller: &Caller, meta: &RequestMeta) {
+        let limits = &caller.record.limits;
+        if limits.rpm.is_none() && limits.tpm.is_none() {
+            return;
+        }
+        let remaining = self
+            .limiters
+            .remaining(&caller.record.key_id, limits.clone())
+            .await;
+        meta.set_reply_headers(ratelimit::headers(limits, &remaining, None));
     }
 
     /// A channel whose [`ReplyDelta`]s are published, in order, on
@@ -406,6 +535,19 @@ impl Gateway {
         deltas
     }
 
+    /// The valid conversation id in `{prefix}.admin.conv.<id>.erase`.
+    fn erased_conversation_id<'a>(&self, subject: &'a str) -> Result<&'a str, GatewayError> {
+        let id = subject
+            .strip_prefix(self.prefix.as_str())
+            .and_then(|rest| rest.strip_prefix(".admin.conv."))
+            .and_then(|rest| rest.strip_suffix(".erase"))
+            .ok_or_else(|| {
+                GatewayError::Internal(format!("unexpected subject {subject:?} for the gateway"))
+            })?;
+        validate_conversation_id(id)?;
+        Ok(id)
+    }
+
     /// Waits until the projections have folded the log's head as it is now,
     /// so a caller reads its own writes.
     async fn caught_up(&self) -> Result<(), GatewayError> {
@@ -417,14 +559,10 @@ impl Gateway {
 
     /// The valid conversation id in `subject`
     /// (`{prefix}.conv.<id>.<operation>`).
-    fn conversation_id<'a>(
-        &self,
-        subject: &'a str,
-        operation: Operation,
-    ) -> Result<&'a str, GatewayError> {
+    fn conversation_id<'a>(&self, subject: &'a str, suffix: &str) -> Result<&'a str, GatewayError> {
         let id = subject
             .strip_prefix(self.subject_start.as_str())
-            .and_then(|rest| rest.strip_suffix(operation.suffix()))
+            .and_then(|rest| rest.strip_suffix(suffix))
             .and_then(|rest| rest.strip_suffix('.'))
             .ok_or_else(|| {
                 GatewayError::Internal(format!("unexpected subject {subject:?} for the gateway"))

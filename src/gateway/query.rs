@@ -1,0 +1,310 @@
+//! The read and admin requests beyond send/history, so that an HTTP front (or
+//! any client) reaches everything through the bus (DESIGN §1: the front
+//! decides nothing itself).
+//!
+//! | subject | scope | body | reply |
+//! |---|---|---|---|
+//! | `…conv.list` | chat/admin | `{"after"?, "limit"?}` | `{"ok":true,"conversations":[summary…]}`: the caller's |
+//! | `…conv.<id>.events` | chat/admin, owner or admin | `{"after_seq"?, "limit"?}` | `{"ok":true,"events":[envelope…],"head"}`: stored events after `after_seq` |
+//! | `…usage` | chat/admin | `{}` | `{"ok":true,"key_id","name","limits","budget","spent":{requests,tokens_in,tokens_out,cost_micros,…}}` |
+//! | `…agents` | chat/admin | `{}` | `{"ok":true,"agents":[{"name","default"}]}` |
+//! | `…admin.costs` | admin | `{"by","since"?,"until"?}` (days `YYYY-MM-DD`) | `{"ok":true,"by","rows":[{group,requests,tokens_in,tokens_out,cost_micros,…}]}` |
+//! | `…admin.audit` | admin | `{"since"?,"until"?,"key"?,"type"?,"cursor"?,"limit"?}` | `{"ok":true,"events":[…],"next_cursor"}` |
+//! | `…admin.conv.<id>.erase` | admin | `{}` | `{"ok":true,"conversation_id","seq","already"}` |
+//! | `…health` | none | `{}` | `{"ok":true,"log_head","projections_at","live_conversations","turns_in_flight"}` |
+
+use chrono::{DateTime, NaiveDate, Utc};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use switchboard_events::catalog::Scope;
+use switchboard_events::StreamId;
+use switchboard_projections::{AuditQuery, CostGroup};
+
+use super::auth::Caller;
+use super::wire::{decode_body, BodyFormat, GatewayError};
+use super::{header, Gateway, RequestMeta};
+use crate::bus::Message;
+
+/// Most conversations one `conv.list` returns.
+const MAX_LIST: usize = 500;
+/// Most events one `conv.<id>.events` returns.
+const MAX_EVENTS: usize = 5000;
+/// Most audit events one page holds.
+const MAX_AUDIT_PAGE: usize = 1000;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListRequest {
+    #[serde(default)]
+    after: Option<String>,
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsRequest {
+    #[serde(default)]
+    after_seq: u64,
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CostsRequest {
+    by: CostGroup,
+    #[serde(default)]
+    since: Option<NaiveDate>,
+    #[serde(default)]
+    until: Option<NaiveDate>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditRequest {
+    #[serde(default)]
+    since: Option<DateTime<Utc>>,
+    #[serde(default)]
+    until: Option<DateTime<Utc>>,
+    #[serde(default)]
+    key: Option<String>,
+    #[serde(default, rename = "type")]
+    event_type: Option<String>,
+    #[serde(default)]
+    cursor: Option<String>,
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
+/// An empty body reads as `{}`: these requests have only optional fields.
+fn body<T: serde::de::DeserializeOwned + Default>(message: &Message) -> Result<T, GatewayError> {
+    if message.payload.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    let format = BodyFormat::from_content_type(header(&message.headers, "Content-Type"))?;
+    decode_body(&message.payload, format)
+}
+
+fn unavailable(
+    what: &str,
+) -> impl Fn(switchboard_projections::ProjectionError) -> GatewayError + '_ {
+    move |error| {
+        tracing::error!(%error, "cannot read the {what}");
+        GatewayError::Unavailable(format!("the {what} cannot be read"))
+    }
+}
+
+impl Gateway {
+    /// `…conv.list`: the caller's conversations, by id.
+    pub(super) async fn list_conversations(
+        &self,
+        message: &Message,
+        meta: &RequestMeta,
+    ) -> Result<Value, GatewayError> {
+        let caller = self
+            .keyed(message, &[Scope::Chat, Scope::Admin], meta)
+            .await?;
+        let request: ListRequest = body(message)?;
+        self.caught_up().await?;
+        let limit = request.limit.unwrap_or(50).clamp(1, MAX_LIST);
+        let history = self.projections.history();
+        let key_id = caller.record.key_id.clone();
+        let conversations = tokio::task::spawn_blocking(move || {
+            history.conversations_of_key(&key_id, request.after.as_deref(), limit)
+        })
+        .await
+        .map_err(|e| GatewayError::Internal(format!("the listing failed: {e}")))?
+        .map_err(unavailable("history"))?;
+        Ok(json!({ "ok": true, "conversations": conversations }))
+    }
+
+    /// `…conv.<id>.events`: the conversation's stored events after a seq, for
+    /// a live view resuming where it left off.
+    pub(super) async fn conversation_events(
+        &self,
+        message: &Message,
+        meta: &RequestMeta,
+        conversation_id: &str,
+    ) -> Result<Value, GatewayError> {
+        let caller = self
+            .keyed(message, &[Scope::Chat, Scope::Admin], meta)
+            .await?;
+        let request: EventsRequest = body(message)?;
+        self.owned_conversation(&caller, conversation_id, meta)
+            .await?;
+        let limit = request.limit.unwrap_or(MAX_EVENTS).clamp(1, MAX_EVENTS);
+        let log = self.log.clone();
+        let stream = StreamId::conversation(conversation_id)
+            .map_err(|e| GatewayError::InvalidRequest(e.to_string()))?;
+        let head = log.head();
+        let events = tokio::task::spawn_blocking(move || {
+            log.read_stream(&stream, 1)
+                .filter(|e| e.as_ref().map_or(true, |e| e.seq > request.after_seq))
+                .take(limit)
+                .map(|e| e.map(|e| serde_json::to_value(e).expect("envelopes serialize")))
+                .collect::<Result<Vec<Value>, _>>()
+        })
+        .await
+        .map_err(|e| GatewayError::Internal(format!("the read failed: {e}")))?
+        .map_err(|error| {
+            tracing::error!(%error, "cannot read a conversation's stream");
+            GatewayError::Unavailable("the conversation cannot be read".into())
+        })?;
+        Ok(
+            json!({ "ok": true, "conversation_id": conversation_id, "events": events, "head": head }),
+        )
+    }
+
+    /// `…usage`: the calling key's limits, budget and spend.
+    pub(super) async fn usage(
+        &self,
+        message: &Message,
+        meta: &RequestMeta,
+    ) -> Result<Value, GatewayError> {
+        let caller = self
+            .keyed(message, &[Scope::Chat, Scope::Admin], meta)
+            .await?;
+        self.caught_up().await?;
+        let spent = self
+            .projections
+            .costs()
+            .key_totals(&caller.record.key_id)
+            .map_err(unavailable("costs"))?;
+        let record = &caller.record;
+        Ok(json!({
+            "ok": true,
+            "key_id": record.key_id,
+            "name": record.name,
+            "owner": record.owner,
+            "scopes": record.scopes,
+            "limits": record.limits,
+            "budget": record.budget,
+            "expires_at": record.expires_at,
+            "spent": spent,
+        }))
+    }
+
+    /// `…agents`: the configured agents' names.
+    pub(super) async fn agents(
+        &self,
+        message: &Message,
+        meta: &RequestMeta,
+    ) -> Result<Value, GatewayError> {
+        self.keyed(message, &[Scope::Chat, Scope::Admin], meta)
+            .await?;
+        let default = self.coordinator.default_agent();
+        let agents: Vec<Value> = self
+            .coordinator
+            .agent_names()
+            .into_iter()
+            .map(|name| json!({ "name": name, "default": name == default }))
+            .collect();
+        Ok(json!({ "ok": true, "agents": agents }))
+    }
+
+    /// `…admin.costs`.
+    pub(super) async fn costs(
+        &self,
+        message: &Message,
+        meta: &RequestMeta,
+    ) -> Result<Value, GatewayError> {
+        self.keyed(message, &[Scope::Admin], meta).await?;
+        let format = BodyFormat::from_content_type(header(&message.headers, "Content-Type"))?;
+        let request: CostsRequest = decode_body(&message.payload, format)?;
+        if let (Some(since), Some(until)) = (request.since, request.until) {
+            if since > until {
+                return Err(GatewayError::InvalidRequest("since is after until".into()));
+            }
+        }
+        self.caught_up().await?;
+        let costs = self.projections.costs();
+        let rows = tokio::task::spawn_blocking(move || {
+            costs.report(request.by, request.since, request.until)
+        })
+        .await
+        .map_err(|e| GatewayError::Internal(format!("the report failed: {e}")))?
+        .map_err(unavailable("costs"))?;
+        Ok(json!({ "ok": true, "by": request.by, "rows": rows }))
+    }
+
+    /// `…admin.audit`.
+    pub(super) async fn audit(
+        &self,
+        message: &Message,
+        meta: &RequestMeta,
+    ) -> Result<Value, GatewayError> {
+        self.keyed(message, &[Scope::Admin], meta).await?;
+        let request: AuditRequest = body(message)?;
+        self.caught_up().await?;
+        let query = AuditQuery {
+            since: request.since,
+            until: request.until,
+            key_id: request.key,
+            event_type: request.event_type,
+            cursor: request.cursor,
+            limit: request.limit.unwrap_or(100).clamp(1, MAX_AUDIT_PAGE),
+        };
+        let audit = self.projections.audit();
+        let page = tokio::task::spawn_blocking(move || audit.query(&query))
+            .await
+            .map_err(|e| GatewayError::Internal(format!("the query failed: {e}")))?
+            .map_err(|error| match error {
+                switchboard_projections::ProjectionError::InvalidQuery(why) => {
+                    GatewayError::InvalidRequest(why)
+                }
+                other => unavailable("audit trail")(other),
+            })?;
+        Ok(json!({ "ok": true, "events": page.events, "next_cursor": page.next_cursor }))
+    }
+
+    /// `…admin.conv.<id>.erase`: appends `conversation_erased` through the
+    /// conversation's single writer.
+    pub(super) async fn erase(
+        &self,
+        message: &Message,
+        meta: &RequestMeta,
+        conversation_id: &str,
+    ) -> Result<Value, GatewayError> {
+        let caller = self.keyed(message, &[Scope::Admin], meta).await?;
+        let erased = self
+            .coordinator
+            .erase(conversation_id, &caller.record.key_id)
+            .await?;
+        self.record_action(&caller, "erase_conversation", conversation_id, meta)
+            .await;
+        Ok(json!({
+            "ok": true,
+            "conversation_id": conversation_id,
+            "seq": erased.seq,
+            "already": erased.seq.is_none(),
+        }))
+    }
+
+    /// `…health`: no key needed; says how far the core is.
+    pub(super) async fn health(&self) -> Result<Value, GatewayError> {
+        Ok(json!({
+            "ok": true,
+            "log_head": self.log.head(),
+            "projections_at": self.projections.caught_up_to(),
+            "live_conversations": self.coordinator.live_conversations(),
+            "turns_in_flight": self.coordinator.turns_in_flight(),
+        }))
+    }
+
+    /// The caller, if its key is valid and has one of `scopes`; notes its
+    /// rate-limit figures for the reply's headers.
+    pub(super) async fn keyed(
+        &self,
+        message: &Message,
+        scopes: &[Scope],
+        meta: &RequestMeta,
+    ) -> Result<Caller, GatewayError> {
+        let caller = self
+            .auth
+            .authenticate(&message.headers, scopes, meta)
+            .await?;
+        self.note_rate(&caller, meta).await;
+        Ok(caller)
+    }
+}
