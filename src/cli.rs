@@ -198,4 +198,8 @@ pub struct CostsArgs {
 pub enum BenchCommand {
     /// The event log: raw sled baseline, durable appends, replay, bytes per event.
     Log(crate::bench::log::LogBenchArgs),
+    /// The service over a nats-server it starts: acks/s, ack latency and
+    /// replies/s at 1, 16 and 64 clients beside plain NATS request/reply and
+    /// sled flushes, and memory per live conversation actor.
+    Nats(crate::bench::nats::NatsBenchArgs),
 }

@@ -3,4 +3,5 @@
 
 mod appends;
 pub mod log;
+pub mod nats;
 mod workload;

@@ -35,6 +35,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Audit(AuditCommand::Export(args)) => audit::export(&settings, args),
         Command::Costs(args) => costs::run(&settings, args),
         Command::Bench(BenchCommand::Log(args)) => crate::bench::log::run(&settings, args),
+        Command::Bench(BenchCommand::Nats(args)) => crate::bench::nats::run(&settings, args),
     }
 }
 

@@ -1,0 +1,261 @@
+//! The request/reply half of `bench nats`: against a started service, one
+//! warm-up send to every conversation, then at each client count plain NATS
+//! request/reply and the service's sends, from the same clients over the same
+//! connections, with the CPU each side spent per request.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use serde_json::json;
+use switchboard::bus::{Bus, Headers};
+
+use super::load::{self, Driven, Percentiles, RawResponder, ReplyCounter, Until, RAW_PREFIX};
+use super::{phase, procfs, share, thousands, ClientFigures, CpuPerRequest, NatsBenchArgs, PREFIX};
+use crate::bench::log::rate;
+
+/// How long to wait for the replies of one measurement before the next.
+const REPLY_DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
+/// Replies still coming this long after a window are reported.
+const REPLIES_LATE: Duration = Duration::from_millis(500);
+
+/// Against a started service: issues a chat key, starts every conversation
+/// once, then measures raw request/reply and the service at each client count.
+pub async fn measure_requests(
+    args: &NatsBenchArgs,
+    url: &str,
+    nats_pid: u32,
+    admin_key: &str,
+    bar: &indicatif::ProgressBar,
+    show: &impl Fn(String),
+) -> anyhow::Result<(f64, Vec<ClientFigures>)> {
+    let window = Duration::from_secs_f64(args.duration_secs);
+    let buses = load::connect(url, args.connections).await?;
+    let key = issue_key(&buses[0], admin_key).await?;
+    let _responder = RawResponder::start(url).await?;
+    let replies = ReplyCounter::start(url, PREFIX).await?;
+    let widest = args.clients.iter().copied().max().unwrap_or(1);
+
+    // Every conversation's first send spawns its actor and starts it:
+    // done once, unmeasured, so each measurement sees live conversations.
+    phase(
+        bar,
+        format!(
+            "warm-up: one send to each of {} conversations",
+            args.conversations
+        ),
+    );
+    let warm = load::drive(
+        &buses,
+        PREFIX,
+        &key,
+        widest,
+        args.conversations,
+        Until::OnePass,
+        "warm",
+    )
+    .await?;
+    ensure_answered(&warm, "the warm-up")?;
+    let mut acked = warm.ok;
+    let (drained, _) = replies.wait_for(acked, REPLY_DRAIN_TIMEOUT).await;
+    show(format!(
+        "warm-up: one send to each of {} conversations in {:.2} s; their replies in {:.2} s more",
+        thousands(args.conversations as f64),
+        warm.seconds,
+        drained.as_secs_f64()
+    ));
+
+    show(format!(
+        "request/reply (raw: plain NATS request/reply to a trivial responder; service: {PREFIX}.conv.<id>.send acked after the durable append)"
+    ));
+    show(
+        "  (CPU \"here\" is this process: the clients, and the raw responder or the service)"
+            .into(),
+    );
+    show(format!(
+        "  {:>7} | {:>10} {:>8} {:>8} {:>8} | {:>10} {:>8} {:>8} {:>8} | {:>10} | {:>8}",
+        "clients",
+        "raw req/s",
+        "p50 ms",
+        "p99 ms",
+        "p99.9 ms",
+        "acks/s",
+        "p50 ms",
+        "p99 ms",
+        "p99.9 ms",
+        "replies/s",
+        "acks/raw"
+    ));
+    let mut runs = Vec::new();
+    for &clients in &args.clients {
+        phase(bar, format!("raw request/reply, {clients} clients"));
+        let cpu = CpuMark::now(nats_pid);
+        let mut raw = load::drive(
+            &buses,
+            RAW_PREFIX,
+            &key,
+            clients,
+            args.conversations,
+            Until::Elapsed(window),
+            &format!("raw{clients}"),
+        )
+        .await?;
+        ensure_answered(&raw, "raw request/reply")?;
+        let raw_cpu = cpu.per_request(nats_pid, raw.ok);
+
+        phase(bar, format!("service sends, {clients} clients"));
+        let replies_before = replies.seen();
+        let cpu = CpuMark::now(nats_pid);
+        let mut sent = load::drive(
+            &buses,
+            PREFIX,
+            &key,
+            clients,
+            args.conversations,
+            Until::Elapsed(window),
+            &format!("c{clients}"),
+        )
+        .await?;
+        let replies_in_window = replies.seen().saturating_sub(replies_before);
+        let service_cpu = cpu.per_request(nats_pid, sent.ok);
+        ensure_answered(&sent, "the service")?;
+        acked += sent.ok;
+        let behind = acked.saturating_sub(replies.seen());
+        phase(bar, format!("waiting for the replies of {clients} clients"));
+        let (drain, caught_up) = replies.wait_for(acked, REPLY_DRAIN_TIMEOUT).await;
+
+        let raw_requests_per_sec = rate(raw.ok, raw.seconds);
+        let acks_per_sec = rate(sent.ok, sent.seconds);
+        let figures = ClientFigures {
+            clients,
+            raw_requests_per_sec,
+            raw_latency: Percentiles::of(&mut raw.latencies),
+            raw_failed: raw.failed,
+            acks: sent.ok,
+            acks_per_sec,
+            ack_latency: Percentiles::of(&mut sent.latencies),
+            failed: sent.failed,
+            first_failure: sent.first_failure.take(),
+            replies_per_sec: rate(replies_in_window, sent.seconds),
+            replies_behind_at_end: behind,
+            reply_drain_seconds: drain.as_secs_f64(),
+            ratio: share(acks_per_sec, raw_requests_per_sec),
+            raw_cpu,
+            service_cpu,
+        };
+        show(client_line(&figures));
+        if figures.failed > 0 || figures.raw_failed > 0 {
+            show(format!(
+                "    {} sends and {} raw requests failed; first: {}",
+                figures.failed,
+                figures.raw_failed,
+                figures
+                    .first_failure
+                    .as_deref()
+                    .or(raw.first_failure.as_deref())
+                    .unwrap_or("?")
+            ));
+        }
+        show(format!(
+            "    CPU per request: raw {} µs here + {} µs nats-server; service {} µs here + {} µs nats-server",
+            thousands(figures.raw_cpu.this_process_us),
+            thousands(figures.raw_cpu.nats_server_us),
+            thousands(figures.service_cpu.this_process_us),
+            thousands(figures.service_cpu.nats_server_us)
+        ));
+        if !caught_up || drain >= REPLIES_LATE {
+            show(format!(
+                "    {} replies were still to come when the window ended; {} {:.2} s later",
+                thousands(figures.replies_behind_at_end as f64),
+                if caught_up {
+                    "all came"
+                } else {
+                    "not all had come"
+                },
+                figures.reply_drain_seconds
+            ));
+        }
+        runs.push(figures);
+    }
+    if replies.dropped() > 0 {
+        show(format!(
+            "  warning: the reply counter fell behind and NATS dropped {} of its messages; replies/s is low",
+            replies.dropped()
+        ));
+    }
+    Ok((warm.seconds, runs))
+}
+
+/// Issues the chat key the clients send with.
+async fn issue_key(bus: &Bus, admin_key: &str) -> anyhow::Result<String> {
+    let headers = Headers::new().with("Authorization", format!("Bearer {admin_key}"));
+    let body = serde_json::to_vec(&json!({ "name": "bench" }))?;
+    let reply = bus
+        .request(
+            &format!("{PREFIX}.admin.keys.issue"),
+            headers,
+            body,
+            Duration::from_secs(30),
+        )
+        .await
+        .context("issuing the bench's key")?;
+    let reply: serde_json::Value =
+        serde_json::from_slice(&reply.payload).context("the key issue reply is not JSON")?;
+    reply["key"]
+        .as_str()
+        .map(str::to_owned)
+        .with_context(|| format!("the key was not issued: {reply}"))
+}
+
+/// Fails the bench when nothing was answered: the figures would mean nothing.
+fn ensure_answered(driven: &Driven, what: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        driven.ok > 0 || driven.failed == 0,
+        "{what} answered none of {} requests; first failure: {}",
+        driven.failed,
+        driven.first_failure.as_deref().unwrap_or("?")
+    );
+    Ok(())
+}
+
+fn client_line(f: &ClientFigures) -> String {
+    format!(
+        "  {:>7} | {:>10} {:>8.3} {:>8.3} {:>8.3} | {:>10} {:>8.3} {:>8.3} {:>8.3} | {:>10} | {:>7.0}%",
+        f.clients,
+        thousands(f.raw_requests_per_sec),
+        f.raw_latency.p50_ms,
+        f.raw_latency.p99_ms,
+        f.raw_latency.p999_ms,
+        thousands(f.acks_per_sec),
+        f.ack_latency.p50_ms,
+        f.ack_latency.p99_ms,
+        f.ack_latency.p999_ms,
+        thousands(f.replies_per_sec),
+        f.ratio * 100.0
+    )
+}
+
+/// CPU seconds used so far by this process and by `nats-server`.
+#[derive(Clone, Copy)]
+struct CpuMark {
+    this_process: f64,
+    nats_server: f64,
+}
+
+impl CpuMark {
+    fn now(nats_pid: u32) -> CpuMark {
+        CpuMark {
+            this_process: procfs::cpu_seconds(None).unwrap_or(0.0),
+            nats_server: procfs::cpu_seconds(Some(nats_pid)).unwrap_or(0.0),
+        }
+    }
+
+    /// Per request of `requests`, since `self`.
+    fn per_request(self, nats_pid: u32, requests: u64) -> CpuPerRequest {
+        let now = CpuMark::now(nats_pid);
+        let per = |seconds: f64| share(seconds * 1e6, requests as f64);
+        CpuPerRequest {
+            this_process_us: per(now.this_process - self.this_process),
+            nats_server_us: per(now.nats_server - self.nats_server),
+        }
+    }
+}
