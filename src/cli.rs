@@ -55,6 +55,12 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
+    /// Serve the HTTP API and console on this address (default 127.0.0.1:8080).
+    #[arg(long, env = "SWITCHBOARD_HTTP")]
+    pub http: Option<std::net::SocketAddr>,
+    /// Run without the HTTP front (NATS clients only).
+    #[arg(long, conflicts_with = "http")]
+    pub no_http: bool,
     /// Serve on this NATS server (e.g. nats://127.0.0.1:4222) instead of the embedded bus.
     #[arg(long, env = "SWITCHBOARD_NATS_URL")]
     pub nats_url: Option<String>,

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use serde::Deserialize;
+use switchboard::http::HttpConfig;
 use switchboard::server::{AgentSpec, ProviderSpec, ServerConfig};
 use switchboard_actors::agent::{AgentConfig, Price};
 
@@ -17,6 +18,7 @@ use crate::cli::{GlobalArgs, ServeArgs};
 /// The config file read when `--config` is not given, if it exists.
 const DEFAULT_CONFIG: &str = "switchboard.toml";
 const DEFAULT_DATA_DIR: &str = "./data";
+const DEFAULT_HTTP: &str = "127.0.0.1:8080";
 
 /// `switchboard.toml` (DESIGN §8). Unknown keys are refused, so a typo is an
 /// error rather than a setting silently not applied.
@@ -24,9 +26,7 @@ const DEFAULT_DATA_DIR: &str = "./data";
 #[serde(deny_unknown_fields)]
 struct ConfigFile {
     data_dir: Option<PathBuf>,
-    /// Checked (so DESIGN §8's sample file loads); the HTTP front serves on it.
     #[serde(default)]
-    #[allow(dead_code)] // read by the HTTP front
     http: HttpSection,
     #[serde(default)]
     nats: NatsSection,
@@ -46,9 +46,11 @@ struct ConfigFile {
 /// The HTTP front's address; read and checked now, served by the HTTP front.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-#[allow(dead_code)] // read by the HTTP front
 struct HttpSection {
     addr: Option<std::net::SocketAddr>,
+    /// Browser origins allowed to call the API (CORS); none: CORS off.
+    #[serde(default)]
+    cors_origins: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -182,6 +184,15 @@ pub fn resolve_serve(global: &GlobalArgs, args: &ServeArgs) -> anyhow::Result<Se
         .or(file.conversations.idle_passivate_secs)
     {
         config.conversations.idle_passivate = Duration::from_secs(secs.max(1));
+    }
+    if !args.no_http {
+        let addr = args
+            .http
+            .or(file.http.addr)
+            .unwrap_or_else(|| DEFAULT_HTTP.parse().expect("the default address parses"));
+        let mut http = HttpConfig::new(addr);
+        http.cors_origins = file.http.cors_origins;
+        config.http = Some(http);
     }
     if let Some(secs) = args.drain_timeout_secs {
         config.drain_timeout = Duration::from_secs(secs);

@@ -7,6 +7,7 @@
 
 pub mod bus;
 pub mod gateway;
+pub mod http;
 pub mod keys;
 pub mod outbox;
 pub mod server;

@@ -35,6 +35,7 @@ use tokio::task::JoinHandle;
 
 use crate::bus::{Bus, Headers, LocalBus, NatsBus};
 use crate::gateway::{GatewayHandle, NatsGateway};
+use crate::http::{HttpConfig, HttpHandle};
 use crate::keys::{self, AdminBootstrap};
 use crate::outbox::{Outbox, OutboxError, OutboxHandle};
 use crate::service::{self, ServiceHandle, ServiceInfo};
@@ -65,6 +66,8 @@ pub struct ServerConfig {
     pub conversations: RegistryConfig,
     /// How long shutdown waits for running turns.
     pub drain_timeout: Duration,
+    /// The HTTP front, if any.
+    pub http: Option<HttpConfig>,
 }
 
 impl ServerConfig {
@@ -84,6 +87,7 @@ impl ServerConfig {
             default_agent: "echo".to_owned(),
             conversations: RegistryConfig::default(),
             drain_timeout: Duration::from_secs(30),
+            http: None,
         }
     }
 }
@@ -140,6 +144,12 @@ pub enum ServerError {
     Bus(#[from] crate::bus::BusError),
     #[error("configuration: {0}")]
     Config(String),
+    #[error("cannot listen for HTTP on {addr}: {source}")]
+    Http {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot reach NATS at {url} within {}s: is nats-server running there?", waited.as_secs())]
     NatsUnreachable { url: String, waited: Duration },
     #[error("{0}")]
@@ -155,6 +165,7 @@ pub struct Server {
     coordinator: TurnCoordinator,
     agents: Vec<ActorRef<AgentMsg>>,
     gateway: GatewayHandle,
+    http: Option<HttpHandle>,
     service: ServiceHandle,
     outbox: OutboxHandle,
     admin: AdminBootstrap,
@@ -246,6 +257,22 @@ impl Server {
             .await
             .map_err(|e| ServerError::Actor(format!("the service API registration: {e}")))?;
 
+        let http = match &config.http {
+            Some(http) => {
+                let mut http = http.clone();
+                http.prefix = config.prefix.clone();
+                Some(
+                    crate::http::serve(http.clone(), bus.clone())
+                        .await
+                        .map_err(|source| ServerError::Http {
+                            addr: http.addr,
+                            source,
+                        })?,
+                )
+            }
+            None => None,
+        };
+
         let outbox_error = |e: OutboxError| ServerError::Config(format!("the outbox: {e}"));
         let mut outbox = Outbox::new(log.clone(), bus.clone(), &config.prefix);
         if let Some(pattern) = &config.outbox_jetstream {
@@ -266,6 +293,7 @@ impl Server {
             coordinator,
             agents,
             gateway,
+            http,
             service,
             outbox,
             admin,
@@ -275,6 +303,11 @@ impl Server {
             recovery_task,
             drain_timeout: config.drain_timeout,
         })
+    }
+
+    /// Where the HTTP front listens, if it runs.
+    pub fn http_addr(&self) -> Option<std::net::SocketAddr> {
+        self.http.as_ref().map(HttpHandle::local_addr)
     }
 
     /// What start-up did about the admin key.
@@ -302,6 +335,9 @@ impl Server {
 
     /// Stops in the order of the module doc; returns once the log is flushed.
     pub async fn shutdown(self) {
+        if let Some(http) = self.http {
+            http.shutdown().await;
+        }
         if let Err(error) = self.service.stop().await {
             tracing::warn!(%error, "leaving the service API failed");
         }

@@ -37,12 +37,16 @@ pub fn run(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<ExitCode> {
                     "prefix": config.prefix,
                     "data_dir": config.data_dir,
                     "log_head": server.log().head(),
+                    "http": server.http_addr().map(|addr| addr.to_string()),
                     "admin_key_file": admin_key_file,
                 })
             );
         } else {
             if let Some(path) = &admin_key_file {
                 out!("created the admin key; it is in {path} (mode 0600), shown nowhere else");
+            }
+            if let Some(addr) = server.http_addr() {
+                out!("HTTP API and console on http://{addr}/");
             }
             out!(
                 "switchboard serving: bus {bus}, subjects {}.>, data dir {} (log head {}); Ctrl-C stops",

@@ -40,6 +40,7 @@ impl ServeProcess {
             .arg(data_dir)
             .arg("--nats-url")
             .arg(nats_url)
+            .args(["--http", "127.0.0.1:0"])
             .args(args)
             .env("SWITCHBOARD_ADMIN_KEY", ADMIN_KEY)
             .env("RUST_LOG", "info")

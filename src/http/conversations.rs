@@ -1,0 +1,336 @@
+//! `/v1/conversations…`: send (202 with the ack, or the reply streamed as
+//! SSE), history, the key's conversations, and a conversation's live events.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures::StreamExt;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::core::{Core, CoreReply};
+use super::error::{copy_rate_headers, ApiError};
+use super::{closed, conversation_id, within, ApiJson, AppState};
+use crate::bus::Subscription;
+
+/// The longest a streamed reply is waited for before the stream ends with an
+/// `error` event (the turn itself goes on and is stored).
+const REPLY_STREAM_LIMIT: Duration = Duration::from_secs(600);
+/// SSE events buffered for a slow client.
+const SSE_BUFFER: usize = 256;
+/// A keep-alive comment this often, so proxies keep idle streams open.
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+/// The body of `POST /v1/conversations/{id}/messages`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SendBody {
+    pub content: String,
+    #[serde(default)]
+    pub message_id: Option<String>,
+    #[serde(default)]
+    pub agent: Option<String>,
+    #[serde(default)]
+    pub user: Option<String>,
+}
+
+/// A JSON response with the core's rate-limit headers.
+fn answer(status: StatusCode, reply: CoreReply) -> Response {
+    let mut headers = HeaderMap::new();
+    copy_rate_headers(&reply.headers, &mut headers);
+    (status, headers, Json(reply.body)).into_response()
+}
+
+/// `GET /v1/conversations?after=&limit=`: the calling key's conversations.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+pub async fn list(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(query): Query<ListQuery>,
+) -> Result<Response, ApiError> {
+    let body = json!({ "after": query.after, "limit": query.limit });
+    let reply = within(&state, state.core.request("conv.list", &headers, &body)).await?;
+    Ok(answer(StatusCode::OK, reply))
+}
+
+/// `GET /v1/conversations/{id}`: the history.
+pub async fn history(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = conversation_id(&id)?;
+    let subject = format!("conv.{id}.history");
+    let reply = within(&state, state.core.request(&subject, &headers, &json!({}))).await?;
+    Ok(answer(StatusCode::OK, reply))
+}
+
+/// `POST /v1/conversations/{id}/messages`: 202 with the ack; with
+/// `Accept: text/event-stream`, the ack and then the reply as SSE:
+/// `reply_delta` events, then `reply_completed` or `reply_failed`, then the
+/// stream ends.
+pub async fn send(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<SendBody>,
+) -> Result<Response, ApiError> {
+    let id = conversation_id(&id)?.to_owned();
+    let body = json!({
+        "content": body.content,
+        "message_id": body.message_id,
+        "agent": body.agent,
+        "user": body.user,
+    });
+    if !wants_stream(&headers) {
+        let subject = format!("conv.{id}.send");
+        let reply = within(&state, state.core.request(&subject, &headers, &body)).await?;
+        return Ok(answer(StatusCode::ACCEPTED, reply));
+    }
+    // Subscribed before sending, so no piece of the reply can be missed.
+    let events = state.core.subscribe(&format!("evt.conv.{id}.>")).await?;
+    let subject = format!("conv.{id}.send");
+    let reply = within(&state, state.core.request(&subject, &headers, &body)).await?;
+    let mut rate_headers = HeaderMap::new();
+    copy_rate_headers(&reply.headers, &mut rate_headers);
+    let (sender, received) = mpsc::channel(SSE_BUFFER);
+    tokio::spawn(stream_reply(
+        state.closing.clone(),
+        state.core.clone(),
+        headers,
+        id,
+        reply.body,
+        events,
+        sender,
+    ));
+    Ok((rate_headers, sse(received)).into_response())
+}
+
+/// Whether the client asked for an event stream.
+fn wants_stream(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .any(|value| value.contains("text/event-stream"))
+}
+
+fn sse(received: mpsc::Receiver<Event>) -> impl IntoResponse {
+    let stream = ReceiverStream::new(received).map(Ok::<Event, Infallible>);
+    Sse::new(stream).keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+}
+
+/// An SSE event named `kind` with a JSON body.
+fn event(kind: &str, data: &Value) -> Event {
+    Event::default()
+        .event(kind)
+        .data(serde_json::to_string(data).expect("JSON serializes"))
+}
+
+/// Relays one message's reply: the ack, its deltas, its end.
+async fn stream_reply(
+    closing: watch::Receiver<bool>,
+    core: Core,
+    caller: HeaderMap,
+    conversation_id: String,
+    ack: Value,
+    mut events: Subscription,
+    sender: mpsc::Sender<Event>,
+) {
+    let message_id = ack["message_id"].as_str().unwrap_or_default().to_owned();
+    if sender.send(event("ack", &ack)).await.is_err() {
+        return;
+    }
+    // A resent message's turn may be over already: look in the log first.
+    if ack["duplicate"] == json!(true) {
+        let after = ack["seq"].as_u64().unwrap_or(1).saturating_sub(1);
+        let subject = format!("conv.{conversation_id}.events");
+        if let Ok(stored) = core
+            .request(&subject, &caller, &json!({ "after_seq": after }))
+            .await
+        {
+            let end = stored.body["events"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|e| is_end_of(e, &message_id));
+            if let Some(end) = end {
+                let _ = sender.send(stored_event(end)).await;
+                return;
+            }
+        }
+    }
+    let deadline = tokio::time::sleep(REPLY_STREAM_LIMIT);
+    tokio::pin!(deadline);
+    loop {
+        let message = tokio::select! {
+            message = events.recv() => message,
+            () = &mut deadline => {
+                let _ = sender.send(event("error", &json!({
+                    "code": "timeout",
+                    "message": "no end of the reply in time; it will be in the history",
+                }))).await;
+                return;
+            }
+            () = sender.closed() => return,
+            () = closed(closing.clone()) => return,
+        };
+        let Some(message) = message else { return };
+        let Ok(body) = serde_json::from_slice::<Value>(&message.payload) else {
+            continue;
+        };
+        if message.subject.ends_with(".reply_delta") {
+            if body["message_id"] == json!(message_id)
+                && sender.send(event("reply_delta", &body)).await.is_err()
+            {
+                return;
+            }
+            continue;
+        }
+        if is_end_of(&body, &message_id) {
+            let _ = sender.send(stored_event(&body)).await;
+            return;
+        }
+    }
+}
+
+/// Whether a stored event ends the turn of `message_id`.
+fn is_end_of(envelope: &Value, message_id: &str) -> bool {
+    matches!(
+        envelope["type"].as_str(),
+        Some("reply_completed" | "reply_failed")
+    ) && envelope["data"]["message_id"] == json!(message_id)
+}
+
+/// A stored event as SSE: named by its type, with its seq as the id.
+fn stored_event(envelope: &Value) -> Event {
+    let kind = envelope["type"].as_str().unwrap_or("event");
+    let mut event = event(kind, envelope);
+    if let Some(seq) = envelope["seq"].as_u64() {
+        event = event.id(seq.to_string());
+    }
+    event
+}
+
+/// `GET /v1/conversations/{id}/events`: the conversation's stored events
+/// after `Last-Event-ID` (a seq; 0 when absent), then live ones as they are
+/// published, each with its seq as the SSE id; `reply_delta`s pass through
+/// without one (they are not stored).
+pub async fn events(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = conversation_id(&id)?.to_owned();
+    let after = match headers.get("last-event-id") {
+        None => 0,
+        Some(value) => value
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .ok_or_else(|| ApiError::invalid("Last-Event-ID must be a seq (a whole number)"))?,
+    };
+    let live = state.core.subscribe(&format!("evt.conv.{id}.>")).await?;
+    // The first page also checks the key and its right to the conversation.
+    let subject = format!("conv.{id}.events");
+    let first = within(
+        &state,
+        state
+            .core
+            .request(&subject, &headers, &json!({ "after_seq": after })),
+    )
+    .await?;
+    let mut rate_headers = HeaderMap::new();
+    copy_rate_headers(&first.headers, &mut rate_headers);
+    let (sender, received) = mpsc::channel(SSE_BUFFER);
+    tokio::spawn(stream_events(
+        state.closing.clone(),
+        state.core.clone(),
+        headers,
+        subject,
+        (after, first.body),
+        live,
+        sender,
+    ));
+    Ok((rate_headers, sse(received)).into_response())
+}
+
+async fn stream_events(
+    closing: watch::Receiver<bool>,
+    core: Core,
+    caller: HeaderMap,
+    subject: String,
+    (mut last, mut page): (u64, Value),
+    mut live: Subscription,
+    sender: mpsc::Sender<Event>,
+) {
+    // Stored events, page by page.
+    loop {
+        let stored = page["events"].as_array().cloned().unwrap_or_default();
+        if stored.is_empty() {
+            break;
+        }
+        for envelope in &stored {
+            if sender.send(stored_event(envelope)).await.is_err() {
+                return;
+            }
+            last = envelope["seq"].as_u64().unwrap_or(last);
+        }
+        match core
+            .request(&subject, &caller, &json!({ "after_seq": last }))
+            .await
+        {
+            Ok(next) => page = next.body,
+            Err(error) => {
+                let _ = sender
+                    .send(event(
+                        "error",
+                        &json!({ "code": error.code, "message": error.message }),
+                    ))
+                    .await;
+                return;
+            }
+        }
+    }
+    // Then live ones, skipping what was already sent.
+    loop {
+        let message = tokio::select! {
+            message = live.recv() => message,
+            () = sender.closed() => return,
+            () = closed(closing.clone()) => return,
+        };
+        let Some(message) = message else { return };
+        let Ok(body) = serde_json::from_slice::<Value>(&message.payload) else {
+            continue;
+        };
+        if message.subject.ends_with(".reply_delta") {
+            if sender.send(event("reply_delta", &body)).await.is_err() {
+                return;
+            }
+            continue;
+        }
+        let Some(seq) = body["seq"].as_u64() else {
+            continue;
+        };
+        if seq <= last {
+            continue;
+        }
+        last = seq;
+        if sender.send(stored_event(&body)).await.is_err() {
+            return;
+        }
+    }
+}

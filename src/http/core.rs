@@ -1,0 +1,99 @@
+//! The front's only way into the core: requests on the bus (DESIGN §1), with
+//! the caller's `Authorization` and `traceparent` passed through untouched.
+//! The front checks no key and decides nothing: the core's answer — a body,
+//! or a coded error — becomes the HTTP response.
+
+use std::time::Duration;
+
+use axum::http::HeaderMap;
+use serde_json::Value;
+
+use super::error::ApiError;
+use crate::bus::{Bus, BusError, Headers, Subscription};
+
+/// How long the front waits for the core to answer one request.
+pub const CORE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A bus and the subject prefix of the core behind it. Cheap to clone.
+#[derive(Clone)]
+pub struct Core {
+    pub bus: Bus,
+    pub prefix: String,
+}
+
+/// A successful answer: the JSON body and the reply's headers.
+#[derive(Debug)]
+pub struct CoreReply {
+    pub body: Value,
+    pub headers: Headers,
+}
+
+impl Core {
+    /// Sends `body` to `{prefix}.{subject}` with the caller's credentials; an
+    /// `{"ok":false,…}` answer is the matching [`ApiError`].
+    pub async fn request(
+        &self,
+        subject: &str,
+        caller: &HeaderMap,
+        body: &Value,
+    ) -> Result<CoreReply, ApiError> {
+        let subject = format!("{}.{subject}", self.prefix);
+        let mut headers = Headers::new().with("Content-Type", "application/json");
+        for name in ["authorization", "traceparent"] {
+            if let Some(value) = caller.get(name).and_then(|v| v.to_str().ok()) {
+                let canonical = if name == "authorization" {
+                    "Authorization"
+                } else {
+                    name
+                };
+                headers.insert(canonical, value);
+            }
+        }
+        let payload = serde_json::to_vec(body).expect("a JSON value serializes");
+        let reply = self
+            .bus
+            .request(&subject, headers, payload, CORE_TIMEOUT)
+            .await
+            .map_err(|error| ApiError::from_bus(&error))?;
+        let body: Value = serde_json::from_slice(&reply.payload).map_err(|error| {
+            tracing::error!(%subject, %error, "the core answered something other than JSON");
+            ApiError::new(
+                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "the core's answer was not understood",
+            )
+        })?;
+        if body["ok"] == Value::Bool(true) {
+            return Ok(CoreReply {
+                body,
+                headers: reply.headers,
+            });
+        }
+        let code = body["error"]["code"]
+            .as_str()
+            .unwrap_or("internal")
+            .to_owned();
+        let message = body["error"]["message"]
+            .as_str()
+            .unwrap_or("the core refused the request")
+            .to_owned();
+        Err(ApiError::new(ApiError::status_of(&code), code, message).with_headers(&reply.headers))
+    }
+
+    /// Subscribes to `{prefix}.{pattern}` (e.g. a conversation's events) and
+    /// makes sure the server knows before returning, so nothing published
+    /// after this call is missed.
+    pub async fn subscribe(&self, pattern: &str) -> Result<Subscription, ApiError> {
+        let pattern = format!("{}.{pattern}", self.prefix);
+        let subscription = self
+            .bus
+            .subscribe(&pattern)
+            .await
+            .map_err(|error| ApiError::from_bus(&error))?;
+        self.bus
+            .flush()
+            .await
+            .map_err(|error: BusError| ApiError::from_bus(&error))?;
+        Ok(subscription)
+    }
+}

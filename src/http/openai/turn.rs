@@ -1,0 +1,246 @@
+//! Following one message's turn on the conversation's events.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use axum::http::{HeaderMap, StatusCode};
+use serde_json::{json, Value};
+use tokio::time::Instant;
+
+use super::error::OpenAiError;
+use crate::bus::Subscription;
+use crate::http::core::Core;
+
+/// The longest a reply is waited for; then 504 (or an error chunk). The turn
+/// itself goes on and is stored.
+const REPLY_WAIT: Duration = Duration::from_secs(600);
+/// How long a completed reply's `usage_recorded` is awaited live before it is
+/// looked up in the log (both are appended together, so it is there).
+const USAGE_WAIT: Duration = Duration::from_secs(5);
+
+/// Token counts of a turn.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Usage {
+    pub(super) prompt_tokens: u64,
+    pub(super) completion_tokens: u64,
+}
+
+impl Usage {
+    fn of(data: &Value) -> Usage {
+        Usage {
+            prompt_tokens: data["prompt_tokens"].as_u64().unwrap_or(0),
+            completion_tokens: data["completion_tokens"].as_u64().unwrap_or(0),
+        }
+    }
+
+    pub(super) fn to_json(self) -> Value {
+        json!({
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        })
+    }
+}
+
+/// What happens in one turn, in order: deltas, then `Completed` and `Usage`,
+/// or `Failed`.
+#[derive(Debug)]
+pub(super) enum TurnStep {
+    Delta {
+        reply_id: String,
+        index: u64,
+        text: String,
+    },
+    Completed(Reply),
+    Failed {
+        code: String,
+        message: String,
+    },
+    Usage(Usage),
+}
+
+/// A completed reply.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Reply {
+    pub(super) reply_id: String,
+    pub(super) content: String,
+    pub(super) finish_reason: String,
+    pub(super) usage: Usage,
+}
+
+/// Follows one message's turn on the conversation's events: the live deltas
+/// and the stored end, or the end already in the log when the send was a
+/// duplicate. Repeats (the outbox delivers at least once) are dropped.
+pub(super) struct TurnFollower {
+    core: Core,
+    caller: HeaderMap,
+    conversation_id: String,
+    message_id: String,
+    events: Subscription,
+    queued: VecDeque<TurnStep>,
+    /// The seq of the `reply_completed`, once seen: then only usage is awaited.
+    completed_seq: Option<u64>,
+    done: bool,
+    deadline: Instant,
+}
+
+impl TurnFollower {
+    pub(super) async fn start(
+        core: Core,
+        caller: HeaderMap,
+        conversation_id: String,
+        ack: &Value,
+        events: Subscription,
+    ) -> TurnFollower {
+        let mut turn = TurnFollower {
+            core,
+            caller,
+            conversation_id,
+            message_id: ack["message_id"].as_str().unwrap_or_default().to_owned(),
+            events,
+            queued: VecDeque::new(),
+            completed_seq: None,
+            done: false,
+            deadline: Instant::now() + REPLY_WAIT,
+        };
+        // A resent message's turn may be over already: look in the log.
+        if ack["duplicate"] == json!(true) {
+            let after = ack["seq"].as_u64().unwrap_or(1).saturating_sub(1);
+            for envelope in turn.stored_after(after).await {
+                turn.take(&envelope);
+            }
+        }
+        turn
+    }
+
+    /// The conversation's stored events after `seq` (none if unreadable).
+    async fn stored_after(&self, seq: u64) -> Vec<Value> {
+        let subject = format!("conv.{}.events", self.conversation_id);
+        match self
+            .core
+            .request(&subject, &self.caller, &json!({ "after_seq": seq }))
+            .await
+        {
+            Ok(reply) => reply.body["events"].as_array().cloned().unwrap_or_default(),
+            Err(error) => {
+                tracing::warn!(code = %error.code, "cannot read the conversation's events");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Queues what a stored event says about this turn, if anything.
+    fn take(&mut self, envelope: &Value) {
+        let data = &envelope["data"];
+        if self.done || data["message_id"].as_str() != Some(self.message_id.as_str()) {
+            return;
+        }
+        match (envelope["type"].as_str(), self.completed_seq) {
+            (Some("reply_completed"), None) => {
+                self.completed_seq = Some(envelope["seq"].as_u64().unwrap_or(0));
+                self.queued.push_back(TurnStep::Completed(Reply {
+                    reply_id: data["reply_id"].as_str().unwrap_or_default().to_owned(),
+                    content: data["content"].as_str().unwrap_or_default().to_owned(),
+                    finish_reason: data["finish_reason"].as_str().unwrap_or("stop").to_owned(),
+                    usage: Usage::default(),
+                }));
+            }
+            (Some("reply_failed"), None) => {
+                self.done = true;
+                self.queued.push_back(TurnStep::Failed {
+                    code: data["code"].as_str().unwrap_or("internal").to_owned(),
+                    message: data["message"].as_str().unwrap_or_default().to_owned(),
+                });
+            }
+            (Some("usage_recorded"), Some(_)) => {
+                self.done = true;
+                self.queued.push_back(TurnStep::Usage(Usage::of(data)));
+            }
+            _ => {}
+        }
+    }
+
+    /// The next step; `None` once the turn is over.
+    pub(super) async fn next(&mut self) -> Result<Option<TurnStep>, OpenAiError> {
+        loop {
+            if let Some(step) = self.queued.pop_front() {
+                return Ok(Some(step));
+            }
+            if self.done {
+                return Ok(None);
+            }
+            let limit = match self.completed_seq {
+                Some(_) => self.deadline.min(Instant::now() + USAGE_WAIT),
+                None => self.deadline,
+            };
+            let message = tokio::select! {
+                message = self.events.recv() => message,
+                () = tokio::time::sleep_until(limit) => {
+                    let Some(seq) = self.completed_seq else {
+                        return Err(OpenAiError::timeout());
+                    };
+                    for envelope in self.stored_after(seq).await {
+                        self.take(&envelope);
+                    }
+                    if !self.done {
+                        let message_id = &self.message_id;
+                        tracing::warn!(%message_id, "no usage_recorded for a completed reply");
+                        self.done = true;
+                    }
+                    continue;
+                }
+            };
+            let Some(message) = message else {
+                return Err(OpenAiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "server_error",
+                    "service_unavailable",
+                    "the core's events stopped before the reply ended",
+                ));
+            };
+            let Ok(body) = serde_json::from_slice::<Value>(&message.payload) else {
+                continue;
+            };
+            if !message.subject.ends_with(".reply_delta") {
+                self.take(&body);
+                continue;
+            }
+            if self.completed_seq.is_none()
+                && body["message_id"].as_str() == Some(self.message_id.as_str())
+            {
+                return Ok(Some(TurnStep::Delta {
+                    reply_id: body["reply_id"].as_str().unwrap_or_default().to_owned(),
+                    index: body["index"].as_u64().unwrap_or(0),
+                    text: body["delta"].as_str().unwrap_or_default().to_owned(),
+                }));
+            }
+        }
+    }
+
+    /// Waits for the whole reply and its usage, skipping the deltas.
+    pub(super) async fn into_reply(mut self) -> Result<Reply, OpenAiError> {
+        let mut reply = None;
+        while let Some(step) = self.next().await? {
+            match step {
+                TurnStep::Delta { .. } => {}
+                TurnStep::Completed(completed) => reply = Some(completed),
+                TurnStep::Failed { code, message } => {
+                    return Err(OpenAiError::turn_failed(&code, &message))
+                }
+                TurnStep::Usage(usage) => {
+                    if let Some(reply) = &mut reply {
+                        reply.usage = usage;
+                    }
+                }
+            }
+        }
+        reply.ok_or_else(|| {
+            OpenAiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "internal",
+                "the turn ended without a reply",
+            )
+        })
+    }
+}

@@ -1,0 +1,655 @@
+//! The HTTP front (DESIGN §7) over a real socket: every route's success and
+//! errors, the headers, streamed replies and resumable event streams, and
+//! malformed input that changes nothing.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use reqwest::{Client, Method, StatusCode};
+use serde_json::{json, Value};
+use switchboard::http::HttpConfig;
+use switchboard::server::{Server, ServerConfig};
+
+const WAIT: Duration = Duration::from_secs(20);
+const ADMIN_KEY: &str = "sb-admin-key-for-tests-0123456789";
+
+struct Front {
+    server: Server,
+    base: String,
+    client: Client,
+    _dir: tempfile::TempDir,
+}
+
+impl Front {
+    async fn start() -> Front {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut config = ServerConfig::new(dir.path().join("data"));
+        config.admin_key = Some(ADMIN_KEY.to_owned());
+        config.http = Some(HttpConfig::new("127.0.0.1:0".parse().expect("addr")));
+        let server = Server::start(config).await.expect("the server starts");
+        let base = format!("http://{}", server.http_addr().expect("HTTP runs"));
+        Front {
+            server,
+            base,
+            client: Client::builder().timeout(WAIT).build().expect("client"),
+            _dir: dir,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        key: Option<&str>,
+        body: Option<Value>,
+    ) -> reqwest::Response {
+        let mut request = self.client.request(method, self.url(path));
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        request.send().await.expect("the request is answered")
+    }
+
+    async fn json(
+        &self,
+        method: Method,
+        path: &str,
+        key: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let response = self.call(method, path, key, body).await;
+        let status = response.status();
+        (status, response.json().await.expect("JSON body"))
+    }
+
+    async fn issue(&self, body: Value) -> (String, String) {
+        let (status, issued) = self
+            .json(Method::POST, "/admin/keys", Some(ADMIN_KEY), Some(body))
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{issued}");
+        (
+            issued["key_id"].as_str().expect("key_id").to_owned(),
+            issued["key"].as_str().expect("key").to_owned(),
+        )
+    }
+
+    /// Polls the history until it holds `n` messages.
+    async fn history_of(&self, key: &str, id: &str, n: usize) -> Value {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let (status, history) = self
+                .json(
+                    Method::GET,
+                    &format!("/v1/conversations/{id}"),
+                    Some(key),
+                    None,
+                )
+                .await;
+            assert_eq!(status, StatusCode::OK, "{history}");
+            if history["messages"].as_array().map_or(0, Vec::len) == n {
+                return history;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{history}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+#[track_caller]
+fn assert_error(status: StatusCode, body: &Value, expected: StatusCode, code: &str) {
+    assert_eq!(status, expected, "{body}");
+    assert_eq!(body["error"]["code"], json!(code), "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+}
+
+/// Reads an SSE body into `(event, data)` pairs until it ends.
+async fn sse_events(response: reqwest::Response) -> Vec<(String, Value, Option<String>)> {
+    let mut stream = response.bytes_stream();
+    let mut buffer = String::new();
+    let mut events = Vec::new();
+    while let Some(chunk) = tokio::time::timeout(WAIT, stream.next())
+        .await
+        .expect("the stream moves on")
+    {
+        buffer.push_str(&String::from_utf8_lossy(&chunk.expect("bytes")));
+        while let Some(end) = buffer.find("\n\n") {
+            let block: String = buffer.drain(..end + 2).collect();
+            let (mut kind, mut data, mut id) = (String::from("message"), String::new(), None);
+            for line in block.lines() {
+                if let Some(v) = line.strip_prefix("event:") {
+                    kind = v.trim().to_owned();
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    data.push_str(v.trim_start());
+                } else if let Some(v) = line.strip_prefix("id:") {
+                    id = Some(v.trim().to_owned());
+                }
+            }
+            if !data.is_empty() {
+                events.push((kind, serde_json::from_str(&data).expect("JSON data"), id));
+            }
+        }
+    }
+    events
+}
+
+#[tokio::test]
+async fn a_message_is_accepted_and_its_history_read_with_rate_limit_headers() {
+    let front = Front::start().await;
+    let (_, key) = front
+        .issue(json!({ "name": "ana", "limits": { "rpm": 10, "tpm": 100000 } }))
+        .await;
+    let response = front
+        .call(
+            Method::POST,
+            "/v1/conversations/c1/messages",
+            Some(&key),
+            Some(json!({ "content": "hello", "message_id": "m1" })),
+        )
+        .await;
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let headers = response.headers().clone();
+    assert_eq!(headers["ratelimit-limit"], "10");
+    assert_eq!(headers["ratelimit-remaining"], "9");
+    assert!(headers.contains_key("ratelimit-reset"));
+    assert_eq!(headers["x-ratelimit-limit-requests"], "10");
+    assert_eq!(headers["x-ratelimit-limit-tokens"], "100000");
+    assert_eq!(headers["x-content-type-options"], "nosniff");
+    assert_eq!(headers["x-frame-options"], "DENY");
+    assert!(headers["content-security-policy"]
+        .to_str()
+        .expect("ascii")
+        .contains("default-src 'none'"));
+    assert!(
+        !headers.contains_key("access-control-allow-origin"),
+        "CORS is off"
+    );
+    let ack: Value = response.json().await.expect("JSON");
+    assert_eq!(ack["ok"], json!(true));
+    assert_eq!(ack["message_id"], json!("m1"));
+
+    let history = front.history_of(&key, "c1", 2).await;
+    assert_eq!(history["messages"][1]["content"], json!("echo: hello"));
+    let (status, listed) = front
+        .json(Method::GET, "/v1/conversations", Some(&key), None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(listed["conversations"][0]["conversation_id"], json!("c1"));
+    let (status, usage) = front.json(Method::GET, "/v1/usage", Some(&key), None).await;
+    assert_eq!(status, StatusCode::OK, "{usage}");
+    assert_eq!(usage["spent"]["requests"], json!(1));
+    front.server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_streamed_send_relays_the_deltas_and_ends_with_the_reply() {
+    let front = Front::start().await;
+    let (_, key) = front.issue(json!({ "name": "ana" })).await;
+    let response = front
+        .client
+        .post(front.url("/v1/conversations/s1/messages"))
+        .bearer_auth(&key)
+        .header("Accept", "text/event-stream")
+        .json(&json!({ "content": "one two three", "message_id": "m1" }))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(response.headers()["content-type"]
+        .to_str()
+        .expect("ascii")
+        .starts_with("text/event-stream"));
+    let events = sse_events(response).await;
+    let kinds: Vec<&str> = events.iter().map(|(k, _, _)| k.as_str()).collect();
+    assert_eq!(kinds.first(), Some(&"ack"));
+    assert_eq!(kinds.last(), Some(&"reply_completed"), "{kinds:?}");
+    let text: String = events
+        .iter()
+        .filter(|(k, _, _)| k == "reply_delta")
+        .map(|(_, d, _)| d["delta"].as_str().expect("delta").to_owned())
+        .collect();
+    assert_eq!(text, "echo: one two three");
+    let (_, end, id) = events.last().expect("an end");
+    assert_eq!(end["data"]["content"], json!("echo: one two three"));
+    assert_eq!(
+        id.as_deref(),
+        end["seq"].as_u64().map(|s| s.to_string()).as_deref()
+    );
+
+    // A resend streams the stored end at once.
+    let again = front
+        .client
+        .post(front.url("/v1/conversations/s1/messages"))
+        .bearer_auth(&key)
+        .header("Accept", "text/event-stream")
+        .json(&json!({ "content": "one two three", "message_id": "m1" }))
+        .send()
+        .await
+        .expect("answered");
+    let events = sse_events(again).await;
+    assert_eq!(events[0].1["duplicate"], json!(true));
+    assert_eq!(events.last().expect("end").0, "reply_completed");
+    front.server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_event_stream_resumes_after_last_event_id() {
+    let front = Front::start().await;
+    let (_, key) = front.issue(json!({ "name": "ana" })).await;
+    front
+        .call(
+            Method::POST,
+            "/v1/conversations/r1/messages",
+            Some(&key),
+            Some(json!({ "content": "first" })),
+        )
+        .await;
+    front.history_of(&key, "r1", 2).await;
+
+    let response = front
+        .client
+        .get(front.url("/v1/conversations/r1/events"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut stream = response.bytes_stream();
+    let mut seen = String::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !seen.contains("usage_recorded") {
+        assert!(tokio::time::Instant::now() < deadline, "only got {seen}");
+        let chunk = tokio::time::timeout(WAIT, stream.next())
+            .await
+            .expect("moves")
+            .expect("open");
+        seen.push_str(&String::from_utf8_lossy(&chunk.expect("bytes")));
+    }
+    let ids: Vec<u64> = seen
+        .lines()
+        .filter_map(|l| l.strip_prefix("id:"))
+        .map(|v| v.trim().parse().expect("a seq"))
+        .collect();
+    assert_eq!(ids.len(), 5, "{seen}");
+    let resume_after = ids[2];
+
+    // Live: a second message shows up on the open stream.
+    front
+        .call(
+            Method::POST,
+            "/v1/conversations/r1/messages",
+            Some(&key),
+            Some(json!({ "content": "second" })),
+        )
+        .await;
+    while !seen.contains("echo: second") {
+        assert!(
+            tokio::time::Instant::now() < deadline + WAIT,
+            "only got {seen}"
+        );
+        let chunk = tokio::time::timeout(WAIT, stream.next())
+            .await
+            .expect("moves")
+            .expect("open");
+        seen.push_str(&String::from_utf8_lossy(&chunk.expect("bytes")));
+    }
+    drop(stream);
+
+    let resumed = front
+        .client
+        .get(front.url("/v1/conversations/r1/events"))
+        .bearer_auth(&key)
+        .header("Last-Event-ID", resume_after.to_string())
+        .send()
+        .await
+        .expect("answered");
+    let mut stream = resumed.bytes_stream();
+    let mut text = String::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    // After agent_routed of the first exchange: its reply and usage, then the
+    // second exchange's four events.
+    while text.lines().filter(|l| l.starts_with("id:")).count() < 6 {
+        assert!(tokio::time::Instant::now() < deadline, "only got {text}");
+        let chunk = tokio::time::timeout(WAIT, stream.next())
+            .await
+            .expect("moves")
+            .expect("open");
+        text.push_str(&String::from_utf8_lossy(&chunk.expect("bytes")));
+    }
+    let ids: Vec<u64> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("id:"))
+        .map(|v| v.trim().parse().expect("a seq"))
+        .collect();
+    assert!(ids.iter().all(|id| *id > resume_after), "{ids:?}");
+    assert_eq!(ids.first(), Some(&(resume_after + 1)), "{text}");
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "no duplicates, in order: {ids:?}"
+    );
+
+    let (status, body) = {
+        let response = front
+            .client
+            .get(front.url("/v1/conversations/r1/events"))
+            .bearer_auth(&key)
+            .header("Last-Event-ID", "yesterday")
+            .send()
+            .await
+            .expect("answered");
+        (
+            response.status(),
+            response.json::<Value>().await.expect("JSON"),
+        )
+    };
+    assert_error(
+        status,
+        &body,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_request",
+    );
+    front.server.shutdown().await;
+}
+
+#[tokio::test]
+async fn admin_routes_issue_list_revoke_report_audit_and_erase() {
+    let front = Front::start().await;
+    let (key_id, key) = front.issue(json!({ "name": "ana", "owner": "team" })).await;
+    front
+        .call(
+            Method::POST,
+            "/v1/conversations/a1/messages",
+            Some(&key),
+            Some(json!({ "content": "private" })),
+        )
+        .await;
+    front.history_of(&key, "a1", 2).await;
+
+    let (status, listed) = front
+        .json(Method::GET, "/admin/keys", Some(ADMIN_KEY), None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(listed["keys"]
+        .as_array()
+        .expect("keys")
+        .iter()
+        .any(|k| k["key_id"] == json!(key_id)));
+    let (status, denied) = front
+        .json(Method::GET, "/admin/keys", Some(&key), None)
+        .await;
+    assert_error(status, &denied, StatusCode::FORBIDDEN, "forbidden");
+
+    let (status, costs) = front
+        .json(Method::GET, "/admin/costs?by=model", Some(ADMIN_KEY), None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{costs}");
+    assert_eq!(costs["rows"][0]["group"], json!("echo"));
+    let (status, bad) = front
+        .json(Method::GET, "/admin/costs?by=planet", Some(ADMIN_KEY), None)
+        .await;
+    assert_error(
+        status,
+        &bad,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_request",
+    );
+
+    let (status, erased) = front
+        .json(
+            Method::DELETE,
+            "/admin/conversations/a1",
+            Some(ADMIN_KEY),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{erased}");
+    let (status, missing) = front
+        .json(
+            Method::DELETE,
+            "/admin/conversations/nope",
+            Some(ADMIN_KEY),
+            None,
+        )
+        .await;
+    assert_error(status, &missing, StatusCode::NOT_FOUND, "not_found");
+    let history = front.history_of(&key, "a1", 0).await;
+    assert_eq!(history["erased"], json!(true));
+
+    let (status, revoked) = front
+        .json(
+            Method::DELETE,
+            &format!("/admin/keys/{key_id}?reason=rotated"),
+            Some(ADMIN_KEY),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{revoked}");
+    let (status, body) = front.json(Method::GET, "/v1/usage", Some(&key), None).await;
+    assert_error(status, &body, StatusCode::UNAUTHORIZED, "unauthorized");
+
+    let (status, audit) = front
+        .json(
+            Method::GET,
+            "/admin/audit?type=key_revoked",
+            Some(ADMIN_KEY),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(audit["events"][0]["data"]["key_id"], json!(key_id));
+    assert_eq!(audit["events"][0]["data"]["reason"], json!("rotated"));
+    front.server.shutdown().await;
+}
+
+#[tokio::test]
+async fn health_ready_and_metrics() {
+    let front = Front::start().await;
+    let (status, health) = front.json(Method::GET, "/healthz", None, None).await;
+    assert_eq!(
+        (status, health["status"].clone()),
+        (StatusCode::OK, json!("ok"))
+    );
+    let (status, ready) = front.json(Method::GET, "/readyz", None, None).await;
+    assert_eq!(status, StatusCode::OK, "{ready}");
+    assert_eq!(ready["status"], json!("ready"));
+    let metrics = front.call(Method::GET, "/metrics", None, None).await;
+    assert_eq!(metrics.status(), StatusCode::OK);
+    let text = metrics.text().await.expect("text");
+    assert!(
+        text.contains("# TYPE switchboard_log_head_seq gauge"),
+        "{text}"
+    );
+    assert!(text
+        .lines()
+        .any(|l| l.starts_with("switchboard_log_head_seq ") && !l.ends_with(" 0")));
+    front.server.shutdown().await;
+}
+
+#[tokio::test]
+async fn malformed_input_gets_the_right_status_and_changes_nothing() {
+    let front = Front::start().await;
+    let (_, key) = front.issue(json!({ "name": "ana" })).await;
+    let head = front.server.log().head();
+    let huge = "x".repeat(300 * 1024);
+    let send = "/v1/conversations/c1/messages";
+    let cases: Vec<Case> = vec![
+        (
+            Method::POST,
+            send,
+            Some(&key),
+            Some(json!({})),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+        ),
+        (
+            Method::POST,
+            send,
+            Some(&key),
+            Some(json!({ "content": 5 })),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+        ),
+        (
+            Method::POST,
+            send,
+            Some(&key),
+            Some(json!({ "content": "x", "extra": 1 })),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+        ),
+        (
+            Method::POST,
+            send,
+            Some(&key),
+            Some(json!({ "content": "  " })),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+        ),
+        (
+            Method::POST,
+            send,
+            Some(&key),
+            Some(json!({ "content": huge })),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+        ),
+        (
+            Method::POST,
+            "/v1/conversations/bad.id/messages",
+            Some(&key),
+            Some(json!({ "content": "x" })),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+        ),
+        (
+            Method::GET,
+            "/v1/conversations/bad.id",
+            Some(&key),
+            None,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+        ),
+        (
+            Method::POST,
+            send,
+            None,
+            Some(json!({ "content": "x" })),
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+        ),
+        (
+            Method::POST,
+            send,
+            Some("sb-garbage-key-000000"),
+            Some(json!({ "content": "x" })),
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+        ),
+        (
+            Method::POST,
+            send,
+            Some(&key),
+            Some(json!({ "content": "x", "agent": "nobody" })),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+        ),
+        (
+            Method::GET,
+            "/v1/nothing-here",
+            Some(&key),
+            None,
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            Method::PUT,
+            "/v1/usage",
+            Some(&key),
+            None,
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+        ),
+        (
+            Method::POST,
+            "/admin/keys",
+            Some(ADMIN_KEY),
+            Some(json!({ "name": 7 })),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+        ),
+        (
+            Method::POST,
+            "/admin/keys",
+            Some(ADMIN_KEY),
+            Some(json!([1])),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+        ),
+    ];
+    for (method, path, key, body, status, code) in cases {
+        let (got, reply) = front.json(method.clone(), path, key, body).await;
+        assert_error(got, &reply, status, code);
+        assert!(
+            !reply.to_string().contains(&key_text(key)),
+            "{method} {path}: the key is echoed"
+        );
+    }
+    // Syntax errors and a missing content type.
+    let raw = front
+        .client
+        .post(front.url(send))
+        .bearer_auth(&key)
+        .header("Content-Type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(raw.status(), StatusCode::BAD_REQUEST);
+    let plain = front
+        .client
+        .post(front.url(send))
+        .bearer_auth(&key)
+        .body("hi")
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(plain.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+
+    // Only audit events were appended (the refused keys), and it still serves.
+    let appended: Vec<String> = front
+        .server
+        .log()
+        .read_from(head + 1)
+        .map(|e| e.expect("decodes").event.type_name().to_owned())
+        .collect();
+    assert!(appended.iter().all(|t| t == "auth_failed"), "{appended:?}");
+    assert_eq!(appended.len(), 2);
+    let (status, _) = front.json(Method::GET, "/v1/usage", Some(&key), None).await;
+    assert_eq!(status, StatusCode::OK);
+    front.server.shutdown().await;
+}
+
+/// A request and the error it must get: method, path, key, body, status, code.
+type Case<'a> = (
+    Method,
+    &'a str,
+    Option<&'a str>,
+    Option<Value>,
+    StatusCode,
+    &'a str,
+);
+
+fn key_text(key: Option<&str>) -> String {
+    key.map_or_else(|| "\u{0}".to_owned(), str::to_owned)
+}

@@ -1,0 +1,624 @@
+//! The OpenAI-compatible routes (`/v1/chat/completions`, `/v1/models`) over
+//! a real socket: whole and streamed completions, the conversation header,
+//! idempotent retries, and errors in OpenAI's shape.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use reqwest::header::HeaderMap;
+use reqwest::{Client, Method, StatusCode};
+use serde_json::{json, Value};
+use switchboard::http::HttpConfig;
+use switchboard::server::{AgentSpec, ProviderSpec, Server, ServerConfig};
+use switchboard_actors::agent::AgentConfig;
+
+const WAIT: Duration = Duration::from_secs(20);
+const ADMIN_KEY: &str = "sb-admin-key-for-tests-0123456789";
+const COMPLETIONS: &str = "/v1/chat/completions";
+
+struct Front {
+    server: Server,
+    base: String,
+    client: Client,
+    _dir: tempfile::TempDir,
+}
+
+/// A response read whole.
+struct Answer {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Value,
+}
+
+impl Front {
+    async fn start() -> Front {
+        Front::start_with(|_| {}).await
+    }
+
+    async fn start_with(configure: impl FnOnce(&mut ServerConfig)) -> Front {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut config = ServerConfig::new(dir.path().join("data"));
+        config.admin_key = Some(ADMIN_KEY.to_owned());
+        configure(&mut config);
+        config.http = Some(HttpConfig::new("127.0.0.1:0".parse().expect("addr")));
+        let server = Server::start(config).await.expect("the server starts");
+        let base = format!("http://{}", server.http_addr().expect("HTTP runs"));
+        Front {
+            server,
+            base,
+            client: Client::builder().timeout(WAIT).build().expect("client"),
+            _dir: dir,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn request(&self, method: Method, path: &str, key: Option<&str>) -> reqwest::RequestBuilder {
+        let request = self.client.request(method, self.url(path));
+        match key {
+            Some(key) => request.bearer_auth(key),
+            None => request,
+        }
+    }
+
+    async fn answer(request: reqwest::RequestBuilder) -> Answer {
+        let response = request.send().await.expect("the request is answered");
+        let status = response.status();
+        let headers = response.headers().clone();
+        let body = response.json().await.expect("a JSON body");
+        Answer {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    /// `POST /v1/chat/completions` with `body`, and `X-Conversation-Id` when given.
+    async fn complete(&self, key: Option<&str>, conversation: Option<&str>, body: Value) -> Answer {
+        let mut request = self.request(Method::POST, COMPLETIONS, key).json(&body);
+        if let Some(id) = conversation {
+            request = request.header("X-Conversation-Id", id);
+        }
+        Front::answer(request).await
+    }
+
+    async fn issue(&self, body: Value) -> String {
+        let issued = Front::answer(
+            self.request(Method::POST, "/admin/keys", Some(ADMIN_KEY))
+                .json(&body),
+        )
+        .await;
+        assert_eq!(issued.status, StatusCode::CREATED, "{}", issued.body);
+        issued.body["key"].as_str().expect("key").to_owned()
+    }
+
+    /// Polls a conversation's history until it holds `n` messages.
+    async fn history_of(&self, key: &str, id: &str, n: usize) -> Value {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let path = format!("/v1/conversations/{id}");
+            let history = Front::answer(self.request(Method::GET, &path, Some(key))).await;
+            assert_eq!(history.status, StatusCode::OK, "{}", history.body);
+            if history.body["messages"].as_array().map_or(0, Vec::len) == n {
+                return history.body;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{}", history.body);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+fn chat(model: &str, text: &str) -> Value {
+    json!({ "model": model, "messages": [{ "role": "user", "content": text }] })
+}
+
+fn conversation_header(headers: &HeaderMap) -> String {
+    headers["x-conversation-id"]
+        .to_str()
+        .expect("ascii")
+        .to_owned()
+}
+
+/// An error in OpenAI's shape with this status, `type` and `code`.
+#[track_caller]
+fn assert_openai_error(answer: &Answer, status: StatusCode, kind: &str, code: &str) {
+    let body = &answer.body;
+    assert_eq!(answer.status, status, "{body}");
+    assert_eq!(body["error"]["type"], json!(kind), "{body}");
+    assert_eq!(body["error"]["code"], json!(code), "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+    assert!(
+        body["error"]
+            .as_object()
+            .expect("object")
+            .contains_key("param"),
+        "{body}"
+    );
+}
+
+/// The `data:` payloads of an SSE body, in order, until it ends; fails on a
+/// named event (OpenAI's chunks have none).
+async fn data_lines(response: reqwest::Response) -> Vec<String> {
+    let mut stream = response.bytes_stream();
+    let mut buffer = String::new();
+    let mut lines = Vec::new();
+    while let Some(chunk) = tokio::time::timeout(WAIT, stream.next())
+        .await
+        .expect("the stream moves on")
+    {
+        buffer.push_str(&String::from_utf8_lossy(&chunk.expect("bytes")));
+        while let Some(end) = buffer.find("\n\n") {
+            let block: String = buffer.drain(..end + 2).collect();
+            for line in block.lines() {
+                assert!(!line.starts_with("event:"), "a named event: {block}");
+                if let Some(data) = line.strip_prefix("data:") {
+                    lines.push(data.trim_start().to_owned());
+                }
+            }
+        }
+    }
+    lines
+}
+
+/// Streams a completion; answers the response headers and the chunks before
+/// `[DONE]`, checking that `[DONE]` ends the stream.
+async fn stream(front: &Front, key: &str, body: Value) -> (HeaderMap, Vec<Value>) {
+    let response = front
+        .request(Method::POST, COMPLETIONS, Some(key))
+        .json(&body)
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(response.status(), StatusCode::OK);
+    let headers = response.headers().clone();
+    assert!(headers["content-type"]
+        .to_str()
+        .expect("ascii")
+        .starts_with("text/event-stream"));
+    let mut lines = data_lines(response).await;
+    assert_eq!(lines.pop().as_deref(), Some("[DONE]"), "{lines:?}");
+    let chunks = lines
+        .iter()
+        .map(|line| serde_json::from_str(line).expect("a JSON chunk"))
+        .collect();
+    (headers, chunks)
+}
+
+fn streamed_text(chunks: &[Value]) -> String {
+    chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_completion_answers_with_the_reply_and_its_usage() {
+    let front = Front::start().await;
+    let key = front
+        .issue(json!({ "name": "ana", "limits": { "rpm": 10, "tpm": 100000 } }))
+        .await;
+    let body = json!({
+        "model": "echo",
+        "messages": [
+            { "role": "system", "content": "be brief" },
+            { "role": "user", "content": "ignored: the conversation is the context" },
+            { "role": "assistant", "content": "ok" },
+            { "role": "user", "content": [{ "type": "text", "text": "hello" }, { "type": "text", "text": "there" }] },
+        ],
+        "temperature": 0.2,
+        "max_tokens": 50,
+        "user": "ana@example.com",
+    });
+    let answer = front.complete(Some(&key), None, body).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+    let completion = &answer.body;
+    assert_eq!(completion["object"], json!("chat.completion"));
+    assert_eq!(completion["model"], json!("echo"));
+    assert!(completion["id"]
+        .as_str()
+        .is_some_and(|id| id.starts_with("chatcmpl-")));
+    assert!(completion["created"].as_i64().is_some_and(|t| t > 0));
+    let choice = &completion["choices"][0];
+    assert_eq!(choice["index"], json!(0));
+    assert_eq!(choice["message"]["role"], json!("assistant"));
+    assert_eq!(choice["message"]["content"], json!("echo: hello\nthere"));
+    assert_eq!(choice["finish_reason"], json!("stop"));
+    let usage = &completion["usage"];
+    let (prompt, completion_tokens) = (
+        usage["prompt_tokens"].as_u64().expect("prompt_tokens"),
+        usage["completion_tokens"]
+            .as_u64()
+            .expect("completion_tokens"),
+    );
+    assert!(prompt > 0 && completion_tokens > 0, "{usage}");
+    assert_eq!(usage["total_tokens"], json!(prompt + completion_tokens));
+
+    // The rate-limit headers of the send, and the new conversation's id.
+    assert_eq!(answer.headers["x-ratelimit-limit-requests"], "10");
+    assert_eq!(answer.headers["x-ratelimit-remaining-requests"], "9");
+    assert_eq!(answer.headers["ratelimit-limit"], "10");
+    let id = conversation_header(&answer.headers);
+    assert!(id.starts_with("chat-"), "{id}");
+    // Only the last message was sent: one exchange in the conversation.
+    let history = front.history_of(&key, &id, 2).await;
+    assert_eq!(history["messages"][0]["content"], json!("hello\nthere"));
+    front.server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_streamed_completion_sends_the_role_the_text_the_finish_and_the_usage() {
+    let front = Front::start().await;
+    let key = front.issue(json!({ "name": "ana" })).await;
+    let mut body = chat("echo", "one two three");
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({ "include_usage": true });
+    let (headers, chunks) = stream(&front, &key, body).await;
+    assert!(conversation_header(&headers).starts_with("chat-"));
+    assert!(chunks.len() >= 4, "{chunks:?}");
+    let first = &chunks[0];
+    assert_eq!(
+        first["choices"][0]["delta"],
+        json!({ "role": "assistant", "content": "" })
+    );
+    let id = first["id"].as_str().expect("id");
+    assert!(id.starts_with("chatcmpl-"));
+    for chunk in &chunks {
+        assert_eq!(chunk["object"], json!("chat.completion.chunk"), "{chunk}");
+        assert_eq!(chunk["id"], json!(id), "one id for the whole stream");
+        assert_eq!(chunk["model"], json!("echo"));
+    }
+    assert_eq!(streamed_text(&chunks), "echo: one two three");
+    let (usage_chunk, rest) = chunks.split_last().expect("chunks");
+    assert_eq!(usage_chunk["choices"], json!([]));
+    let usage = &usage_chunk["usage"];
+    assert!(
+        usage["prompt_tokens"].as_u64().is_some_and(|n| n > 0),
+        "{usage}"
+    );
+    assert!(
+        usage["completion_tokens"].as_u64().is_some_and(|n| n > 0),
+        "{usage}"
+    );
+    let (last, before) = rest.split_last().expect("a finish chunk");
+    assert_eq!(last["choices"][0]["finish_reason"], json!("stop"));
+    assert_eq!(last["choices"][0]["delta"], json!({}));
+    for chunk in before {
+        assert_eq!(chunk["choices"][0]["finish_reason"], Value::Null, "{chunk}");
+        assert_eq!(chunk["usage"], Value::Null, "usage: null until the end");
+    }
+
+    // Without include_usage: no usage chunk, and no usage field.
+    let mut body = chat("echo", "four five");
+    body["stream"] = json!(true);
+    let (_, chunks) = stream(&front, &key, body).await;
+    assert_eq!(streamed_text(&chunks), "echo: four five");
+    let last = chunks.last().expect("chunks");
+    assert_eq!(last["choices"][0]["finish_reason"], json!("stop"));
+    assert!(chunks.iter().all(|c| c.get("usage").is_none()));
+    front.server.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_conversation_header_continues_a_conversation_and_its_absence_starts_one() {
+    let front = Front::start().await;
+    let key = front.issue(json!({ "name": "ana" })).await;
+    let first = front
+        .complete(Some(&key), Some("oa-1"), chat("echo", "first"))
+        .await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.body);
+    assert_eq!(conversation_header(&first.headers), "oa-1");
+    let mut body = chat("echo", "second");
+    body["stream"] = json!(true);
+    let response = front
+        .request(Method::POST, COMPLETIONS, Some(&key))
+        .header("X-Conversation-Id", "oa-1")
+        .json(&body)
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(conversation_header(response.headers()), "oa-1");
+    assert_eq!(
+        data_lines(response).await.last().map(String::as_str),
+        Some("[DONE]")
+    );
+    // Both exchanges are in the one conversation: its history is the context.
+    let history = front.history_of(&key, "oa-1", 4).await;
+    let contents: Vec<&str> = history["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .map(|m| m["content"].as_str().expect("content"))
+        .collect();
+    assert_eq!(contents, ["first", "echo: first", "second", "echo: second"]);
+
+    // Another key may not continue it.
+    let other = front.issue(json!({ "name": "bob" })).await;
+    let denied = front
+        .complete(Some(&other), Some("oa-1"), chat("echo", "mine now"))
+        .await;
+    assert_openai_error(
+        &denied,
+        StatusCode::FORBIDDEN,
+        "permission_error",
+        "forbidden",
+    );
+
+    // Without the header, each call is a new conversation.
+    let a = front.complete(Some(&key), None, chat("echo", "x")).await;
+    let b = front.complete(Some(&key), None, chat("echo", "y")).await;
+    let (a, b) = (
+        conversation_header(&a.headers),
+        conversation_header(&b.headers),
+    );
+    assert_ne!(a, b);
+    front.history_of(&key, &a, 2).await;
+    front.history_of(&key, &b, 2).await;
+    front.server.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_idempotency_key_makes_a_retry_the_same_message() {
+    let front = Front::start().await;
+    let key = front.issue(json!({ "name": "ana" })).await;
+    let send = |stream: bool| {
+        let mut body = chat("echo", "only once");
+        body["stream"] = json!(stream);
+        front
+            .request(Method::POST, COMPLETIONS, Some(&key))
+            .header("X-Conversation-Id", "idem")
+            .header("Idempotency-Key", "retry-me")
+            .json(&body)
+    };
+    let first = Front::answer(send(false)).await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.body);
+    let again = Front::answer(send(false)).await;
+    assert_eq!(again.status, StatusCode::OK, "{}", again.body);
+    assert_eq!(again.body["id"], first.body["id"]);
+    assert_eq!(again.body["choices"], first.body["choices"]);
+    assert_eq!(again.body["usage"], first.body["usage"]);
+    // A streamed retry gets the stored reply whole.
+    let response = send(true).send().await.expect("answered");
+    let lines = data_lines(response).await;
+    let chunks: Vec<Value> = lines[..lines.len() - 1]
+        .iter()
+        .map(|l| serde_json::from_str(l).expect("JSON"))
+        .collect();
+    assert_eq!(chunks[0]["id"], first.body["id"]);
+    assert_eq!(streamed_text(&chunks), "echo: only once");
+    front.history_of(&key, "idem", 2).await;
+    front.server.shutdown().await;
+}
+
+#[tokio::test]
+async fn models_lists_the_agents() {
+    let front = Front::start().await;
+    let key = front.issue(json!({ "name": "ana" })).await;
+    let models = Front::answer(front.request(Method::GET, "/v1/models", Some(&key))).await;
+    assert_eq!(models.status, StatusCode::OK, "{}", models.body);
+    assert_eq!(models.body["object"], json!("list"));
+    let data = models.body["data"].as_array().expect("data");
+    let echo = data
+        .iter()
+        .find(|m| m["id"] == json!("echo"))
+        .expect("echo is listed");
+    assert_eq!(
+        echo,
+        &json!({ "id": "echo", "object": "model", "created": 0, "owned_by": "switchboard" })
+    );
+    let one = Front::answer(front.request(Method::GET, "/v1/models/echo", Some(&key))).await;
+    assert_eq!(one.body["id"], json!("echo"));
+    let none = Front::answer(front.request(Method::GET, "/v1/models/nobody", Some(&key))).await;
+    assert_openai_error(
+        &none,
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        "model_not_found",
+    );
+    let anonymous = Front::answer(front.request(Method::GET, "/v1/models", None)).await;
+    assert_openai_error(
+        &anonymous,
+        StatusCode::UNAUTHORIZED,
+        "invalid_request_error",
+        "invalid_api_key",
+    );
+    front.server.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_requests_get_openai_errors_and_send_nothing() {
+    let front = Front::start().await;
+    let key = front.issue(json!({ "name": "ana" })).await;
+    let head = front.server.log().head();
+
+    let unknown = front
+        .complete(Some(&key), None, chat("nobody", "hello"))
+        .await;
+    assert_openai_error(
+        &unknown,
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        "model_not_found",
+    );
+    assert_eq!(unknown.body["error"]["param"], json!("model"));
+
+    let user = |content: Value| json!({ "model": "echo", "messages": [{ "role": "user", "content": content }] });
+    let with = |field: &str, value: Value| {
+        let mut body = chat("echo", "x");
+        body[field] = value;
+        body
+    };
+    let two = json!([{ "role": "user", "content": "x" }, { "role": "assistant", "content": "y" }]);
+    let image = json!([{ "type": "image_url", "image_url": { "url": "data:," } }]);
+    let cases: Vec<(Value, Option<&str>)> = vec![
+        (json!([1, 2]), None),
+        (
+            json!({ "messages": [{ "role": "user", "content": "x" }] }),
+            Some("model"),
+        ),
+        (json!({ "model": "echo" }), Some("messages")),
+        (with("messages", json!([])), Some("messages")),
+        (
+            with("messages", json!([{ "content": "x" }])),
+            Some("messages[0].role"),
+        ),
+        (with("messages", two), Some("messages[1].role")),
+        (user(json!(5)), Some("messages[0].content")),
+        (user(json!("   ")), Some("messages[0].content")),
+        (user(image), Some("messages[0].content[0]")),
+        (with("stream", json!("yes")), Some("stream")),
+        (with("stream_options", json!(true)), Some("stream_options")),
+        (with("n", json!(2)), Some("n")),
+        (with("user", json!(7)), Some("user")),
+    ];
+    for (body, param) in cases {
+        let answer = front.complete(Some(&key), None, body.clone()).await;
+        assert_openai_error(
+            &answer,
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "invalid_request",
+        );
+        assert_eq!(answer.body["error"]["param"], json!(param), "{body}");
+    }
+    let bad_id = front
+        .complete(Some(&key), Some("bad.id"), chat("echo", "x"))
+        .await;
+    assert_openai_error(
+        &bad_id,
+        StatusCode::BAD_REQUEST,
+        "invalid_request_error",
+        "invalid_request",
+    );
+    assert!(bad_id.body["error"]["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("X-Conversation-Id")));
+    let not_json = Front::answer(
+        front
+            .request(Method::POST, COMPLETIONS, Some(&key))
+            .header("Content-Type", "application/json")
+            .body("{not json"),
+    )
+    .await;
+    assert_openai_error(
+        &not_json,
+        StatusCode::BAD_REQUEST,
+        "invalid_request_error",
+        "invalid_request",
+    );
+    let huge = front
+        .complete(Some(&key), None, chat("echo", &"x".repeat(300 * 1024)))
+        .await;
+    assert_eq!(huge.status, StatusCode::PAYLOAD_TOO_LARGE, "{}", huge.body);
+    assert_eq!(huge.body["error"]["type"], json!("invalid_request_error"));
+
+    for key in [None, Some("sb-garbage-key-000000")] {
+        let answer = front.complete(key, None, chat("echo", "x")).await;
+        assert_openai_error(
+            &answer,
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            "invalid_api_key",
+        );
+    }
+
+    // Nothing was sent: the log holds only the refused keys' audit events.
+    let appended: Vec<String> = front
+        .server
+        .log()
+        .read_from(head + 1)
+        .map(|e| e.expect("decodes").event.type_name().to_owned())
+        .collect();
+    assert!(appended.iter().all(|t| t == "auth_failed"), "{appended:?}");
+    front.server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_rate_limited_key_gets_429_with_retry_after_in_openai_shape() {
+    let front = Front::start().await;
+    let key = front
+        .issue(json!({ "name": "ana", "limits": { "rpm": 1 } }))
+        .await;
+    let first = front
+        .complete(Some(&key), Some("rl"), chat("echo", "one"))
+        .await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.body);
+    assert_eq!(first.headers["x-ratelimit-remaining-requests"], "0");
+    let refused = front
+        .complete(Some(&key), Some("rl"), chat("echo", "two"))
+        .await;
+    assert_openai_error(
+        &refused,
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limit_exceeded",
+        "rate_limit_exceeded",
+    );
+    let retry_after: u64 = refused.headers["retry-after"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("seconds");
+    assert!((1..=60).contains(&retry_after), "{retry_after}");
+    assert_eq!(refused.headers["x-ratelimit-limit-requests"], "1");
+    assert_eq!(conversation_header(&refused.headers), "rl");
+
+    // A streamed request is refused the same way, before any stream.
+    let mut body = chat("echo", "three");
+    body["stream"] = json!(true);
+    let streamed = front.complete(Some(&key), None, body).await;
+    assert_eq!(streamed.status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(streamed.headers.contains_key("retry-after"));
+    front.server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_failed_turn_is_a_server_error_or_an_error_chunk() {
+    // An agent whose model server refuses connections: a port just freed.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .port();
+    let front = Front::start_with(|config| {
+        config.agents.push(AgentSpec {
+            config: AgentConfig {
+                max_retries: 0,
+                ..AgentConfig::new("down")
+            },
+            provider: ProviderSpec::OpenAi {
+                base_url: format!("http://127.0.0.1:{port}/v1"),
+                model: "nothing".to_owned(),
+                api_key: None,
+            },
+        });
+    })
+    .await;
+    let key = front.issue(json!({ "name": "ana" })).await;
+    let failed = front
+        .complete(Some(&key), Some("down-1"), chat("down", "hello"))
+        .await;
+    assert_openai_error(&failed, StatusCode::BAD_GATEWAY, "server_error", "connect");
+    assert_eq!(conversation_header(&failed.headers), "down-1");
+
+    let mut body = chat("down", "hello again");
+    body["stream"] = json!(true);
+    let response = front
+        .request(Method::POST, COMPLETIONS, Some(&key))
+        .json(&body)
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(response.status(), StatusCode::OK, "the stream had begun");
+    let lines = data_lines(response).await;
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    let error: Value = serde_json::from_str(&lines[0]).expect("JSON");
+    assert_eq!(error["error"]["type"], json!("server_error"), "{error}");
+    assert_eq!(error["error"]["code"], json!("connect"), "{error}");
+    assert_eq!(lines[1], "[DONE]");
+    front.server.shutdown().await;
+}
