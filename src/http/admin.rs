@@ -1,16 +1,22 @@
 //! `/admin/…`: key management, cost reports, the audit trail and erasure,
 //! for the admin key (the core answers 403 to any other).
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use utoipa::IntoParams;
 
 use super::core::CoreReply;
 use super::error::{copy_rate_headers, ApiError};
-use super::{conversation_id, within, ApiJson, AppState};
+use super::openapi::{
+    AuditPage, BadRequest, CostReport, Erased, Forbidden, Internal, Invalid, KeyIssued, KeyList,
+    KeyRevoked, KeySpec, NotFound, PayloadTooLarge, Unauthorized, Unavailable,
+    UnsupportedMediaType,
+};
+use super::{conversation_id, within, ApiJson, ApiQuery, AppState};
 
 fn answer(status: StatusCode, reply: CoreReply) -> Response {
     let mut headers = HeaderMap::new();
@@ -19,6 +25,24 @@ fn answer(status: StatusCode, reply: CoreReply) -> Response {
 }
 
 /// `POST /admin/keys`: 201 with the key, shown this once.
+#[utoipa::path(
+    post,
+    path = "/admin/keys",
+    tag = "admin",
+    request_body = KeySpec,
+    security(("bearer" = [])),
+    responses(
+        (status = 201, description = "The key, shown this once", body = KeyIssued),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 413, response = PayloadTooLarge),
+        (status = 415, response = UnsupportedMediaType),
+        (status = 422, response = Invalid),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+)]
 pub async fn issue_key(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -36,6 +60,19 @@ pub async fn issue_key(
 }
 
 /// `GET /admin/keys`.
+#[utoipa::path(
+    get,
+    path = "/admin/keys",
+    tag = "admin",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Every key, without secrets or hashes", body = KeyList),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+)]
 pub async fn list_keys(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -48,18 +85,35 @@ pub async fn list_keys(
     Ok(answer(StatusCode::OK, reply))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct RevokeQuery {
+    /// Why; stored with the revocation.
     reason: Option<String>,
 }
 
 /// `DELETE /admin/keys/{id}?reason=`.
+#[utoipa::path(
+    delete,
+    path = "/admin/keys/{id}",
+    tag = "admin",
+    params(("id" = String, Path, description = "The key id"), RevokeQuery),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Revoked (now, or before: `already`)", body = KeyRevoked),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 422, response = Invalid),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+)]
 pub async fn revoke_key(
     State(state): State<AppState>,
     headers: HeaderMap,
     Path(key_id): Path<String>,
-    Query(query): Query<RevokeQuery>,
+    ApiQuery(query): ApiQuery<RevokeQuery>,
 ) -> Result<Response, ApiError> {
     let body = json!({ "key_id": key_id, "reason": query.reason });
     let reply = within(
@@ -70,19 +124,41 @@ pub async fn revoke_key(
     Ok(answer(StatusCode::OK, reply))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct CostsQuery {
+    /// The grouping (default `key`).
+    #[param(value_type = Option<super::openapi::CostGroup>)]
     by: Option<String>,
+    /// First UTC day, `YYYY-MM-DD`, inclusive.
+    #[param(format = Date)]
     since: Option<String>,
+    /// Last UTC day, `YYYY-MM-DD`, inclusive.
+    #[param(format = Date)]
     until: Option<String>,
 }
 
 /// `GET /admin/costs?by=key|user|model|day&since=&until=` (UTC days).
+#[utoipa::path(
+    get,
+    path = "/admin/costs",
+    tag = "admin",
+    params(CostsQuery),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Totals per group", body = CostReport),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 422, response = Invalid),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+)]
 pub async fn costs(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Query(query): Query<CostsQuery>,
+    ApiQuery(query): ApiQuery<CostsQuery>,
 ) -> Result<Response, ApiError> {
     let body = json!({
         "by": query.by.as_deref().unwrap_or("key"),
@@ -93,23 +169,47 @@ pub async fn costs(
     Ok(answer(StatusCode::OK, reply))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct AuditQuery {
+    /// RFC 3339, inclusive.
+    #[param(format = DateTime)]
     since: Option<String>,
+    /// RFC 3339, exclusive.
+    #[param(format = DateTime)]
     until: Option<String>,
+    /// Only events about this key id.
     key: Option<String>,
+    /// Only events of this type (`auth_failed`, `key_issued`, …).
     #[serde(rename = "type")]
     event_type: Option<String>,
+    /// The previous page's `next_cursor`.
     cursor: Option<String>,
+    /// At most this many (default 100, at most 1000).
     limit: Option<usize>,
 }
 
 /// `GET /admin/audit?since=&until=&key=&type=&cursor=&limit=`.
+#[utoipa::path(
+    get,
+    path = "/admin/audit",
+    tag = "admin",
+    params(AuditQuery),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "One page of the audit trail, oldest first", body = AuditPage),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 422, response = Invalid),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+)]
 pub async fn audit(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Query(query): Query<AuditQuery>,
+    ApiQuery(query): ApiQuery<AuditQuery>,
 ) -> Result<Response, ApiError> {
     let body = json!({
         "since": query.since,
@@ -124,6 +224,22 @@ pub async fn audit(
 }
 
 /// `DELETE /admin/conversations/{id}`: appends `conversation_erased`.
+#[utoipa::path(
+    delete,
+    path = "/admin/conversations/{id}",
+    tag = "admin",
+    params(("id" = String, Path, description = "The conversation")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Erased (now, or before: `already`)", body = Erased),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 404, response = NotFound),
+        (status = 422, response = Invalid),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+)]
 pub async fn erase(
     State(state): State<AppState>,
     headers: HeaderMap,

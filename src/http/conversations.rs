@@ -4,7 +4,7 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -14,10 +14,15 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
+use utoipa::{IntoParams, ToSchema};
 
 use super::core::{Core, CoreReply};
 use super::error::{copy_rate_headers, ApiError};
-use super::{closed, conversation_id, within, ApiJson, AppState};
+use super::openapi::{
+    Ack, BadRequest, Conflict, ConversationList, Forbidden, History, Internal, Invalid,
+    PayloadTooLarge, RateLimited, Unauthorized, Unavailable, UnsupportedMediaType,
+};
+use super::{closed, conversation_id, within, ApiJson, ApiQuery, AppState};
 use crate::bus::Subscription;
 
 /// The longest a streamed reply is waited for before the stream ends with an
@@ -29,14 +34,19 @@ const SSE_BUFFER: usize = 256;
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
 /// The body of `POST /v1/conversations/{id}/messages`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SendBody {
+    /// The message; blank is refused.
     pub content: String,
+    /// Your id for the message and its idempotency key in the conversation
+    /// (1–128 characters); default a new UUID v7.
     #[serde(default)]
     pub message_id: Option<String>,
+    /// The agent to answer; default: the routes and the default agent decide.
     #[serde(default)]
     pub agent: Option<String>,
+    /// The end user; default the key's owner.
     #[serde(default)]
     pub user: Option<String>,
 }
@@ -49,17 +59,35 @@ fn answer(status: StatusCode, reply: CoreReply) -> Response {
 }
 
 /// `GET /v1/conversations?after=&limit=`: the calling key's conversations.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
+    /// Only conversations whose id sorts after this one (paging).
     after: Option<String>,
+    /// At most this many (default 50, at most 500).
     limit: Option<usize>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/conversations",
+    tag = "conversations",
+    params(ListQuery),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The calling key's conversations", body = ConversationList),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 422, response = Invalid),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+)]
 pub async fn list(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Query(query): Query<ListQuery>,
+    ApiQuery(query): ApiQuery<ListQuery>,
 ) -> Result<Response, ApiError> {
     let body = json!({ "after": query.after, "limit": query.limit });
     let reply = within(&state, state.core.request("conv.list", &headers, &body)).await?;
@@ -67,6 +95,21 @@ pub async fn list(
 }
 
 /// `GET /v1/conversations/{id}`: the history.
+#[utoipa::path(
+    get,
+    path = "/v1/conversations/{id}",
+    tag = "conversations",
+    params(("id" = String, Path, description = "The conversation: 1–128 of `[A-Za-z0-9_-]`")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "User messages and completed replies; empty for a conversation nobody started", body = History),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 422, response = Invalid),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+)]
 pub async fn history(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -82,6 +125,32 @@ pub async fn history(
 /// `Accept: text/event-stream`, the ack and then the reply as SSE:
 /// `reply_delta` events, then `reply_completed` or `reply_failed`, then the
 /// stream ends.
+#[utoipa::path(
+    post,
+    path = "/v1/conversations/{id}/messages",
+    tag = "conversations",
+    description = "Stores a user message and answers once it is on disk. With \
+        `Accept: text/event-stream` the answer is a stream instead: an `ack` event \
+        (the `Ack`), `reply_delta` events (`ReplyDelta`), then `reply_completed` or \
+        `reply_failed` (an `Envelope`, with its seq as the SSE id); then it ends.",
+    params(("id" = String, Path, description = "The conversation: 1–128 of `[A-Za-z0-9_-]`; the first send starts it")),
+    request_body = SendBody,
+    security(("bearer" = [])),
+    responses(
+        (status = 202, description = "Stored; the reply follows as events", body = Ack),
+        (status = 200, description = "`Accept: text/event-stream`: the ack, the reply's deltas and its end", content_type = "text/event-stream", body = String),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 409, response = Conflict),
+        (status = 413, response = PayloadTooLarge),
+        (status = 415, response = UnsupportedMediaType),
+        (status = 422, response = Invalid),
+        (status = 429, response = RateLimited),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+)]
 pub async fn send(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -229,6 +298,28 @@ fn stored_event(envelope: &Value) -> Event {
 /// after `Last-Event-ID` (a seq; 0 when absent), then live ones as they are
 /// published, each with its seq as the SSE id; `reply_delta`s pass through
 /// without one (they are not stored).
+#[utoipa::path(
+    get,
+    path = "/v1/conversations/{id}/events",
+    tag = "conversations",
+    description = "The conversation's stored events after `Last-Event-ID`, then live ones, \
+        as SSE events named by their type with an `Envelope` as data and its seq as id; \
+        `reply_delta` events (`ReplyDelta`, no id) pass through live. Open until the \
+        client leaves.",
+    params(
+        ("id" = String, Path, description = "The conversation"),
+        ("Last-Event-ID" = Option<u64>, Header, description = "Resume after this seq (default 0: from the start)"),
+    ),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The event stream", content_type = "text/event-stream", body = String),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 422, response = Invalid),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+)]
 pub async fn events(
     State(state): State<AppState>,
     headers: HeaderMap,

@@ -11,9 +11,15 @@
 //! streams (the core answers in time or the request gets a 503), JSON
 //! validation naming the field (422), security headers on every response,
 //! and CORS only for the origins configured.
+//!
+//! `GET /openapi.json` describes it all ([`openapi`]): each handler carries
+//! its `#[utoipa::path]`, and `tests/http_openapi.rs` holds the description
+//! to what the routes really answer.
 
 pub mod core;
 pub mod error;
+
+pub mod openapi;
 
 mod admin;
 mod console;
@@ -25,8 +31,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, FromRequest, Request};
-use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::Router;
@@ -161,6 +168,7 @@ pub fn router(config: &HttpConfig, bus: Bus, closing: watch::Receiver<bool>) -> 
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
+        .route("/openapi.json", get(openapi::document))
         .merge(openai::routes())
         .merge(console::routes())
         .fallback(not_found)
@@ -213,8 +221,6 @@ pub fn router(config: &HttpConfig, bus: Bus, closing: watch::Receiver<bool>) -> 
     }
     app
 }
-
-use axum::http::HeaderName;
 
 /// Only the console's own scripts, styles and images; the API and its
 /// streams on the same origin; no framing.
@@ -299,6 +305,25 @@ fn json_rejection(rejection: JsonRejection) -> ApiError {
             }
         }
         other => ApiError::new(other.status(), "invalid_request", other.body_text()),
+    }
+}
+
+/// `Query<T>` whose rejections are the API's errors: 422 naming the
+/// parameter, not axum's plain-text 400.
+pub struct ApiQuery<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for ApiQuery<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(value)) => Ok(ApiQuery(value)),
+            Err(rejection) => Err(ApiError::invalid(rejection.body_text())),
+        }
     }
 }
 

@@ -66,6 +66,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::error::{copy_rate_headers, ApiError};
+use super::openapi::{ChatCompletion, ChatCompletionRequest, Model, ModelList, OpenAiErrors};
 use super::{within, AppState};
 use error::{body_rejection, OpenAiError};
 use request::{conversation_of, message_id_of, ChatRequest};
@@ -108,6 +109,16 @@ fn model_object(name: &str) -> Value {
 }
 
 /// `GET /v1/models`: the agents.
+#[utoipa::path(
+    get,
+    path = "/v1/models",
+    tag = "openai",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The configured agents", body = ModelList),
+        OpenAiErrors,
+    ),
+)]
 async fn list_models(
     State(state): State<AppState>,
     caller: HeaderMap,
@@ -118,6 +129,17 @@ async fn list_models(
 }
 
 /// `GET /v1/models/{model}`: one agent, or 404 `model_not_found`.
+#[utoipa::path(
+    get,
+    path = "/v1/models/{model}",
+    tag = "openai",
+    params(("model" = String, Path, description = "An agent's name")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The agent", body = Model),
+        OpenAiErrors,
+    ),
+)]
 async fn retrieve_model(
     State(state): State<AppState>,
     caller: HeaderMap,
@@ -131,6 +153,30 @@ async fn retrieve_model(
 }
 
 /// `POST /v1/chat/completions`.
+#[utoipa::path(
+    post,
+    path = "/v1/chat/completions",
+    tag = "openai",
+    description = "OpenAI's chat completion: the last message is sent to the agent named \
+        by `model`, in the conversation `X-Conversation-Id` names (a new one without it). \
+        With `stream` the reply is SSE `data:` lines, each a `ChatCompletionChunk`, \
+        ending `data: [DONE]`; an error after the stream began is an `OpenAiErrorBody` chunk.",
+    params(
+        ("X-Conversation-Id" = Option<String>, Header, description = "The conversation to continue (1–128 of `[A-Za-z0-9_-]`); without it a new one starts"),
+        ("Idempotency-Key" = Option<String>, Header, description = "Sent as the message id, so a retry is the same message"),
+    ),
+    request_body = ChatCompletionRequest,
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The reply, whole or streamed", headers(
+            ("X-Conversation-Id" = String, description = "The conversation, given or new"),
+        ), content(
+            (ChatCompletion = "application/json"),
+            (String = "text/event-stream"),
+        )),
+        OpenAiErrors,
+    ),
+)]
 async fn chat_completions(
     State(state): State<AppState>,
     caller: HeaderMap,

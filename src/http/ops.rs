@@ -7,9 +7,25 @@ use axum::Json;
 use serde_json::{json, Value};
 
 use super::error::{copy_rate_headers, ApiError};
+use super::openapi::{
+    Forbidden, Health, Internal, NotReady, Ready, Unauthorized, Unavailable, Usage,
+};
 use super::{within, AppState};
 
 /// `GET /v1/usage`: the calling key's spend, tokens, limits and budget.
+#[utoipa::path(
+    get,
+    path = "/v1/usage",
+    tag = "ops",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The calling key, its limits and what it spent", body = Usage),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+)]
 pub async fn usage(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -21,12 +37,27 @@ pub async fn usage(
 }
 
 /// `GET /healthz`: the process answers.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "ops",
+    responses((status = 200, description = "The process answers", body = Health)),
+)]
 pub async fn healthz() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
 
 /// `GET /readyz`: 200 when the core answers over the bus (so the bus is
 /// connected and the core's log is open), 503 otherwise.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "ops",
+    responses(
+        (status = 200, description = "The core answers; how far it is", body = Ready),
+        (status = 503, description = "The core does not answer", body = NotReady),
+    ),
+)]
 pub async fn readyz(State(state): State<AppState>) -> Response {
     match state.core.request("health", &HeaderMap::new(), &json!({})).await {
         Ok(reply) => {
@@ -43,6 +74,18 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 /// `GET /metrics`: the core's figures in the Prometheus text format.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "ops",
+    responses(
+        (status = 200, description = "Prometheus text format: `switchboard_log_head_seq`, \
+            `switchboard_projections_seq`, `switchboard_live_conversations`, \
+            `switchboard_turns_in_flight`", content_type = "text/plain; version=0.0.4", body = String),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+)]
 pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
     let health = state
         .core

@@ -1,5 +1,6 @@
 //! Reading an OpenAI chat completion request: what is sent to the core,
-//! and a 400 naming the parameter when something is wrong.
+//! and a 400 naming the parameter when something is wrong. The body it reads
+//! is described by `openapi::ChatCompletionRequest`: change both together.
 
 use axum::http::HeaderMap;
 use serde_json::{json, Value};
