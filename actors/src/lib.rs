@@ -47,4 +47,5 @@ pub mod provider;
 pub mod rate_limit;
 pub mod rate_limiter;
 pub mod router;
+mod turn_context;
 pub mod turns;

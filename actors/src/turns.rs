@@ -15,7 +15,9 @@
 //! race the writer): every earlier exchange that completed, as a `user` and an
 //! `assistant` message, then the message being answered. Failed turns and
 //! turns still running are left out (the model sees strictly alternating
-//! roles), as is everything before a `conversation_erased`.
+//! roles), as is everything before a `conversation_erased`. A bounded cache
+//! of each conversation's fold ([`crate::turn_context`]) makes a turn read only
+//! the events appended since the previous one.
 //!
 //! **Turns lost in a restart.** A turn runs in memory; if the process dies
 //! between the ack and the reply, the stream keeps a message with no end. The
@@ -35,7 +37,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use ractor::ActorRef;
 use serde::{Deserialize, Serialize};
-use switchboard_events::{Event, EventLog, StreamId};
+use switchboard_events::EventLog;
 use tokio::sync::{mpsc, Notify, OnceCell};
 use uuid::Uuid;
 
@@ -47,6 +49,8 @@ use crate::conversation_actor::{
 use crate::provider::ChatMessage;
 use crate::rate_limiter::Permit;
 use crate::router::{RouteError, Router};
+use crate::turn_context::ContextReader;
+pub use crate::turn_context::TurnContext;
 
 /// The code of the `reply_failed` that ends a turn lost in a restart.
 pub const LOST_TURN_CODE: &str = "unavailable";
@@ -95,15 +99,6 @@ pub struct ReplyDelta {
     pub delta: String,
 }
 
-/// The context of one turn, read from the conversation's stream.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TurnContext {
-    /// Earlier completed exchanges, then the message being answered.
-    pub history: Vec<ChatMessage>,
-    /// The id of the message's `agent_routed` event: the cause of its reply.
-    pub routed_event: Option<Uuid>,
-}
-
 /// Runs the turn of every new message; see the module doc. Cheap to clone.
 ///
 /// ```no_run
@@ -140,7 +135,8 @@ struct Inner {
     registry: ConversationRegistry,
     router: Router,
     agents: HashMap<String, ActorRef<AgentMsg>>,
-    log: EventLog,
+    /// Reads each turn's context from the log (through its cache).
+    contexts: ContextReader,
     /// Conversations whose lost turns were (or are being) finished.
     recovered: Mutex<HashMap<String, Arc<OnceCell<()>>>>,
     in_flight: InFlight,
@@ -215,7 +211,7 @@ impl TurnCoordinator {
                 registry,
                 router,
                 agents,
-                log,
+                contexts: ContextReader::new(log),
                 recovered: Mutex::new(HashMap::new()),
                 in_flight: InFlight::default(),
                 closed: AtomicBool::new(false),
@@ -297,7 +293,9 @@ impl TurnCoordinator {
         conversation_id: &str,
     ) -> Result<Vec<ChatMessage>, ConversationError> {
         validate_conversation_id(conversation_id)?;
-        read_context(&self.inner.log, conversation_id, None)
+        self.inner
+            .contexts
+            .read(conversation_id, None)
             .await
             .map(|context| context.history)
     }
@@ -434,7 +432,11 @@ impl Inner {
         request.user = user;
         request.correlation_id = correlation_id;
         request.traceparent = traceparent;
-        let outcome = match read_context(&self.log, &conversation_id, Some(&message_id)).await {
+        let outcome = match self
+            .contexts
+            .read(&conversation_id, Some(&message_id))
+            .await
+        {
             Ok(context) => {
                 request.history = context.history;
                 request.causation_id = context.routed_event;
@@ -540,96 +542,5 @@ impl Inner {
             tracing::warn!(%conversation_id, turns = pending.len(), "failed turns lost in a restart");
         }
         Ok(pending.len())
-    }
-}
-
-/// Reads the context of `message_id` (or, with `None`, the whole completed
-/// history) from the conversation's stream, off the async workers.
-async fn read_context(
-    log: &EventLog,
-    conversation_id: &str,
-    message_id: Option<&str>,
-) -> Result<TurnContext, ConversationError> {
-    let stream = StreamId::conversation(conversation_id)
-        .map_err(|e| ConversationError::InvalidRequest(e.to_string()))?;
-    let (log, message_id) = (log.clone(), message_id.map(str::to_owned));
-    tokio::task::spawn_blocking(move || build_context(&log, &stream, message_id.as_deref()))
-        .await
-        .map_err(|e| ConversationError::Internal(format!("context task failed: {e}")))?
-}
-
-/// One user message and, once answered, its reply.
-struct Exchange {
-    message_id: String,
-    user: String,
-    reply: Option<String>,
-    ended: bool,
-}
-
-fn build_context(
-    log: &EventLog,
-    stream: &StreamId,
-    message_id: Option<&str>,
-) -> Result<TurnContext, ConversationError> {
-    let mut exchanges: Vec<Exchange> = Vec::new();
-    let mut routed_event = None;
-    for envelope in log.read_stream(stream, 1) {
-        let envelope = envelope
-            .map_err(|e| ConversationError::Unavailable(format!("cannot read {stream}: {e}")))?;
-        let find = |exchanges: &mut Vec<Exchange>, id: &str| -> Option<usize> {
-            exchanges.iter().rposition(|x| x.message_id == id)
-        };
-        match envelope.event {
-            Event::MessageReceived(e) => exchanges.push(Exchange {
-                message_id: e.message_id,
-                user: e.content,
-                reply: None,
-                ended: false,
-            }),
-            Event::AgentRouted(e) if Some(e.message_id.as_str()) == message_id => {
-                routed_event = Some(envelope.id);
-            }
-            Event::ReplyCompleted(e) => {
-                if let Some(i) = find(&mut exchanges, &e.message_id) {
-                    if !exchanges[i].ended {
-                        exchanges[i].ended = true;
-                        exchanges[i].reply = Some(e.content);
-                    }
-                }
-            }
-            Event::ReplyFailed(e) => {
-                if let Some(i) = find(&mut exchanges, &e.message_id) {
-                    exchanges[i].ended = true;
-                }
-            }
-            Event::ConversationErased(_) => {
-                exchanges.clear();
-                routed_event = None;
-            }
-            _ => {}
-        }
-    }
-    let mut history = Vec::new();
-    for exchange in exchanges {
-        if Some(exchange.message_id.as_str()) == message_id {
-            history.push(ChatMessage::user(exchange.user));
-            return Ok(TurnContext {
-                history,
-                routed_event,
-            });
-        }
-        if let Some(reply) = exchange.reply {
-            history.push(ChatMessage::user(exchange.user));
-            history.push(ChatMessage::assistant(reply));
-        }
-    }
-    match message_id {
-        None => Ok(TurnContext {
-            history,
-            routed_event: None,
-        }),
-        Some(id) => Err(ConversationError::InvalidRequest(format!(
-            "{stream} has no message {id:?} (erased?)"
-        ))),
     }
 }

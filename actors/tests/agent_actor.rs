@@ -18,8 +18,8 @@ use switchboard_actors::agent::{
     TurnRequest,
 };
 use switchboard_actors::provider::{
-    estimate_usage, ChatMessage, Completion, CompletionRequest, EchoProvider, OpenAiProvider,
-    Provider, ProviderError, Usage,
+    echo_usage, estimate_usage, ChatMessage, Completion, CompletionRequest, EchoProvider,
+    OpenAiProvider, Provider, ProviderError, Usage,
 };
 use switchboard_events::Event;
 use tokio::sync::mpsc;
@@ -168,8 +168,8 @@ async fn echo_turn_completes_with_counted_usage_and_its_context() {
     );
 
     let usage = outcome.usage().expect("charged");
-    let counted = estimate_usage("echo", &history(), &completed.content);
-    assert!(usage.estimated, "echo reports no usage: counted");
+    let counted = echo_usage(&history(), &completed.content);
+    assert!(usage.estimated, "echo counts its usage itself: estimated");
     assert_eq!(
         (usage.prompt_tokens, usage.completion_tokens),
         (counted.prompt_tokens, counted.completion_tokens)

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use switchboard_actors::provider::{
-    estimate_usage, ChatMessage, CompletionRequest, EchoProvider, Provider,
+    echo_usage, estimate_usage, ChatMessage, CompletionRequest, EchoProvider, Provider, Usage,
 };
 use tokio::sync::mpsc;
 
@@ -35,10 +35,18 @@ async fn echoes_the_last_user_message_word_by_word() {
     let usage = completion.usage.expect("echo counts its tokens");
     assert_eq!(
         usage,
-        estimate_usage("echo", &messages, &completion.content),
-        "the count is the tokenizer's, deterministic"
+        echo_usage(&messages, &completion.content),
+        "the count is echo's own tokenizer's, deterministic"
     );
-    assert!(usage.prompt_tokens > 0 && usage.completion_tokens > 0);
+    // One token per word, framed: 4 messages of 3 + 1 (role) + 1, 2, 3 and 3
+    // words, primed with 3; the reply has 4 words.
+    assert_eq!(
+        usage,
+        Usage {
+            prompt_tokens: 4 * 4 + 9 + 3,
+            completion_tokens: 4
+        }
+    );
 }
 
 #[tokio::test]

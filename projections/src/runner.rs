@@ -3,15 +3,25 @@
 
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
 use switchboard_events::{Envelope, EventLog};
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
 
 use crate::view::{self, ProjectionError, Staged};
 use crate::{AuditView, CostsView, HistoryView, KeysView, ProjectionName};
 
 /// Rows staged before a commit while folding a stretch of the log.
 const COMMIT_EVERY_EVENTS: u64 = 8192;
+
+/// While nobody waits for them, live commits come at most this often: under
+/// load the log's head moves with every group commit, and committing the
+/// views (a sled batch each) every time costs more than the folding. A reader
+/// that waits ([`Projections::wait_for`]) gets a commit at once, and so does
+/// a change of the keys view, which authentication reads without waiting.
+const LIVE_COMMIT_INTERVAL: Duration = Duration::from_millis(25);
 
 /// The four projections of one log.
 #[derive(Clone)]
@@ -20,6 +30,9 @@ pub struct Projections {
     trees: Vec<(ProjectionName, sled::Tree)>,
     /// The seq every projection has folded up to.
     caught_up: watch::Sender<u64>,
+    /// Woken by a reader waiting for a seq the views have not committed yet,
+    /// so [`Projections::run_live`] commits what it has folded at once.
+    wanted: Arc<Notify>,
 }
 
 /// A live view that differs from its rebuild.
@@ -74,6 +87,7 @@ impl Projections {
             log: log.clone(),
             trees,
             caught_up: watch::Sender::new(0),
+            wanted: Arc::new(Notify::new()),
         };
         projections
             .caught_up
@@ -136,6 +150,12 @@ impl Projections {
     /// queries after an append).
     pub async fn wait_for(&self, seq: u64) {
         let mut caught_up = self.caught_up.subscribe();
+        if *caught_up.borrow_and_update() >= seq {
+            return;
+        }
+        // The live fold may be holding back a commit; ask for it. A permit is
+        // stored when the fold is busy, so the request is not lost.
+        self.wanted.notify_one();
         // The sender lives in `self`, so this cannot fail while we wait.
         let _ = caught_up.wait_for(|at| *at >= seq).await;
     }
@@ -189,8 +209,11 @@ impl Projections {
     }
 
     /// Tails the log, folding each event as it becomes durable, until `shutdown`
-    /// completes. Commits whenever it has caught up with the log, and at least
-    /// every 8192 events when it has not.
+    /// completes. Once it has caught up with the log it commits — at once when
+    /// a reader waits ([`Projections::wait_for`]), otherwise at most every
+    /// [`LIVE_COMMIT_INTERVAL`] — and while it has not, at least every 8192
+    /// events. What is folded but not yet committed is folded again after a
+    /// crash, like anything after a checkpoint.
     pub async fn run_live(
         &self,
         shutdown: impl Future<Output = ()>,
@@ -199,13 +222,33 @@ impl Projections {
         let from = folding.iter().map(|f| f.checkpoint).min().unwrap_or(0) + 1;
         let mut subscription = self.log.subscribe(from);
         tokio::pin!(shutdown);
+        // The last folded seq, while it is not committed.
+        let mut pending: Option<u64> = None;
+        let mut last_commit = Instant::now();
         loop {
+            let due = last_commit + LIVE_COMMIT_INTERVAL;
             let first = tokio::select! {
                 next = subscription.next() => match next {
                     Some(envelope) => envelope?,
-                    None => return Ok(()),
+                    None => {
+                        self.commit_live(&mut folding, pending.take())?;
+                        return Ok(());
+                    }
                 },
-                () = &mut shutdown => return Ok(()),
+                () = self.wanted.notified(), if pending.is_some() => {
+                    self.commit_live(&mut folding, pending.take())?;
+                    last_commit = Instant::now();
+                    continue;
+                }
+                () = tokio::time::sleep_until(due), if pending.is_some() => {
+                    self.commit_live(&mut folding, pending.take())?;
+                    last_commit = Instant::now();
+                    continue;
+                }
+                () = &mut shutdown => {
+                    self.commit_live(&mut folding, pending.take())?;
+                    return Ok(());
+                }
             };
             let mut last = first.seq;
             for f in &mut folding {
@@ -223,11 +266,37 @@ impl Projections {
                 last = envelope.seq;
                 folded += 1;
             }
-            for f in &mut folding {
+            pending = Some(last);
+            // Each `wait_for` holds a receiver while it waits.
+            let readers_wait = self.caught_up.receiver_count() > 0;
+            let keys_changed = folding
+                .iter()
+                .any(|f| f.name == ProjectionName::Keys && !f.staged.is_empty());
+            if readers_wait
+                || keys_changed
+                || folded >= COMMIT_EVERY_EVENTS
+                || Instant::now() >= due
+            {
+                self.commit_live(&mut folding, pending.take())?;
+                last_commit = Instant::now();
+            }
+        }
+    }
+
+    /// Commits every projection up to `pending`, if set, and tells the readers
+    /// waiting for it.
+    fn commit_live(
+        &self,
+        folding: &mut [Folding],
+        pending: Option<u64>,
+    ) -> Result<(), ProjectionError> {
+        if let Some(last) = pending {
+            for f in folding.iter_mut() {
                 f.commit(last)?;
             }
             self.caught_up.send_replace(last);
         }
+        Ok(())
     }
 
     /// Rebuilds every projection into scratch space, up to the live view's

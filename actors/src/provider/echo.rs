@@ -5,15 +5,14 @@ use async_trait::async_trait;
 use tokio::sync::mpsc;
 
 use super::{
-    estimate_usage_blocking, send_delta, Completion, CompletionRequest, Provider, ProviderError,
-    Role,
+    send_delta, ChatMessage, Completion, CompletionRequest, Provider, ProviderError, Role, Usage,
 };
 
 /// Replies `echo: <content of the last user message>`, streamed word by word.
 ///
 /// Each delta is one word with the whitespace that follows it, so the deltas
-/// concatenate to the reply exactly. Usage is counted with the tokenizer
-/// ([`super::estimate_usage`]) and marked estimated.
+/// concatenate to the reply exactly. Usage is counted with echo's own
+/// tokenizer, one token per word ([`echo_usage`]), and marked estimated.
 #[derive(Debug, Clone, Default)]
 pub struct EchoProvider {
     _private: (),
@@ -68,7 +67,7 @@ impl Provider for EchoProvider {
             .await
             .map_err(|_| ProviderError::Timeout)?;
 
-        let usage = estimate_usage_blocking(model.clone(), messages, content.clone()).await;
+        let usage = echo_usage(&messages, &content);
         Ok(Completion {
             content,
             finish_reason: "stop".to_owned(),
@@ -76,6 +75,27 @@ impl Provider for EchoProvider {
             usage: Some(usage),
             estimated: true,
         })
+    }
+}
+
+/// Echo's token count: its tokenizer makes one token of each word (a run of
+/// non-whitespace), framed like OpenAI's chat recipe in
+/// [`super::estimate_usage`] — each message costs 3 tokens plus 1 for its role
+/// and its content's words, and the reply is primed with 3 more.
+///
+/// Echo is no model, so no tokenizer is "right" for it; counting words keeps
+/// its usage deterministic and proportional to the text, and costs a scan
+/// instead of a BPE encoding of the whole history on every turn.
+pub fn echo_usage(messages: &[ChatMessage], completion: &str) -> Usage {
+    let words = |text: &str| text.split_whitespace().count() as u64;
+    let prompt_tokens = messages
+        .iter()
+        .map(|message| 3 + 1 + words(&message.content))
+        .sum::<u64>()
+        + 3;
+    Usage {
+        prompt_tokens,
+        completion_tokens: words(completion),
     }
 }
 

@@ -21,7 +21,7 @@ mod echo;
 mod openai;
 mod sse;
 
-pub use echo::EchoProvider;
+pub use echo::{echo_usage, EchoProvider};
 pub use openai::{OpenAiConfigError, OpenAiProvider, DEFAULT_IDLE_TIMEOUT};
 
 /// Who said a chat message, in OpenAI's vocabulary.

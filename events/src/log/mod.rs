@@ -131,6 +131,7 @@ pub struct EventLog {
 struct Shared {
     dir: PathBuf,
     appends: Mutex<Option<mpsc::Sender<writer::AppendRequest>>>,
+    doorbell: Arc<writer::Doorbell>,
     writer: Mutex<Option<JoinHandle<()>>>,
     head: watch::Receiver<u64>,
     db: sled::Db,
@@ -147,6 +148,32 @@ impl Drop for Shared {
         if let Some(writer) = self.writer.lock().expect("writer handle lock").take() {
             let _ = writer.join();
         }
+    }
+}
+
+/// How long an open waits for sled's own file lock once it holds the data
+/// dir's: this process's last log may still be finishing a write.
+const SLED_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Opens the sled database. sled panics on some corruptions instead of
+/// returning an error, hence the outer `Result`.
+///
+/// The caller holds the data dir's lock, so no other process has the
+/// database; if sled's own lock is still taken, it is this process's
+/// previous log — dropped, but sled finishes its last IO buffer write on
+/// a pool thread that keeps the file open for a moment — and waiting a
+/// little is the answer.
+fn open_sled(db_path: &Path) -> std::thread::Result<sled::Result<sled::Db>> {
+    let deadline = std::time::Instant::now() + SLED_LOCK_WAIT;
+    loop {
+        let config = sled::Config::new().path(db_path);
+        let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || config.open()));
+        let locked = matches!(&opened, Ok(Err(sled::Error::Io(e)))
+            if e.to_string().contains("could not acquire lock"));
+        if !locked || std::time::Instant::now() >= deadline {
+            return opened;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
     }
 }
 
@@ -180,9 +207,7 @@ impl EventLog {
             dir: shown.clone(),
             detail,
         };
-        let config = sled::Config::new().path(&db_path);
-        // sled panics on some corruptions instead of returning an error.
-        let db = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || config.open()))
+        let db = open_sled(&db_path)
             .map_err(|_| corrupt("the database could not be read".to_owned()))?
             .map_err(|e| match e {
                 sled::Error::Io(source) => OpenError::Io {
@@ -260,6 +285,7 @@ impl EventLog {
         })?;
         let (head_tx, head_rx) = watch::channel(last_seq);
         let (appends_tx, appends_rx) = mpsc::channel(8192);
+        let doorbell = Arc::new(writer::Doorbell::default());
         let writer = writer::Writer {
             db: db.clone(),
             tree: tree.clone(),
@@ -268,6 +294,7 @@ impl EventLog {
             head: head_tx,
             failed: None,
             versions: Default::default(),
+            doorbell: doorbell.clone(),
         };
         let handle = std::thread::Builder::new()
             .name("event-log-writer".to_owned())
@@ -280,6 +307,7 @@ impl EventLog {
             shared: Arc::new(Shared {
                 dir: dir.to_owned(),
                 appends: Mutex::new(Some(appends_tx)),
+                doorbell,
                 writer: Mutex::new(Some(handle)),
                 head: head_rx,
                 db,
@@ -309,6 +337,7 @@ impl EventLog {
             })
             .await
             .map_err(|_| AppendError::Closed)?;
+        self.shared.doorbell.ring();
         answer.await.map_err(|_| AppendError::Closed)?
     }
 
@@ -328,6 +357,7 @@ impl EventLog {
                 reply,
             })
             .map_err(|_| AppendError::Closed)?;
+        self.shared.doorbell.ring();
         answer.blocking_recv().map_err(|_| AppendError::Closed)?
     }
 

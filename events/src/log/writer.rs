@@ -11,6 +11,8 @@
 //! unknown, and the only honest recovery is a restart that reads it back.
 
 use std::collections::HashMap;
+use std::sync::atomic::{fence, AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
@@ -30,6 +32,29 @@ const MAX_GATHER_WAIT: Duration = Duration::from_micros(500);
 
 /// Stream versions the writer keeps in memory before starting over.
 const MAX_CACHED_STREAMS: usize = 100_000;
+
+/// How an appender wakes the writer while it waits for stragglers: the
+/// writer sets `waiting` and parks; an appender that finds it set after
+/// queueing its request unparks the writer thread.
+#[derive(Debug, Default)]
+pub struct Doorbell {
+    waiting: AtomicBool,
+    writer: std::sync::OnceLock<std::thread::Thread>,
+}
+
+impl Doorbell {
+    /// Called by an appender after its request is queued.
+    pub fn ring(&self) {
+        // Pairs with the fence in `wait`: either the writer sees the queued
+        // request, or this sees `waiting` (a missed ring costs only the wait).
+        fence(Ordering::SeqCst);
+        if self.waiting.load(Ordering::Relaxed) {
+            if let Some(writer) = self.writer.get() {
+                writer.unpark();
+            }
+        }
+    }
+}
 
 pub struct AppendRequest {
     pub stream: StreamId,
@@ -52,6 +77,8 @@ pub struct Writer {
     /// Versions of recently written streams. The writer is the only writer, so
     /// a cached version is the stream's version.
     pub versions: HashMap<StreamId, u64>,
+    /// Rung by appenders while the writer waits for stragglers.
+    pub doorbell: Arc<Doorbell>,
 }
 
 /// What staging a group has learnt that the tree does not know yet.
@@ -63,10 +90,13 @@ struct Overlay {
 
 impl Writer {
     pub fn run(mut self, mut requests: mpsc::Receiver<AppendRequest>) {
+        let _ = self.doorbell.writer.set(std::thread::current());
         // Appenders answered by one commit send their next request a moment later;
         // taking only what is queued would commit them one by one. So when the last
         // group was larger than what is queued now, wait a little for the rest —
         // never longer than half a flush, which is what a lone commit would cost.
+        // The wait parks the thread (appenders ring the doorbell): spinning would
+        // take a core from the very appenders it waits for.
         let mut last_group = 1;
         let mut last_flush = Duration::ZERO;
         while let Some(first) = requests.blocking_recv() {
@@ -79,8 +109,14 @@ impl Writer {
                         events += next.events.len();
                         group.push(next);
                     }
-                    Err(_) if group.len() < last_group && Instant::now() < deadline => {
-                        std::thread::yield_now();
+                    Err(mpsc::error::TryRecvError::Empty) if group.len() < last_group => {
+                        match self.wait(&mut requests, deadline) {
+                            Some(next) => {
+                                events += next.events.len();
+                                group.push(next);
+                            }
+                            None => break,
+                        }
                     }
                     Err(_) => break,
                 }
@@ -91,6 +127,30 @@ impl Writer {
                 last_flush = started.elapsed();
             }
         }
+    }
+
+    /// The next request if one is queued before `deadline`.
+    fn wait(
+        &self,
+        requests: &mut mpsc::Receiver<AppendRequest>,
+        deadline: Instant,
+    ) -> Option<AppendRequest> {
+        let doorbell = &self.doorbell;
+        doorbell.waiting.store(true, Ordering::Relaxed);
+        // Pairs with the fence in `Doorbell::ring`.
+        fence(Ordering::SeqCst);
+        let next = loop {
+            if let Ok(next) = requests.try_recv() {
+                break Some(next);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                break None;
+            }
+            std::thread::park_timeout(deadline - now);
+        };
+        doorbell.waiting.store(false, Ordering::Relaxed);
+        next
     }
 
     /// Commits a group; returns whether it wrote (and flushed) anything.

@@ -1,0 +1,402 @@
+//! The context of a turn: a conversation's completed exchanges, read from its
+//! stream (readers never race the conversation's single writer).
+//!
+//! Every turn needs the whole conversation, and the stream only grows, so
+//! reading it from the start each time makes a conversation's n-th turn cost
+//! n reads and decodes. [`ContextReader`] keeps the fold of what it read last
+//! per conversation — the exchanges up to a stream version — in a bounded
+//! cache, and a turn folds only the events appended since. The fold of events
+//! `1..=v` never changes (the log is append-only), so a cached fold plus the
+//! events after `v` is exactly the fold of the whole stream; an erasure is one
+//! of those events and clears the exchanges as it would from the start.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use switchboard_events::{Envelope, Event, EventLog, StreamId};
+use uuid::Uuid;
+
+use crate::conversation_actor::ConversationError;
+use crate::provider::ChatMessage;
+
+/// Conversations whose fold the cache keeps.
+const MAX_CACHED_CONVERSATIONS: usize = 4096;
+/// Bytes of content (and per-exchange overhead) the cache keeps in all.
+const MAX_CACHED_BYTES: usize = 32 * 1024 * 1024;
+/// What an exchange costs beyond its content, roughly, for the byte bound.
+const EXCHANGE_OVERHEAD: usize = 128;
+
+/// The context of one turn, read from the conversation's stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TurnContext {
+    /// Earlier completed exchanges, then the message being answered.
+    pub history: Vec<ChatMessage>,
+    /// The id of the message's `agent_routed` event: the cause of its reply.
+    pub routed_event: Option<Uuid>,
+}
+
+/// One user message and, once answered, its reply.
+#[derive(Debug, Clone)]
+struct Exchange {
+    message_id: Arc<str>,
+    user: Arc<str>,
+    reply: Option<Arc<str>>,
+    ended: bool,
+    /// The id of its (last) `agent_routed`.
+    routed_event: Option<Uuid>,
+}
+
+/// A stream folded into exchanges up to `version`.
+#[derive(Debug, Clone, Default)]
+struct Folded {
+    version: u64,
+    exchanges: Vec<Exchange>,
+    /// Content bytes plus overhead, for the cache's bound.
+    bytes: usize,
+}
+
+impl Folded {
+    fn apply(&mut self, envelope: Envelope) {
+        self.version = envelope.version;
+        let find = |exchanges: &mut Vec<Exchange>, id: &str| -> Option<usize> {
+            exchanges.iter().rposition(|x| &*x.message_id == id)
+        };
+        match envelope.event {
+            Event::MessageReceived(e) => {
+                self.bytes += EXCHANGE_OVERHEAD + e.message_id.len() + e.content.len();
+                self.exchanges.push(Exchange {
+                    message_id: e.message_id.into(),
+                    user: e.content.into(),
+                    reply: None,
+                    ended: false,
+                    routed_event: None,
+                });
+            }
+            Event::AgentRouted(e) => {
+                if let Some(i) = find(&mut self.exchanges, &e.message_id) {
+                    self.exchanges[i].routed_event = Some(envelope.id);
+                }
+            }
+            Event::ReplyCompleted(e) => {
+                if let Some(i) = find(&mut self.exchanges, &e.message_id) {
+                    if !self.exchanges[i].ended {
+                        self.bytes += e.content.len();
+                        self.exchanges[i].ended = true;
+                        self.exchanges[i].reply = Some(e.content.into());
+                    }
+                }
+            }
+            Event::ReplyFailed(e) => {
+                if let Some(i) = find(&mut self.exchanges, &e.message_id) {
+                    self.exchanges[i].ended = true;
+                }
+            }
+            Event::ConversationErased(_) => {
+                self.exchanges.clear();
+                self.bytes = 0;
+            }
+            _ => {}
+        }
+    }
+
+    /// The context of `message_id`: the completed exchanges before it, then
+    /// it; or with `None`, every completed exchange.
+    fn context(
+        &self,
+        stream: &StreamId,
+        message_id: Option<&str>,
+    ) -> Result<TurnContext, ConversationError> {
+        let mut history = Vec::new();
+        for exchange in &self.exchanges {
+            if Some(&*exchange.message_id) == message_id {
+                history.push(ChatMessage::user(&*exchange.user));
+                return Ok(TurnContext {
+                    history,
+                    routed_event: exchange.routed_event,
+                });
+            }
+            if let Some(reply) = &exchange.reply {
+                history.push(ChatMessage::user(&*exchange.user));
+                history.push(ChatMessage::assistant(&**reply));
+            }
+        }
+        match message_id {
+            None => Ok(TurnContext {
+                history,
+                routed_event: None,
+            }),
+            Some(id) => Err(ConversationError::InvalidRequest(format!(
+                "{stream} has no message {id:?} (erased?)"
+            ))),
+        }
+    }
+}
+
+/// Reads turn contexts from the log, through the cache; see the module doc.
+pub(crate) struct ContextReader {
+    log: EventLog,
+    cache: Mutex<Cache>,
+}
+
+#[derive(Default)]
+struct Cache {
+    entries: HashMap<StreamId, CacheEntry>,
+    bytes: usize,
+    /// Advances with every use, for least-recently-used eviction.
+    tick: u64,
+}
+
+struct CacheEntry {
+    folded: Arc<Folded>,
+    used: u64,
+}
+
+impl ContextReader {
+    pub(crate) fn new(log: EventLog) -> Self {
+        ContextReader {
+            log,
+            cache: Mutex::new(Cache::default()),
+        }
+    }
+
+    /// The context of `message_id` (or, with `None`, the whole completed
+    /// history) in the conversation's stream.
+    pub(crate) async fn read(
+        &self,
+        conversation_id: &str,
+        message_id: Option<&str>,
+    ) -> Result<TurnContext, ConversationError> {
+        let stream = StreamId::conversation(conversation_id)
+            .map_err(|e| ConversationError::InvalidRequest(e.to_string()))?;
+        let cached = self.cached(&stream);
+        let folded = match cached {
+            // A few events since the last turn: read them here.
+            Some(cached) => fold_after(&self.log, &stream, cached)?,
+            // A long conversation is many reads: keep them off the async workers.
+            None => {
+                let (log, stream) = (self.log.clone(), stream.clone());
+                tokio::task::spawn_blocking(move || {
+                    fold_after(&log, &stream, Arc::new(Folded::default()))
+                })
+                .await
+                .map_err(|e| ConversationError::Internal(format!("context task failed: {e}")))??
+            }
+        };
+        let context = folded.context(&stream, message_id);
+        self.remember(stream, folded);
+        context
+    }
+
+    fn cached(&self, stream: &StreamId) -> Option<Arc<Folded>> {
+        let mut cache = self.cache.lock().expect("context cache lock");
+        cache.tick += 1;
+        let tick = cache.tick;
+        let entry = cache.entries.get_mut(stream)?;
+        entry.used = tick;
+        Some(entry.folded.clone())
+    }
+
+    fn remember(&self, stream: StreamId, folded: Arc<Folded>) {
+        if folded.bytes > MAX_CACHED_BYTES / 8 {
+            return;
+        }
+        let mut cache = self.cache.lock().expect("context cache lock");
+        cache.tick += 1;
+        let tick = cache.tick;
+        let bytes = folded.bytes;
+        let replaced = match cache.entries.get_mut(&stream) {
+            // A concurrent turn may have cached a later version already.
+            Some(entry) if entry.folded.version >= folded.version => return,
+            Some(entry) => {
+                let old = std::mem::replace(&mut entry.folded, folded);
+                entry.used = tick;
+                old.bytes
+            }
+            None => {
+                cache
+                    .entries
+                    .insert(stream, CacheEntry { folded, used: tick });
+                0
+            }
+        };
+        cache.bytes = cache.bytes + bytes - replaced;
+        if cache.entries.len() > MAX_CACHED_CONVERSATIONS || cache.bytes > MAX_CACHED_BYTES {
+            cache.evict_oldest_quarter();
+        }
+    }
+}
+
+impl Cache {
+    /// Drops the least recently used quarter of the entries (at least one).
+    fn evict_oldest_quarter(&mut self) {
+        let mut uses: Vec<u64> = self.entries.values().map(|entry| entry.used).collect();
+        let drop = (uses.len() / 4).max(1);
+        let (_, cutoff, _) = uses.select_nth_unstable(drop - 1);
+        let cutoff = *cutoff;
+        let mut freed = 0;
+        self.entries.retain(|_, entry| {
+            let keep = entry.used > cutoff;
+            if !keep {
+                freed += entry.folded.bytes;
+            }
+            keep
+        });
+        self.bytes -= freed;
+    }
+}
+
+/// `cached` with the stream's events after its version folded in.
+fn fold_after(
+    log: &EventLog,
+    stream: &StreamId,
+    cached: Arc<Folded>,
+) -> Result<Arc<Folded>, ConversationError> {
+    let mut events = log.read_stream(stream, cached.version + 1).peekable();
+    if events.peek().is_none() {
+        return Ok(cached);
+    }
+    let mut folded = Arc::unwrap_or_clone(cached);
+    for envelope in events {
+        let envelope = envelope
+            .map_err(|e| ConversationError::Unavailable(format!("cannot read {stream}: {e}")))?;
+        folded.apply(envelope);
+    }
+    Ok(Arc::new(folded))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use switchboard_events::catalog::{
+        AgentRouted, ConversationErased, MessageReceived, ReplyCompleted, ReplyFailed,
+    };
+    use switchboard_events::{ExpectedVersion, NewEvent, OpenMode};
+
+    fn received(id: &str) -> Event {
+        Event::MessageReceived(MessageReceived {
+            conversation_id: "c1".into(),
+            message_id: id.into(),
+            key_id: "k".into(),
+            user: None,
+            content: format!("question {id}"),
+            agent: None,
+        })
+    }
+
+    fn routed(id: &str) -> Event {
+        Event::AgentRouted(AgentRouted {
+            conversation_id: "c1".into(),
+            message_id: id.into(),
+            agent: "echo".into(),
+            rule: None,
+        })
+    }
+
+    fn completed(id: &str) -> Event {
+        Event::ReplyCompleted(ReplyCompleted {
+            conversation_id: "c1".into(),
+            message_id: id.into(),
+            reply_id: format!("r-{id}"),
+            agent: "echo".into(),
+            content: format!("answer {id}"),
+            finish_reason: "stop".into(),
+            latency_ms: 1,
+        })
+    }
+
+    fn failed(id: &str) -> Event {
+        Event::ReplyFailed(ReplyFailed {
+            conversation_id: "c1".into(),
+            message_id: id.into(),
+            agent: "echo".into(),
+            code: "internal".into(),
+            message: "no".into(),
+        })
+    }
+
+    async fn append(log: &EventLog, events: Vec<Event>) -> Vec<Uuid> {
+        let stream = StreamId::conversation("c1").expect("valid");
+        let events: Vec<NewEvent> = events.into_iter().map(NewEvent::new).collect();
+        let ids = events.iter().map(|e| e.id).collect();
+        log.append(stream, ExpectedVersion::Any, events)
+            .await
+            .expect("appended");
+        ids
+    }
+
+    /// A reader without a cache: the fold of the whole stream.
+    async fn uncached(log: &EventLog, message_id: Option<&str>) -> TurnContext {
+        ContextReader::new(log.clone())
+            .read("c1", message_id)
+            .await
+            .expect("context")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_cache_folds_only_new_events_and_agrees_with_a_full_read() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let log = EventLog::open(dir.path(), OpenMode::CreateIfMissing).expect("open");
+        let reader = ContextReader::new(log.clone());
+
+        let m1 = append(&log, vec![received("m1"), routed("m1")]).await;
+        let first = reader.read("c1", Some("m1")).await.expect("m1");
+        assert_eq!(first.history, [ChatMessage::user("question m1")]);
+        assert_eq!(first.routed_event, Some(m1[1]));
+
+        // m2 arrives while m1's turn runs; m1 ends, then m3 fails, m4 waits.
+        let m2 = append(&log, vec![received("m2"), routed("m2")]).await;
+        append(&log, vec![completed("m1")]).await;
+        append(&log, vec![received("m3"), routed("m3"), failed("m3")]).await;
+        append(&log, vec![received("m4"), routed("m4")]).await;
+        for id in ["m1", "m2", "m3", "m4"] {
+            let cached = reader.read("c1", Some(id)).await.expect("cached");
+            assert_eq!(cached, uncached(&log, Some(id)).await, "{id}");
+        }
+        let m2_context = reader.read("c1", Some("m2")).await.expect("m2");
+        assert_eq!(m2_context.routed_event, Some(m2[1]));
+        assert_eq!(
+            reader.read("c1", Some("m4")).await.expect("m4").history,
+            [
+                ChatMessage::user("question m1"),
+                ChatMessage::assistant("answer m1"),
+                ChatMessage::user("question m4"),
+            ]
+        );
+
+        // An erasure read from the tail forgets everything before it.
+        append(
+            &log,
+            vec![Event::ConversationErased(ConversationErased {
+                conversation_id: "c1".into(),
+                by: "admin".into(),
+            })],
+        )
+        .await;
+        let gone = reader.read("c1", Some("m1")).await.expect_err("erased");
+        assert_eq!(gone.code(), "invalid_request");
+        append(&log, vec![received("m5")]).await;
+        let after = reader.read("c1", None).await.expect("all");
+        assert_eq!(after, uncached(&log, None).await);
+        assert!(after.history.is_empty(), "m5 is not answered yet");
+    }
+
+    #[test]
+    fn eviction_keeps_the_recently_used() {
+        let mut cache = Cache::default();
+        for i in 0..8u64 {
+            let stream = StreamId::conversation(&format!("c{i}")).expect("valid");
+            let folded = Arc::new(Folded {
+                bytes: 10,
+                ..Folded::default()
+            });
+            cache.entries.insert(stream, CacheEntry { folded, used: i });
+            cache.bytes += 10;
+        }
+        cache.evict_oldest_quarter();
+        assert_eq!((cache.entries.len(), cache.bytes), (6, 60));
+        let kept = StreamId::conversation("c2").expect("valid");
+        assert!(cache.entries.contains_key(&kept));
+        let evicted = StreamId::conversation("c1").expect("valid");
+        assert!(!cache.entries.contains_key(&evicted));
+    }
+}
