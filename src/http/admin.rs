@@ -3,26 +3,18 @@
 
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::response::Response;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use utoipa::IntoParams;
 
-use super::core::CoreReply;
-use super::error::{copy_rate_headers, ApiError};
+use super::error::ApiError;
 use super::openapi::{
     AuditPage, BadRequest, CostReport, Erased, Forbidden, Internal, Invalid, KeyIssued, KeyList,
     KeyRevoked, KeySpec, NotFound, PayloadTooLarge, Unauthorized, Unavailable,
     UnsupportedMediaType,
 };
 use super::{conversation_id, within, ApiJson, ApiQuery, AppState};
-
-fn answer(status: StatusCode, reply: CoreReply) -> Response {
-    let mut headers = HeaderMap::new();
-    copy_rate_headers(&reply.headers, &mut headers);
-    (status, headers, Json(reply.body)).into_response()
-}
 
 /// `POST /admin/keys`: 201 with the key, shown this once.
 #[utoipa::path(
@@ -56,7 +48,7 @@ pub async fn issue_key(
         state.core.request("admin.keys.issue", &headers, &body),
     )
     .await?;
-    Ok(answer(StatusCode::CREATED, reply))
+    Ok(reply.into_response(StatusCode::CREATED))
 }
 
 /// `GET /admin/keys`.
@@ -82,7 +74,7 @@ pub async fn list_keys(
         state.core.request("admin.keys.list", &headers, &json!({})),
     )
     .await?;
-    Ok(answer(StatusCode::OK, reply))
+    Ok(reply.into_response(StatusCode::OK))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -121,7 +113,7 @@ pub async fn revoke_key(
         state.core.request("admin.keys.revoke", &headers, &body),
     )
     .await?;
-    Ok(answer(StatusCode::OK, reply))
+    Ok(reply.into_response(StatusCode::OK))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -166,7 +158,7 @@ pub async fn costs(
         "until": query.until,
     });
     let reply = within(&state, state.core.request("admin.costs", &headers, &body)).await?;
-    Ok(answer(StatusCode::OK, reply))
+    Ok(reply.into_response(StatusCode::OK))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -220,7 +212,7 @@ pub async fn audit(
         "limit": query.limit,
     });
     let reply = within(&state, state.core.request("admin.audit", &headers, &body)).await?;
-    Ok(answer(StatusCode::OK, reply))
+    Ok(reply.into_response(StatusCode::OK))
 }
 
 /// `DELETE /admin/conversations/{id}`: appends `conversation_erased`.
@@ -248,5 +240,5 @@ pub async fn erase(
     let id = conversation_id(&id)?;
     let subject = format!("admin.conv.{id}.erase");
     let reply = within(&state, state.core.request(&subject, &headers, &json!({}))).await?;
-    Ok(answer(StatusCode::OK, reply))
+    Ok(reply.into_response(StatusCode::OK))
 }

@@ -8,7 +8,6 @@ use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -16,7 +15,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use utoipa::{IntoParams, ToSchema};
 
-use super::core::{Core, CoreReply};
+use super::core::Core;
 use super::error::{copy_rate_headers, ApiError};
 use super::openapi::{
     Ack, BadRequest, Conflict, ConversationList, Forbidden, History, Internal, Invalid,
@@ -49,13 +48,6 @@ pub struct SendBody {
     /// The end user; default the key's owner.
     #[serde(default)]
     pub user: Option<String>,
-}
-
-/// A JSON response with the core's rate-limit headers.
-fn answer(status: StatusCode, reply: CoreReply) -> Response {
-    let mut headers = HeaderMap::new();
-    copy_rate_headers(&reply.headers, &mut headers);
-    (status, headers, Json(reply.body)).into_response()
 }
 
 /// `GET /v1/conversations?after=&limit=`: the calling key's conversations.
@@ -91,7 +83,7 @@ pub async fn list(
 ) -> Result<Response, ApiError> {
     let body = json!({ "after": query.after, "limit": query.limit });
     let reply = within(&state, state.core.request("conv.list", &headers, &body)).await?;
-    Ok(answer(StatusCode::OK, reply))
+    Ok(reply.into_response(StatusCode::OK))
 }
 
 /// `GET /v1/conversations/{id}`: the history.
@@ -118,7 +110,7 @@ pub async fn history(
     let id = conversation_id(&id)?;
     let subject = format!("conv.{id}.history");
     let reply = within(&state, state.core.request(&subject, &headers, &json!({}))).await?;
-    Ok(answer(StatusCode::OK, reply))
+    Ok(reply.into_response(StatusCode::OK))
 }
 
 /// `POST /v1/conversations/{id}/messages`: 202 with the ack; with
@@ -167,7 +159,7 @@ pub async fn send(
     if !wants_stream(&headers) {
         let subject = format!("conv.{id}.send");
         let reply = within(&state, state.core.request(&subject, &headers, &body)).await?;
-        return Ok(answer(StatusCode::ACCEPTED, reply));
+        return Ok(reply.into_response(StatusCode::ACCEPTED));
     }
     // Subscribed before sending, so no piece of the reply can be missed.
     let events = state.core.subscribe(&format!("evt.conv.{id}.>")).await?;

@@ -28,6 +28,17 @@ pub struct CoreReply {
     pub headers: Headers,
 }
 
+impl CoreReply {
+    /// The reply as a JSON response with `status` and the core's rate-limit
+    /// headers.
+    pub fn into_response(self, status: axum::http::StatusCode) -> axum::response::Response {
+        use axum::response::IntoResponse;
+        let mut headers = HeaderMap::new();
+        super::error::copy_rate_headers(&self.headers, &mut headers);
+        (status, headers, axum::Json(self.body)).into_response()
+    }
+}
+
 impl Core {
     /// Sends `body` to `{prefix}.{subject}` with the caller's credentials; an
     /// `{"ok":false,…}` answer is the matching [`ApiError`].
