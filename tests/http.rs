@@ -2,44 +2,17 @@
 //! errors, the headers, streamed replies and resumable event streams, and
 //! malformed input that changes nothing.
 
+mod support;
+
+use support::front::{Front, ADMIN_KEY, WAIT};
+
 use std::time::Duration;
 
 use futures::StreamExt;
-use reqwest::{Client, Method, StatusCode};
+use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
-use switchboard::http::HttpConfig;
-use switchboard::server::{Server, ServerConfig};
-
-const WAIT: Duration = Duration::from_secs(20);
-const ADMIN_KEY: &str = "sb-admin-key-for-tests-0123456789";
-
-struct Front {
-    server: Server,
-    base: String,
-    client: Client,
-    _dir: tempfile::TempDir,
-}
 
 impl Front {
-    async fn start() -> Front {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let mut config = ServerConfig::new(dir.path().join("data"));
-        config.admin_key = Some(ADMIN_KEY.to_owned());
-        config.http = Some(HttpConfig::new("127.0.0.1:0".parse().expect("addr")));
-        let server = Server::start(config).await.expect("the server starts");
-        let base = format!("http://{}", server.http_addr().expect("HTTP runs"));
-        Front {
-            server,
-            base,
-            client: Client::builder().timeout(WAIT).build().expect("client"),
-            _dir: dir,
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
     async fn call(
         &self,
         method: Method,

@@ -2,26 +2,20 @@
 //! a real socket: whole and streamed completions, the conversation header,
 //! idempotent retries, and errors in OpenAI's shape.
 
+mod support;
+
+use support::front::{Front, ADMIN_KEY, WAIT};
+
 use std::time::Duration;
 
 use futures::StreamExt;
 use reqwest::header::HeaderMap;
-use reqwest::{Client, Method, StatusCode};
+use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
-use switchboard::http::HttpConfig;
-use switchboard::server::{AgentSpec, ProviderSpec, Server, ServerConfig};
+use switchboard::server::{AgentSpec, ProviderSpec};
 use switchboard_actors::agent::AgentConfig;
 
-const WAIT: Duration = Duration::from_secs(20);
-const ADMIN_KEY: &str = "sb-admin-key-for-tests-0123456789";
 const COMPLETIONS: &str = "/v1/chat/completions";
-
-struct Front {
-    server: Server,
-    base: String,
-    client: Client,
-    _dir: tempfile::TempDir,
-}
 
 /// A response read whole.
 struct Answer {
@@ -31,38 +25,6 @@ struct Answer {
 }
 
 impl Front {
-    async fn start() -> Front {
-        Front::start_with(|_| {}).await
-    }
-
-    async fn start_with(configure: impl FnOnce(&mut ServerConfig)) -> Front {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let mut config = ServerConfig::new(dir.path().join("data"));
-        config.admin_key = Some(ADMIN_KEY.to_owned());
-        configure(&mut config);
-        config.http = Some(HttpConfig::new("127.0.0.1:0".parse().expect("addr")));
-        let server = Server::start(config).await.expect("the server starts");
-        let base = format!("http://{}", server.http_addr().expect("HTTP runs"));
-        Front {
-            server,
-            base,
-            client: Client::builder().timeout(WAIT).build().expect("client"),
-            _dir: dir,
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    fn request(&self, method: Method, path: &str, key: Option<&str>) -> reqwest::RequestBuilder {
-        let request = self.client.request(method, self.url(path));
-        match key {
-            Some(key) => request.bearer_auth(key),
-            None => request,
-        }
-    }
-
     async fn answer(request: reqwest::RequestBuilder) -> Answer {
         let response = request.send().await.expect("the request is answered");
         let status = response.status();

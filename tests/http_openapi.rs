@@ -5,17 +5,16 @@
 //! core adds or drops fails here), and the request schemas match what the
 //! front and the core accept.
 
+mod support;
+
+use support::front::{Front, ADMIN_KEY, WAIT};
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use futures::StreamExt;
-use reqwest::{Client, Method, StatusCode};
+use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
-use switchboard::http::HttpConfig;
-use switchboard::server::{Server, ServerConfig};
-
-const WAIT: Duration = Duration::from_secs(20);
-const ADMIN_KEY: &str = "sb-admin-key-for-tests-0123456789";
 
 /// Every route the router serves but the console's static assets
 /// (`/console/*.js|css|svg`), which are files, not API. Adding a route to
@@ -47,13 +46,6 @@ const METHODS: &[&str] = &[
     "get", "put", "post", "delete", "options", "head", "patch", "trace",
 ];
 
-struct Front {
-    server: Server,
-    base: String,
-    client: Client,
-    _dir: tempfile::TempDir,
-}
-
 /// An answer: status, headers, and the body as JSON (null when it is not).
 struct Answer {
     status: StatusCode,
@@ -62,29 +54,6 @@ struct Answer {
 }
 
 impl Front {
-    async fn start() -> Front {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let mut config = ServerConfig::new(dir.path().join("data"));
-        config.admin_key = Some(ADMIN_KEY.to_owned());
-        config.http = Some(HttpConfig::new("127.0.0.1:0".parse().expect("addr")));
-        let server = Server::start(config).await.expect("the server starts");
-        let base = format!("http://{}", server.http_addr().expect("HTTP runs"));
-        Front {
-            server,
-            base,
-            client: Client::builder().timeout(WAIT).build().expect("client"),
-            _dir: dir,
-        }
-    }
-
-    fn request(&self, method: Method, path: &str, key: Option<&str>) -> reqwest::RequestBuilder {
-        let request = self.client.request(method, format!("{}{path}", self.base));
-        match key {
-            Some(key) => request.bearer_auth(key),
-            None => request,
-        }
-    }
-
     async fn call(
         &self,
         method: Method,

@@ -4,5 +4,6 @@
 //! so unused helpers are allowed here rather than warned about in every binary.
 #![allow(dead_code)]
 
+pub mod front;
 pub mod nats;
 pub mod serve;
