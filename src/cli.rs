@@ -208,4 +208,8 @@ pub enum BenchCommand {
     /// replies/s at 1, 16 and 64 clients beside plain NATS request/reply and
     /// sled flushes, and memory per live conversation actor.
     Nats(crate::bench::nats::NatsBenchArgs),
+    /// The HTTP front over a nats-server it starts: keyed sends and streamed
+    /// chat completions at 64 connections beside NATS sends, and the latency
+    /// `/v1/chat/completions` adds in front of an OpenAI-compatible upstream.
+    Http(crate::bench::http::HttpBenchArgs),
 }

@@ -2,6 +2,7 @@
 //! baseline measured in the same run, so the ratio holds on a noisy machine.
 
 mod appends;
+pub mod http;
 pub mod log;
 pub mod nats;
 mod workload;

@@ -16,11 +16,11 @@
 //! The service, the clients and the raw responder share this process (and the
 //! machine with `nats-server`), so the clients' own cost weighs on both sides.
 
-mod launcher;
-mod load;
+pub(crate) mod launcher;
+pub(crate) mod load;
 mod memory;
-mod procfs;
-mod requests;
+pub(crate) mod procfs;
+pub(crate) mod requests;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -123,7 +123,7 @@ pub struct ClientFigures {
 }
 
 /// CPU time (user + system, 10 ms ticks) over a window, per answered request.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct CpuPerRequest {
     /// This process: the clients, and the raw responder or the service.
     pub this_process_us: f64,
@@ -186,7 +186,7 @@ impl LatencyTarget {
 }
 
 pub fn run(settings: &Settings, args: NatsBenchArgs) -> anyhow::Result<ExitCode> {
-    let scratch = Scratch::new()?;
+    let scratch = Scratch::new("nats")?;
     let report = measure(&args, &scratch.path, settings.json)?;
     if settings.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -345,7 +345,7 @@ pub fn measure(args: &NatsBenchArgs, dir: &Path, quiet: bool) -> anyhow::Result<
 
 /// A progress bar on stderr, hidden when stderr is not a terminal or `--json`
 /// is set (as `bench log`'s).
-fn progress_bar(quiet: bool) -> indicatif::ProgressBar {
+pub(crate) fn progress_bar(quiet: bool) -> indicatif::ProgressBar {
     use std::io::IsTerminal;
     if quiet || !std::io::stderr().is_terminal() {
         return indicatif::ProgressBar::hidden();
@@ -356,7 +356,7 @@ fn progress_bar(quiet: bool) -> indicatif::ProgressBar {
 }
 
 /// Shows a timed phase: a spinner, `what` and the time spent on it.
-fn phase(bar: &indicatif::ProgressBar, what: String) {
+pub(crate) fn phase(bar: &indicatif::ProgressBar, what: String) {
     bar.set_style(
         indicatif::ProgressStyle::with_template("{spinner} {msg} ({elapsed})")
             .expect("the template is valid"),
@@ -377,14 +377,15 @@ fn counting(bar: &indicatif::ProgressBar) {
 }
 
 /// The bench's files: a fresh temporary directory, removed on drop.
-struct Scratch {
-    path: PathBuf,
+pub(crate) struct Scratch {
+    pub(crate) path: PathBuf,
 }
 
 impl Scratch {
-    fn new() -> anyhow::Result<Scratch> {
+    /// `switchboard-bench-<bench>-<pid>-<nanos>` in the temp dir.
+    pub(crate) fn new(bench: &str) -> anyhow::Result<Scratch> {
         let path = std::env::temp_dir().join(format!(
-            "switchboard-bench-nats-{}-{}",
+            "switchboard-bench-{bench}-{}-{}",
             std::process::id(),
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -403,21 +404,21 @@ impl Drop for Scratch {
     }
 }
 
-fn positive_seconds(text: &str) -> Result<f64, String> {
+pub(crate) fn positive_seconds(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
         Ok(seconds) if seconds.is_finite() && seconds > 0.0 => Ok(seconds),
         _ => Err(format!("{text:?} is not a positive number of seconds")),
     }
 }
 
-fn positive_count(text: &str) -> Result<usize, String> {
+pub(crate) fn positive_count(text: &str) -> Result<usize, String> {
     match text.trim().parse::<usize>() {
         Ok(count) if count > 0 => Ok(count),
         _ => Err(format!("{text:?} is not a positive whole number")),
     }
 }
 
-fn share(part: f64, whole: f64) -> f64 {
+pub(crate) fn share(part: f64, whole: f64) -> f64 {
     if whole > 0.0 {
         part / whole
     } else {
@@ -429,7 +430,7 @@ fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
 
-fn mark(pass: bool) -> &'static str {
+pub(crate) fn mark(pass: bool) -> &'static str {
     if pass {
         "PASS"
     } else {
@@ -438,7 +439,7 @@ fn mark(pass: bool) -> &'static str {
 }
 
 /// `1234567.8` → `1,234,568`; negative values keep their sign.
-fn thousands(value: f64) -> String {
+pub(crate) fn thousands(value: f64) -> String {
     let digits = format!("{:.0}", value.abs());
     let mut out = String::with_capacity(digits.len() + digits.len() / 3 + 1);
     if value.round() < 0.0 {

@@ -36,6 +36,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Costs(args) => costs::run(&settings, args),
         Command::Bench(BenchCommand::Log(args)) => crate::bench::log::run(&settings, args),
         Command::Bench(BenchCommand::Nats(args)) => crate::bench::nats::run(&settings, args),
+        Command::Bench(BenchCommand::Http(args)) => crate::bench::http::run(&settings, args),
     }
 }
 

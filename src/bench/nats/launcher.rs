@@ -158,7 +158,7 @@ pub fn locate_binary() -> anyhow::Result<PathBuf> {
         .map(|bin| std::fs::canonicalize(&bin).unwrap_or(bin));
     installed.ok_or_else(|| {
         anyhow::anyhow!(
-            "bench nats needs a nats-server and found none (NATS_SERVER_BIN is unset, none is \
+            "the benchmark needs a nats-server and found none (NATS_SERVER_BIN is unset, none is \
              on PATH, none in ./.tools/bin or {}/.tools/bin): run scripts/setup to install it",
             repo.display()
         )

@@ -236,13 +236,13 @@ fn client_line(f: &ClientFigures) -> String {
 
 /// CPU seconds used so far by this process and by `nats-server`.
 #[derive(Clone, Copy)]
-struct CpuMark {
+pub(crate) struct CpuMark {
     this_process: f64,
     nats_server: f64,
 }
 
 impl CpuMark {
-    fn now(nats_pid: u32) -> CpuMark {
+    pub(crate) fn now(nats_pid: u32) -> CpuMark {
         CpuMark {
             this_process: procfs::cpu_seconds(None).unwrap_or(0.0),
             nats_server: procfs::cpu_seconds(Some(nats_pid)).unwrap_or(0.0),
@@ -250,7 +250,7 @@ impl CpuMark {
     }
 
     /// Per request of `requests`, since `self`.
-    fn per_request(self, nats_pid: u32, requests: u64) -> CpuPerRequest {
+    pub(crate) fn per_request(self, nats_pid: u32, requests: u64) -> CpuPerRequest {
         let now = CpuMark::now(nats_pid);
         let per = |seconds: f64| share(seconds * 1e6, requests as f64);
         CpuPerRequest {
