@@ -36,10 +36,8 @@ use super::nats::launcher::NatsServerProcess;
 use super::nats::load::{self, Driven, Percentiles, ReplyCounter, Until};
 use super::nats::procfs;
 use super::nats::requests::CpuMark;
-use super::nats::{
-    mark, phase, positive_count, positive_seconds, progress_bar, share, thousands, CpuPerRequest,
-    Scratch,
-};
+use super::nats::{phase, progress_bar, CpuPerRequest, Scratch};
+use super::{mark, positive_count, positive_seconds, share, thousands};
 use crate::config::Settings;
 use proxy::{FakeUpstream, PacedFigures};
 

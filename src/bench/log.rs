@@ -20,6 +20,7 @@ use switchboard_projections::Projections;
 
 use super::appends;
 use super::workload;
+use super::{mark, positive_seconds, share, thousands};
 use crate::config::Settings;
 
 #[derive(Debug, clap::Args)]
@@ -410,44 +411,8 @@ fn append_line(f: &AppendFigures) -> String {
     )
 }
 
-fn positive_seconds(text: &str) -> Result<f64, String> {
-    match text.parse::<f64>() {
-        Ok(seconds) if seconds.is_finite() && seconds > 0.0 => Ok(seconds),
-        _ => Err(format!("{text:?} is not a positive number of seconds")),
-    }
-}
-
 pub(super) fn rate(count: u64, seconds: f64) -> f64 {
     share(count as f64, seconds)
-}
-
-fn share(part: f64, whole: f64) -> f64 {
-    if whole > 0.0 {
-        part / whole
-    } else {
-        0.0
-    }
-}
-
-fn mark(pass: bool) -> &'static str {
-    if pass {
-        "PASS"
-    } else {
-        "MISS"
-    }
-}
-
-/// `1234567.8` → `1,234,568`.
-fn thousands(value: f64) -> String {
-    let digits = format!("{:.0}", value.max(0.0));
-    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
-    for (i, digit) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(digit);
-    }
-    out
 }
 
 #[cfg(test)]

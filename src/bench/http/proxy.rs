@@ -30,7 +30,8 @@ use super::PROXY_AGENT;
 use crate::bench::log::rate;
 use crate::bench::nats::load::Percentiles;
 use crate::bench::nats::requests::CpuMark;
-use crate::bench::nats::{phase, thousands, CpuPerRequest};
+use crate::bench::nats::{phase, CpuPerRequest};
+use crate::bench::thousands;
 
 /// The model the fake upstream says it is.
 pub const UPSTREAM_MODEL: &str = "bench-model";

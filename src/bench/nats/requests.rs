@@ -10,8 +10,9 @@ use serde_json::json;
 use switchboard::bus::{Bus, Headers};
 
 use super::load::{self, Driven, Percentiles, RawResponder, ReplyCounter, Until, RAW_PREFIX};
-use super::{phase, procfs, share, thousands, ClientFigures, CpuPerRequest, NatsBenchArgs, PREFIX};
+use super::{phase, procfs, ClientFigures, CpuPerRequest, NatsBenchArgs, PREFIX};
 use crate::bench::log::rate;
+use crate::bench::{share, thousands};
 
 /// How long to wait for the replies of one measurement before the next.
 const REPLY_DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
