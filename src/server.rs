@@ -172,7 +172,8 @@ pub struct Server {
     stop_projections: oneshot::Sender<()>,
     projections_task: JoinHandle<()>,
     alerts_task: JoinHandle<()>,
-    recovery_task: JoinHandle<()>,
+    /// Ends turns an earlier process left open; true once all are ended.
+    recovery_task: JoinHandle<bool>,
     drain_timeout: Duration,
 }
 
@@ -193,11 +194,12 @@ impl Server {
             .collect::<Result<Vec<_>, _>>()?;
 
         let dir = config.data_dir.clone();
-        let (log, projections) = tokio::task::spawn_blocking(move || {
+        let (log, projections, clean_stop) = tokio::task::spawn_blocking(move || {
             let log = EventLog::open(&dir, OpenMode::CreateIfMissing)?;
+            let clean_stop = take_clean_stop(&log)?;
             let projections = Projections::open(&log)?;
             projections.catch_up(&mut |_| {})?;
-            Ok::<_, ServerError>((log, projections))
+            Ok::<_, ServerError>((log, projections, clean_stop))
         })
         .await
         .map_err(|e| ServerError::Actor(format!("opening the data dir panicked: {e}")))??;
@@ -282,8 +284,12 @@ impl Server {
         }
         let outbox = outbox.spawn().map_err(outbox_error)?;
 
-        let recovery_task =
-            tokio::spawn(finish_lost_turns(coordinator.clone(), projections.clone()));
+        let recovery_task = tokio::spawn(finish_lost_turns(
+            coordinator.clone(),
+            projections.clone(),
+            log.clone(),
+            clean_stop,
+        ));
 
         Ok(Server {
             log,
@@ -343,22 +349,26 @@ impl Server {
         }
         self.gateway.stop().await;
         let drain = async {
-            if let Err(error) = self.recovery_task.await {
+            let recovered = self.recovery_task.await.unwrap_or_else(|error| {
                 tracing::error!(%error, "ending lost turns failed");
-            }
+                false
+            });
             self.coordinator.drain().await;
+            recovered
         };
-        if tokio::time::timeout(self.drain_timeout, drain)
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                turns = self.coordinator.turns_in_flight(),
-                "turns still running at shutdown; the next start ends them reply_failed"
-            );
-            self.coordinator.abort_all();
-            self.coordinator.wait_idle().await;
-        }
+        // Clean: no turn of this or an earlier process is left open.
+        let clean = match tokio::time::timeout(self.drain_timeout, drain).await {
+            Ok(recovered) => recovered && self.coordinator.all_turns_ended(),
+            Err(_) => {
+                tracing::warn!(
+                    turns = self.coordinator.turns_in_flight(),
+                    "turns still running at shutdown; the next start ends them reply_failed"
+                );
+                self.coordinator.abort_all();
+                self.coordinator.wait_idle().await;
+                false
+            }
+        };
         self.registry.shutdown().await;
         for agent in &self.agents {
             agent.stop(None);
@@ -373,6 +383,11 @@ impl Server {
             tracing::warn!(%error, "the bus did not flush at shutdown");
         }
         let log = self.log;
+        if clean {
+            if let Err(error) = note_clean_stop(&log) {
+                tracing::warn!(%error, "the clean stop was not noted; the next start checks every conversation");
+            }
+        }
         let flushed = tokio::task::spawn_blocking(move || log.db().flush()).await;
         if !matches!(flushed, Ok(Ok(_))) {
             tracing::error!("the data dir did not flush at shutdown");
@@ -447,39 +462,95 @@ async fn publish_agent_alerts(
     }
 }
 
-/// Ends turns an earlier process left without a reply, in every conversation
-/// the history knows (in the background: a send reaching a conversation
-/// first does the same for it before its turn starts).
-async fn finish_lost_turns(coordinator: TurnCoordinator, projections: Projections) {
-    let conversations = tokio::task::spawn_blocking(move || {
-        let history = projections.history();
-        let mut ids = Vec::new();
-        for key in projections.keys().list()? {
-            let mut after: Option<String> = None;
-            loop {
-                let page = history.conversations_of_key(&key.key_id, after.as_deref(), 1000)?;
-                let Some(last) = page.last() else { break };
-                after = Some(last.conversation_id.clone());
-                ids.extend(page.into_iter().map(|c| c.conversation_id));
+/// The sled tree (beside the log) where a clean stop is noted.
+const STOPS_TREE: &str = "serve";
+/// Its key: the log's head at a stop that left no turn open (u64 big-endian).
+const CLEAN_STOP_KEY: &[u8] = b"clean_stop";
+
+/// The head noted by the last stop if it was clean, removed so that a crash
+/// of this run is never taken for a clean stop. (The removal is durable by
+/// the first append of this run, which flushes the whole database; before
+/// that the head has not moved, so the note is still true.)
+fn take_clean_stop(log: &EventLog) -> Result<Option<u64>, ServerError> {
+    let stops = |e: sled::Error| ServerError::Actor(format!("reading the stop note: {e}"));
+    let tree = log.db().open_tree(STOPS_TREE).map_err(stops)?;
+    Ok(tree
+        .remove(CLEAN_STOP_KEY)
+        .map_err(stops)?
+        .and_then(|bytes| <[u8; 8]>::try_from(bytes.as_ref()).ok())
+        .map(u64::from_be_bytes))
+}
+
+/// Notes that this process stops with no turn open, at the log's head.
+fn note_clean_stop(log: &EventLog) -> Result<(), sled::Error> {
+    let tree = log.db().open_tree(STOPS_TREE)?;
+    tree.insert(CLEAN_STOP_KEY, &log.head().to_be_bytes())?;
+    Ok(())
+}
+
+/// Ends turns an earlier process left without a reply, in the background (a
+/// send reaching a conversation first does the same for it before its turn
+/// starts); returns whether all are ended. After a clean stop only the
+/// conversations written since (by offline commands) can hold one; after a
+/// crash, or with no note, every conversation the history knows is checked.
+async fn finish_lost_turns(
+    coordinator: TurnCoordinator,
+    projections: Projections,
+    log: EventLog,
+    clean_stop: Option<u64>,
+) -> bool {
+    let conversations = tokio::task::spawn_blocking(move || match clean_stop {
+        Some(head) => {
+            let mut ids = std::collections::BTreeSet::new();
+            for envelope in log.read_from(head + 1) {
+                let envelope = envelope.map_err(|e| e.to_string())?;
+                if let Some(id) = envelope.stream.as_str().strip_prefix("conv/") {
+                    ids.insert(id.to_owned());
+                }
             }
+            Ok(ids.into_iter().collect())
         }
-        Ok::<_, switchboard_projections::ProjectionError>(ids)
+        None => all_conversations(&projections).map_err(|e| e.to_string()),
     })
     .await;
-    let ids = match conversations {
+    let ids: Vec<String> = match conversations {
         Ok(Ok(ids)) => ids,
         Ok(Err(error)) => {
             tracing::error!(%error, "cannot list conversations to end lost turns");
-            return;
+            return false;
         }
         Err(error) => {
             tracing::error!(%error, "listing conversations panicked");
-            return;
+            return false;
         }
     };
     match coordinator.finish_all_pending(ids).await {
-        Ok(0) => {}
-        Ok(ended) => tracing::info!(ended, "ended turns lost in the last shutdown"),
-        Err(error) => tracing::warn!(%error, "could not end every lost turn"),
+        Ok(0) => true,
+        Ok(ended) => {
+            tracing::info!(ended, "ended turns lost in the last shutdown");
+            true
+        }
+        Err(error) => {
+            tracing::warn!(%error, "could not end every lost turn");
+            false
+        }
     }
+}
+
+/// Every conversation the history knows, key by key.
+fn all_conversations(
+    projections: &Projections,
+) -> Result<Vec<String>, switchboard_projections::ProjectionError> {
+    let history = projections.history();
+    let mut ids = Vec::new();
+    for key in projections.keys().list()? {
+        let mut after: Option<String> = None;
+        loop {
+            let page = history.conversations_of_key(&key.key_id, after.as_deref(), 1000)?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.conversation_id.clone());
+            ids.extend(page.into_iter().map(|c| c.conversation_id));
+        }
+    }
+    Ok(ids)
 }

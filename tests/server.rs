@@ -601,3 +601,68 @@ async fn a_revoked_admin_key_is_replaced_not_a_dead_end() {
     assert_eq!(server.admin_bootstrap(), &AdminBootstrap::Existing);
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_turn_left_open_after_a_clean_stop_is_still_ended_at_the_next_start() {
+    use switchboard_events::catalog::MessageReceived;
+    use switchboard_events::{Event, EventLog, ExpectedVersion, NewEvent, OpenMode, StreamId};
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = start(config(dir.path())).await;
+    let issued = request(
+        server.bus(),
+        "sb.admin.keys.issue",
+        ADMIN_KEY,
+        json!({ "name": "k" }),
+    )
+    .await;
+    let key = issued["key"].as_str().expect("key").to_owned();
+    let key_id = issued["key_id"].as_str().expect("key_id").to_owned();
+    let ack = request(
+        server.bus(),
+        "sb.conv.open1.send",
+        &key,
+        json!({ "content": "hi" }),
+    )
+    .await;
+    assert_eq!(ack["ok"], json!(true), "{ack}");
+    server.shutdown().await;
+
+    // Written after the clean stop, by another writer: a message with no end.
+    let log = EventLog::open(&dir.path().join("data"), OpenMode::MustExist).expect("opens");
+    let received = Event::MessageReceived(MessageReceived {
+        conversation_id: "open1".into(),
+        message_id: "written-offline".into(),
+        key_id,
+        user: None,
+        content: "no reply yet".into(),
+        agent: None,
+    });
+    log.append(
+        StreamId::conversation("open1").expect("valid"),
+        ExpectedVersion::Any,
+        vec![NewEvent::new(received)],
+    )
+    .await
+    .expect("appends");
+    drop(log);
+
+    let server = start(config(dir.path())).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let failed = events_of_type(&server, "reply_failed");
+        if failed
+            .iter()
+            .any(|e| e["data"]["message_id"] == json!("written-offline"))
+        {
+            assert_eq!(failed.len(), 1, "only the open turn is ended: {failed:?}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the open turn was never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.shutdown().await;
+}

@@ -147,6 +147,8 @@ struct Inner {
 struct InFlight {
     count: AtomicUsize,
     done: Notify,
+    /// Whether a turn of this coordinator ended without its end stored.
+    left_open: AtomicBool,
     /// The running turn tasks, for [`TurnCoordinator::abort_all`].
     tasks: Mutex<HashMap<u64, tokio::task::AbortHandle>>,
     next_task: AtomicU64,
@@ -157,6 +159,9 @@ struct InFlight {
 struct TurnGuard {
     inner: Arc<Inner>,
     task: u64,
+    /// Set once the turn's end is stored; a guard dropped without it (the
+    /// store failed, the task panicked or was aborted) leaves a turn open.
+    ended: bool,
 }
 
 impl TurnGuard {
@@ -165,6 +170,7 @@ impl TurnGuard {
         TurnGuard {
             inner: inner.clone(),
             task: inner.in_flight.next_task.fetch_add(1, Ordering::SeqCst),
+            ended: false,
         }
     }
 }
@@ -172,6 +178,9 @@ impl TurnGuard {
 impl Drop for TurnGuard {
     fn drop(&mut self) {
         let in_flight = &self.inner.in_flight;
+        if !self.ended {
+            in_flight.left_open.store(true, Ordering::SeqCst);
+        }
         in_flight
             .tasks
             .lock()
@@ -277,8 +286,9 @@ impl TurnCoordinator {
             // that ends at once still finds (and removes) its entry.
             let mut tasks = self.inner.in_flight.tasks.lock().expect("tasks lock");
             let handle = tokio::spawn(async move {
+                let mut guard = guard;
                 let inner = guard.inner.clone();
-                inner.run_turn(job).await;
+                guard.ended = inner.run_turn(job).await;
                 drop(guard);
             });
             tasks.insert(task, handle.abort_handle());
@@ -368,6 +378,13 @@ impl TurnCoordinator {
         self.inner.registry.erase(conversation_id, by).await
     }
 
+    /// Whether every turn this coordinator started has its end stored (none
+    /// failed to store, panicked or was aborted). After [`Self::drain`], true
+    /// means this process leaves no open turn behind.
+    pub fn all_turns_ended(&self) -> bool {
+        !self.inner.in_flight.left_open.load(Ordering::SeqCst)
+    }
+
     /// How many turns are running.
     pub fn turns_in_flight(&self) -> usize {
         self.inner.in_flight.count.load(Ordering::SeqCst)
@@ -416,7 +433,8 @@ impl TurnCoordinator {
 }
 
 impl Inner {
-    async fn run_turn(&self, job: TurnJob) {
+    /// Runs one turn; returns whether its end is stored.
+    async fn run_turn(&self, job: TurnJob) -> bool {
         let TurnJob {
             conversation_id,
             message_id,
@@ -450,10 +468,11 @@ impl Inner {
         let tokens = outcome
             .usage()
             .map_or(0, |usage| usage.prompt_tokens + usage.completion_tokens);
-        self.store_end(&conversation_id, &message_id, outcome).await;
+        let stored = self.store_end(&conversation_id, &message_id, outcome).await;
         if let Some(permit) = permit {
             permit.finish(tokens);
         }
+        stored
     }
 
     /// Runs the turn on the agent, relaying its deltas to the caller as
@@ -504,7 +523,12 @@ impl Inner {
     /// Hands the turn's end to the conversation's actor, retrying a little
     /// while the conversation is unavailable. If it still cannot be stored,
     /// the turn stays pending in the log and a later start fails it.
-    async fn store_end(&self, conversation_id: &str, message_id: &str, outcome: TurnOutcome) {
+    async fn store_end(
+        &self,
+        conversation_id: &str,
+        message_id: &str,
+        outcome: TurnOutcome,
+    ) -> bool {
         let mut wait = Duration::from_millis(50);
         for attempt in 1..=END_TURN_ATTEMPTS {
             let result = self
@@ -512,7 +536,7 @@ impl Inner {
                 .end_turn(conversation_id, message_id, outcome.events.clone())
                 .await;
             match result {
-                Ok(()) => return,
+                Ok(()) => return true,
                 Err(error @ ConversationError::Unavailable(_)) if attempt < END_TURN_ATTEMPTS => {
                     tracing::info!(%conversation_id, %message_id, %error, "retrying the turn's end");
                     tokio::time::sleep(wait).await;
@@ -521,10 +545,11 @@ impl Inner {
                 Err(error) => {
                     tracing::error!(%conversation_id, %message_id, code = error.code(), %error,
                         "the turn's end was not stored; it stays pending until a restart fails it");
-                    return;
+                    return false;
                 }
             }
         }
+        false
     }
 
     async fn fail_lost_turns(&self, conversation_id: &str) -> Result<usize, ConversationError> {
