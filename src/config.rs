@@ -12,6 +12,7 @@ use serde::Deserialize;
 use switchboard::http::HttpConfig;
 use switchboard::server::{AgentSpec, ProviderSpec, ServerConfig};
 use switchboard_actors::agent::{AgentConfig, Price};
+use switchboard_events::catalog::{Budget, BudgetPeriod};
 
 use crate::cli::{GlobalArgs, ServeArgs};
 
@@ -41,6 +42,46 @@ struct ConfigFile {
     prices: BTreeMap<String, PriceSection>,
     #[serde(default)]
     conversations: ConversationsSection,
+    #[serde(default)]
+    budgets: BudgetsSection,
+    #[serde(default)]
+    alerts: AlertsSection,
+}
+
+/// `[alerts]`: where alerts are pushed. Webhook URLs are secrets: never printed.
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AlertsSection {
+    #[serde(default)]
+    webhooks: Vec<String>,
+}
+
+impl std::fmt::Debug for AlertsSection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "AlertsSection {{ webhooks: {} URLs }}",
+            self.webhooks.len()
+        )
+    }
+}
+
+/// Alert thresholds, and budgets per user (a keys' owner); a key's own
+/// budget is set with the key (`keys issue|update --budget-usd`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BudgetsSection {
+    /// Percentages of a budget whose crossing is alerted (default 50, 80, 100).
+    thresholds: Option<Vec<u32>>,
+    #[serde(default)]
+    users: BTreeMap<String, UserBudgetSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UserBudgetSection {
+    usd: f64,
+    period: BudgetPeriod,
 }
 
 /// The HTTP front's address; read and checked now, served by the HTTP front.
@@ -197,6 +238,25 @@ pub fn resolve_serve(global: &GlobalArgs, args: &ServeArgs) -> anyhow::Result<Se
     if let Some(secs) = args.drain_timeout_secs {
         config.drain_timeout = Duration::from_secs(secs);
     }
+    if let Some(thresholds) = file.budgets.thresholds {
+        config.budgets.thresholds = thresholds;
+    }
+    for (user, budget) in file.budgets.users {
+        let micros =
+            usd_to_micros(budget.usd).with_context(|| format!("the budget of user {user:?}"))?;
+        config.budgets.users.insert(
+            user,
+            Budget {
+                micros,
+                period: budget.period,
+            },
+        );
+    }
+    config.webhooks.urls = file.alerts.webhooks;
+    config.budgets = config
+        .budgets
+        .validated()
+        .map_err(|e| anyhow::anyhow!("[budgets]: {e}"))?;
     Ok(config)
 }
 
@@ -240,6 +300,8 @@ fn agent(
     };
     if let Some(price) = prices.get(&model) {
         config.prices = micros(price)?;
+    } else if let Some(price) = Price::builtin(&model) {
+        config.prices = price;
     }
     if let Some(n) = section.max_concurrency {
         config.max_concurrency = n.max(1);
@@ -262,13 +324,20 @@ fn agent(
 /// USD per million tokens as integer micro-USD per million tokens, rounded to
 /// the nearest micro-USD (prices are given to at most six decimals).
 fn micros(price: &PriceSection) -> anyhow::Result<Price> {
-    let convert = |usd: f64| -> anyhow::Result<u64> {
-        if !usd.is_finite() || !(0.0..=1e9).contains(&usd) {
-            bail!("a price must be between 0 and 1e9 USD per million tokens, not {usd}");
-        }
-        Ok((usd * 1_000_000.0).round() as u64)
+    let convert = |usd: f64| {
+        usd_to_micros(usd).map_err(|_| {
+            anyhow::anyhow!("a price must be between 0 and 1e9 USD per million tokens, not {usd}")
+        })
     };
     Ok(Price::new(convert(price.input)?, convert(price.output)?))
+}
+
+/// USD from a config file as integer micro-USD, rounded to the nearest.
+fn usd_to_micros(usd: f64) -> anyhow::Result<u64> {
+    if !usd.is_finite() || !(0.0..=1e9).contains(&usd) {
+        bail!("{usd} is not an amount of USD from 0 to 1e9");
+    }
+    Ok((usd * 1_000_000.0).round() as u64)
 }
 
 /// Names that become a subject token and a stream id: `[A-Za-z0-9_-]{1,64}`.

@@ -14,7 +14,7 @@ use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::Value;
 use switchboard_events::apikey::{hash_key, ApiKey};
-use switchboard_events::catalog::{Budget, KeyIssued, KeyRevoked, Limits, Scope};
+use switchboard_events::catalog::{Budget, KeyIssued, KeyRevoked, KeyUpdated, Limits, Scope};
 use switchboard_events::{
     AppendError, Event, EventLog, ExpectedVersion, NewEvent, ReadError, StreamId,
 };
@@ -184,6 +184,51 @@ pub async fn revoke(
     Ok(Revoked::Now {
         seq: appended.first().seq,
     })
+}
+
+/// A change of a key's limits or budget (`…admin.keys.update`,
+/// `PATCH /admin/keys/{id}`): a given `limits` replaces the key's limits
+/// (a limit left out is unlimited), a given `budget` its budget; what is
+/// not given stays.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyChange {
+    #[serde(default)]
+    pub limits: Option<Limits>,
+    #[serde(default)]
+    pub budget: Option<Budget>,
+}
+
+/// Appends `key_updated` for an active key; returns its seq. A change with
+/// nothing in it, or to a revoked key, is refused.
+pub async fn update(
+    log: &EventLog,
+    projections: &Projections,
+    key_id: &str,
+    change: KeyChange,
+) -> Result<u64, KeyAdminError> {
+    if change.limits.is_none() && change.budget.is_none() {
+        return Err(KeyAdminError::Invalid(
+            "nothing to update: give limits or budget".into(),
+        ));
+    }
+    let record = find(projections, key_id)?;
+    if record.revoked.is_some() {
+        return Err(KeyAdminError::Invalid(format!(
+            "key {key_id} is revoked; a revoked key cannot be changed"
+        )));
+    }
+    let event = Event::KeyUpdated(KeyUpdated {
+        key_id: record.key_id.clone(),
+        limits: change.limits,
+        budget: change.budget,
+    });
+    let stream =
+        StreamId::key(&record.key_id).map_err(|e| KeyAdminError::Invalid(e.to_string()))?;
+    let appended = log
+        .append(stream, ExpectedVersion::Any, vec![NewEvent::new(event)])
+        .await?;
+    Ok(appended.first().seq)
 }
 
 /// The key with this id, from the keys view.

@@ -5,10 +5,12 @@
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
+pub mod alerts;
 pub mod bus;
 pub mod gateway;
 pub mod http;
 pub mod keys;
+pub mod metrics;
 pub mod outbox;
 pub mod server;
 pub mod service;

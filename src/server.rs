@@ -24,15 +24,17 @@ use ractor::{Actor, ActorRef};
 use serde_json::json;
 use switchboard_actors::agent::circuit::CircuitTransition;
 use switchboard_actors::agent::{Agent, AgentActor, AgentConfig, AgentMsg, CircuitAlert};
+use switchboard_actors::budget::{BudgetConfig, Budgets};
 use switchboard_actors::conversation_actor::{ConversationRegistry, RegistryConfig};
 use switchboard_actors::provider::{EchoProvider, OpenAiProvider, Provider};
 use switchboard_actors::router::Router;
 use switchboard_actors::turns::TurnCoordinator;
 use switchboard_events::{EventLog, OpenMode};
-use switchboard_projections::Projections;
+use switchboard_projections::{Projections, SpendIndex};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
+use crate::alerts::{WebhookConfig, WebhookHandle, WebhookSink};
 use crate::bus::{Bus, Headers, LocalBus, NatsBus};
 use crate::gateway::{GatewayHandle, NatsGateway};
 use crate::http::{HttpConfig, HttpHandle};
@@ -68,6 +70,10 @@ pub struct ServerConfig {
     pub drain_timeout: Duration,
     /// The HTTP front, if any.
     pub http: Option<HttpConfig>,
+    /// Alert thresholds and user budgets (key budgets come with the keys).
+    pub budgets: BudgetConfig,
+    /// Alert webhooks (`[alerts] webhooks`); Debug shows only their hosts.
+    pub webhooks: WebhookConfig,
 }
 
 impl ServerConfig {
@@ -88,6 +94,8 @@ impl ServerConfig {
             conversations: RegistryConfig::default(),
             drain_timeout: Duration::from_secs(30),
             http: None,
+            budgets: BudgetConfig::default(),
+            webhooks: WebhookConfig::default(),
         }
     }
 }
@@ -168,9 +176,13 @@ pub struct Server {
     http: Option<HttpHandle>,
     service: ServiceHandle,
     outbox: OutboxHandle,
+    webhooks: WebhookHandle,
     admin: AdminBootstrap,
     stop_projections: oneshot::Sender<()>,
     projections_task: JoinHandle<()>,
+    budgets: Budgets,
+    stop_spend: oneshot::Sender<()>,
+    spend_task: JoinHandle<()>,
     alerts_task: JoinHandle<()>,
     /// Ends turns an earlier process left open; true once all are ended.
     recovery_task: JoinHandle<bool>,
@@ -194,12 +206,20 @@ impl Server {
             .collect::<Result<Vec<_>, _>>()?;
 
         let dir = config.data_dir.clone();
-        let (log, projections, clean_stop) = tokio::task::spawn_blocking(move || {
+        crate::metrics::install();
+        let budget_config = config
+            .budgets
+            .clone()
+            .validated()
+            .map_err(ServerError::Config)?;
+        let (log, projections, spend, clean_stop) = tokio::task::spawn_blocking(move || {
             let log = EventLog::open(&dir, OpenMode::CreateIfMissing)?;
             let clean_stop = take_clean_stop(&log)?;
             let projections = Projections::open(&log)?;
             projections.catch_up(&mut |_| {})?;
-            Ok::<_, ServerError>((log, projections, clean_stop))
+            // Before the live fold starts: the index must match the views.
+            let spend = SpendIndex::load(&projections)?;
+            Ok::<_, ServerError>((log, projections, spend, clean_stop))
         })
         .await
         .map_err(|e| ServerError::Actor(format!("opening the data dir panicked: {e}")))??;
@@ -217,6 +237,27 @@ impl Server {
                 tracing::error!(%error, "the projections stopped");
             }
         });
+
+        let (stop_spend, spend_stopped) = oneshot::channel::<()>();
+        let following = spend.clone();
+        let spend_log = log.clone();
+        let spend_task = tokio::spawn(async move {
+            let stopped = async {
+                let _ = spend_stopped.await;
+            };
+            if let Err(error) = following.follow(&spend_log, stopped).await {
+                tracing::error!(%error, "the spend index stopped; budgets see no new spend");
+            }
+        });
+        let budgets = Budgets::new(log.clone(), spend, budget_config);
+        let keys_with_budgets = projections.keys().list()?;
+        budgets.review_all(keys_with_budgets.iter().map(|record| {
+            (
+                record.key_id.as_str(),
+                record.owner.as_deref(),
+                record.budget.as_ref(),
+            )
+        }));
 
         let bus = match &config.nats_url {
             Some(url) => Bus::from(connect_nats(url).await?),
@@ -241,6 +282,7 @@ impl Server {
         let agents: Vec<_> = agent_refs.values().cloned().collect();
         let coordinator = TurnCoordinator::new(registry.clone(), router, agent_refs, log.clone())
             .map_err(|e| ServerError::Config(e.to_string()))?;
+        coordinator.charge_to(budgets.clone());
 
         let gateway = NatsGateway::start(
             bus.clone(),
@@ -283,6 +325,8 @@ impl Server {
                 .map_err(outbox_error)?;
         }
         let outbox = outbox.spawn().map_err(outbox_error)?;
+        let webhooks = WebhookSink::spawn(log.clone(), config.webhooks.clone())
+            .map_err(|e| ServerError::Config(format!("the alert webhooks: {e}")))?;
 
         let recovery_task = tokio::spawn(finish_lost_turns(
             coordinator.clone(),
@@ -302,9 +346,13 @@ impl Server {
             http,
             service,
             outbox,
+            webhooks,
             admin,
             stop_projections,
             projections_task,
+            budgets,
+            stop_spend,
+            spend_task,
             alerts_task,
             recovery_task,
             drain_timeout: config.drain_timeout,
@@ -374,7 +422,13 @@ impl Server {
             agent.stop(None);
         }
         self.alerts_task.abort();
+        self.budgets.shutdown().await;
+        let _ = self.stop_spend.send(());
+        if let Err(error) = self.spend_task.await {
+            tracing::error!(%error, "the spend index task failed");
+        }
         self.outbox.stop().await;
+        self.webhooks.stop().await;
         let _ = self.stop_projections.send(());
         if let Err(error) = self.projections_task.await {
             tracing::error!(%error, "the projections task failed");

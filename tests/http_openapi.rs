@@ -32,6 +32,7 @@ const ROUTES: &[(&str, &str, bool)] = &[
     ("post", "/admin/keys", true),
     ("get", "/admin/keys", true),
     ("delete", "/admin/keys/{id}", true),
+    ("patch", "/admin/keys/{id}", true),
     ("get", "/admin/costs", true),
     ("get", "/admin/audit", true),
     ("delete", "/admin/conversations/{id}", true),
@@ -391,11 +392,12 @@ async fn every_route_is_documented_and_every_documented_route_is_served() {
         // Served: without a key, a keyed route is refused with the documented
         // 401, and nothing answers the router's 404 or 405.
         let http_method = Method::from_bytes(method.to_uppercase().as_bytes()).expect("method");
-        let body = (*method == "post").then(|| match *path {
+        let body = matches!(*method, "post" | "patch").then(|| match *path {
             "/v1/chat/completions" => {
                 json!({ "model": "echo", "messages": [{ "role": "user", "content": "hi" }] })
             }
             "/admin/keys" => json!({ "name": "probe" }),
+            "/admin/keys/{id}" => json!({ "limits": { "rpm": 5 } }),
             _ => json!({ "content": "hi" }),
         });
         let answer = front.call(http_method, &sample(path), None, body).await;
@@ -611,6 +613,17 @@ async fn real_answers_match_the_documented_schemas() {
         .await;
     assert_eq!(missing.status, StatusCode::NOT_FOUND);
     check(&doc, "delete", "/admin/conversations/{id}", &missing);
+    let changed = front
+        .call(
+            Method::PATCH,
+            &format!("/admin/keys/{key_id}"),
+            Some(ADMIN_KEY),
+            Some(json!({ "budget": { "micros": 5_000_000, "period": "month" } })),
+        )
+        .await;
+    assert_eq!(changed.status, StatusCode::OK, "{}", changed.body);
+    assert_eq!(changed.body["key"]["budget"]["micros"], json!(5_000_000));
+    check(&doc, "patch", "/admin/keys/{id}", &changed);
     let revoked = front
         .call(
             Method::DELETE,
@@ -620,6 +633,21 @@ async fn real_answers_match_the_documented_schemas() {
         )
         .await;
     check(&doc, "delete", "/admin/keys/{id}", &revoked);
+    let unchangeable = front
+        .call(
+            Method::PATCH,
+            &format!("/admin/keys/{key_id}"),
+            Some(ADMIN_KEY),
+            Some(json!({ "limits": { "rpm": 1 } })),
+        )
+        .await;
+    assert_eq!(
+        unchangeable.status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "{}",
+        unchangeable.body
+    );
+    check(&doc, "patch", "/admin/keys/{id}", &unchangeable);
 
     // Ops.
     for path in ["/healthz", "/readyz"] {

@@ -162,12 +162,13 @@ pub enum ConversationMsg {
     Send(SendCommand, RpcReplyPort<Result<Ack, ConversationError>>),
     /// Append the events that end the turn of `message_id` (an agent's
     /// [`crate::agent::TurnOutcome::events`]), in one append at the stream's
-    /// version. Idempotent: a turn that already ended appends nothing and
-    /// answers `Ok`, so a late or repeated end cannot give a message two replies.
+    /// version, answering the seq of the first. Idempotent: a turn that
+    /// already ended appends nothing and answers `Ok(None)`, so a late or
+    /// repeated end cannot give a message two replies.
     EndTurn {
         message_id: String,
         events: Vec<NewEvent>,
-        reply: RpcReplyPort<Result<(), ConversationError>>,
+        reply: RpcReplyPort<Result<Option<u64>, ConversationError>>,
     },
     /// The turns received but not yet ended, oldest first.
     Pending(RpcReplyPort<Result<Vec<PendingTurn>, ConversationError>>),
@@ -404,7 +405,7 @@ impl ConversationActorState {
         &mut self,
         message_id: &str,
         events: Vec<NewEvent>,
-    ) -> Result<(), ConversationError> {
+    ) -> Result<Option<u64>, ConversationError> {
         if events.is_empty() {
             return Err(ConversationError::InvalidRequest(
                 "a turn ends with at least one event".into(),
@@ -420,7 +421,7 @@ impl ConversationActorState {
                         self.conversation_id
                     )))
                 }
-                Some(TurnOutcome::Completed | TurnOutcome::Failed) => return Ok(()),
+                Some(TurnOutcome::Completed | TurnOutcome::Failed) => return Ok(None),
                 Some(TurnOutcome::Pending) => {}
             }
             let expected = ExpectedVersion::Exact(folded.version);
@@ -433,7 +434,7 @@ impl ConversationActorState {
                 Ok(appended) => {
                     let appending: Vec<Event> = events.into_iter().map(|e| e.event).collect();
                     self.fold_own(&appended, &appending);
-                    return Ok(());
+                    return Ok(Some(appended.first().seq));
                 }
                 Err(AppendError::Conflict { actual, .. }) if retries > 0 => {
                     retries -= 1;
@@ -671,15 +672,17 @@ mod tests {
                 message: "down".into(),
             }))]
         };
-        registry
+        let ended = registry
             .end_turn("c1", "m1", failed("m1"))
             .await
             .expect("ended");
+        assert_eq!(ended, Some(log.head()));
         // A second end (fresh event ids) appends nothing.
-        registry
+        let again = registry
             .end_turn("c1", "m1", failed("m1"))
             .await
             .expect("idempotent");
+        assert_eq!(again, None);
         let stream = StreamId::conversation("c1").expect("valid");
         assert_eq!(log.stream_version(&stream).expect("version"), 4);
         assert!(registry

@@ -143,14 +143,15 @@ impl ConversationRegistry {
         .await
     }
 
-    /// Appends the events that end the turn of `message_id` — unless the turn
-    /// already ended, which appends nothing and answers `Ok`.
+    /// Appends the events that end the turn of `message_id`, answering the
+    /// seq of the first — unless the turn already ended, which appends nothing
+    /// and answers `Ok(None)`.
     pub async fn end_turn(
         &self,
         conversation_id: &str,
         message_id: &str,
         events: Vec<NewEvent>,
-    ) -> Result<(), ConversationError> {
+    ) -> Result<Option<u64>, ConversationError> {
         validate_conversation_id(conversation_id)?;
         self.call(
             conversation_id,

@@ -40,6 +40,7 @@
 #![deny(rust_2018_idioms)]
 
 pub mod agent;
+pub mod budget;
 pub mod conversation;
 pub mod conversation_actor;
 pub mod conversation_registry;

@@ -31,17 +31,19 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use futures::StreamExt;
 use ractor::ActorRef;
 use serde::{Deserialize, Serialize};
-use switchboard_events::EventLog;
+use switchboard_events::catalog::UsageRecorded;
+use switchboard_events::{Event, EventLog};
 use tokio::sync::{mpsc, Notify, OnceCell};
 use uuid::Uuid;
 
 use crate::agent::{request_turn, AgentMsg, TurnOutcome, TurnRequest};
+use crate::budget::Budgets;
 use crate::conversation::SendCommand;
 use crate::conversation_actor::{
     validate_conversation_id, Ack, ConversationError, ConversationRegistry, Erased,
@@ -141,6 +143,8 @@ struct Inner {
     recovered: Mutex<HashMap<String, Arc<OnceCell<()>>>>,
     in_flight: InFlight,
     closed: AtomicBool,
+    /// Charged with each turn's cost once its usage is stored.
+    budgets: OnceLock<Budgets>,
 }
 
 #[derive(Default)]
@@ -224,8 +228,20 @@ impl TurnCoordinator {
                 recovered: Mutex::new(HashMap::new()),
                 in_flight: InFlight::default(),
                 closed: AtomicBool::new(false),
+                budgets: OnceLock::new(),
             }),
         })
+    }
+
+    /// Charges each turn's cost to `budgets` from now on (once; later calls
+    /// are ignored).
+    pub fn charge_to(&self, budgets: Budgets) {
+        let _ = self.inner.budgets.set(budgets);
+    }
+
+    /// The budgets turns are charged to, if any.
+    pub fn budgets(&self) -> Option<&Budgets> {
+        self.inner.budgets.get()
     }
 
     /// Routes and stores a message, answers once it is durable, and starts
@@ -432,6 +448,17 @@ impl TurnCoordinator {
     }
 }
 
+/// Counts a stored turn's tokens and cost in the process's metrics.
+fn record_usage(usage: &UsageRecorded) {
+    let model = usage.model.clone();
+    metrics::counter!("switchboard_cost_micros_total", "model" => model.clone())
+        .increment(usage.cost_micros);
+    metrics::counter!("switchboard_tokens_total", "model" => model.clone(), "direction" => "input")
+        .increment(usage.prompt_tokens);
+    metrics::counter!("switchboard_tokens_total", "model" => model, "direction" => "output")
+        .increment(usage.completion_tokens);
+}
+
 impl Inner {
     /// Runs one turn; returns whether its end is stored.
     async fn run_turn(&self, job: TurnJob) -> bool {
@@ -465,14 +492,25 @@ impl Inner {
                 TurnOutcome::failure(&request, &agent, "internal", error.to_string())
             }
         };
-        let tokens = outcome
-            .usage()
-            .map_or(0, |usage| usage.prompt_tokens + usage.completion_tokens);
+        let usage = outcome
+            .events
+            .iter()
+            .enumerate()
+            .find_map(|(offset, new)| match &new.event {
+                Event::UsageRecorded(usage) => Some((offset as u64, usage.clone())),
+                _ => None,
+            });
         let stored = self.store_end(&conversation_id, &message_id, outcome).await;
-        if let Some(permit) = permit {
-            permit.finish(tokens);
+        if let (Some(Some(first)), Some((offset, usage))) = (stored, &usage) {
+            record_usage(usage);
+            if let Some(budgets) = self.budgets.get() {
+                budgets.charge(&usage.key_id, first + offset, usage.cost_micros);
+            }
         }
-        stored
+        if let Some(permit) = permit {
+            permit.finish(usage.map_or(0, |(_, u)| u.prompt_tokens + u.completion_tokens));
+        }
+        stored.is_some()
     }
 
     /// Runs the turn on the agent, relaying its deltas to the caller as
@@ -523,12 +561,15 @@ impl Inner {
     /// Hands the turn's end to the conversation's actor, retrying a little
     /// while the conversation is unavailable. If it still cannot be stored,
     /// the turn stays pending in the log and a later start fails it.
+    /// Appends the turn's end, retrying while the conversation is
+    /// unavailable. `None` when it was not stored; otherwise the seq of its
+    /// first event, `Some(None)` when the turn had already ended.
     async fn store_end(
         &self,
         conversation_id: &str,
         message_id: &str,
         outcome: TurnOutcome,
-    ) -> bool {
+    ) -> Option<Option<u64>> {
         let mut wait = Duration::from_millis(50);
         for attempt in 1..=END_TURN_ATTEMPTS {
             let result = self
@@ -536,7 +577,7 @@ impl Inner {
                 .end_turn(conversation_id, message_id, outcome.events.clone())
                 .await;
             match result {
-                Ok(()) => return true,
+                Ok(first) => return Some(first),
                 Err(error @ ConversationError::Unavailable(_)) if attempt < END_TURN_ATTEMPTS => {
                     tracing::info!(%conversation_id, %message_id, %error, "retrying the turn's end");
                     tokio::time::sleep(wait).await;
@@ -545,11 +586,11 @@ impl Inner {
                 Err(error) => {
                     tracing::error!(%conversation_id, %message_id, code = error.code(), %error,
                         "the turn's end was not stored; it stays pending until a restart fails it");
-                    return false;
+                    return None;
                 }
             }
         }
-        false
+        None
     }
 
     async fn fail_lost_turns(&self, conversation_id: &str) -> Result<usize, ConversationError> {

@@ -70,6 +70,17 @@ pub struct CostRow {
     pub totals: CostTotals,
 }
 
+/// One finest-grain row: a day's totals of one key, user and model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DayRow {
+    pub day: NaiveDate,
+    pub key_id: String,
+    /// Empty for usage without a user.
+    pub user: String,
+    pub model: String,
+    pub totals: CostTotals,
+}
+
 /// The user column of usage without a user.
 const NO_USER: &str = "";
 
@@ -120,44 +131,66 @@ impl CostsView {
         since: Option<NaiveDate>,
         until: Option<NaiveDate>,
     ) -> Result<Vec<CostRow>, ProjectionError> {
-        let start = match since {
-            Some(day) => row_key(b'd', &[day.to_string().as_bytes()]),
-            None => vec![b'd'],
-        };
         let mut groups: BTreeMap<String, CostTotals> = BTreeMap::new();
-        for entry in self.tree.range(start..) {
-            let (key, value) = entry?;
-            if key.first() != Some(&b'd') {
-                break;
-            }
-            let parts: Vec<&[u8]> = key[1..].split(|b| *b == 0).collect();
-            let [day, key_id, user, model] = parts[..] else {
-                return Err(ProjectionError::CorruptRow {
-                    projection: NAME,
-                    key: String::from_utf8_lossy(&key).into_owned(),
-                    detail: "expected day, key, user and model".to_owned(),
-                });
-            };
-            let day = String::from_utf8_lossy(day);
-            if until.is_some_and(|until| day.as_ref() > until.to_string().as_str()) {
+        for row in self.day_rows(since) {
+            let row = row?;
+            if until.is_some_and(|until| row.day > until) {
                 break;
             }
             let group = match by {
-                CostGroup::Key => key_id,
-                CostGroup::User => user,
-                CostGroup::Model => model,
-                CostGroup::Day => day.as_bytes(),
+                CostGroup::Key => row.key_id,
+                CostGroup::User => row.user,
+                CostGroup::Model => row.model,
+                CostGroup::Day => row.day.to_string(),
             };
-            let totals: CostTotals = decode_row(NAME, &key, &value)?;
-            groups
-                .entry(String::from_utf8_lossy(group).into_owned())
-                .or_default()
-                .add(&totals);
+            groups.entry(group).or_default().add(&row.totals);
         }
         Ok(groups
             .into_iter()
             .map(|(group, totals)| CostRow { group, totals })
             .collect())
+    }
+
+    /// The finest-grain rows, by day (from `since`, when given), then key,
+    /// user and model.
+    pub fn day_rows(
+        &self,
+        since: Option<NaiveDate>,
+    ) -> impl Iterator<Item = Result<DayRow, ProjectionError>> + '_ {
+        let start = match since {
+            Some(day) => row_key(b'd', &[day.to_string().as_bytes()]),
+            None => vec![b'd'],
+        };
+        self.tree
+            .range(start..)
+            .map_while(|entry| match entry {
+                Ok((key, _)) if key.first() != Some(&b'd') => None,
+                other => Some(other),
+            })
+            .map(|entry| {
+                let (key, value) = entry?;
+                let corrupt = |detail: &str| ProjectionError::CorruptRow {
+                    projection: NAME,
+                    key: String::from_utf8_lossy(&key).into_owned(),
+                    detail: detail.to_owned(),
+                };
+                let parts: Vec<&[u8]> = key[1..].split(|b| *b == 0).collect();
+                let [day, key_id, user, model] = parts[..] else {
+                    return Err(corrupt("expected day, key, user and model"));
+                };
+                let day = std::str::from_utf8(day)
+                    .ok()
+                    .and_then(|day| day.parse::<NaiveDate>().ok())
+                    .ok_or_else(|| corrupt("the day is not a date"))?;
+                let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+                Ok(DayRow {
+                    day,
+                    key_id: text(key_id),
+                    user: text(user),
+                    model: text(model),
+                    totals: decode_row(NAME, &key, &value)?,
+                })
+            })
     }
 
     /// A key's all-time totals.

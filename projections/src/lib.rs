@@ -15,13 +15,15 @@ pub mod costs;
 pub mod history;
 pub mod keys;
 mod runner;
+pub mod spend;
 pub mod view;
 
 pub use audit::{AuditPage, AuditQuery, AuditView};
-pub use costs::{CostGroup, CostRow, CostTotals, CostsView};
+pub use costs::{CostGroup, CostRow, CostTotals, CostsView, DayRow};
 pub use history::{Conversation, ConversationSummary, HistoryMessage, HistoryView, Role};
 pub use keys::{KeyRecord, KeysView, Revocation};
 pub use runner::{Projections, ViewDifference};
+pub use spend::{SpendIndex, Spender, Spent};
 pub use view::ProjectionError;
 
 use switchboard_events::Envelope;

@@ -1,10 +1,11 @@
-//! `<prefix>.admin.keys.issue|revoke|list` (DESIGN §6): key management for
+//! `<prefix>.admin.keys.issue|revoke|update|list` (DESIGN §6): key management for
 //! callers holding the `admin` scope.
 //!
 //! | subject | body | reply |
 //! |---|---|---|
 //! | `…admin.keys.issue` | a [`KeySpec`]: `{"name","owner"?,"scopes"?,"limits"?,"budget"?,"expires_at"?}` | `{"ok":true,"key_id","key","seq"}` — the key, once |
 //! | `…admin.keys.revoke` | `{"key_id","reason"?}` | `{"ok":true,"key_id","revoked":true,"already":bool}` |
+//! | `…admin.keys.update` | `{"key_id","limits"?,"budget"?}` ([`KeyChange`]) | `{"ok":true,"key":{…},"seq"}` — the key as listed, changed |
 //! | `…admin.keys.list` | `{}` (or empty) | `{"ok":true,"keys":[…]}` without hashes |
 //!
 //! Each change also appends an `admin_action` naming the admin key that made
@@ -12,14 +13,25 @@
 
 use serde::Deserialize;
 use serde_json::{json, Value};
-use switchboard_events::catalog::{AdminAction, Scope};
+use switchboard_events::catalog::{AdminAction, Budget, Limits, Scope};
 use switchboard_events::{Event, ExpectedVersion, NewEvent, StreamId};
 
 use super::auth::Caller;
 use super::wire::{decode_body, BodyFormat, GatewayError};
 use super::{header, Gateway, RequestMeta};
 use crate::bus::Message;
-use crate::keys::{self, KeyAdminError, KeySpec, Revoked};
+use crate::keys::{self, KeyAdminError, KeyChange, KeySpec, Revoked};
+
+/// The body of `…admin.keys.update`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateRequest {
+    key_id: String,
+    #[serde(default)]
+    limits: Option<Limits>,
+    #[serde(default)]
+    budget: Option<Budget>,
+}
 
 /// The body of `…admin.keys.revoke`.
 #[derive(Debug, Deserialize)]
@@ -55,9 +67,13 @@ impl Gateway {
                 self.revoke_key(&caller, decode_body(&message.payload, format)?, meta)
                     .await
             }
+            "update" => {
+                self.update_key(&caller, decode_body(&message.payload, format)?, meta)
+                    .await
+            }
             "list" => self.list_keys().await,
             other => Err(GatewayError::InvalidRequest(format!(
-                "unknown key operation {other:?} (expected issue, revoke or list)"
+                "unknown key operation {other:?} (expected issue, revoke, update or list)"
             ))),
         }
     }
@@ -109,6 +125,32 @@ impl Gateway {
             "revoked": true,
             "already": already,
         }))
+    }
+
+    async fn update_key(
+        &self,
+        caller: &Caller,
+        request: UpdateRequest,
+        meta: &RequestMeta,
+    ) -> Result<Value, GatewayError> {
+        self.caught_up().await?;
+        let seq = keys::update(
+            &self.log,
+            &self.projections,
+            &request.key_id,
+            KeyChange {
+                limits: request.limits,
+                budget: request.budget,
+            },
+        )
+        .await
+        .map_err(admin_error)?;
+        self.record_action(caller, "update_key", &request.key_id, meta)
+            .await;
+        // Read-your-writes: the next request with the key sees the change.
+        self.projections.wait_for(seq).await;
+        let record = keys::find(&self.projections, &request.key_id).map_err(admin_error)?;
+        Ok(json!({ "ok": true, "key": keys::public(&record), "seq": seq }))
     }
 
     async fn list_keys(&self) -> Result<Value, GatewayError> {

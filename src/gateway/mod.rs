@@ -403,6 +403,22 @@ impl Gateway {
         let format = BodyFormat::from_content_type(header(&message.headers, "Content-Type"))?;
         let body = SendRequest::decode(&message.payload, format)?;
         let limits = &caller.record.limits;
+        if let Some(budgets) = self.coordinator.budgets() {
+            let record = &caller.record;
+            // Before the rate limits, so a refused request uses none of them.
+            if let Err(refused) = budgets.admit(
+                &record.key_id,
+                record.owner.as_deref(),
+                record.budget.as_ref(),
+            ) {
+                let remaining = self
+                    .limiters
+                    .remaining(&record.key_id, limits.clone())
+                    .await;
+                meta.set_reply_headers(ratelimit::headers(limits, &remaining, refused.retry_after));
+                return Err(refused.into());
+            }
+        }
         let permit = match self
             .limiters
             .admit(&caller.record.key_id, limits.clone())

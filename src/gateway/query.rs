@@ -6,7 +6,7 @@
 //! |---|---|---|---|
 //! | `…conv.list` | chat/admin | `{"after"?, "limit"?}` | `{"ok":true,"conversations":[summary…]}`: the caller's |
 //! | `…conv.<id>.events` | chat/admin, owner or admin | `{"after_seq"?, "limit"?}` | `{"ok":true,"events":[envelope…],"head"}`: stored events after `after_seq` |
-//! | `…usage` | chat/admin | `{}` | `{"ok":true,"key_id","name","limits","budget","spent":{requests,tokens_in,tokens_out,cost_micros,…}}` |
+//! | `…usage` | chat/admin | `{}` | `{"ok":true,"key_id","name","limits","budget","spent":{requests,tokens_in,tokens_out,cost_micros,…},"budgets":[{scope,subject_id,period,period_start,budget_micros,spent_micros,remaining_micros}],"rate_limit":{remaining_requests,remaining_tokens,reset_ms}}` |
 //! | `…agents` | chat/admin | `{}` | `{"ok":true,"agents":[{"name","default"}]}` |
 //! | `…admin.costs` | admin | `{"by","since"?,"until"?}` (days `YYYY-MM-DD`) | `{"ok":true,"by","rows":[{group,requests,tokens_in,tokens_out,cost_micros,…}]}` |
 //! | `…admin.audit` | admin | `{"since"?,"until"?,"key"?,"type"?,"cursor"?,"limit"?}` | `{"ok":true,"events":[…],"next_cursor"}` |
@@ -172,6 +172,18 @@ impl Gateway {
             .key_totals(&caller.record.key_id)
             .map_err(unavailable("costs"))?;
         let record = &caller.record;
+        let budgets = match self.coordinator.budgets() {
+            Some(budgets) => budgets.status(
+                &record.key_id,
+                record.owner.as_deref(),
+                record.budget.as_ref(),
+            ),
+            None => Vec::new(),
+        };
+        let remaining = self
+            .limiters
+            .remaining(&record.key_id, record.limits.clone())
+            .await;
         Ok(json!({
             "ok": true,
             "key_id": record.key_id,
@@ -182,6 +194,12 @@ impl Gateway {
             "budget": record.budget,
             "expires_at": record.expires_at,
             "spent": spent,
+            "budgets": budgets,
+            "rate_limit": {
+                "remaining_requests": remaining.requests,
+                "remaining_tokens": remaining.tokens,
+                "reset_ms": u64::try_from(remaining.reset.as_millis()).unwrap_or(u64::MAX),
+            },
         }))
     }
 

@@ -10,6 +10,7 @@
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use switchboard_actors::budget::BudgetRefused;
 use switchboard_actors::conversation_actor::{Ack, ConversationError};
 use switchboard_actors::rate_limiter::AdmitError;
 use switchboard_projections::HistoryMessage;
@@ -142,6 +143,9 @@ pub enum GatewayError {
     /// The key's rate limiter refused or could not answer.
     #[error(transparent)]
     Admission(#[from] AdmitError),
+    /// The key's or its owner's budget is spent.
+    #[error("budget exceeded: {0}")]
+    Budget(#[from] BudgetRefused),
     /// A dependency (the log, the projections) is not answering in time.
     #[error("unavailable: {0}")]
     Unavailable(String),
@@ -159,6 +163,7 @@ impl GatewayError {
             GatewayError::InvalidRequest(_) => "invalid_request",
             GatewayError::Conversation(error) => error.code(),
             GatewayError::Admission(error) => error.code(),
+            GatewayError::Budget(_) => "budget_exceeded",
             GatewayError::Unavailable(_) => "unavailable",
             GatewayError::Internal(_) => "internal",
         }
@@ -177,6 +182,7 @@ impl GatewayError {
             GatewayError::Admission(AdmitError::Unavailable(m) | AdmitError::Internal(m)) => {
                 m.clone()
             }
+            GatewayError::Budget(refused) => refused.to_string(),
         }
     }
 
@@ -184,6 +190,9 @@ impl GatewayError {
     pub fn retry_after_ms(&self) -> Option<u64> {
         match self {
             GatewayError::Admission(error) => error.retry_after_ms(),
+            GatewayError::Budget(refused) => refused
+                .retry_after
+                .map(|wait| u64::try_from(wait.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX)),
             _ => None,
         }
     }

@@ -10,8 +10,8 @@ use utoipa::IntoParams;
 
 use super::error::ApiError;
 use super::openapi::{
-    AuditPage, BadRequest, CostReport, Erased, Forbidden, Internal, Invalid, KeyIssued, KeyList,
-    KeyRevoked, KeySpec, NotFound, PayloadTooLarge, Unauthorized, Unavailable,
+    AuditPage, BadRequest, CostReport, Erased, Forbidden, Internal, Invalid, KeyChange, KeyChanged,
+    KeyIssued, KeyList, KeyRevoked, KeySpec, NotFound, PayloadTooLarge, Unauthorized, Unavailable,
     UnsupportedMediaType,
 };
 use super::{conversation_id, within, ApiJson, ApiQuery, AppState};
@@ -111,6 +111,47 @@ pub async fn revoke_key(
     let reply = within(
         &state,
         state.core.request("admin.keys.revoke", &headers, &body),
+    )
+    .await?;
+    Ok(reply.into_response(StatusCode::OK))
+}
+
+/// `PATCH /admin/keys/{id}`: changes a key's limits or budget (appends
+/// `key_updated`); the next request with the key sees the change.
+#[utoipa::path(
+    patch,
+    path = "/admin/keys/{id}",
+    tag = "admin",
+    params(("id" = String, Path, description = "The key id")),
+    request_body = KeyChange,
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The key, changed", body = KeyChanged),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 413, response = PayloadTooLarge),
+        (status = 415, response = UnsupportedMediaType),
+        (status = 422, response = Invalid),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+)]
+pub async fn update_key(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(key_id): Path<String>,
+    ApiJson(body): ApiJson<Value>,
+) -> Result<Response, ApiError> {
+    let Value::Object(mut fields) = body else {
+        return Err(ApiError::invalid("the body must be a JSON object"));
+    };
+    fields.insert("key_id".to_owned(), Value::String(key_id));
+    let reply = within(
+        &state,
+        state
+            .core
+            .request("admin.keys.update", &headers, &Value::Object(fields)),
     )
     .await?;
     Ok(reply.into_response(StatusCode::OK))

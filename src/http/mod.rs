@@ -161,7 +161,10 @@ pub fn router(config: &HttpConfig, bus: Bus, closing: watch::Receiver<bool>) -> 
         .route("/v1/conversations/{id}/events", get(conversations::events))
         .route("/v1/usage", get(ops::usage))
         .route("/admin/keys", post(admin::issue_key).get(admin::list_keys))
-        .route("/admin/keys/{id}", delete(admin::revoke_key))
+        .route(
+            "/admin/keys/{id}",
+            delete(admin::revoke_key).patch(admin::update_key),
+        )
         .route("/admin/costs", get(admin::costs))
         .route("/admin/audit", get(admin::audit))
         .route("/admin/conversations/{id}", delete(admin::erase))

@@ -44,6 +44,7 @@ pub const BEARER: &str = "bearer";
         admin::issue_key,
         admin::list_keys,
         admin::revoke_key,
+        admin::update_key,
         admin::costs,
         admin::audit,
         admin::erase,
@@ -456,7 +457,8 @@ pub enum BudgetPeriod {
     Total,
 }
 
-/// Stored; not enforced yet.
+/// A spending cap in micro-USD per UTC period; at 100 % further sends are
+/// refused with 429 `budget_exceeded` until the period rolls over.
 #[derive(Serialize, ToSchema)]
 pub struct Budget {
     pub micros: u64,
@@ -488,7 +490,43 @@ pub struct Usage {
     pub budget: Option<Budget>,
     #[schema(format = DateTime, required = true)]
     pub expires_at: Option<String>,
+    /// All-time spend.
     pub spent: CostTotals,
+    /// The key's budget and its owner's, where they stand this period.
+    pub budgets: Vec<BudgetStatus>,
+    pub rate_limit: RateLimitRemaining,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum BudgetScope {
+    Key,
+    User,
+}
+
+/// One budget this period.
+#[derive(Serialize, ToSchema)]
+pub struct BudgetStatus {
+    pub scope: BudgetScope,
+    /// The key id, or the user (the key's owner).
+    pub subject_id: String,
+    pub period: BudgetPeriod,
+    #[schema(format = DateTime)]
+    pub period_start: String,
+    pub budget_micros: u64,
+    pub spent_micros: u64,
+    pub remaining_micros: u64,
+}
+
+/// What is left of the key's rate limits; null: that limit is not set.
+#[derive(Serialize, ToSchema)]
+pub struct RateLimitRemaining {
+    #[schema(required = true)]
+    pub remaining_requests: Option<u64>,
+    #[schema(required = true)]
+    pub remaining_tokens: Option<u64>,
+    /// Until the oldest counted request or tokens leave the window.
+    pub reset_ms: u64,
 }
 
 /// The body of `POST /admin/keys` (the core refuses unknown fields).
@@ -528,6 +566,26 @@ pub struct KeyRevoked {
     pub revoked: bool,
     /// True when it was revoked before.
     pub already: bool,
+}
+
+/// The body of `PATCH /admin/keys/{id}`: what is given replaces the key's.
+#[derive(Serialize, ToSchema)]
+pub struct KeyChange {
+    /// The key's new limits (a limit left out is unlimited).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limits: Option<Limits>,
+    /// The key's new budget.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub budget: Option<Budget>,
+}
+
+/// The key after a change.
+#[derive(Serialize, ToSchema)]
+pub struct KeyChanged {
+    pub ok: bool,
+    pub key: KeyInfo,
+    /// The seq of its `key_updated`.
+    pub seq: u64,
 }
 
 #[derive(Serialize, ToSchema)]

@@ -81,7 +81,9 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
     responses(
         (status = 200, description = "Prometheus text format: `switchboard_log_head_seq`, \
             `switchboard_projections_seq`, `switchboard_live_conversations`, \
-            `switchboard_turns_in_flight`", content_type = "text/plain; version=0.0.4", body = String),
+            `switchboard_turns_in_flight`, `switchboard_cost_micros_total{model}`, \
+            `switchboard_tokens_total{model,direction}`, \
+            `switchboard_budget_remaining_micros{scope,subject}`", content_type = "text/plain; version=0.0.4", body = String),
         (status = 500, response = Internal),
         (status = 503, response = Unavailable),
     ),
@@ -117,6 +119,7 @@ pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError
             "Agent turns running now.",
             "turns_in_flight",
         ),
+        crate::metrics::render(),
     ]
     .concat();
     Ok((

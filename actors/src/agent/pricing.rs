@@ -30,6 +30,28 @@ impl Price {
         }
     }
 
+    /// The built-in price of a widely used hosted model (list prices in USD
+    /// per million tokens, standard tier, as published in 2025), matched by
+    /// the longest known name the model's name starts with, so dated
+    /// snapshots (`gpt-4o-2024-08-06`) take their family's price. `None` for
+    /// anything else — local models cost nothing unless `[prices.<model>]`
+    /// in `switchboard.toml` says otherwise, and that table wins over this one.
+    ///
+    /// ```
+    /// use switchboard_actors::agent::Price;
+    ///
+    /// assert_eq!(Price::builtin("gpt-4o-mini-2024-07-18"), Some(Price::new(150_000, 600_000)));
+    /// assert_eq!(Price::builtin("gpt-4o"), Some(Price::new(2_500_000, 10_000_000)));
+    /// assert_eq!(Price::builtin("llama3.2"), None);
+    /// ```
+    pub fn builtin(model: &str) -> Option<Price> {
+        BUILTIN_PRICES
+            .iter()
+            .filter(|(name, _)| model.starts_with(name))
+            .max_by_key(|(name, _)| name.len())
+            .map(|&(_, price)| price)
+    }
+
     /// The cost of `usage` at this price, in micro-USD.
     ///
     /// Rounding rule: the exact cost is
@@ -59,6 +81,34 @@ impl Price {
         u64::try_from(micros).unwrap_or(u64::MAX)
     }
 }
+
+/// Built-in list prices (micro-USD per million input and output tokens); see
+/// [`Price::builtin`].
+const BUILTIN_PRICES: &[(&str, Price)] = &[
+    ("gpt-4o", Price::new(2_500_000, 10_000_000)),
+    ("gpt-4o-mini", Price::new(150_000, 600_000)),
+    ("gpt-4.1", Price::new(2_000_000, 8_000_000)),
+    ("gpt-4.1-mini", Price::new(400_000, 1_600_000)),
+    ("gpt-4.1-nano", Price::new(100_000, 400_000)),
+    ("gpt-4-turbo", Price::new(10_000_000, 30_000_000)),
+    ("gpt-3.5-turbo", Price::new(500_000, 1_500_000)),
+    ("o1", Price::new(15_000_000, 60_000_000)),
+    ("o1-mini", Price::new(1_100_000, 4_400_000)),
+    ("o3", Price::new(2_000_000, 8_000_000)),
+    ("o3-mini", Price::new(1_100_000, 4_400_000)),
+    ("o4-mini", Price::new(1_100_000, 4_400_000)),
+    ("claude-3-5-sonnet", Price::new(3_000_000, 15_000_000)),
+    ("claude-3-7-sonnet", Price::new(3_000_000, 15_000_000)),
+    ("claude-sonnet-4", Price::new(3_000_000, 15_000_000)),
+    ("claude-3-5-haiku", Price::new(800_000, 4_000_000)),
+    ("claude-3-opus", Price::new(15_000_000, 75_000_000)),
+    ("claude-opus-4", Price::new(15_000_000, 75_000_000)),
+    ("gemini-1.5-pro", Price::new(1_250_000, 5_000_000)),
+    ("gemini-1.5-flash", Price::new(75_000, 300_000)),
+    ("gemini-2.0-flash", Price::new(100_000, 400_000)),
+    ("mistral-large", Price::new(2_000_000, 6_000_000)),
+    ("mistral-small", Price::new(200_000, 600_000)),
+];
 
 #[cfg(test)]
 mod tests {
