@@ -212,6 +212,21 @@ function usd(micros) {
   return `$${String(whole).replace(/\B(?=(\d{3})+(?!\d))/g, ',')}.${String(micros % 1e6).padStart(6, '0')}`;
 }
 
+/// The budget cards' dollars: two to six decimals ("$1.00", "$0.000125").
+const dollars = (micros) => usd(micros).replace(/(\.\d\d\d*?)0+$/, '$1');
+
+/// A JSON call that must succeed; its body.
+async function apiCall(method, pathname, key, body) {
+  const response = await fetch(`${BASE}${pathname}`, {
+    method,
+    headers: { Authorization: `Bearer ${key}`, 'Content-Type': 'application/json' },
+    body: JSON.stringify(body),
+  });
+  const json = await response.json();
+  assert.ok(response.ok, `${method} ${pathname}: ${response.status} ${JSON.stringify(json)}`);
+  return json;
+}
+
 // ---- scenarios ---------------------------------------------------------------------
 
 test('the page loads its own assets only, under the CSP', async () => {
@@ -403,5 +418,98 @@ test('on a phone-width screen, the admin views fit too', async () => {
       await assertNoHorizontalOverflow(page, `the ${tab} view`);
       await shot(page, `admin-phone-${tab.toLowerCase()}`);
     }
+  });
+});
+
+test('a key with budgets: the costs view shows them, and a spent budget refuses a send with the server\'s message', async () => {
+  // scripts/console-test gives the user "console-budget" $5 a month.
+  const issued = await apiCall('POST', '/admin/keys', ADMIN_KEY, {
+    name: 'console budget',
+    owner: 'console-budget',
+    scopes: ['chat'],
+    limits: { rpm: 30 },
+    budget: { micros: 1_000_000, period: 'day' },
+  });
+  const keyCard = '#budgets li.budget[data-scope="key"]';
+  const userCard = '#budgets li.budget[data-scope="user"]';
+  const text = (page, selector) => page.locator(selector).textContent();
+  const fillWidth = async (page, card) => Number(await page.locator(`${card} .budget-bar svg rect.budget-fill`).getAttribute('width'));
+
+  await withPage('budget-phone', PHONE, async (page) => {
+    await login(page, issued.key);
+    await page.getByRole('link', { name: 'Costs' }).click();
+    await waitForText(page, `${keyCard} .budget-figures`, /spent/);
+    assert.equal(await text(page, `${keyCard} .budget-whose`), 'this key');
+    assert.equal(await text(page, `${keyCard} .budget-period`), 'per day');
+    assert.equal(await text(page, `${keyCard} .budget-figures`), '$0.00 of $1.00 spent · $1.00 left');
+    assert.equal(await fillWidth(page, keyCard), 0, 'an empty bar');
+    assert.equal(await text(page, `${userCard} .budget-whose`), 'user console-budget');
+    assert.equal(await text(page, `${userCard} .budget-period`), 'per month');
+    assert.equal(await text(page, `${userCard} .budget-figures`), '$0.00 of $5.00 spent · $5.00 left');
+    assert.equal(await page.locator('#budgets li.budget.exhausted').count(), 0);
+    assert.ok((await text(page, '#usage')).includes('30 of 30 requests'), 'the requests left this minute');
+    assert.equal(await page.locator('#budgets-none').isVisible(), false);
+    await assertNoHorizontalOverflow(page, 'the budgets');
+    await shot(page, 'budget-phone-fresh');
+
+    // One send spends a little of both budgets.
+    await page.getByRole('link', { name: 'Chat' }).click();
+    await page.getByRole('button', { name: 'New' }).click();
+    await sendMessage(page, 'spend a little');
+    await lastReply(page, 'echo: spend a little');
+    const usage = await apiGet('/v1/usage', issued.key);
+    const spent = usage.spent.cost_micros;
+    assert.ok(spent > 0 && spent < 1_000_000, `the echo agent has a price (${spent} micro-USD)`);
+    assert.deepEqual(
+      usage.budgets.map((b) => [b.scope, b.spent_micros]),
+      [['key', spent], ['user', spent]],
+    );
+
+    await page.getByRole('link', { name: 'Costs' }).click();
+    await waitForText(page, `${keyCard} .budget-figures`, new RegExp(`^${escapeRegExp(dollars(spent))} of`));
+    assert.equal(await text(page, `${keyCard} .budget-figures`), `${dollars(spent)} of $1.00 spent · ${dollars(1_000_000 - spent)} left`);
+    assert.equal(await text(page, `${userCard} .budget-figures`), `${dollars(spent)} of $5.00 spent · ${dollars(5_000_000 - spent)} left`);
+    const width = await fillWidth(page, keyCard);
+    // The spent share, or a sliver of 1 % for a spend below it.
+    const share = Math.max(1, spent / 1e4);
+    assert.ok(Math.abs(width - share) < 1e-9, `the bar is the spent share (${width} for ${spent} of 1,000,000)`);
+    assert.match(await text(page, `${keyCard} .budget-note`), spent < 10_000 ? /^< 1 % spent · day from / : /^\d+ % spent · day from /);
+    assert.match(await text(page, '#usage'), /29 of 30 requests · full again in \d+\.\d s/);
+
+    // A budget below what the key spent: the next send is refused.
+    const budget = Math.max(1, Math.floor(spent / 2));
+    await apiCall('PATCH', `/admin/keys/${encodeURIComponent(issued.key_id)}`, ADMIN_KEY, {
+      budget: { micros: budget, period: 'total' },
+    });
+    await page.getByRole('link', { name: 'Chat' }).click();
+    await page.getByRole('button', { name: 'New' }).click();
+    await sendMessage(page, 'one more');
+    const refusal = new RegExp(`the total budget of key ${escapeRegExp(issued.key_id)} is spent`);
+    const shown = await waitForText(page, '#notice-text', refusal);
+    await waitForText(page, '#messages .msg.user.failed .meta', refusal);
+    assert.equal(await page.locator('#messages .msg.assistant').count(), 0, 'no reply to a refused send');
+    // What the page shows is the server's own message.
+    const direct = await fetch(`${BASE}/v1/conversations/budget-direct/messages`, {
+      method: 'POST',
+      headers: { Authorization: `Bearer ${issued.key}`, 'Content-Type': 'application/json' },
+      body: JSON.stringify({ content: 'and another' }),
+    });
+    const refused = await direct.json();
+    assert.equal(direct.status, 429);
+    assert.equal(refused.error.code, 'budget_exceeded');
+    assert.ok(shown.startsWith(refused.error.message), `${JSON.stringify(shown)} shows ${JSON.stringify(refused.error.message)}`);
+    await assertNoHorizontalOverflow(page, 'the refused send');
+    await shot(page, 'budget-phone-refused');
+
+    // The spent budget: nothing left, the bar full (not past it) and marked.
+    await page.getByRole('link', { name: 'Costs' }).click();
+    await waitForText(page, `${keyCard} .budget-period`, /^in total$/);
+    assert.equal(await text(page, `${keyCard} .budget-figures`), `${dollars(spent)} of ${dollars(budget)} spent · $0.00 left`);
+    assert.equal(await fillWidth(page, keyCard), 100, 'the bar stops at 100 %');
+    assert.ok(await page.locator(`${keyCard}.exhausted`).isVisible(), 'the spent budget is marked');
+    assert.match(await text(page, `${keyCard} .budget-note`), /^100 % spent · sends are refused$/);
+    assert.equal(await page.locator(`${userCard}.exhausted`).count(), 0, "the user's budget is not spent");
+    await assertNoHorizontalOverflow(page, 'the spent budget');
+    await shot(page, 'budget-phone-spent');
   });
 });

@@ -1,6 +1,7 @@
-// The costs view: the key's own usage, and for an admin key the spend per day
-// and per model as SVG bar charts with their tables. Money arrives as integer
-// micro-USD, summed and formatted as whole numbers (exact below 2^53).
+// The costs view: the key's own usage and budgets, and for an admin key the
+// spend per day and per model as SVG bar charts with their tables. Money
+// arrives as integer micro-USD, summed and formatted as whole numbers (exact
+// below 2^53).
 
 import { $, h, s, usd, usdShort, count, when } from './dom.js';
 import { session, api, query, failed } from './api.js';
@@ -31,7 +32,8 @@ function renderUsage(usage) {
   const spent = usage.spent || {};
   const limits = usage.limits || {};
   const limit = (value, unit) => (value === null || value === undefined ? 'unlimited' : `${count(value)} ${unit}`);
-  const budget = usage.budget ? `${usd(usage.budget.micros)} per ${usage.budget.period}` : 'none';
+  const budget = usage.budget ? `${dollars(usage.budget.micros)} ${PERIODS[usage.budget.period] || usage.budget.period}` : 'none';
+  const left = rateLimitLeft(usage.rate_limit, limits);
   stats($('usage'), [
     ['key', `${usage.name} (${usage.key_id})`],
     ['scopes', (usage.scopes || []).join(', ')],
@@ -39,9 +41,98 @@ function renderUsage(usage) {
     ['requests', count(spent.requests)],
     ['tokens', `${count(spent.tokens_in)} in · ${count(spent.tokens_out)} out`],
     ['rate limits', `${limit(limits.rpm, 'req/min')} · ${limit(limits.tpm, 'tokens/min')} · ${limit(limits.max_parallel, 'parallel')}`],
+    ...(left ? [['left now', left]] : []),
     ['budget', budget],
     ['expires', usage.expires_at ? when(usage.expires_at) : 'never'],
   ]);
+  renderBudgets(usage);
+}
+
+const PERIODS = { day: 'per day', month: 'per month', total: 'in total' };
+
+/// Integer micro-USD as dollars with two to six decimals ("$1.00",
+/// "$0.000125"): exact, with no trailing zeros past the cents.
+function dollars(micros) {
+  return usd(micros).replace(/(\.\d\d\d*?)0+$/, '$1');
+}
+
+/// What is left of the key's per-minute limits, or null when none is set.
+function rateLimitLeft(rateLimit, limits) {
+  if (!rateLimit) return null;
+  const parts = [];
+  const part = (remaining, of, unit) => {
+    if (remaining === null || remaining === undefined) return;
+    parts.push(of ? `${count(remaining)} of ${count(of)} ${unit}` : `${count(remaining)} ${unit}`);
+  };
+  part(rateLimit.remaining_requests, limits.rpm, 'requests');
+  part(rateLimit.remaining_tokens, limits.tpm, 'tokens');
+  if (!parts.length) return null;
+  const reset = Number(rateLimit.reset_ms) || 0;
+  if (reset > 0) parts.push(`full again in ${(Math.ceil(reset / 100) / 10).toFixed(1)} s`);
+  return parts.join(' · ');
+}
+
+/// One card per budget of the key and of its owner: spent of budget, what is
+/// left, and a bar of the spent share (full, and marked, once it is spent).
+function renderBudgets(usage) {
+  const budgets = usage.budgets || [];
+  const list = $('budgets');
+  $('budgets-none').hidden = budgets.length > 0;
+  list.replaceChildren(
+    ...budgets.map((b) => {
+      const budget = Number(b.budget_micros) || 0;
+      const spent = Number(b.spent_micros) || 0;
+      const remaining = Number(b.remaining_micros) || 0;
+      const exhausted = remaining === 0;
+      // Of 100, for the bar, with a sliver for any spend at all; the text
+      // rounds down, so it says "100 %" only when it is.
+      const share = budget > 0 ? Math.min(100, (spent / budget) * 100) : 100;
+      const width = share > 0 && share < 1 ? 1 : share;
+      const percent = budget > 0 ? Math.min(100, Math.floor((spent * 100) / budget)) : 100;
+      const spentText = percent === 0 && spent > 0 ? '< 1 % spent' : `${percent} % spent`;
+      const whose = b.scope === 'user' ? `user ${b.subject_id}` : b.subject_id === usage.key_id ? 'this key' : `key ${b.subject_id}`;
+      const since = b.period === 'day' || b.period === 'month' ? `${b.period} from ${String(b.period_start).slice(0, 10)} (UTC)` : null;
+      return h(
+        'li',
+        { class: `budget${exhausted ? ' exhausted' : ''}`, 'data-scope': b.scope, 'data-subject': b.subject_id },
+        h(
+          'div',
+          { class: 'budget-head' },
+          h('span', { class: 'budget-whose', text: whose }),
+          h('span', { class: 'budget-period', text: PERIODS[b.period] || b.period }),
+        ),
+        h('div', { class: 'budget-figures', text: `${dollars(spent)} of ${dollars(budget)} spent · ${dollars(remaining)} left` }),
+        h(
+          'div',
+          {
+            class: 'budget-bar',
+            role: 'meter',
+            'aria-label': `budget of ${whose}`,
+            'aria-valuemin': 0,
+            'aria-valuemax': 100,
+            'aria-valuenow': percent,
+            'aria-valuetext': spentText,
+          },
+          // An SVG attribute sets the width: the CSP refuses inline styles.
+          s(
+            'svg',
+            { viewBox: '0 0 100 1', preserveAspectRatio: 'none', 'aria-hidden': 'true', focusable: 'false' },
+            s('rect', { class: 'budget-fill', x: 0, y: 0, width, height: 1 }),
+          ),
+        ),
+        h('div', {
+          class: 'budget-note',
+          text: [
+            spentText,
+            since,
+            exhausted ? (b.period === 'total' ? 'sends are refused' : 'sends are refused until the period rolls over') : null,
+          ]
+            .filter(Boolean)
+            .join(' · '),
+        }),
+      );
+    }),
+  );
 }
 
 async function loadCostReports(generation) {
@@ -204,5 +295,6 @@ export function wireCosts() {
 /// Forgets what the last key could see.
 export function resetCosts() {
   state.charts = null;
-  for (const id of ['usage', 'costs-totals', 'chart-day', 'chart-model', 'table-day', 'table-model']) $(id).replaceChildren();
+  $('budgets-none').hidden = true;
+  for (const id of ['usage', 'budgets', 'costs-totals', 'chart-day', 'chart-model', 'table-day', 'table-model']) $(id).replaceChildren();
 }
