@@ -1,8 +1,10 @@
 //! The process's metrics in the Prometheus text format, through the
-//! `metrics` crate: counters and gauges are recorded where things happen
+//! `metrics` crate: counters and histograms are recorded where things happen
 //! (`switchboard_cost_micros_total{model}` when a turn's usage is stored,
-//! `switchboard_budget_remaining_micros{scope,subject}` when a budget is
-//! checked) and rendered by `GET /metrics`.
+//! `switchboard_ack_latency_seconds` when a send is acknowledged), gauges of
+//! state are sampled every second ([`sample`]), and `GET /metrics` renders
+//! them. Labels are bounded: operations, outcomes, agents, models, keys —
+//! never conversations.
 //!
 //! One recorder per process, installed by the first [`install`]; later calls
 //! (another server in the same process, as in tests) share it. Counters
@@ -11,7 +13,15 @@
 
 use std::sync::OnceLock;
 
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Histogram buckets of latencies, in seconds: 0.5 ms to 60 s.
+const SECONDS_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
+];
+/// Histogram buckets of group-commit sizes.
+const SIZE_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0];
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
@@ -21,7 +31,16 @@ static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 pub fn install() -> bool {
     HANDLE
         .get_or_init(|| {
-            let handle = PrometheusBuilder::new().install_recorder().ok()?;
+            let handle = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
+                .ok()?
+                .set_buckets_for_metric(
+                    Matcher::Full("switchboard_log_batch_size".into()),
+                    SIZE_BUCKETS,
+                )
+                .ok()?
+                .install_recorder()
+                .ok()?;
             describe();
             Some(handle)
         })
@@ -38,16 +57,180 @@ pub fn render() -> String {
 }
 
 fn describe() {
-    metrics::describe_counter!(
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        "switchboard_requests_total",
+        "Gateway requests by operation and outcome (ok or the error code)."
+    );
+    describe_histogram!(
+        "switchboard_ack_latency_seconds",
+        "From a send's arrival to its durable acknowledgment."
+    );
+    describe_histogram!(
+        "switchboard_log_batch_size",
+        "Appends committed together by one group commit."
+    );
+    describe_histogram!(
+        "switchboard_log_flush_seconds",
+        "Writing and flushing one group commit."
+    );
+    describe_gauge!(
+        "switchboard_log_head_seq",
+        "The seq of the last event in the log."
+    );
+    describe_gauge!(
+        "switchboard_projections_seq",
+        "The seq every projection has folded up to."
+    );
+    describe_gauge!(
+        "switchboard_projection_lag_events",
+        "Events in the log a projection has not committed yet."
+    );
+    describe_gauge!(
+        "switchboard_outbox_lag_events",
+        "Events in the log the outbox has not published yet."
+    );
+    describe_gauge!(
+        "switchboard_live_actors",
+        "Live actors by kind (conversation, rate_limiter, agent)."
+    );
+    describe_gauge!(
+        "switchboard_live_conversations",
+        "Conversation actors alive now."
+    );
+    describe_gauge!("switchboard_turns_in_flight", "Agent turns running now.");
+    describe_counter!(
+        "switchboard_passivations_total",
+        "Conversation actors stopped, by reason (idle, capacity)."
+    );
+    describe_counter!(
+        "switchboard_rate_limit_refusals_total",
+        "Sends refused by a key's rate limit, by key and limit."
+    );
+    describe_histogram!(
+        "switchboard_agent_latency_seconds",
+        "Completed turns, from the agent taking them to their end, by agent."
+    );
+    describe_histogram!(
+        "switchboard_agent_ttft_seconds",
+        "From a provider call to its first streamed token, by agent."
+    );
+    describe_counter!(
+        "switchboard_upstream_errors_total",
+        "Failed provider calls by agent and HTTP status (or kind)."
+    );
+    describe_gauge!(
+        "switchboard_circuit_state",
+        "An agent's circuit: 0 closed, 1 half-open, 2 open."
+    );
+    describe_counter!(
         "switchboard_cost_micros_total",
         "What stored turns cost, in micro-USD, by model."
     );
-    metrics::describe_counter!(
+    describe_counter!(
         "switchboard_tokens_total",
         "Tokens of stored turns, by model and direction (input, output)."
     );
-    metrics::describe_gauge!(
+    describe_gauge!(
         "switchboard_budget_remaining_micros",
-        "What is left of a budget this period, in micro-USD, by scope (key, user) and subject."
+        "What is left of a budget this period, in micro-USD, by scope and subject."
     );
+    describe_gauge!(
+        "switchboard_budget_micros",
+        "A budget per period, in micro-USD, by scope and subject."
+    );
+    describe_gauge!(
+        "switchboard_nats_connected",
+        "1 while the bus reaches the NATS server (always 1 on the embedded bus)."
+    );
+    describe_counter!(
+        "switchboard_nats_reconnects_total",
+        "Disconnections from NATS, each followed by reconnection attempts."
+    );
+    describe_gauge!(
+        "switchboard_data_dir_bytes",
+        "The size of the data dir's files."
+    );
+}
+
+/// What [`sample`] reads, every [`SAMPLE_EVERY`].
+pub struct Sources {
+    pub log: switchboard_events::EventLog,
+    pub projections: switchboard_projections::Projections,
+    pub outbox: tokio::sync::watch::Receiver<u64>,
+    pub registry: switchboard_actors::conversation_actor::ConversationRegistry,
+    pub limiters: switchboard_actors::rate_limiter::RateLimiters,
+    pub coordinator: switchboard_actors::turns::TurnCoordinator,
+    pub agents: usize,
+    pub bus: crate::bus::Bus,
+}
+
+/// How often the gauges of [`Sources`] are read.
+pub const SAMPLE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+/// The data dir's size is summed every this many samples (it lists files).
+const DISK_EVERY: u32 = 10;
+
+/// Sets the gauges that are states rather than events (log head, lags, live
+/// actors, connection, data dir size) every [`SAMPLE_EVERY`] until `stop`.
+pub async fn sample(sources: Sources, stop: impl std::future::Future<Output = ()>) {
+    use switchboard_projections::ProjectionName;
+
+    metrics::counter!("switchboard_nats_reconnects_total").increment(0);
+    let mut ticks = tokio::time::interval(SAMPLE_EVERY);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(stop);
+    let mut n: u32 = 0;
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            () = &mut stop => return,
+        }
+        let head = sources.log.head();
+        metrics::gauge!("switchboard_log_head_seq").set(head as f64);
+        metrics::gauge!("switchboard_projections_seq")
+            .set(sources.projections.caught_up_to() as f64);
+        for name in ProjectionName::ALL {
+            if let Ok(at) = sources.projections.checkpoint(name) {
+                metrics::gauge!("switchboard_projection_lag_events", "projection" => name.as_str())
+                    .set(head.saturating_sub(at) as f64);
+            }
+        }
+        let published = *sources.outbox.borrow();
+        metrics::gauge!("switchboard_outbox_lag_events").set(head.saturating_sub(published) as f64);
+        let live = [
+            ("conversation", sources.registry.live_count()),
+            ("rate_limiter", sources.limiters.live_count()),
+            ("agent", sources.agents),
+        ];
+        for (kind, count) in live {
+            metrics::gauge!("switchboard_live_actors", "kind" => kind).set(count as f64);
+        }
+        metrics::gauge!("switchboard_live_conversations").set(live[0].1 as f64);
+        metrics::gauge!("switchboard_turns_in_flight")
+            .set(sources.coordinator.turns_in_flight() as f64);
+        metrics::gauge!("switchboard_nats_connected")
+            .set(f64::from(u8::from(sources.bus.is_connected())));
+        if n.is_multiple_of(DISK_EVERY) {
+            let dir = sources.log.dir().to_owned();
+            if let Ok(bytes) = tokio::task::spawn_blocking(move || dir_bytes(&dir)).await {
+                metrics::gauge!("switchboard_data_dir_bytes").set(bytes as f64);
+            }
+        }
+        n = n.wrapping_add(1);
+    }
+}
+
+/// The size of the files under `dir`, recursively (unreadable entries count 0).
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|entry| match entry.metadata() {
+            Ok(meta) if meta.is_dir() => dir_bytes(&entry.path()),
+            Ok(meta) => meta.len(),
+            Err(_) => 0,
+        })
+        .sum()
 }

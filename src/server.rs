@@ -177,6 +177,8 @@ pub struct Server {
     service: ServiceHandle,
     outbox: OutboxHandle,
     webhooks: WebhookHandle,
+    stop_sampler: oneshot::Sender<()>,
+    sampler_task: JoinHandle<()>,
     admin: AdminBootstrap,
     stop_projections: oneshot::Sender<()>,
     projections_task: JoinHandle<()>,
@@ -327,6 +329,22 @@ impl Server {
         let outbox = outbox.spawn().map_err(outbox_error)?;
         let webhooks = WebhookSink::spawn(log.clone(), config.webhooks.clone())
             .map_err(|e| ServerError::Config(format!("the alert webhooks: {e}")))?;
+        let (stop_sampler, sampler_stopped) = oneshot::channel::<()>();
+        let sampler_task = tokio::spawn(crate::metrics::sample(
+            crate::metrics::Sources {
+                log: log.clone(),
+                projections: projections.clone(),
+                outbox: outbox.progress(),
+                registry: registry.clone(),
+                limiters: gateway.limiters().clone(),
+                coordinator: coordinator.clone(),
+                agents: agents.len(),
+                bus: bus.clone(),
+            },
+            async {
+                let _ = sampler_stopped.await;
+            },
+        ));
 
         let recovery_task = tokio::spawn(finish_lost_turns(
             coordinator.clone(),
@@ -347,6 +365,8 @@ impl Server {
             service,
             outbox,
             webhooks,
+            stop_sampler,
+            sampler_task,
             admin,
             stop_projections,
             projections_task,
@@ -392,6 +412,8 @@ impl Server {
         if let Some(http) = self.http {
             http.shutdown().await;
         }
+        let _ = self.stop_sampler.send(());
+        let _ = self.sampler_task.await;
         if let Err(error) = self.service.stop().await {
             tracing::warn!(%error, "leaving the service API failed");
         }

@@ -275,6 +275,8 @@ impl Agent {
     pub fn new(config: AgentConfig, provider: Arc<dyn Provider>) -> Self {
         let breaker =
             CircuitBreaker::new(config.circuit_failure_threshold, config.circuit_open_for);
+        metrics::gauge!("switchboard_circuit_state", "agent" => config.name.clone())
+            .set(CircuitState::Closed.gauge());
         Agent {
             slots: Semaphore::new(config.max_concurrency.max(1)),
             breaker: Mutex::new(breaker),

@@ -338,12 +338,12 @@ impl Inner {
             .sum();
         let spent = indexed.micros.saturating_add(pending);
         let remaining = budget.micros.saturating_sub(spent);
-        metrics::gauge!(
-            "switchboard_budget_remaining_micros",
-            "scope" => scope_name(spender.scope),
-            "subject" => spender.id.clone(),
-        )
-        .set(remaining as f64);
+        let labels = [
+            ("scope", scope_name(spender.scope).to_owned()),
+            ("subject", spender.id.clone()),
+        ];
+        metrics::gauge!("switchboard_budget_remaining_micros", &labels).set(remaining as f64);
+        metrics::gauge!("switchboard_budget_micros", &labels).set(budget.micros as f64);
         BudgetStatus {
             scope: spender.scope,
             subject_id: spender.id.clone(),

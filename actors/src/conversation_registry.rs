@@ -429,6 +429,8 @@ impl Inner {
             tracing::debug!(conversation_id = %id, "passivating: idle");
             if let Some(entry) = live.remove(&id) {
                 entry.actor.stop(Some("passivated".into()));
+                metrics::counter!("switchboard_passivations_total", "reason" => "idle")
+                    .increment(1);
             }
         }
     }
@@ -473,6 +475,8 @@ impl Live {
             tracing::debug!(conversation_id = %victim, "passivating: over max_live");
             if let Some(entry) = self.remove(&victim) {
                 entry.actor.stop(Some("passivated".into()));
+                metrics::counter!("switchboard_passivations_total", "reason" => "capacity")
+                    .increment(1);
             }
         }
     }

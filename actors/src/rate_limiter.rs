@@ -254,7 +254,17 @@ impl RateLimiters {
                 .call(|reply| KeyMsg::Admit { limits, reply }, None)
                 .await
             {
-                Ok(CallResult::Success(answer)) => return answer.map_err(AdmitError::RateLimited),
+                Ok(CallResult::Success(answer)) => {
+                    if let Err(refused) = &answer {
+                        metrics::counter!(
+                            "switchboard_rate_limit_refusals_total",
+                            "key_id" => key_id.to_owned(),
+                            "limit" => limit_name(refused.limit),
+                        )
+                        .increment(1);
+                    }
+                    return answer.map_err(AdmitError::RateLimited);
+                }
                 // The actor stopped before answering (passivated while the
                 // request was on its way, or crashed): nothing was admitted.
                 _ => self.inner.live.forget(key_id, actor.get_id(), true),

@@ -197,6 +197,14 @@ impl From<NatsBus> for Bus {
 }
 
 impl Bus {
+    /// Whether messages reach the server now: always for the embedded bus.
+    pub fn is_connected(&self) -> bool {
+        match self {
+            Bus::Local(_) => true,
+            Bus::Nats(nats) => nats.is_connected(),
+        }
+    }
+
     /// Publishes a message to a literal subject (no wildcards). Returns once
     /// the message is handed to the transport, without waiting for
     /// subscribers; see [`flush`](Self::flush).

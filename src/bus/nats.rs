@@ -309,7 +309,11 @@ fn disconnected(
 fn log_event(event: &Event, dropped: &AtomicU64) {
     match event {
         Event::Connected => tracing::info!("NATS connected"),
-        Event::Disconnected => tracing::warn!("NATS disconnected; reconnecting"),
+        Event::Disconnected => {
+            // Each disconnection is followed by reconnection attempts.
+            metrics::counter!("switchboard_nats_reconnects_total").increment(1);
+            tracing::warn!("NATS disconnected; reconnecting");
+        }
         Event::SlowConsumer(sid) => {
             if dropped.fetch_add(1, Ordering::Relaxed) == 0 {
                 tracing::warn!(

@@ -204,6 +204,7 @@ impl NatsGateway {
             endpoints.push(Endpoint::new(operation.name(), subject, QUEUE_GROUP));
         }
         bus.flush().await?;
+        let limiters = RateLimiters::new(log.clone(), RateLimiterConfig::default());
         let gateway = Arc::new(Gateway {
             stats: endpoints
                 .iter()
@@ -214,7 +215,7 @@ impl NatsGateway {
             admin_keys_start: format!("{prefix}.admin.keys."),
             prefix: prefix.to_owned(),
             auth: Authenticator::new(projections.clone(), log.clone()),
-            limiters: RateLimiters::new(log.clone(), RateLimiterConfig::default()),
+            limiters: limiters.clone(),
             coordinator,
             projections,
             log,
@@ -225,6 +226,7 @@ impl NatsGateway {
             stop: Some(stop),
             task,
             endpoints,
+            limiters,
         })
     }
 }
@@ -234,9 +236,15 @@ pub struct GatewayHandle {
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
     endpoints: Vec<Endpoint>,
+    limiters: RateLimiters,
 }
 
 impl GatewayHandle {
+    /// The per-key rate limiters (for their live count).
+    pub fn limiters(&self) -> &RateLimiters {
+        &self.limiters
+    }
+
     /// The gateway's endpoints, whose statistics it keeps, for registering
     /// with the NATS service API ([`crate::service::register`]).
     pub fn endpoints(&self) -> Vec<Endpoint> {
@@ -332,6 +340,20 @@ impl Gateway {
                 Err(GatewayError::Internal("the request failed".into()))
             });
         let stats = &self.stats[operation.index()];
+        let outcome = match &served {
+            Ok(_) => "ok",
+            Err(error) => error.code(),
+        };
+        metrics::counter!(
+            "switchboard_requests_total",
+            "operation" => operation.name(),
+            "outcome" => outcome,
+        )
+        .increment(1);
+        if operation == Operation::Send && served.is_ok() {
+            metrics::histogram!("switchboard_ack_latency_seconds")
+                .record(started.elapsed().as_secs_f64());
+        }
         let body = match served {
             Ok(body) => {
                 stats.record(started.elapsed(), None);

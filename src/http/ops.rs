@@ -73,61 +73,26 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
     }
 }
 
-/// `GET /metrics`: the core's figures in the Prometheus text format.
+/// `GET /metrics`: this process's metrics in the Prometheus text format
+/// (docs/operations.md lists them).
 #[utoipa::path(
     get,
     path = "/metrics",
     tag = "ops",
     responses(
-        (status = 200, description = "Prometheus text format: `switchboard_log_head_seq`, \
-            `switchboard_projections_seq`, `switchboard_live_conversations`, \
-            `switchboard_turns_in_flight`, `switchboard_cost_micros_total{model}`, \
-            `switchboard_tokens_total{model,direction}`, \
-            `switchboard_budget_remaining_micros{scope,subject}`", content_type = "text/plain; version=0.0.4", body = String),
-        (status = 500, response = Internal),
-        (status = 503, response = Unavailable),
+        (status = 200, description = "Prometheus text format: requests, ack latency, the log's \
+            group commits, projection and outbox lag, live actors, passivations, rate-limit \
+            refusals, agent latency and errors, circuits, tokens, cost, budgets, NATS, disk \
+            (docs/operations.md#metrics)", content_type = "text/plain; version=0.0.4", body = String),
     ),
 )]
-pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
-    let health = state
-        .core
-        .request("health", &HeaderMap::new(), &json!({}))
-        .await?
-        .body;
-    let gauge = |name: &str, help: &str, field: &str| {
-        let value = health[field].as_u64().unwrap_or(0);
-        format!("# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n")
-    };
-    let text = [
-        gauge(
-            "switchboard_log_head_seq",
-            "The seq of the last event in the log.",
-            "log_head",
-        ),
-        gauge(
-            "switchboard_projections_seq",
-            "The seq every projection has folded up to.",
-            "projections_at",
-        ),
-        gauge(
-            "switchboard_live_conversations",
-            "Conversation actors alive now.",
-            "live_conversations",
-        ),
-        gauge(
-            "switchboard_turns_in_flight",
-            "Agent turns running now.",
-            "turns_in_flight",
-        ),
-        crate::metrics::render(),
-    ]
-    .concat();
-    Ok((
+pub async fn metrics() -> Response {
+    (
         [(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        text,
+        crate::metrics::render(),
     )
-        .into_response())
+        .into_response()
 }

@@ -257,6 +257,11 @@ impl OutboxHandle {
         *self.published.borrow()
     }
 
+    /// A watch of [`Self::published_through`], for readers elsewhere (metrics).
+    pub fn progress(&self) -> watch::Receiver<u64> {
+        self.published.clone()
+    }
+
     /// Waits until every event up to `seq` has reached the server;
     /// [`OutboxError::Stopped`] if the publisher ended first.
     pub async fn wait_for(&self, seq: u64) -> Result<(), OutboxError> {

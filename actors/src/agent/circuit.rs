@@ -31,6 +31,18 @@ pub enum CircuitState {
 }
 
 impl CircuitState {
+    /// The value of the `switchboard_circuit_state` gauge: 0 closed,
+    /// 1 half-open, 2 open.
+    pub fn gauge(self) -> f64 {
+        match self {
+            CircuitState::Closed => 0.0,
+            CircuitState::HalfOpen => 1.0,
+            CircuitState::Open => 2.0,
+        }
+    }
+}
+
+impl CircuitState {
     /// `closed`, `open` or `half_open`, for alerts and metrics.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -67,10 +67,18 @@ impl Agent {
             let error = match attempt.result {
                 Ok(completion) => {
                     call.finish(true);
+                    metrics::histogram!("switchboard_agent_latency_seconds", "agent" => self.config.name.clone())
+                        .record(started.elapsed().as_secs_f64());
                     return self.completed(request, completion, started.elapsed()).await;
                 }
                 Err(error) => error,
             };
+            metrics::counter!(
+                "switchboard_upstream_errors_total",
+                "agent" => self.config.name.clone(),
+                "status" => error.status_label(),
+            )
+            .increment(1);
             // Only transient errors say the server is unwell; a rejected
             // request or a protocol error means it answered.
             call.finish_with_cause(!error.is_transient(), &error);
@@ -127,9 +135,14 @@ impl Agent {
                 .await
                 .unwrap_or(Err(ProviderError::Timeout))
         };
+        let attempt_started = Instant::now();
         let relay = async {
             let mut streamed = String::new();
             while let Some(delta) = received.recv().await {
+                if streamed.is_empty() {
+                    metrics::histogram!("switchboard_agent_ttft_seconds", "agent" => self.config.name.clone())
+                        .record(attempt_started.elapsed().as_secs_f64());
+                }
                 streamed.push_str(&delta);
                 if let Some(caller) = &request.deltas {
                     // A caller that stopped listening does not stop the turn.
@@ -294,6 +307,8 @@ impl Agent {
             return;
         };
         let cause = cause.map(ToString::to_string);
+        metrics::gauge!("switchboard_circuit_state", "agent" => self.config.name.clone())
+            .set(transition.state_after().gauge());
         tracing::warn!(
             agent = %self.config.name,
             state = transition.state_after().as_str(),

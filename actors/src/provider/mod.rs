@@ -203,6 +203,19 @@ impl ProviderError {
         }
     }
 
+    /// The `status` label of `switchboard_upstream_errors_total`: the HTTP
+    /// status when the server answered one (`429`, `503`, …), otherwise the
+    /// kind (`timeout`, `interrupted`, `protocol`, `connect`).
+    pub fn status_label(&self) -> String {
+        match self {
+            ProviderError::RateLimited { .. } => "429".to_owned(),
+            ProviderError::Upstream { status, .. } | ProviderError::Rejected { status, .. } => {
+                status.to_string()
+            }
+            other => other.code().to_owned(),
+        }
+    }
+
     /// A stable snake_case name of the kind, for `reply_failed.code` and metrics.
     pub fn code(&self) -> &'static str {
         match self {

@@ -125,6 +125,9 @@ impl Writer {
             let started = Instant::now();
             if self.commit(group) {
                 last_flush = started.elapsed();
+                metrics::histogram!("switchboard_log_batch_size").record(last_group as f64);
+                metrics::histogram!("switchboard_log_flush_seconds")
+                    .record(last_flush.as_secs_f64());
             }
         }
     }
