@@ -80,6 +80,16 @@ pub struct ServeArgs {
     /// On shutdown, wait this long for running turns (default 30).
     #[arg(long, env = "SWITCHBOARD_DRAIN_TIMEOUT_SECS")]
     pub drain_timeout_secs: Option<u64>,
+    /// Also serve GET /metrics on this address (for a node without the HTTP front).
+    #[arg(long, env = "SWITCHBOARD_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Export spans over OTLP/HTTP to this collector (a base URL such as
+    /// http://127.0.0.1:4318); default: OTEL_EXPORTER_OTLP_ENDPOINT, if set.
+    #[arg(long)]
+    pub otlp_endpoint: Option<String>,
+    /// Log lines as text (for people) or json (one object per line).
+    #[arg(long, env = "SWITCHBOARD_LOG_FORMAT", default_value = "text")]
+    pub log_format: switchboard::telemetry::LogFormat,
 }
 
 #[derive(Debug, Subcommand)]

@@ -371,9 +371,13 @@ async fn a_receiver_that_was_down_gets_every_alert_once_in_order() {
         alerts.push(append(&log, "key_down", rate_limited("key_down", n)).await);
         append(&log, "key_down", admin_action("key_down")).await;
     }
-    // Nothing can be waited for while nobody listens; this only gives the
-    // sink time to fail (and back off) a few times.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The sink tries, fails to connect, and says so (by host only).
+    wait_until("a failed attempt in the logs", || {
+        let text = logs.text();
+        (!text.contains("webhook request failed"))
+            .then(|| text.lines().count().to_string() + " log lines")
+    })
+    .await;
     assert_eq!(sink.delivered_through(0), 0, "nothing is delivered yet");
 
     // Up, but refusing: the first alert is retried, nothing after it is sent.

@@ -248,7 +248,19 @@ impl Actor for ConversationActor {
                 if command.content == tests::PANIC {
                     panic!("a conversation actor panics, as a bug would");
                 }
-                let answer = state.send(&command).await;
+                let span = tracing::info_span!(
+                    "conversation.send",
+                    conversation_id = %state.conversation_id,
+                    message_id = %command.message_id,
+                    key_id = %command.key_id,
+                    seq = tracing::field::Empty,
+                );
+                crate::trace::continue_trace(&span, command.traceparent.as_deref());
+                let answer =
+                    tracing::Instrument::instrument(state.send(&command), span.clone()).await;
+                if let Ok(ack) = &answer {
+                    span.record("seq", ack.seq);
+                }
                 if let Err(error) = &answer {
                     tracing::warn!(conversation_id = %state.conversation_id,
                         message_id = %command.message_id, code = error.code(), %error, "send failed");

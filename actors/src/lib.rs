@@ -48,5 +48,6 @@ pub mod provider;
 pub mod rate_limit;
 pub mod rate_limiter;
 pub mod router;
+pub mod trace;
 mod turn_context;
 pub mod turns;

@@ -11,15 +11,23 @@ use crate::cli::{GlobalArgs, ServeArgs};
 use crate::config;
 
 pub fn run(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<ExitCode> {
-    init_tracing();
+    let telemetry = switchboard::telemetry::init(args.log_format, args.otlp_endpoint.as_deref())?;
     let config = config::resolve_serve(global, &args)?;
+    let metrics_addr = args.metrics_addr;
+    let exporting = telemetry.exporting();
     let json = global.json;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("switchboard")
         .build()?;
-    runtime.block_on(async move {
+    let code = runtime.block_on(async move {
         let server = Server::start(config.clone()).await?;
+        let metrics = match metrics_addr {
+            Some(addr) => Some(switchboard::metrics::listen(addr).await.map_err(|e| {
+                anyhow::anyhow!("cannot serve metrics on {addr}: {e}")
+            })?),
+            None => None,
+        };
         let bus = match &config.nats_url {
             Some(url) => url.clone(),
             None => "embedded".to_owned(),
@@ -38,6 +46,8 @@ pub fn run(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<ExitCode> {
                     "data_dir": config.data_dir,
                     "log_head": server.log().head(),
                     "http": server.http_addr().map(|addr| addr.to_string()),
+                    "metrics": metrics.as_ref().map(|m| m.local_addr().to_string()),
+                    "otlp": exporting,
                     "admin_key_file": admin_key_file,
                 })
             );
@@ -47,6 +57,9 @@ pub fn run(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<ExitCode> {
             }
             if let Some(addr) = server.http_addr() {
                 out!("HTTP API and console on http://{addr}/");
+            }
+            if let Some(metrics) = &metrics {
+                out!("metrics on http://{}/metrics", metrics.local_addr());
             }
             out!(
                 "switchboard serving: bus {bus}, subjects {}.>, data dir {} (log head {}); Ctrl-C stops",
@@ -58,11 +71,16 @@ pub fn run(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<ExitCode> {
         shutdown_signal().await?;
         tracing::info!("shutting down");
         server.shutdown().await;
+        if let Some(metrics) = metrics {
+            metrics.stop().await;
+        }
         if !json {
             out!("switchboard stopped");
         }
-        Ok(ExitCode::SUCCESS)
-    })
+        Ok::<_, anyhow::Error>(ExitCode::SUCCESS)
+    });
+    telemetry.shutdown();
+    code
 }
 
 /// SIGINT (Ctrl-C) or SIGTERM.
@@ -79,14 +97,4 @@ async fn shutdown_signal() -> anyhow::Result<()> {
     #[cfg(not(unix))]
     tokio::signal::ctrl_c().await?;
     Ok(())
-}
-
-/// Human-readable logs on stderr, filtered by `RUST_LOG` (default `info`).
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
 }

@@ -60,6 +60,7 @@ use switchboard_events::EventLog;
 use switchboard_projections::{Conversation, Projections};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::{JoinHandle, JoinSet};
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::bus::{Bus, BusError, Headers, Message, Subscription};
@@ -331,9 +332,25 @@ impl Gateway {
     /// subject). A panic while serving is answered `internal`, never silence.
     async fn answer(&self, operation: Operation, message: Message) {
         let started = Instant::now();
-        let meta = RequestMeta::new(&message.headers);
+        let mut meta = RequestMeta::new(&message.headers);
+        let span = tracing::info_span!(
+            "gateway",
+            otel.name = %format_args!("{} process", operation.name()),
+            otel.kind = "server",
+            messaging.system = "nats",
+            messaging.destination.name = %message.subject,
+            operation = operation.name(),
+            correlation_id = %meta.correlation_id,
+            outcome = tracing::field::Empty,
+        );
+        switchboard_actors::trace::continue_trace(&span, meta.traceparent.as_deref());
+        // What this request stores and answers carries its span's context.
+        if let Some(traceparent) = switchboard_actors::trace::traceparent_of(&span) {
+            meta.traceparent = Some(traceparent);
+        }
         let served = AssertUnwindSafe(self.serve(operation, &message, &meta))
             .catch_unwind()
+            .instrument(span.clone())
             .await
             .unwrap_or_else(|_| {
                 tracing::error!(subject = %message.subject, "a gateway request panicked");
@@ -344,6 +361,7 @@ impl Gateway {
             Ok(_) => "ok",
             Err(error) => error.code(),
         };
+        span.record("outcome", outcome);
         metrics::counter!(
             "switchboard_requests_total",
             "operation" => operation.name(),

@@ -50,15 +50,14 @@ impl Core {
     ) -> Result<CoreReply, ApiError> {
         let subject = format!("{}.{subject}", self.prefix);
         let mut headers = Headers::new().with("Content-Type", "application/json");
-        for name in ["authorization", "traceparent"] {
-            if let Some(value) = caller.get(name).and_then(|v| v.to_str().ok()) {
-                let canonical = if name == "authorization" {
-                    "Authorization"
-                } else {
-                    name
-                };
-                headers.insert(canonical, value);
-            }
+        if let Some(value) = caller.get("authorization").and_then(|v| v.to_str().ok()) {
+            headers.insert("Authorization", value);
+        }
+        // The caller's trace, continued by this request's span when spans are exported.
+        let received = caller.get("traceparent").and_then(|v| v.to_str().ok());
+        let current = tracing::Span::current();
+        if let Some(traceparent) = switchboard_actors::trace::next_traceparent(&current, received) {
+            headers.insert("traceparent", traceparent);
         }
         let payload = serde_json::to_vec(body).expect("a JSON value serializes");
         let reply = self

@@ -174,6 +174,7 @@ pub fn router(config: &HttpConfig, bus: Bus, closing: watch::Receiver<bool>) -> 
         .route("/openapi.json", get(openapi::document))
         .merge(openai::routes())
         .merge(console::routes())
+        .route_layer(axum::middleware::from_fn(trace_request))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state);
@@ -358,4 +359,34 @@ pub async fn within<T>(
 pub async fn closed(mut closing: watch::Receiver<bool>) {
     // An error means the front is gone: closed as well.
     let _ = closing.wait_for(|closing| *closing).await;
+}
+
+/// One span per routed request, continuing the caller's `traceparent`; the
+/// core's requests carry this span's context on (see [`core::Core::request`]).
+async fn trace_request(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or("", |path| path.as_str())
+        .to_owned();
+    let method = request.method().clone();
+    let span = tracing::info_span!(
+        "http",
+        otel.name = %format_args!("{method} {route}"),
+        otel.kind = "server",
+        http.request.method = %method,
+        http.route = %route,
+        http.response.status_code = tracing::field::Empty,
+    );
+    let received = request
+        .headers()
+        .get("traceparent")
+        .and_then(|value| value.to_str().ok());
+    switchboard_actors::trace::continue_trace(&span, received);
+    let response = tracing::Instrument::instrument(next.run(request), span.clone()).await;
+    span.record("http.response.status_code", response.status().as_u16());
+    response
 }

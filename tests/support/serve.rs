@@ -27,6 +27,16 @@ impl ServeProcess {
     /// Starts `serve --json --nats-url <nats_url>` on `data_dir` with `args`
     /// and waits for its ready line. Its stderr goes to `<data_dir>.stderr`.
     pub fn start(data_dir: &Path, nats_url: &str, args: &[&str]) -> ServeProcess {
+        ServeProcess::start_with_env(data_dir, nats_url, args, &[])
+    }
+
+    /// [`ServeProcess::start`] with these environment variables set too.
+    pub fn start_with_env(
+        data_dir: &Path,
+        nats_url: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> ServeProcess {
         let stderr_path = data_dir.with_extension("stderr");
         let stderr = std::fs::OpenOptions::new()
             .create(true)
@@ -44,6 +54,7 @@ impl ServeProcess {
             .args(args)
             .env("SWITCHBOARD_ADMIN_KEY", ADMIN_KEY)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .env_remove("SWITCHBOARD_CONFIG")
             .current_dir(data_dir.parent().expect("the data dir has a parent"))
             .stdin(Stdio::null())

@@ -32,13 +32,39 @@ impl Agent {
     /// provider becomes `reply_failed` with code `internal`.
     pub async fn run_turn(&self, request: TurnRequest) -> TurnOutcome {
         let ids = request.ids_only();
-        match AssertUnwindSafe(self.turn(request)).catch_unwind().await {
+        // The model call, with the attributes of OpenTelemetry's GenAI
+        // semantic conventions.
+        let model = self.provider.model();
+        let span = tracing::info_span!(
+            "chat",
+            otel.name = %format_args!("chat {model}"),
+            otel.kind = "client",
+            gen_ai.operation.name = "chat",
+            gen_ai.provider.name = self.provider.kind(),
+            gen_ai.request.model = model,
+            gen_ai.response.model = tracing::field::Empty,
+            gen_ai.usage.input_tokens = tracing::field::Empty,
+            gen_ai.usage.output_tokens = tracing::field::Empty,
+            agent = %self.config.name,
+            conversation_id = %request.conversation_id,
+            message_id = %request.message_id,
+            key_id = %request.key_id,
+        );
+        crate::trace::continue_trace(&span, request.traceparent.as_deref());
+        let turn = AssertUnwindSafe(self.turn(request)).catch_unwind();
+        let outcome = match tracing::Instrument::instrument(turn, span.clone()).await {
             Ok(outcome) => outcome,
             Err(_) => {
                 tracing::error!(agent = %self.config.name, message_id = %ids.message_id, "turn panicked");
                 TurnOutcome::failure(&ids, &self.config.name, "internal", "the agent failed")
             }
+        };
+        if let Some(usage) = outcome.usage() {
+            span.record("gen_ai.response.model", usage.model.as_str());
+            span.record("gen_ai.usage.input_tokens", usage.prompt_tokens);
+            span.record("gen_ai.usage.output_tokens", usage.completion_tokens);
         }
+        outcome
     }
 
     async fn turn(&self, request: TurnRequest) -> TurnOutcome {
