@@ -252,8 +252,14 @@ impl Server {
             }
         });
         let budgets = Budgets::new(log.clone(), spend, budget_config);
-        let keys_with_budgets = projections.keys().list()?;
-        budgets.review_all(keys_with_budgets.iter().map(|record| {
+        let now = chrono::Utc::now();
+        let active_keys: Vec<_> = projections
+            .keys()
+            .list()?
+            .into_iter()
+            .filter(|record| record.is_active(now))
+            .collect();
+        budgets.review_all(active_keys.iter().map(|record| {
             (
                 record.key_id.as_str(),
                 record.owner.as_deref(),

@@ -22,6 +22,7 @@ use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::{Protocol, WithExportConfig};
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use opentelemetry_sdk::Resource;
+use tracing_subscriber::filter::filter_fn;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
@@ -104,16 +105,27 @@ pub fn init(format: LogFormat, otlp_endpoint: Option<&str>) -> Result<Telemetry,
     let spans = provider.as_ref().map(|provider| {
         tracing_opentelemetry::layer()
             .with_tracer(provider.tracer("switchboard"))
-            // Our spans only: not the exporter's own HTTP client.
-            .with_filter(EnvFilter::new(
-                "info,h2=off,hyper=off,hyper_util=off,reqwest=off,opentelemetry=off,opentelemetry_sdk=off",
-            ))
+            .with_filter(filter_fn(exported))
     });
     let _ = tracing_subscriber::registry()
         .with(logs)
         .with(spans)
         .try_init();
     Ok(Telemetry { provider })
+}
+
+/// What the exporter gets: our spans, which are at debug level so that
+/// without an exporter they cost nothing (no layer enables them at the usual
+/// `RUST_LOG=info`), and our info-or-worse events, as span events. Not the
+/// exporter's own HTTP client.
+fn exported(meta: &tracing::Metadata<'_>) -> bool {
+    let ours = meta.target().starts_with("switchboard");
+    let level = if meta.is_span() {
+        tracing::Level::DEBUG
+    } else {
+        tracing::Level::INFO
+    };
+    ours && *meta.level() <= level
 }
 
 /// The URL spans go to: the flag (a base URL), else the standard variables.

@@ -179,11 +179,6 @@ impl Budgets {
         }
     }
 
-    /// The budget of user `owner`, if one is configured.
-    pub fn user_budget(&self, owner: &str) -> Option<&Budget> {
-        self.inner.config.users.get(owner)
-    }
-
     /// Admits a request of `key_id` (owned by `owner`, with the key's current
     /// `budget`), or refuses it because the key's or the owner's budget is
     /// spent. A refusal appends `budget_exceeded` (once per period and budget).
@@ -230,7 +225,9 @@ impl Budgets {
             std::iter::once(Spender::key(key_id)).chain(owner.map(|o| Spender::user(&o)));
         for spender in spenders {
             // A spender without a ledger was never checked against a budget
-            // here: its first check reads the index, which holds this charge by then.
+            // here, so this turn was admitted unchecked (the budget came
+            // later): the index folds its cost within moments, and until
+            // then it is one of the running turns the overspend bound allows.
             let Some(ledger) = ledgers.get_mut(&spender) else {
                 continue;
             };

@@ -248,7 +248,7 @@ impl Actor for ConversationActor {
                 if command.content == tests::PANIC {
                     panic!("a conversation actor panics, as a bug would");
                 }
-                let span = tracing::info_span!(
+                let span = tracing::debug_span!(
                     "conversation.send",
                     conversation_id = %state.conversation_id,
                     message_id = %command.message_id,

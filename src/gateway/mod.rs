@@ -333,7 +333,7 @@ impl Gateway {
     async fn answer(&self, operation: Operation, message: Message) {
         let started = Instant::now();
         let mut meta = RequestMeta::new(&message.headers);
-        let span = tracing::info_span!(
+        let span = tracing::debug_span!(
             "gateway",
             otel.name = %format_args!("{} process", operation.name()),
             otel.kind = "server",

@@ -373,7 +373,7 @@ async fn trace_request(
         .map_or("", |path| path.as_str())
         .to_owned();
     let method = request.method().clone();
-    let span = tracing::info_span!(
+    let span = tracing::debug_span!(
         "http",
         otel.name = %format_args!("{method} {route}"),
         otel.kind = "server",

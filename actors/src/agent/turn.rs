@@ -35,7 +35,7 @@ impl Agent {
         // The model call, with the attributes of OpenTelemetry's GenAI
         // semantic conventions.
         let model = self.provider.model();
-        let span = tracing::info_span!(
+        let span = tracing::debug_span!(
             "chat",
             otel.name = %format_args!("chat {model}"),
             otel.kind = "client",
