@@ -490,7 +490,7 @@ async fn connect_nats(url: &str) -> Result<NatsBus, ServerError> {
     tokio::time::timeout(NATS_CONNECT_TIMEOUT, connected)
         .await
         .map_err(|_| ServerError::NatsUnreachable {
-            url: url.to_owned(),
+            url: crate::bus::redact_url(url),
             waited: NATS_CONNECT_TIMEOUT,
         })?;
     Ok(bus)

@@ -45,13 +45,24 @@ impl NatsBus {
     pub async fn connect(url: &str) -> Result<NatsBus, BusError> {
         let dropped = Arc::new(AtomicU64::new(0));
         let counter = Arc::clone(&dropped);
-        let options = ConnectOptions::new()
+        let mut options = ConnectOptions::new()
             .name("switchboard")
             .retry_on_initial_connect()
             .event_callback(move |event| {
                 let counter = Arc::clone(&counter);
                 async move { log_event(&event, &counter) }
             });
+        // async-nats does not send a URL's own credentials
+        // (`nats://user:password@host`, `nats://token@host`): pass them on.
+        if let Ok(addr) = url.parse::<async_nats::ServerAddr>() {
+            match (addr.username(), addr.password()) {
+                (Some(user), Some(password)) => {
+                    options = options.user_and_password(user.to_owned(), password.to_owned());
+                }
+                (Some(token), None) => options = options.token(token.to_owned()),
+                _ => {}
+            }
+        }
         NatsBus::connect_with(url, options, dropped).await
     }
 
@@ -323,5 +334,39 @@ fn log_event(event: &Event, dropped: &AtomicU64) {
             }
         }
         other => tracing::warn!(event = %other, "NATS client event"),
+    }
+}
+
+/// `url` without its user info (`nats://user:secret@host` → `nats://host`),
+/// for logs and messages: a NATS URL may carry a password.
+pub fn redact_url(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+            let host = authority
+                .rsplit_once('@')
+                .map_or(authority, |(_, host)| host);
+            format!("{scheme}://{host}{path}")
+        }
+        None => url
+            .rsplit_once('@')
+            .map_or(url, |(_, host)| host)
+            .to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod redact_tests {
+    use super::redact_url;
+
+    #[test]
+    fn user_info_is_left_out() {
+        assert_eq!(
+            redact_url("nats://svc:s3cret@nats:4222"),
+            "nats://nats:4222"
+        );
+        assert_eq!(redact_url("nats://tok@nats:4222/x"), "nats://nats:4222/x");
+        assert_eq!(redact_url("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
+        assert_eq!(redact_url("svc:pw@host:4222"), "host:4222");
     }
 }

@@ -29,7 +29,7 @@ pub fn run(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<ExitCode> {
             None => None,
         };
         let bus = match &config.nats_url {
-            Some(url) => url.clone(),
+            Some(url) => switchboard::bus::redact_url(url),
             None => "embedded".to_owned(),
         };
         let admin_key_file = match server.admin_bootstrap() {
