@@ -65,6 +65,11 @@ struct Shared {
     received: Mutex<Vec<Received>>,
 }
 
+/// The async tests take turns: one of them captures logs with a thread-local
+/// subscriber, and the sink's log callsites hit first from another test's
+/// thread (with no subscriber) can be cached as uninteresting meanwhile.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Log output, kept for checking what it says (and does not).
 #[derive(Clone, Default)]
 struct Logs(Arc<Mutex<Vec<u8>>>);
@@ -302,6 +307,7 @@ fn ids(envelopes: &[&Envelope]) -> Vec<String> {
 
 #[tokio::test]
 async fn alerts_reach_the_receiver_with_their_body_and_headers_and_nothing_else_does() {
+    let _serial = SERIAL.lock().await;
     let dir = TempDir::new().expect("a temp dir");
     let log = open_log(&dir);
     let receiver = Receiver::start().await;
@@ -359,6 +365,7 @@ async fn alerts_reach_the_receiver_with_their_body_and_headers_and_nothing_else_
 
 #[tokio::test]
 async fn a_receiver_that_was_down_gets_every_alert_once_in_order() {
+    let _serial = SERIAL.lock().await;
     let (logs, _logging) = Logs::capture();
     let dir = TempDir::new().expect("a temp dir");
     let log = open_log(&dir);
@@ -428,6 +435,7 @@ async fn a_receiver_that_was_down_gets_every_alert_once_in_order() {
 
 #[tokio::test]
 async fn a_receiver_that_is_down_holds_up_only_its_own_alerts() {
+    let _serial = SERIAL.lock().await;
     let dir = TempDir::new().expect("a temp dir");
     let log = open_log(&dir);
     let down = format!("http://{}{SECRET_PATH}", free_addr());
@@ -454,6 +462,7 @@ async fn a_receiver_that_is_down_holds_up_only_its_own_alerts() {
 
 #[tokio::test]
 async fn a_restarted_sink_resumes_from_its_checkpoint() {
+    let _serial = SERIAL.lock().await;
     let dir = TempDir::new().expect("a temp dir");
     let receiver = Receiver::start().await;
     let log = open_log(&dir);
@@ -485,6 +494,7 @@ async fn a_restarted_sink_resumes_from_its_checkpoint() {
 
 #[tokio::test]
 async fn a_url_that_is_not_http_is_refused() {
+    let _serial = SERIAL.lock().await;
     let dir = TempDir::new().expect("a temp dir");
     let log = open_log(&dir);
     let secret = "ftp://user:hunter2@example.com/very/secret/path";

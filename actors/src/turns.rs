@@ -539,16 +539,21 @@ impl Inner {
             request.message_id.clone(),
             request.reply_id.clone(),
         );
+        // Pieces that arrived while the last one was being handed on go out
+        // as one delta: a fast model (or the echo agent) costs a message per
+        // burst, not per token, and a slow one still streams token by token.
         let relay = async move {
             let mut index = 0;
-            while let Some(delta) = received.recv().await {
+            let mut pieces = Vec::new();
+            while received.recv_many(&mut pieces, DELTA_BUFFER).await > 0 {
                 let delta = ReplyDelta {
                     conversation_id: conversation_id.clone(),
                     message_id: message_id.clone(),
                     reply_id: reply_id.clone(),
                     index,
-                    delta,
+                    delta: pieces.concat(),
                 };
+                pieces.clear();
                 index += 1;
                 // A caller that stopped listening does not stop the turn.
                 let _ = caller.send(delta).await;
@@ -559,11 +564,10 @@ impl Inner {
     }
 
     /// Hands the turn's end to the conversation's actor, retrying a little
-    /// while the conversation is unavailable. If it still cannot be stored,
-    /// the turn stays pending in the log and a later start fails it.
-    /// Appends the turn's end, retrying while the conversation is
-    /// unavailable. `None` when it was not stored; otherwise the seq of its
-    /// first event, `Some(None)` when the turn had already ended.
+    /// while the conversation is unavailable (if it still cannot be stored,
+    /// the turn stays pending in the log and a later start fails it).
+    /// `None` when it was not stored; otherwise the seq of its first event,
+    /// `Some(None)` when the turn had already ended.
     async fn store_end(
         &self,
         conversation_id: &str,

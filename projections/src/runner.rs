@@ -21,7 +21,7 @@ const COMMIT_EVERY_EVENTS: u64 = 8192;
 /// views (a sled batch each) every time costs more than the folding. A reader
 /// that waits ([`Projections::wait_for`]) gets a commit at once, and so does
 /// a change of the keys view, which authentication reads without waiting.
-const LIVE_COMMIT_INTERVAL: Duration = Duration::from_millis(25);
+const LIVE_COMMIT_INTERVAL: Duration = Duration::from_millis(100);
 
 /// The four projections of one log.
 #[derive(Clone)]

@@ -7,7 +7,7 @@
 //! restored on reconnect, so a [`NatsBus`] outlives a server restart.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -32,6 +32,9 @@ pub struct NatsBus {
     client: Client,
     /// Slow-consumer events seen by the connection's event callback.
     dropped: Arc<AtomicU64>,
+    /// The server's max payload once known (0: ask the client), so a
+    /// publish does not clone the server's whole INFO to learn it.
+    max_payload: Arc<AtomicUsize>,
 }
 
 impl NatsBus {
@@ -44,12 +47,18 @@ impl NatsBus {
     /// parsed is an error here.
     pub async fn connect(url: &str) -> Result<NatsBus, BusError> {
         let dropped = Arc::new(AtomicU64::new(0));
+        let max_payload = Arc::new(AtomicUsize::new(0));
         let counter = Arc::clone(&dropped);
+        let known_payload = Arc::clone(&max_payload);
         let mut options = ConnectOptions::new()
             .name("switchboard")
             .retry_on_initial_connect()
             .event_callback(move |event| {
                 let counter = Arc::clone(&counter);
+                // A (re)connection may be to a server with other limits.
+                if matches!(event, Event::Connected) {
+                    known_payload.store(0, Ordering::Relaxed);
+                }
                 async move { log_event(&event, &counter) }
             });
         // async-nats does not send a URL's own credentials
@@ -63,7 +72,7 @@ impl NatsBus {
                 _ => {}
             }
         }
-        NatsBus::connect_with(url, options, dropped).await
+        NatsBus::connect_with(url, options, dropped, max_payload).await
     }
 
     /// Connects with the caller's options (authentication, TLS, ...). The
@@ -74,29 +83,35 @@ impl NatsBus {
         url: &str,
         options: ConnectOptions,
     ) -> Result<NatsBus, BusError> {
-        NatsBus::connect_with(url, options, Arc::new(AtomicU64::new(0))).await
+        NatsBus::connect_with(url, options, Arc::default(), Arc::default()).await
     }
 
     async fn connect_with(
         url: &str,
         options: ConnectOptions,
         dropped: Arc<AtomicU64>,
+        max_payload: Arc<AtomicUsize>,
     ) -> Result<NatsBus, BusError> {
         let client = options
             .connect(url)
             .await
             .map_err(|source| BusError::Connect {
-                url: url.to_string(),
+                url: redact_url(url),
                 source,
             })?;
-        Ok(NatsBus { client, dropped })
+        Ok(NatsBus {
+            client,
+            dropped,
+            max_payload,
+        })
     }
 
     /// Wraps a client connected elsewhere.
     pub fn from_client(client: Client) -> NatsBus {
         NatsBus {
             client,
-            dropped: Arc::new(AtomicU64::new(0)),
+            dropped: Arc::default(),
+            max_payload: Arc::default(),
         }
     }
 
@@ -244,8 +259,14 @@ impl NatsBus {
     /// The server's limit on headers + payload. Before the first connect it
     /// is not known yet; then assume the default, as async-nats does.
     fn max_payload(&self) -> usize {
-        match self.client.server_info().max_payload {
-            0 => DEFAULT_MAX_PAYLOAD,
+        match self.max_payload.load(Ordering::Relaxed) {
+            0 => match self.client.server_info().max_payload {
+                0 => DEFAULT_MAX_PAYLOAD,
+                known => {
+                    self.max_payload.store(known, Ordering::Relaxed);
+                    known
+                }
+            },
             known => known,
         }
     }

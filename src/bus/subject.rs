@@ -161,17 +161,25 @@ impl fmt::Display for Pattern {
 /// Validates a literal subject: one you publish or send a request to. No
 /// wildcard tokens.
 pub fn validate_subject(subject: &str) -> Result<(), SubjectError> {
-    let pattern = Pattern::parse(subject)?;
-    let wildcard = pattern
-        .tokens
-        .iter()
+    // Every publish checks its subject: no allocation here. The pattern's
+    // own errors come first, as `Pattern::parse` reports them.
+    check_characters(subject)?;
+    let count = subject.split('.').count();
+    for (index, token) in subject.split('.').enumerate() {
+        match token {
+            "" => return Err(SubjectError::EmptyToken { index }),
+            ">" if index + 1 < count => return Err(SubjectError::FullWildcardNotLast { index }),
+            _ => {}
+        }
+    }
+    match subject
+        .split('.')
         .enumerate()
         .find_map(|(index, token)| match token {
-            Token::Literal(_) => None,
-            Token::One => Some((index, '*')),
-            Token::Rest => Some((index, '>')),
-        });
-    match wildcard {
+            "*" => Some((index, '*')),
+            ">" => Some((index, '>')),
+            _ => None,
+        }) {
         Some((index, wildcard)) => Err(SubjectError::WildcardInLiteral { index, wildcard }),
         None => Ok(()),
     }
@@ -212,6 +220,46 @@ fn check_characters(text: &str) -> Result<(), SubjectError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn validate_subject_reports_what_the_pattern_parser_would() {
+        let reference = |subject: &str| -> Result<(), SubjectError> {
+            let pattern = Pattern::parse(subject)?;
+            match pattern
+                .tokens
+                .iter()
+                .enumerate()
+                .find_map(|(index, token)| match token {
+                    Token::Literal(_) => None,
+                    Token::One => Some((index, '*')),
+                    Token::Rest => Some((index, '>')),
+                }) {
+                Some((index, wildcard)) => Err(SubjectError::WildcardInLiteral { index, wildcard }),
+                None => Ok(()),
+            }
+        };
+        for subject in [
+            "a",
+            "a.b",
+            "a.*",
+            "a.>",
+            ">",
+            "*",
+            "a.*..b",
+            "a.>.b",
+            "*.>",
+            "a..",
+            ".a",
+            "",
+            "a b",
+            "a.b*",
+            "a.*.>",
+            ">.*",
+            "sb.conv.c1.send",
+        ] {
+            assert_eq!(validate_subject(subject), reference(subject), "{subject:?}");
+        }
+    }
 
     #[test]
     fn matching_table() {
