@@ -326,7 +326,13 @@ impl Inner {
             BudgetPeriod::Day | BudgetPeriod::Month => Some(start.date_naive()),
         };
         let indexed = self.index.spent(spender, since);
-        ledger.pending = ledger.pending.split_off(&(indexed.through + 1));
+        if ledger
+            .pending
+            .first_key_value()
+            .is_some_and(|(seq, _)| *seq <= indexed.through)
+        {
+            ledger.pending = ledger.pending.split_off(&(indexed.through + 1));
+        }
         let pending: u64 = ledger
             .pending
             .values()
