@@ -608,3 +608,63 @@ async fn costs_agree_to_the_micro_dollar_before_a_kill_9_after_restart_and_after
     let _ = (key_a, key_b);
     assert!(serve.terminate().success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_users_budget_counts_every_key_they_own_and_refuses_all_of_them() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut config = switchboard::server::ServerConfig::new(dir.path().join("data"));
+    config.admin_key = Some(ADMIN_KEY.to_owned());
+    config.agents[0].config.prices = PRICE;
+    // Whatever one turn costs, one turn spends it: two cannot fit.
+    config.budgets.users.insert(
+        "ana@example.com".to_owned(),
+        switchboard_events::catalog::Budget {
+            micros: 1,
+            period: switchboard_events::catalog::BudgetPeriod::Month,
+        },
+    );
+    let server = switchboard::server::Server::start(config)
+        .await
+        .expect("starts");
+    let bus = server.bus().clone();
+    let mut alerts = bus
+        .subscribe("sb.alert.budget.user.>")
+        .await
+        .expect("subscribes");
+    let owned = |name: &str| json!({ "name": name, "owner": "ana@example.com" });
+    let (_, laptop) = issue(&bus, owned("laptop")).await;
+    let (_, phone) = issue(&bus, owned("phone")).await;
+    let (_, other) = issue(&bus, json!({ "name": "bob", "owner": "bob@example.com" })).await;
+
+    assert_eq!(send(&bus, &laptop, "u1", "m1").await["ok"], json!(true));
+    // The turn's cost spends the user's budget: the 100 % alert says so.
+    let crossed = loop {
+        let alert = next_json(&mut alerts, "the user's budget alert").await;
+        if alert["data"]["threshold_pct"] == json!(100) {
+            break alert;
+        }
+    };
+    assert_eq!(crossed["data"]["scope"], json!("user"), "{crossed}");
+    assert_eq!(crossed["data"]["subject_id"], json!("ana@example.com"));
+
+    // Every key of the user is refused now, whichever spent it; others are not.
+    for key in [&laptop, &phone] {
+        let refused = send(&bus, key, "u2", &format!("m-{}", &key[..8])).await;
+        assert_eq!(
+            refused["error"]["code"],
+            json!("budget_exceeded"),
+            "{refused}"
+        );
+        let message = refused["error"]["message"].as_str().expect("message");
+        assert!(message.contains("user ana@example.com"), "{message}");
+    }
+    assert_eq!(send(&bus, &other, "u3", "m3").await["ok"], json!(true));
+    let exceeded = loop {
+        let alert = next_json(&mut alerts, "budget_exceeded").await;
+        if alert["type"] == json!("budget_exceeded") {
+            break alert;
+        }
+    };
+    assert_eq!(exceeded["data"]["subject_id"], json!("ana@example.com"));
+    server.shutdown().await;
+}
