@@ -539,21 +539,16 @@ impl Inner {
             request.message_id.clone(),
             request.reply_id.clone(),
         );
-        // Pieces that arrived while the last one was being handed on go out
-        // as one delta: a fast model (or the echo agent) costs a message per
-        // burst, not per token, and a slow one still streams token by token.
         let relay = async move {
             let mut index = 0;
-            let mut pieces = Vec::new();
-            while received.recv_many(&mut pieces, DELTA_BUFFER).await > 0 {
+            while let Some(delta) = received.recv().await {
                 let delta = ReplyDelta {
                     conversation_id: conversation_id.clone(),
                     message_id: message_id.clone(),
                     reply_id: reply_id.clone(),
                     index,
-                    delta: pieces.concat(),
+                    delta,
                 };
-                pieces.clear();
                 index += 1;
                 // A caller that stopped listening does not stop the turn.
                 let _ = caller.send(delta).await;
