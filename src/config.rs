@@ -252,6 +252,16 @@ pub fn resolve_serve(global: &GlobalArgs, args: &ServeArgs) -> anyhow::Result<Se
             },
         );
     }
+    // Checked now, before anything starts; a URL is a secret, so only its
+    // position is named.
+    for (i, url) in file.alerts.webhooks.iter().enumerate() {
+        let scheme = url
+            .split_once("://")
+            .map(|(scheme, _)| scheme.to_ascii_lowercase());
+        if !matches!(scheme.as_deref(), Some("http" | "https")) {
+            bail!("[alerts] webhooks[{i}] must be an http:// or https:// URL");
+        }
+    }
     config.webhooks.urls = file.alerts.webhooks;
     config.budgets = config
         .budgets

@@ -586,6 +586,19 @@ fn a_bad_config_is_refused_before_anything_starts() {
         ("[router]\ndefault_agent = \"nobody\"\n", "nobody"),
         ("[[routes]]\npattern = \"(\"\nagent = \"echo\"\n", "("),
         ("[prices.echo]\ninput = -1.0\noutput = 0.0\n", "price"),
+        ("[budgets]\nthresholds = [50, 150]\n", "threshold"),
+        (
+            "[budgets.users.ana]\nusd = -5.0\nperiod = \"month\"\n",
+            "budget of user",
+        ),
+        (
+            "[budgets.users.ana]\nusd = 5.0\nperiod = \"week\"\n",
+            "week",
+        ),
+        (
+            "[alerts]\nwebhooks = [\"ftp://hooks.example/T0/secret-path\"]\n",
+            "webhooks[0]",
+        ),
     ] {
         let config = dir.path().join("bad.toml");
         std::fs::write(&config, toml).expect("writes");
@@ -600,6 +613,10 @@ fn a_bad_config_is_refused_before_anything_starts() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(!output.status.success(), "{toml} was accepted");
         assert!(stderr.contains(needle), "{toml}: {stderr}");
+        assert!(
+            !stderr.contains("secret-path"),
+            "a webhook URL was printed: {stderr}"
+        );
         assert!(!data.exists(), "{toml} created the data dir");
     }
 }
