@@ -70,7 +70,11 @@ async fn next_json(subscription: &mut Subscription, what: &str) -> Value {
 
 /// Every event of `dir`'s log as wire JSON (the server must be stopped).
 fn logged(data: &Path) -> Vec<Value> {
-    let log = EventLog::open(data, OpenMode::MustExist).expect("the log opens");
+    wire(&EventLog::open(data, OpenMode::MustExist).expect("the log opens"))
+}
+
+/// Every event of `log` as wire JSON.
+fn wire(log: &EventLog) -> Vec<Value> {
     log.read_from(1)
         .map(|envelope| serde_json::to_value(envelope.expect("decodes")).expect("JSON"))
         .collect()
@@ -352,7 +356,7 @@ async fn two_hundred_concurrent_turns_overspend_by_less_than_max_parallel_turns(
     assert_eq!(send(&bus, &probe, "probe", "p1").await["ok"], json!(true));
     let deadline = Instant::now() + WAIT;
     let cost = loop {
-        if let Some(cost) = usage_of(&logged_live(&server), &probe_id).first() {
+        if let Some(cost) = usage_of(&wire(server.log()), &probe_id).first() {
             break *cost;
         }
         assert!(
@@ -423,14 +427,6 @@ async fn two_hundred_concurrent_turns_overspend_by_less_than_max_parallel_turns(
     assert_eq!(row.totals.requests, acked as u64);
 }
 
-fn logged_live(server: &switchboard::server::Server) -> Vec<Value> {
-    server
-        .log()
-        .read_from(1)
-        .map(|envelope| serde_json::to_value(envelope.expect("decodes")).expect("JSON"))
-        .collect()
-}
-
 /// `switchboard <args> --json --data-dir <data>`: its JSON lines, as an array.
 fn cli_json(data: &Path, args: &[&str]) -> Value {
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
@@ -478,8 +474,8 @@ async fn costs_agree_to_the_micro_dollar_before_a_kill_9_after_restart_and_after
     let config = config.to_str().expect("UTF-8").to_owned();
     let mut serve = ServeProcess::start(&data, &nats.url(), &["--config", &config]);
     let client = Client::connect(&nats.url()).await;
-    let (key_a, a) = client.issue_key(json!({ "name": "a" })).await;
-    let (key_b, b) = client.issue_key(json!({ "name": "b" })).await;
+    let (_, a) = client.issue_key(json!({ "name": "a" })).await;
+    let (_, b) = client.issue_key(json!({ "name": "b" })).await;
 
     // Acknowledged work, fully charged before the crash.
     let mut usage = client
@@ -539,19 +535,7 @@ async fn costs_agree_to_the_micro_dollar_before_a_kill_9_after_restart_and_after
     nats.stop();
 
     let after_crash = by_key(&cli_json(&data, &["costs", "--by", "key"]), "key");
-    let events = {
-        let output = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
-            .args(["log", "--json", "--data-dir"])
-            .arg(&data)
-            .output()
-            .expect("runs");
-        assert!(output.status.success());
-        String::from_utf8(output.stdout)
-            .expect("UTF-8")
-            .lines()
-            .map(|line| serde_json::from_str::<Value>(line).expect("JSON"))
-            .collect::<Vec<_>>()
-    };
+    let events = cli_json(&data, &["log"]).as_array().expect("lines").clone();
     for (key_id, cost) in &after_crash {
         let sum: u64 = usage_of(&events, key_id).iter().sum();
         assert_eq!(
@@ -605,7 +589,6 @@ async fn costs_agree_to_the_micro_dollar_before_a_kill_9_after_restart_and_after
         after_crash,
         "the restarted server agrees"
     );
-    let _ = (key_a, key_b);
     assert!(serve.terminate().success());
 }
 

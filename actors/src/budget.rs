@@ -103,8 +103,8 @@ impl fmt::Display for BudgetRefused {
         write!(
             f,
             "the {} budget of {} {} is spent ({} of {} micro-USD)",
-            period_name(self.period),
-            scope_name(self.scope),
+            self.period.as_str(),
+            self.scope.as_str(),
             self.subject_id,
             self.spent_micros,
             self.budget_micros
@@ -342,7 +342,7 @@ impl Inner {
         let spent = indexed.micros.saturating_add(pending);
         let remaining = budget.micros.saturating_sub(spent);
         let labels = [
-            ("scope", scope_name(spender.scope).to_owned()),
+            ("scope", spender.scope.as_str().to_owned()),
             ("subject", spender.id.clone()),
         ];
         metrics::gauge!("switchboard_budget_remaining_micros", &labels).set(remaining as f64);
@@ -445,9 +445,9 @@ impl Inner {
 fn alert_id(spender: &Spender, status: &BudgetStatus, which: u32) -> Uuid {
     let name = format!(
         "switchboard:budget:{}:{}:{}:{}:{}:{which}",
-        scope_name(spender.scope),
+        spender.scope.as_str(),
         spender.id,
-        period_name(status.period),
+        status.period.as_str(),
         status.period_start.timestamp(),
         status.budget_micros,
     );
@@ -505,21 +505,6 @@ pub fn period_end(period: BudgetPeriod, now: DateTime<Utc>) -> Option<DateTime<U
 
 fn midnight(day: NaiveDate) -> DateTime<Utc> {
     Utc.from_utc_datetime(&day.and_time(chrono::NaiveTime::MIN))
-}
-
-fn scope_name(scope: BudgetScope) -> &'static str {
-    match scope {
-        BudgetScope::Key => "key",
-        BudgetScope::User => "user",
-    }
-}
-
-fn period_name(period: BudgetPeriod) -> &'static str {
-    match period {
-        BudgetPeriod::Day => "day",
-        BudgetPeriod::Month => "month",
-        BudgetPeriod::Total => "total",
-    }
 }
 
 #[cfg(test)]

@@ -14,7 +14,9 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 /// Makes `span` a child of the remote span `traceparent` names, if any.
 pub fn continue_trace(span: &tracing::Span, traceparent: Option<&str>) {
-    let Some(traceparent) = traceparent else {
+    // A span no layer records (the usual case without an exporter) costs
+    // nothing more here: no parsing, no map.
+    let Some(traceparent) = traceparent.filter(|_| !span.is_disabled()) else {
         return;
     };
     let carrier = HashMap::from([("traceparent".to_owned(), traceparent.to_owned())]);
@@ -27,6 +29,9 @@ pub fn continue_trace(span: &tracing::Span, traceparent: Option<&str>) {
 /// The `traceparent` naming `span`, for the next hop; `None` when spans are
 /// not exported.
 pub fn traceparent_of(span: &tracing::Span) -> Option<String> {
+    if span.is_disabled() {
+        return None;
+    }
     let context = span.context();
     if !context.span().span_context().is_valid() {
         return None;

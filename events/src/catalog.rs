@@ -238,6 +238,27 @@ pub enum BudgetPeriod {
     Total,
 }
 
+impl BudgetScope {
+    /// The name on the wire: `key` or `user`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BudgetScope::Key => "key",
+            BudgetScope::User => "user",
+        }
+    }
+}
+
+impl BudgetPeriod {
+    /// The name on the wire: `day`, `month` or `total`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BudgetPeriod::Day => "day",
+            BudgetPeriod::Month => "month",
+            BudgetPeriod::Total => "total",
+        }
+    }
+}
+
 impl std::str::FromStr for BudgetPeriod {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {

@@ -15,7 +15,7 @@ pub mod webhook;
 
 use std::fmt::Write as _;
 
-use switchboard_events::catalog::{BudgetPeriod, BudgetScope, LimitKind};
+use switchboard_events::catalog::{BudgetScope, LimitKind};
 use switchboard_events::Event;
 
 pub use webhook::{WebhookConfig, WebhookError, WebhookHandle, WebhookSink};
@@ -54,14 +54,14 @@ pub fn alert_text(event: &Event) -> Option<String> {
             ":warning: {} reached {}% of its {} budget: {} of {}",
             whose(e.scope, &e.subject_id),
             e.threshold_pct,
-            period(e.period),
+            e.period.as_str(),
             dollars(e.spent_micros),
             dollars(e.budget_micros),
         )),
         Event::BudgetExceeded(e) => Some(format!(
             ":no_entry: {} used up its {} budget: {} of {}",
             whose(e.scope, &e.subject_id),
-            period(e.period),
+            e.period.as_str(),
             dollars(e.spent_micros),
             dollars(e.budget_micros),
         )),
@@ -93,19 +93,7 @@ pub fn alert_text(event: &Event) -> Option<String> {
 }
 
 fn whose(scope: BudgetScope, id: &str) -> String {
-    let scope = match scope {
-        BudgetScope::Key => "key",
-        BudgetScope::User => "user",
-    };
-    format!("{scope} {}", slack_escape(id))
-}
-
-fn period(period: BudgetPeriod) -> &'static str {
-    match period {
-        BudgetPeriod::Day => "day",
-        BudgetPeriod::Month => "month",
-        BudgetPeriod::Total => "total",
-    }
+    format!("{} {}", scope.as_str(), slack_escape(id))
 }
 
 /// `$1.50`, `$0.001234`: cents always, sub-cent digits when there are any.
