@@ -123,6 +123,8 @@ struct AgentSection {
     max_retries: Option<u32>,
     circuit_failure_threshold: Option<u32>,
     circuit_open_secs: Option<u64>,
+    /// Echo only: milliseconds between its words, to stream like a model.
+    word_delay_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -277,9 +279,17 @@ fn agent(
     validate_token("an agent name", &section.name)?;
     let mut config = AgentConfig::new(section.name.clone());
     let (provider, model) = match section.provider.as_str() {
-        "echo" => (ProviderSpec::Echo, section.name.clone()),
+        "echo" => (
+            ProviderSpec::Echo {
+                word_delay: Duration::from_millis(section.word_delay_ms.unwrap_or(0)),
+            },
+            section.name.clone(),
+        ),
         "openai" => {
             let name = &section.name;
+            if section.word_delay_ms.is_some() {
+                bail!("agent {name:?}: word_delay_ms is for echo agents only");
+            }
             let base_url = section
                 .base_url
                 .with_context(|| format!("agent {name:?}: provider openai needs base_url"))?;

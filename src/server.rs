@@ -87,7 +87,9 @@ impl ServerConfig {
             admin_key: None,
             agents: vec![AgentSpec {
                 config: AgentConfig::new("echo"),
-                provider: ProviderSpec::Echo,
+                provider: ProviderSpec::Echo {
+                    word_delay: Duration::ZERO,
+                },
             }],
             routes: Vec::new(),
             default_agent: "echo".to_owned(),
@@ -110,7 +112,8 @@ pub struct AgentSpec {
 /// The model behind an agent.
 #[derive(Clone)]
 pub enum ProviderSpec {
-    Echo,
+    /// The built-in echo, its words paced by `word_delay` (zero: all at once).
+    Echo { word_delay: Duration },
     /// An OpenAI-compatible chat-completions server.
     OpenAi {
         base_url: String,
@@ -124,7 +127,10 @@ pub enum ProviderSpec {
 impl std::fmt::Debug for ProviderSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            ProviderSpec::Echo => f.write_str("Echo"),
+            ProviderSpec::Echo { word_delay } => f
+                .debug_struct("Echo")
+                .field("word_delay", word_delay)
+                .finish(),
             ProviderSpec::OpenAi {
                 base_url,
                 model,
@@ -498,7 +504,7 @@ async fn connect_nats(url: &str) -> Result<NatsBus, ServerError> {
 
 fn provider(spec: &ProviderSpec) -> Result<Arc<dyn Provider>, ServerError> {
     Ok(match spec {
-        ProviderSpec::Echo => Arc::new(EchoProvider::new()),
+        ProviderSpec::Echo { word_delay } => Arc::new(EchoProvider::with_word_delay(*word_delay)),
         ProviderSpec::OpenAi {
             base_url,
             model,

@@ -478,6 +478,7 @@ default_agent = "front"
 [[agents]]
 name = "front"
 provider = "echo"
+word_delay_ms = 20
 [[agents]]
 name = "legal"
 provider = "echo"
@@ -499,6 +500,12 @@ output = 10.0
     let mut client = Client::connect(&nats.url()).await;
     client.prefix = "acme".into();
     let (_, key) = client.issue_key(json!({ "name": "cfg" })).await;
+    let mut deltas = client
+        .bus
+        .subscribe("acme.evt.conv.cfg1.reply_delta")
+        .await
+        .expect("subscribes");
+    client.bus.flush().await.expect("flushes");
     for (m, content) in ["hello", "about the Contract", "more"].iter().enumerate() {
         let ack = client
             .send(&key, "cfg1", content, &format!("m{m}"))
@@ -506,6 +513,19 @@ output = 10.0
             .expect("answered");
         assert_eq!(ack["ok"], json!(true), "{ack}");
     }
+    // The front agent paces its words (word_delay_ms), so they stream apart.
+    let mut first_reply = Vec::new();
+    while first_reply.concat() != "echo: hello" {
+        let delta = tokio::time::timeout(PHASE, deltas.recv())
+            .await
+            .expect("the reply streams")
+            .expect("open");
+        let delta: Value = serde_json::from_slice(&delta.payload).expect("JSON");
+        if delta["message_id"] == json!("m0") {
+            first_reply.push(delta["delta"].as_str().expect("delta").to_owned());
+        }
+    }
+    assert_eq!(first_reply, ["echo: ", "hello"]);
     let deadline = Instant::now() + PHASE;
     let agents: Vec<String> = loop {
         let history = client.history(&key, "cfg1").await;
@@ -582,6 +602,10 @@ fn a_bad_config_is_refused_before_anything_starts() {
         (
             "[[agents]]\nname = \"a\"\nprovider = \"openai\"\nmodel = \"m\"\n",
             "base_url",
+        ),
+        (
+            "[[agents]]\nname = \"a\"\nprovider = \"openai\"\nbase_url = \"http://127.0.0.1:1/v1\"\nmodel = \"m\"\nword_delay_ms = 5\n",
+            "word_delay_ms",
         ),
         ("[router]\ndefault_agent = \"nobody\"\n", "nobody"),
         ("[[routes]]\npattern = \"(\"\nagent = \"echo\"\n", "("),

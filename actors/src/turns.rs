@@ -539,16 +539,22 @@ impl Inner {
             request.message_id.clone(),
             request.reply_id.clone(),
         );
+        // Pieces that queued up while the last delta was being handed on go
+        // out as one: a burst (a model's SSE chunks read together, or echo's
+        // instant words) costs one message, and a model streaming token by
+        // token still streams token by token.
         let relay = async move {
             let mut index = 0;
-            while let Some(delta) = received.recv().await {
+            let mut pieces = Vec::new();
+            while received.recv_many(&mut pieces, DELTA_BUFFER).await > 0 {
                 let delta = ReplyDelta {
                     conversation_id: conversation_id.clone(),
                     message_id: message_id.clone(),
                     reply_id: reply_id.clone(),
                     index,
-                    delta,
+                    delta: pieces.concat(),
                 };
+                pieces.clear();
                 index += 1;
                 // A caller that stopped listening does not stop the turn.
                 let _ = caller.send(delta).await;

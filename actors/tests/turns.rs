@@ -79,7 +79,12 @@ async fn harness_on(dir: TempDir, log: EventLog, fake: Option<&FakeOpenAi>) -> H
     let mut agents = HashMap::new();
     agents.insert(
         "echo".to_owned(),
-        spawn_agent("echo", Arc::new(EchoProvider::new())).await,
+        // Paced, so its words arrive apart and stream one by one.
+        spawn_agent(
+            "echo",
+            Arc::new(EchoProvider::with_word_delay(Duration::from_millis(5))),
+        )
+        .await,
     );
     let mut rules = Vec::new();
     if let Some(fake) = fake {

@@ -1,6 +1,8 @@
 //! The `echo` provider: deterministic replies for tests, demos and benchmarks,
 //! with no model server and no network.
 
+use std::time::Duration;
+
 use async_trait::async_trait;
 use tokio::sync::mpsc;
 
@@ -13,18 +15,27 @@ use super::{
 /// Each delta is one word with the whitespace that follows it, so the deltas
 /// concatenate to the reply exactly. Usage is counted with echo's own
 /// tokenizer, one token per word ([`echo_usage`]), and marked estimated.
+///
+/// By default the words come all at once, like a model that answers faster
+/// than anyone reads; [`EchoProvider::with_word_delay`] paces them like a
+/// model generating tokens.
 #[derive(Debug, Clone, Default)]
 pub struct EchoProvider {
-    _private: (),
+    word_delay: Duration,
 }
 
 impl EchoProvider {
     /// The model name echo reports (there is only one).
     pub const MODEL: &'static str = "echo";
 
-    /// An echo provider.
+    /// An echo provider that streams its words as fast as they are taken.
     pub fn new() -> Self {
         EchoProvider::default()
+    }
+
+    /// An echo provider that waits `delay` before each word after the first.
+    pub fn with_word_delay(delay: Duration) -> Self {
+        EchoProvider { word_delay: delay }
     }
 }
 
@@ -59,7 +70,10 @@ impl Provider for EchoProvider {
 
         // Streaming can only be slow if the receiver is; the timeout still holds.
         let stream = async {
-            for word in words_with_trailing_space(&content) {
+            for (i, word) in words_with_trailing_space(&content).enumerate() {
+                if i > 0 && !self.word_delay.is_zero() {
+                    tokio::time::sleep(self.word_delay).await;
+                }
                 send_delta(&deltas, word.to_owned()).await;
             }
         };
