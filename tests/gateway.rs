@@ -329,6 +329,71 @@ async fn send_ack_resend_and_history(transport: Transport) {
     service.shutdown().await;
 }
 
+async fn a_waited_send_answers_with_its_stored_reply(transport: Transport) {
+    let service = Service::start(transport).await;
+    let key = service.issue_key("key_w", &[Scope::Chat]).await;
+    let waited = || bearer(&key).with("Switchboard-Wait", "reply");
+    let body = json!({"content": "hello there", "message_id": "w1"});
+
+    let answer = service
+        .request(
+            "cw",
+            "send",
+            waited(),
+            serde_json::to_vec(&body).expect("JSON"),
+        )
+        .await;
+    assert_eq!(answer["ok"], json!(true), "{answer}");
+    let seq = answer["seq"].as_u64().expect("a seq");
+    let turn = answer["turn"].as_array().expect("the turn's end");
+    let types: Vec<&str> = turn.iter().filter_map(|e| e["type"].as_str()).collect();
+    assert_eq!(types, ["reply_completed", "usage_recorded"], "{answer}");
+    assert_eq!(turn[0]["data"]["content"], json!("echo: hello there"));
+    assert_eq!(turn[0]["data"]["message_id"], json!("w1"));
+    assert!(turn[1]["data"]["completion_tokens"].as_u64() > Some(0));
+    // Exactly the stored events, as the log holds them.
+    let stored: Vec<Value> = service
+        .events()
+        .into_iter()
+        .filter(|e| e.seq > seq)
+        .filter(|e| matches!(e.event, Event::ReplyCompleted(_) | Event::UsageRecorded(_)))
+        .map(|e| serde_json::to_value(e).expect("JSON"))
+        .collect();
+    assert_eq!(turn, &stored);
+
+    // A resend starts no turn, so it has no end to wait for: the ack alone.
+    let again = service
+        .request(
+            "cw",
+            "send",
+            waited(),
+            serde_json::to_vec(&body).expect("JSON"),
+        )
+        .await;
+    assert_eq!(again["duplicate"], json!(true), "{again}");
+    assert!(again.get("turn").is_none(), "{again}");
+
+    // Any other value is refused before anything is stored.
+    let head = service.log.head();
+    let refused = service
+        .request(
+            "cw",
+            "send",
+            bearer(&key).with("Switchboard-Wait", "forever"),
+            serde_json::to_vec(&json!({"content": "x"})).expect("JSON"),
+        )
+        .await;
+    assert_error(&refused, "invalid_request");
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("Switchboard-Wait")),
+        "{refused}"
+    );
+    assert_eq!(service.log.head(), head, "a refused send stores nothing");
+    service.shutdown().await;
+}
+
 async fn bad_keys_are_unauthorized_and_audited(transport: Transport) {
     let service = Service::start(transport).await;
     let revoked = service.issue_key("key_r", &[Scope::Chat]).await;
@@ -648,6 +713,7 @@ macro_rules! on_both_buses {
 
 on_both_buses!(
     send_ack_resend_and_history,
+    a_waited_send_answers_with_its_stored_reply,
     bad_keys_are_unauthorized_and_audited,
     bad_input_is_refused_and_stores_nothing,
     postcard_bodies_work,

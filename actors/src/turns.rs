@@ -39,7 +39,7 @@ use ractor::ActorRef;
 use serde::{Deserialize, Serialize};
 use switchboard_events::catalog::UsageRecorded;
 use switchboard_events::{Event, EventLog};
-use tokio::sync::{mpsc, Notify, OnceCell};
+use tokio::sync::{mpsc, oneshot, Notify, OnceCell};
 use uuid::Uuid;
 
 use crate::agent::{request_turn, AgentMsg, TurnOutcome, TurnRequest};
@@ -87,6 +87,17 @@ pub struct SendInput {
     /// The rate limiter's admission: held until the turn ends, then finished
     /// with the turn's tokens (dropped at once when no turn starts).
     pub permit: Option<Permit>,
+    /// Told where the turn's end is once it is stored. Dropped unanswered
+    /// when no turn starts (a duplicate) or its end could not be stored.
+    pub ended: Option<oneshot::Sender<TurnEnd>>,
+}
+
+/// Where a turn's stored end is in the log: `reply_completed` and
+/// `usage_recorded`, or `reply_failed`, at `first_seq` onwards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TurnEnd {
+    pub first_seq: u64,
+    pub events: usize,
 }
 
 /// One streamed piece of a reply (`reply_delta`, DESIGN §6); not stored.
@@ -206,6 +217,7 @@ struct TurnJob {
     traceparent: Option<String>,
     deltas: Option<mpsc::Sender<ReplyDelta>>,
     permit: Option<Permit>,
+    ended: Option<oneshot::Sender<TurnEnd>>,
 }
 
 impl TurnCoordinator {
@@ -294,6 +306,7 @@ impl TurnCoordinator {
                 traceparent: input.traceparent,
                 deltas: input.deltas,
                 permit: input.permit,
+                ended: input.ended,
             };
             // Counted before the task exists, so `wait_idle` cannot miss it.
             let guard = TurnGuard::new(&self.inner);
@@ -472,6 +485,7 @@ impl Inner {
             traceparent,
             deltas,
             permit,
+            ended,
         } = job;
         let mut request = TurnRequest::new(&conversation_id, &message_id, key_id, Vec::new());
         request.user = user;
@@ -500,12 +514,16 @@ impl Inner {
                 Event::UsageRecorded(usage) => Some((offset as u64, usage.clone())),
                 _ => None,
             });
+        let events = outcome.events.len();
         let stored = self.store_end(&conversation_id, &message_id, outcome).await;
         if let (Some(Some(first)), Some((offset, usage))) = (stored, &usage) {
             record_usage(usage);
             if let Some(budgets) = self.budgets.get() {
                 budgets.charge(&usage.key_id, first + offset, usage.cost_micros);
             }
+        }
+        if let (Some(Some(first_seq)), Some(ended)) = (stored, ended) {
+            let _ = ended.send(TurnEnd { first_seq, events });
         }
         if let Some(permit) = permit {
             permit.finish(usage.map_or(0, |(_, u)| u.prompt_tokens + u.completion_tokens));

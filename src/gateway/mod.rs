@@ -54,7 +54,7 @@ use futures::{FutureExt, StreamExt};
 use serde_json::Value;
 use switchboard_actors::conversation_actor::{validate_conversation_id, ConversationError};
 use switchboard_actors::rate_limiter::{AdmitError, RateLimiterConfig, RateLimiters};
-use switchboard_actors::turns::{ReplyDelta, SendInput, TurnCoordinator};
+use switchboard_actors::turns::{ReplyDelta, SendInput, TurnCoordinator, TurnEnd};
 use switchboard_events::catalog::Scope;
 use switchboard_events::EventLog;
 use switchboard_projections::{Conversation, Projections};
@@ -442,6 +442,7 @@ impl Gateway {
         let conversation_id = self.conversation_id(&message.subject, "send")?;
         let format = BodyFormat::from_content_type(header(&message.headers, "Content-Type"))?;
         let body = SendRequest::decode(&message.payload, format)?;
+        let wait = waits_for_reply(&message.headers)?;
         let limits = &caller.record.limits;
         if let Some(budgets) = self.coordinator.budgets() {
             let record = &caller.record;
@@ -480,6 +481,12 @@ impl Gateway {
                 return Err(error.into());
             }
         };
+        let (ended, turn_end) = if wait {
+            let (ended, turn_end) = oneshot::channel();
+            (Some(ended), Some(turn_end))
+        } else {
+            (None, None)
+        };
         let input = SendInput {
             message_id: body.message_id,
             key_id: caller.record.key_id.clone(),
@@ -490,9 +497,20 @@ impl Gateway {
             traceparent: meta.traceparent.clone(),
             deltas: Some(self.publish_deltas(conversation_id, meta)),
             permit: Some(permit),
+            ended,
         };
         match self.coordinator.send(conversation_id, input).await {
-            Ok(ack) => Ok(ack_json(&ack)),
+            Ok(ack) => {
+                let mut reply = ack_json(&ack);
+                // No end comes for a duplicate, nor for a turn whose end was
+                // not stored: then the answer is the ack alone.
+                if let (Some(turn_end), false) = (turn_end, ack.duplicate) {
+                    if let Ok(end) = turn_end.await {
+                        reply["turn"] = self.stored_events(end).await?;
+                    }
+                }
+                Ok(reply)
+            }
             Err(ConversationError::Forbidden(reason)) => {
                 let failure = AuthFailure::forbidden("not_owner", &reason, &caller);
                 Err(self.auth.refuse(failure, meta).await)
@@ -591,6 +609,24 @@ impl Gateway {
         deltas
     }
 
+    /// The stored events of a turn's end, as the outbox publishes them.
+    async fn stored_events(&self, end: TurnEnd) -> Result<Value, GatewayError> {
+        let log = self.log.clone();
+        let last = end.first_seq + end.events as u64 - 1;
+        tokio::task::spawn_blocking(move || {
+            log.read_range(end.first_seq, last)
+                .map(|e| e.map(|e| serde_json::to_value(e).expect("envelopes serialize")))
+                .collect::<Result<Vec<Value>, _>>()
+        })
+        .await
+        .map_err(|e| GatewayError::Internal(format!("the read failed: {e}")))?
+        .map(Value::Array)
+        .map_err(|error| {
+            tracing::error!(%error, "cannot read a stored turn's end");
+            GatewayError::Unavailable("the turn's end cannot be read".into())
+        })
+    }
+
     /// The valid conversation id in `{prefix}.admin.conv.<id>.erase`.
     fn erased_conversation_id<'a>(&self, subject: &'a str) -> Result<&'a str, GatewayError> {
         let id = subject
@@ -625,6 +661,21 @@ impl Gateway {
             })?;
         validate_conversation_id(id)?;
         Ok(id)
+    }
+}
+
+/// The request header that makes a send answer once its turn's end is
+/// stored, with that end as `turn` (DESIGN §6; `docs/subjects.md`).
+pub const WAIT_HEADER: &str = "Switchboard-Wait";
+
+/// Whether a send asks to wait for its reply (`Switchboard-Wait: reply`).
+fn waits_for_reply(headers: &Headers) -> Result<bool, GatewayError> {
+    match header(headers, WAIT_HEADER) {
+        None => Ok(false),
+        Some(value) if value.eq_ignore_ascii_case("reply") => Ok(true),
+        Some(value) => Err(GatewayError::InvalidRequest(format!(
+            "{WAIT_HEADER} must be \"reply\", not {value:?}"
+        ))),
     }
 }
 

@@ -48,8 +48,21 @@ impl Core {
         caller: &HeaderMap,
         body: &Value,
     ) -> Result<CoreReply, ApiError> {
+        self.request_with(subject, caller, body, Headers::new(), CORE_TIMEOUT)
+            .await
+    }
+
+    /// [`Core::request`] with `extra` headers, waiting up to `timeout`.
+    pub async fn request_with(
+        &self,
+        subject: &str,
+        caller: &HeaderMap,
+        body: &Value,
+        extra: Headers,
+        timeout: Duration,
+    ) -> Result<CoreReply, ApiError> {
         let subject = format!("{}.{subject}", self.prefix);
-        let mut headers = Headers::new().with("Content-Type", "application/json");
+        let mut headers = extra.with("Content-Type", "application/json");
         if let Some(value) = caller.get("authorization").and_then(|v| v.to_str().ok()) {
             headers.insert("Authorization", value);
         }
@@ -62,7 +75,7 @@ impl Core {
         let payload = serde_json::to_vec(body).expect("a JSON value serializes");
         let reply = self
             .bus
-            .request(&subject, headers, payload, CORE_TIMEOUT)
+            .request(&subject, headers, payload, timeout)
             .await
             .map_err(|error| ApiError::from_bus(&error))?;
         let body: Value = serde_json::from_slice(&reply.payload).map_err(|error| {

@@ -7,7 +7,9 @@
 //! Like the rest of the front, these routes decide nothing: each turns into
 //! the core's `agents`, `conv.<id>.send`, `conv.<id>.events` and
 //! `evt.conv.<id>.>` subjects, and every keyed answer carries the core's
-//! rate-limit headers. A reply is waited for 10 minutes at most (then 504,
+//! rate-limit headers. A non-streamed completion is one send that waits for
+//! its stored reply (`Switchboard-Wait: reply`); a streamed one follows the
+//! conversation's events. A reply is waited for 10 minutes at most (then 504,
 //! or an error chunk); the turn goes on and is stored regardless.
 //!
 //! **Messages.** OpenAI clients resend the whole chat on every call, but a
@@ -68,6 +70,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use super::error::{copy_rate_headers, ApiError};
 use super::openapi::{ChatCompletion, ChatCompletionRequest, Model, ModelList, OpenAiErrors};
 use super::{within, AppState};
+use crate::bus::Headers;
+use crate::gateway::WAIT_HEADER;
 use error::{body_rejection, OpenAiError};
 use request::{conversation_of, message_id_of, ChatRequest};
 use response::{relay_chunks, ResponseShape};
@@ -195,12 +199,6 @@ async fn chat_completions(
         HeaderValue::from_str(&id).expect("a checked conversation id is a header value");
     let failed = |error: ApiError| OpenAiError::from(error).with_conversation(&id_header);
 
-    // Subscribed before sending, so no piece of the reply can be missed.
-    let events = state
-        .core
-        .subscribe(&format!("evt.conv.{id}.>"))
-        .await
-        .map_err(failed)?;
     let send = json!({
         "content": request.content,
         "message_id": message_id,
@@ -208,29 +206,72 @@ async fn chat_completions(
         "user": request.user,
     });
     let subject = format!("conv.{id}.send");
-    let ack = within(&state, state.core.request(&subject, &caller, &send))
-        .await
-        .map_err(failed)?;
-    let mut headers = HeaderMap::new();
-    copy_rate_headers(&ack.headers, &mut headers);
-    headers.insert(CONVERSATION_HEADER, id_header.clone());
-
-    let turn = TurnFollower::start(state.core.clone(), caller, id, &ack.body, events).await;
     let shape = ResponseShape {
         model: request.model,
         created: chrono::Utc::now().timestamp(),
         include_usage: request.include_usage,
     };
-    if request.stream {
-        let (sender, received) = mpsc::channel(CHUNK_BUFFER);
-        tokio::spawn(relay_chunks(turn, shape, sender, state.closing.clone()));
-        let stream = ReceiverStream::new(received).map(Ok::<Event, Infallible>);
-        let sse = Sse::new(stream).keep_alive(KeepAlive::new().interval(KEEP_ALIVE));
-        return Ok((headers, sse).into_response());
+    if !request.stream {
+        return whole_reply(&state, caller, id, &subject, &send, shape)
+            .await
+            .map_err(|error| error.with_conversation(&id_header));
     }
-    let reply = turn
-        .into_reply()
+
+    // Subscribed before sending, so no piece of the reply can be missed.
+    let events = state
+        .core
+        .subscribe(&format!("evt.conv.{id}.>"))
         .await
-        .map_err(|error| error.with_conversation(&id_header))?;
+        .map_err(failed)?;
+    let ack = within(&state, state.core.request(&subject, &caller, &send))
+        .await
+        .map_err(failed)?;
+    let headers = reply_headers(&ack.headers, &id);
+    let turn = TurnFollower::start(state.core.clone(), caller, id, &ack.body, events, false).await;
+    let (sender, received) = mpsc::channel(CHUNK_BUFFER);
+    tokio::spawn(relay_chunks(turn, shape, sender, state.closing.clone()));
+    let stream = ReceiverStream::new(received).map(Ok::<Event, Infallible>);
+    let sse = Sse::new(stream).keep_alive(KeepAlive::new().interval(KEEP_ALIVE));
+    Ok((headers, sse).into_response())
+}
+
+/// A non-streamed completion: the send waits for its turn's stored end
+/// (`Switchboard-Wait: reply`), so no events are followed. A resend of a
+/// message (its turn started by the first send) follows the conversation's
+/// events for it instead.
+async fn whole_reply(
+    state: &AppState,
+    caller: HeaderMap,
+    id: String,
+    subject: &str,
+    send: &Value,
+    shape: ResponseShape,
+) -> Result<Response, OpenAiError> {
+    let wait = Headers::new().with(WAIT_HEADER, "reply");
+    let ack = state
+        .core
+        .request_with(subject, &caller, send, wait, turn::REPLY_WAIT)
+        .await?;
+    let headers = reply_headers(&ack.headers, &id);
+    let turn = match TurnFollower::ended(state.core.clone(), caller.clone(), id.clone(), &ack.body)
+    {
+        Some(turn) => turn,
+        None => {
+            let pattern = format!("evt.conv.{id}.>");
+            let events = state.core.subscribe(&pattern).await?;
+            TurnFollower::start(state.core.clone(), caller, id, &ack.body, events, true).await
+        }
+    };
+    let reply = turn.into_reply().await?;
     Ok((headers, Json(shape.completion(&reply))).into_response())
+}
+
+/// The core's rate-limit headers and the conversation's id.
+fn reply_headers(core: &Headers, conversation_id: &str) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    copy_rate_headers(core, &mut headers);
+    let id = HeaderValue::from_str(conversation_id)
+        .expect("a checked conversation id is a header value");
+    headers.insert(CONVERSATION_HEADER, id);
+    headers
 }

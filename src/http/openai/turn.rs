@@ -13,7 +13,7 @@ use crate::http::core::Core;
 
 /// The longest a reply is waited for; then 504 (or an error chunk). The turn
 /// itself goes on and is stored.
-const REPLY_WAIT: Duration = Duration::from_secs(600);
+pub(super) const REPLY_WAIT: Duration = Duration::from_secs(600);
 /// How long a completed reply's `usage_recorded` is awaited live before it is
 /// looked up in the log (both are appended together, so it is there).
 const USAGE_WAIT: Duration = Duration::from_secs(5);
@@ -76,7 +76,9 @@ pub(super) struct TurnFollower {
     caller: HeaderMap,
     conversation_id: String,
     message_id: String,
-    events: Subscription,
+    /// The conversation's live events; `None` when the core's answer held
+    /// the turn's whole end.
+    events: Option<Subscription>,
     queued: VecDeque<TurnStep>,
     /// The seq of the `reply_completed`, once seen: then only usage is awaited.
     completed_seq: Option<u64>,
@@ -85,14 +87,14 @@ pub(super) struct TurnFollower {
 }
 
 impl TurnFollower {
-    pub(super) async fn start(
+    fn new(
         core: Core,
         caller: HeaderMap,
         conversation_id: String,
         ack: &Value,
-        events: Subscription,
+        events: Option<Subscription>,
     ) -> TurnFollower {
-        let mut turn = TurnFollower {
+        TurnFollower {
             core,
             caller,
             conversation_id,
@@ -102,15 +104,45 @@ impl TurnFollower {
             completed_seq: None,
             done: false,
             deadline: Instant::now() + REPLY_WAIT,
-        };
+        }
+    }
+
+    /// Follows the turn a send acknowledged (`ack`) on `events`, subscribed
+    /// before the send — or after it when `subscribed_late`, so the log is
+    /// read for what happened in between.
+    pub(super) async fn start(
+        core: Core,
+        caller: HeaderMap,
+        conversation_id: String,
+        ack: &Value,
+        events: Subscription,
+        subscribed_late: bool,
+    ) -> TurnFollower {
+        let mut turn = TurnFollower::new(core, caller, conversation_id, ack, Some(events));
         // A resent message's turn may be over already: look in the log.
-        if ack["duplicate"] == json!(true) {
+        if subscribed_late || ack["duplicate"] == json!(true) {
             let after = ack["seq"].as_u64().unwrap_or(1).saturating_sub(1);
             for envelope in turn.stored_after(after).await {
                 turn.take(&envelope);
             }
         }
         turn
+    }
+
+    /// The turn whose stored end the core's answer to a waited send carries
+    /// as `turn`; `None` when the answer has no whole end.
+    pub(super) fn ended(
+        core: Core,
+        caller: HeaderMap,
+        conversation_id: String,
+        ack: &Value,
+    ) -> Option<TurnFollower> {
+        let end = ack["turn"].as_array()?;
+        let mut turn = TurnFollower::new(core, caller, conversation_id, ack, None);
+        for envelope in end {
+            turn.take(envelope);
+        }
+        turn.done.then_some(turn)
     }
 
     /// The conversation's stored events after `seq` (none if unreadable).
@@ -173,8 +205,12 @@ impl TurnFollower {
                 Some(_) => self.deadline.min(Instant::now() + USAGE_WAIT),
                 None => self.deadline,
             };
+            let Some(events) = &mut self.events else {
+                // Only a whole stored end is followed without events.
+                return Ok(None);
+            };
             let message = tokio::select! {
-                message = self.events.recv() => message,
+                message = events.recv() => message,
                 () = tokio::time::sleep_until(limit) => {
                     let Some(seq) = self.completed_seq else {
                         return Err(OpenAiError::timeout());
