@@ -480,14 +480,23 @@ async fn bad_requests_get_openai_errors_and_send_nothing() {
     assert_eq!(huge.status, StatusCode::PAYLOAD_TOO_LARGE, "{}", huge.body);
     assert_eq!(huge.body["error"]["type"], json!("invalid_request_error"));
 
+    // A bad key is 401 before anything else is complained about, whether the
+    // front knows the model already (echo, by now) or not.
     for key in [None, Some("sb-garbage-key-000000")] {
-        let answer = front.complete(key, None, chat("echo", "x")).await;
-        assert_openai_error(
-            &answer,
-            StatusCode::UNAUTHORIZED,
-            "invalid_request_error",
-            "invalid_api_key",
-        );
+        for (id, body) in [
+            (None, chat("echo", "x")),
+            (None, chat("nobody", "x")),
+            (None, json!([1, 2])),
+            (Some("bad.id"), chat("echo", "x")),
+        ] {
+            let answer = front.complete(key, id, body.clone()).await;
+            assert_openai_error(
+                &answer,
+                StatusCode::UNAUTHORIZED,
+                "invalid_request_error",
+                "invalid_api_key",
+            );
+        }
     }
 
     // Nothing was sent: the log holds only the refused keys' audit events.

@@ -27,7 +27,9 @@ mod conversations;
 mod openai;
 mod ops;
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use axum::extract::rejection::JsonRejection;
@@ -80,6 +82,9 @@ pub struct AppState {
     pub request_timeout: Duration,
     /// Turns true when the front shuts down: open streams end then.
     pub closing: watch::Receiver<bool>,
+    /// The agents' names the core has listed, so a chat completion for a
+    /// known one goes straight to the send (which checks the key anyway).
+    pub known_agents: Arc<RwLock<HashSet<String>>>,
 }
 
 /// How long shutdown waits for open requests before dropping them.
@@ -153,6 +158,7 @@ pub fn router(config: &HttpConfig, bus: Bus, closing: watch::Receiver<bool>) -> 
         },
         request_timeout: config.request_timeout,
         closing,
+        known_agents: Arc::default(),
     };
     let api = Router::new()
         .route("/v1/conversations", get(conversations::list))

@@ -97,12 +97,16 @@ async fn agents(
     caller: &HeaderMap,
 ) -> Result<(Vec<String>, HeaderMap), ApiError> {
     let reply = within(state, state.core.request("agents", caller, &json!({}))).await?;
-    let names = reply.body["agents"]
+    let names: Vec<String> = reply.body["agents"]
         .as_array()
         .into_iter()
         .flatten()
         .filter_map(|agent| agent["name"].as_str().map(str::to_owned))
         .collect();
+    let mut known = state.known_agents.write().expect("agents lock");
+    known.clear();
+    known.extend(names.iter().cloned());
+    drop(known);
     let mut headers = HeaderMap::new();
     copy_rate_headers(&reply.headers, &mut headers);
     Ok((names, headers))
@@ -187,14 +191,28 @@ async fn chat_completions(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, OpenAiError> {
     let body = body.map_err(body_rejection)?;
-    // First, as OpenAI does: the key (401 before any complaint about the body).
-    let (agents, _) = agents(&state, &caller).await?;
-    let request = ChatRequest::parse(&body)?;
-    if !agents.contains(&request.model) {
-        return Err(OpenAiError::model_not_found(&request.model));
+    let checked = ChatRequest::parse(&body)
+        .and_then(|request| Ok((request, conversation_of(&caller)?, message_id_of(&caller)?)));
+    let known = |model: &str| {
+        let known = state.known_agents.read().expect("agents lock");
+        known.contains(model)
+    };
+    // The key first, as OpenAI does (401 before any complaint about the
+    // request): a send checks it, so a request for a known agent goes
+    // straight on; anything else asks the core for the agents, which checks
+    // the key too.
+    if !checked
+        .as_ref()
+        .is_ok_and(|(request, ..)| known(&request.model))
+    {
+        let (agents, _) = agents(&state, &caller).await?;
+        if let Ok((request, ..)) = &checked {
+            if !agents.contains(&request.model) {
+                return Err(OpenAiError::model_not_found(&request.model));
+            }
+        }
     }
-    let id = conversation_of(&caller)?;
-    let message_id = message_id_of(&caller)?;
+    let (request, id, message_id) = checked?;
     let id_header =
         HeaderValue::from_str(&id).expect("a checked conversation id is a header value");
     let failed = |error: ApiError| OpenAiError::from(error).with_conversation(&id_header);
@@ -225,7 +243,7 @@ async fn chat_completions(
         .map_err(failed)?;
     let ack = within(&state, state.core.request(&subject, &caller, &send))
         .await
-        .map_err(failed)?;
+        .map_err(|error| send_refused(&state, &shape.model, error).with_conversation(&id_header))?;
     let headers = reply_headers(&ack.headers, &id);
     let turn = TurnFollower::start(state.core.clone(), caller, id, &ack.body, events, false).await;
     let (sender, received) = mpsc::channel(CHUNK_BUFFER);
@@ -251,7 +269,8 @@ async fn whole_reply(
     let ack = state
         .core
         .request_with(subject, &caller, send, wait, turn::REPLY_WAIT)
-        .await?;
+        .await
+        .map_err(|error| send_refused(state, &shape.model, error))?;
     let headers = reply_headers(&ack.headers, &id);
     let turn = match TurnFollower::ended(state.core.clone(), caller.clone(), id.clone(), &ack.body)
     {
@@ -264,6 +283,18 @@ async fn whole_reply(
     };
     let reply = turn.into_reply().await?;
     Ok((headers, Json(shape.completion(&reply))).into_response())
+}
+
+/// The error of a refused send. A send for an agent the core does not have
+/// (it was in the front's list, but the core restarted without it) is
+/// OpenAI's 404, and the list is asked for again next time.
+fn send_refused(state: &AppState, model: &str, error: ApiError) -> OpenAiError {
+    if error.code == "invalid_request" && error.message.starts_with("unknown agent ") {
+        let mut known = state.known_agents.write().expect("agents lock");
+        known.remove(model);
+        return OpenAiError::model_not_found(model);
+    }
+    OpenAiError::from(error)
 }
 
 /// The core's rate-limit headers and the conversation's id.
