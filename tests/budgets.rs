@@ -13,32 +13,19 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
-use switchboard::bus::{Bus, Headers, NatsBus, Subscription};
+use switchboard::bus::{Bus, NatsBus, Subscription};
 use switchboard_actors::agent::Price;
 use switchboard_events::{EventLog, OpenMode};
 use switchboard_projections::{CostGroup, Projections};
 use tokio::task::JoinSet;
 
+use support::bus::request;
 use support::front::{Front, ADMIN_KEY, WAIT};
 use support::nats::NatsServer;
 use support::serve::{Client, ServeProcess, ADMIN_KEY as SERVE_ADMIN_KEY};
 
 /// $1,000 per million tokens either way: a micro-dollar per token... times a thousand.
 const PRICE: Price = Price::new(1_000_000_000, 1_000_000_000);
-
-async fn request(bus: &Bus, subject: &str, key: &str, body: Value) -> Value {
-    let headers = Headers::new().with("Authorization", format!("Bearer {key}"));
-    let reply = bus
-        .request(
-            subject,
-            headers,
-            serde_json::to_vec(&body).expect("JSON"),
-            WAIT,
-        )
-        .await
-        .unwrap_or_else(|error| panic!("{subject}: {error}"));
-    serde_json::from_slice(&reply.payload).expect("replies are JSON")
-}
 
 async fn issue(bus: &Bus, body: Value) -> (String, String) {
     let reply = request(bus, "sb.admin.keys.issue", ADMIN_KEY, body).await;

@@ -8,6 +8,7 @@
 
 #[path = "../actors/tests/support/fake_openai.rs"]
 mod fake_openai;
+mod support;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -15,7 +16,8 @@ use std::time::Duration;
 
 use fake_openai::{Behaviour, FakeOpenAi, REPLY, USAGE};
 use serde_json::{json, Value};
-use switchboard::bus::{Bus, Headers, Subscription};
+use support::bus::request;
+use switchboard::bus::{Bus, Subscription};
 use switchboard::server::{AgentSpec, ProviderSpec, Server, ServerConfig};
 use switchboard_actors::agent::AgentConfig;
 use switchboard_actors::turns::{LOST_TURN_CODE, LOST_TURN_MESSAGE};
@@ -116,20 +118,6 @@ async fn issue_key(bus: &Bus) -> String {
 }
 
 /// A request with `Authorization: Bearer <key>`, answered within [`WAIT`].
-async fn request(bus: &Bus, subject: &str, key: &str, body: Value) -> Value {
-    let headers = Headers::new().with("Authorization", format!("Bearer {key}"));
-    let reply = bus
-        .request(
-            subject,
-            headers,
-            serde_json::to_vec(&body).expect("JSON"),
-            WAIT,
-        )
-        .await
-        .unwrap_or_else(|error| panic!("{subject} was not answered: {error}"));
-    serde_json::from_slice(&reply.payload).expect("replies are JSON")
-}
-
 async fn send(bus: &Bus, key: &str, message_id: &str, content: &str) -> Value {
     let ack = request(
         bus,

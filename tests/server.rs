@@ -1,9 +1,12 @@
 //! The [`Server`] in-process on the embedded bus: the admin key's bootstrap,
 //! the admin key subjects, and conversation passivation under a small cap.
 
+mod support;
+
 use std::time::Duration;
 
 use serde_json::{json, Value};
+use support::bus::request;
 use switchboard::bus::{Bus, Headers};
 use switchboard::keys::{AdminBootstrap, ADMIN_KEY_FILE};
 use switchboard::server::{Server, ServerConfig};
@@ -19,20 +22,6 @@ fn config(dir: &std::path::Path) -> ServerConfig {
     let mut config = ServerConfig::new(dir.join("data"));
     config.admin_key = Some(ADMIN_KEY.to_owned());
     config
-}
-
-async fn request(bus: &Bus, subject: &str, key: &str, body: Value) -> Value {
-    let headers = Headers::new().with("Authorization", format!("Bearer {key}"));
-    let reply = bus
-        .request(
-            subject,
-            headers,
-            serde_json::to_vec(&body).expect("JSON"),
-            WAIT,
-        )
-        .await
-        .unwrap_or_else(|error| panic!("{subject}: {error}"));
-    serde_json::from_slice(&reply.payload).expect("replies are JSON")
 }
 
 #[track_caller]

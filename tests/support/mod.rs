@@ -4,6 +4,7 @@
 //! so unused helpers are allowed here rather than warned about in every binary.
 #![allow(dead_code)]
 
+pub mod bus;
 pub mod front;
 pub mod nats;
 pub mod serve;
