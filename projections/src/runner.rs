@@ -13,6 +13,9 @@ use tokio::time::Instant;
 use crate::view::{self, ProjectionError, Staged};
 use crate::{AuditView, CostsView, HistoryView, KeysView, ProjectionName};
 
+mod range;
+use range::fold_range;
+
 /// Rows staged before a commit while folding a stretch of the log.
 const COMMIT_EVERY_EVENTS: u64 = 8192;
 
@@ -349,46 +352,6 @@ fn scratch_path() -> PathBuf {
             .map(|d| d.as_nanos())
             .unwrap_or_default()
     ))
-}
-
-/// Folds the log into each projection from its checkpoint up to its `until`,
-/// in one pass over the log.
-fn fold_range(
-    log: &EventLog,
-    folding: &mut [Folding],
-    progress: &mut dyn FnMut(u64),
-) -> Result<(), ProjectionError> {
-    let active: Vec<usize> = (0..folding.len())
-        .filter(|&i| folding[i].checkpoint < folding[i].until)
-        .collect();
-    let Some(from) = active.iter().map(|&i| folding[i].checkpoint).min() else {
-        return Ok(());
-    };
-    let to = active
-        .iter()
-        .map(|&i| folding[i].until)
-        .max()
-        .unwrap_or(from);
-    let mut since_commit = 0;
-    for envelope in log.read_range(from + 1, to) {
-        let envelope = envelope?;
-        for &i in &active {
-            folding[i].apply(&envelope)?;
-        }
-        since_commit += 1;
-        if since_commit == COMMIT_EVERY_EVENTS {
-            for &i in &active {
-                folding[i].commit(envelope.seq)?;
-            }
-            since_commit = 0;
-        }
-        progress(envelope.seq);
-    }
-    for &i in &active {
-        let until = folding[i].until;
-        folding[i].commit(until)?;
-    }
-    Ok(())
 }
 
 /// The first difference between two trees' rows, described; `None` if equal.

@@ -1,0 +1,239 @@
+//! Folding a stretch of the log into the projections: one thread reads and
+//! decodes, another folds and commits.
+
+use std::sync::mpsc;
+
+use switchboard_events::{Envelope, EventLog};
+
+use super::{Folding, COMMIT_EVERY_EVENTS};
+use crate::view::ProjectionError;
+
+/// Folds the log into each projection from its checkpoint up to its `until`,
+/// in one pass over the log.
+///
+/// A reading thread (scoped to this call) reads and decodes the log while
+/// this one folds and commits, through a bounded channel of a few batches.
+/// The overlap is partial: sled's `apply_batch` takes a process-wide write
+/// lock that stops the reader's iterator for as long as a commit lasts. One
+/// fold thread for all the projections: commits cannot overlap anyway, and
+/// measured, a second fold thread was slower.
+pub(super) fn fold_range(
+    log: &EventLog,
+    folding: &mut [Folding],
+    progress: &mut dyn FnMut(u64),
+) -> Result<(), ProjectionError> {
+    let mut active: Vec<&mut Folding> = folding
+        .iter_mut()
+        .filter(|f| f.checkpoint < f.until)
+        .collect();
+    let Some(from) = active.iter().map(|f| f.checkpoint).min() else {
+        return Ok(());
+    };
+    let to = active.iter().map(|f| f.until).max().unwrap_or(from);
+    std::thread::scope(|scope| {
+        let (to_fold, batches) = mpsc::sync_channel(READ_AHEAD_BATCHES);
+        let reading = scope.spawn(move || read_batches(log, from + 1, to, to_fold));
+        let folded = fold_batches(&mut active, batches, progress);
+        // A fold error comes first: the reading thread is ahead of the fold,
+        // and stops without an error of its own when the fold has failed.
+        folded.and(join(reading))
+    })?;
+    for f in folding.iter_mut() {
+        let until = f.until;
+        f.commit(until)?;
+    }
+    Ok(())
+}
+
+/// Envelopes per batch handed to the fold: large enough that the channel
+/// costs nothing beside the folding, small enough that a few batches in flight
+/// stay a few megabytes.
+const READ_BATCH_EVENTS: usize = 4096;
+
+/// Batches the reading thread may be ahead of the fold.
+const READ_AHEAD_BATCHES: usize = 2;
+
+/// Reads and decodes `from..=to` and sends it to the fold in batches. Stops
+/// early, without an error, when the fold has stopped (its receiver is gone);
+/// a record that fails to read ends the run with its error, after the records
+/// before it have been sent.
+fn read_batches(
+    log: &EventLog,
+    from: u64,
+    to: u64,
+    fold: mpsc::SyncSender<Vec<Envelope>>,
+) -> Result<(), ProjectionError> {
+    let mut records = log.read_range(from, to);
+    loop {
+        let mut batch = Vec::with_capacity(READ_BATCH_EVENTS);
+        let mut failed = None;
+        for record in records.by_ref().take(READ_BATCH_EVENTS) {
+            match record {
+                Ok(envelope) => batch.push(envelope),
+                Err(error) => {
+                    failed = Some(error);
+                    break;
+                }
+            }
+        }
+        let last = batch.len() < READ_BATCH_EVENTS;
+        if !batch.is_empty() && fold.send(batch).is_err() {
+            return Ok(());
+        }
+        if let Some(error) = failed {
+            return Err(error.into());
+        }
+        if last {
+            return Ok(());
+        }
+    }
+}
+
+/// Folds every batch received into `folding`, committing every
+/// [`COMMIT_EVERY_EVENTS`] events, and calls `progress` with each folded seq.
+/// Returns when the reading thread is done; the last commit is the caller's.
+fn fold_batches(
+    folding: &mut [&mut Folding],
+    batches: mpsc::Receiver<Vec<Envelope>>,
+    progress: &mut dyn FnMut(u64),
+) -> Result<(), ProjectionError> {
+    let mut since_commit = 0;
+    for batch in batches {
+        for envelope in &batch {
+            for f in folding.iter_mut() {
+                f.apply(envelope)?;
+            }
+            since_commit += 1;
+            if since_commit == COMMIT_EVERY_EVENTS {
+                for f in folding.iter_mut() {
+                    f.commit(envelope.seq)?;
+                }
+                since_commit = 0;
+            }
+            progress(envelope.seq);
+        }
+    }
+    Ok(())
+}
+
+/// A scoped thread's result; its panic, if it panicked, goes on here.
+fn join<T>(thread: std::thread::ScopedJoinHandle<'_, T>) -> T {
+    thread
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+}
+
+#[cfg(test)]
+mod tests {
+    use switchboard_events::catalog::{ConversationStarted, MessageReceived};
+    use switchboard_events::{Event, ExpectedVersion, NewEvent, OpenMode, ReadError, StreamId};
+
+    use super::*;
+    use crate::{ProjectionName, Projections};
+
+    /// More than the reading thread holds ahead of the fold, so it is blocked
+    /// on the channel when the fold fails, and more than a commit's worth.
+    const MESSAGES: usize = READ_BATCH_EVENTS * (READ_AHEAD_BATCHES + 3);
+
+    fn started() -> NewEvent {
+        NewEvent::new(Event::ConversationStarted(ConversationStarted {
+            conversation_id: "c1".into(),
+            key_id: "k1".into(),
+            user: None,
+        }))
+    }
+
+    fn messages(count: usize) -> impl Iterator<Item = NewEvent> {
+        (0..count).map(|n| {
+            NewEvent::new(Event::MessageReceived(MessageReceived {
+                conversation_id: "c1".into(),
+                message_id: format!("m{n}"),
+                key_id: "k1".into(),
+                user: None,
+                content: "hello".into(),
+                agent: None,
+            }))
+        })
+    }
+
+    fn append(log: &EventLog, events: impl Iterator<Item = NewEvent>) {
+        let stream = StreamId::conversation("c1").expect("a valid stream id");
+        let events: Vec<NewEvent> = events.collect();
+        for chunk in events.chunks(1000) {
+            log.append_blocking(stream.clone(), ExpectedVersion::Any, chunk.to_vec())
+                .expect("append");
+        }
+    }
+
+    fn checkpoints(projections: &Projections) -> Vec<u64> {
+        ProjectionName::ALL
+            .into_iter()
+            .map(|name| projections.checkpoint(name).expect("a checkpoint"))
+            .collect()
+    }
+
+    #[test]
+    fn a_failing_fold_stops_the_reading_thread_and_returns_its_error() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let log = EventLog::open(dir.path(), OpenMode::CreateIfMissing).expect("open the log");
+        let projections = Projections::open(&log).expect("open the projections");
+        append(&log, std::iter::once(started()));
+        projections.catch_up(&mut |_| {}).expect("catch up");
+        // The conversation's summary, which each message reads, is corrupt.
+        projections
+            .tree(ProjectionName::History)
+            .insert(b"cc1", &[0xff; 10])
+            .expect("corrupt the summary");
+        append(&log, messages(MESSAGES));
+
+        let mut progress = 0;
+        let error = projections
+            .catch_up(&mut |_| progress += 1)
+            .expect_err("the summary does not decode");
+        assert!(
+            matches!(
+                error,
+                ProjectionError::CorruptRow {
+                    projection: "history",
+                    ..
+                }
+            ),
+            "{error}"
+        );
+        assert_eq!(progress, 0, "the first message failed");
+        assert_eq!(checkpoints(&projections), [1; 4]);
+    }
+
+    #[test]
+    fn a_record_that_does_not_decode_ends_the_fold_with_its_error() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let log = EventLog::open(dir.path(), OpenMode::CreateIfMissing).expect("open the log");
+        let projections = Projections::open(&log).expect("open the projections");
+        append(&log, std::iter::once(started()).chain(messages(MESSAGES)));
+        // Past the first commit. Reaches into the log's layout: records live
+        // in tree `log` under `r` and the seq, after a 32-byte chain hash.
+        let bad_seq = COMMIT_EVERY_EVENTS + 100;
+        let records = log.db().open_tree("log").expect("the log's tree");
+        let mut key = vec![b'r'];
+        key.extend_from_slice(&bad_seq.to_be_bytes());
+        let stored = records
+            .get(&key)
+            .expect("read the record")
+            .expect("the log's layout is as this test knows it");
+        let mut corrupt = stored[..32].to_vec();
+        corrupt.extend_from_slice(&[0xff; 8]);
+        records.insert(&key, corrupt).expect("corrupt the record");
+
+        let mut progress = 0;
+        let error = projections
+            .catch_up(&mut |_| progress += 1)
+            .expect_err("a record does not decode");
+        assert!(
+            matches!(error, ProjectionError::Log(ReadError::Decode { seq, .. }) if seq == bad_seq),
+            "{error}"
+        );
+        assert_eq!(progress, bad_seq - 1, "every record before it is folded");
+        // The commit before the bad record stands, as after a crash there.
+        assert_eq!(checkpoints(&projections), [COMMIT_EVERY_EVENTS; 4]);
+    }
+}
