@@ -22,10 +22,14 @@ pub struct RawFlushes {
     pub records: u64,
     pub flushes: u64,
     pub seconds: f64,
+    /// `Db::size_on_disk` after the last flush.
+    pub bytes_on_disk: u64,
 }
 
 /// Plain sled: `batch` records per `apply_batch`, each followed by a flush, for
 /// `window`. Same configuration as the log (sled's defaults), in a fresh dir.
+/// Also measures what the records take on disk, sled's own share of the log's
+/// size.
 pub fn raw_sled(
     path: &Path,
     batch: usize,
@@ -52,10 +56,12 @@ pub fn raw_sled(
         db.flush()?;
         flushes += 1;
     }
+    let seconds = started.elapsed().as_secs_f64();
     Ok(RawFlushes {
         records: seq,
         flushes,
-        seconds: started.elapsed().as_secs_f64(),
+        seconds,
+        bytes_on_disk: db.size_on_disk()?,
     })
 }
 

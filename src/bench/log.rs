@@ -6,7 +6,8 @@
 //!   `apply_batch` + `flush` of as many records per flush (the best group commit
 //!   could do);
 //! - replaying every projection, beside reading and decoding the log alone;
-//! - bytes on disk per event, beside the event's encoded size.
+//! - bytes on disk per event, beside the event's encoded size and beside what
+//!   plain sled takes on disk per raw record (its own share of the ratio).
 
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
@@ -116,6 +117,16 @@ pub struct SizeFigures {
     /// The whole database after the replay, projections' trees included.
     pub bytes_on_disk_with_projections: u64,
     pub bytes_per_event_with_projections: f64,
+    /// Baseline, beside `ratio`: plain sled's database after the raw append
+    /// measurement with the largest batch (the most records, so sled's fixed
+    /// overhead weighs least), holding `raw_sled_records` records of
+    /// `raw_record_bytes` under sequential keys. Not part of the target.
+    pub raw_sled_batch: usize,
+    pub raw_sled_records: u64,
+    pub raw_sled_bytes_on_disk: u64,
+    pub raw_sled_bytes_per_record: f64,
+    /// `raw_sled_bytes_per_record / raw_record_bytes`.
+    pub raw_sled_ratio: f64,
 }
 
 pub fn run(settings: &Settings, args: LogBenchArgs) -> anyhow::Result<ExitCode> {
@@ -159,6 +170,8 @@ pub fn measure(args: &LogBenchArgs, dir: &Path, quiet: bool) -> anyhow::Result<L
         encoded.len()
     ));
     let mut appends = Vec::new();
+    // The raw baseline of the size figures: the last, so the largest, batch.
+    let mut raw_size = (0, 0, 0);
     for concurrency in CONCURRENCY {
         let raw = appends::raw_sled(
             &dir.join(format!("raw-{concurrency}")),
@@ -166,6 +179,7 @@ pub fn measure(args: &LogBenchArgs, dir: &Path, quiet: bool) -> anyhow::Result<L
             &record,
             window,
         )?;
+        raw_size = (concurrency, raw.records, raw.bytes_on_disk);
         let log = appends::durable_appends(
             &runtime,
             &dir.join(format!("appends-{concurrency}")),
@@ -256,6 +270,8 @@ pub fn measure(args: &LogBenchArgs, dir: &Path, quiet: bool) -> anyhow::Result<L
     let total_bytes = log.size_on_disk()?;
     let log_bytes_per_event = log_bytes as f64 / args.events as f64;
     let size_ratio = share(log_bytes_per_event, mean_encoded_bytes);
+    let (raw_sled_batch, raw_sled_records, raw_sled_bytes_on_disk) = raw_size;
+    let raw_sled_bytes_per_record = share(raw_sled_bytes_on_disk as f64, raw_sled_records as f64);
     let size = SizeFigures {
         log_bytes_on_disk: log_bytes,
         log_bytes_per_event,
@@ -265,6 +281,11 @@ pub fn measure(args: &LogBenchArgs, dir: &Path, quiet: bool) -> anyhow::Result<L
         pass: size_ratio <= SIZE_TARGET_RATIO,
         bytes_on_disk_with_projections: total_bytes,
         bytes_per_event_with_projections: total_bytes as f64 / args.events as f64,
+        raw_sled_batch,
+        raw_sled_records,
+        raw_sled_bytes_on_disk,
+        raw_sled_bytes_per_record,
+        raw_sled_ratio: share(raw_sled_bytes_per_record, record.len() as f64),
     };
     show(format!(
         "bytes on disk (target: <= {SIZE_TARGET_RATIO:.1}x the encoded size)"
@@ -277,6 +298,15 @@ pub fn measure(args: &LogBenchArgs, dir: &Path, quiet: bool) -> anyhow::Result<L
         size.ratio,
         thousands(size.log_bytes_on_disk as f64),
         mark(size.pass)
+    ));
+    show(format!(
+        "  {:<32}{:>9.1} bytes/record on disk vs {} raw ({:.2}x; {} records at batch={})",
+        format!("raw sled, {}-byte records:", record.len()),
+        size.raw_sled_bytes_per_record,
+        record.len(),
+        size.raw_sled_ratio,
+        thousands(size.raw_sled_records as f64),
+        size.raw_sled_batch
     ));
     show(format!(
         "  {:<32}{:>9.1} bytes/event on disk ({} bytes)",
@@ -446,9 +476,18 @@ mod tests {
         assert!(report.size.mean_encoded_bytes > 0.0);
         assert!(report.size.ratio > 0.0);
         assert!(report.size.bytes_on_disk_with_projections > 0);
+        assert_eq!(
+            report.size.raw_sled_batch,
+            CONCURRENCY[CONCURRENCY.len() - 1]
+        );
+        assert!(report.size.raw_sled_records > 0);
+        assert!(report.size.raw_sled_bytes_on_disk > 0);
+        assert!(report.size.raw_sled_bytes_per_record > 0.0);
+        assert!(report.size.raw_sled_ratio > 0.0);
 
         let json = serde_json::to_value(&report).expect("the report serializes");
         assert_eq!(json["replay"]["events"], 3_000);
+        assert!(json["size"]["raw_sled_bytes_per_record"].as_f64() > Some(0.0));
     }
 
     #[test]
