@@ -67,6 +67,8 @@ const DELTA_BUFFER: usize = 64;
 const RECOVERY_PARALLELISM: usize = 16;
 /// Attempts at storing a turn's end while the conversation is unavailable.
 const END_TURN_ATTEMPTS: u32 = 3;
+/// Conversations whose lost turns the coordinator remembers having finished.
+const MAX_RECOVERED: usize = 100_000;
 
 /// A message to send, as a gateway hands it over (already authenticated and
 /// admitted by the rate limiter).
@@ -150,8 +152,13 @@ struct Inner {
     agents: HashMap<String, ActorRef<AgentMsg>>,
     /// Reads each turn's context from the log (through its cache).
     contexts: ContextReader,
-    /// Conversations whose lost turns were (or are being) finished.
+    /// Conversations whose lost turns were (or are being) finished; forgotten
+    /// wholesale past `max_recovered`, which only costs a second look.
     recovered: Mutex<HashMap<String, Arc<OnceCell<()>>>>,
+    max_recovered: AtomicUsize,
+    /// The log's head when this coordinator started: a turn is lost only if
+    /// its message is at or below it (later ones are this coordinator's own).
+    started_at: u64,
     in_flight: InFlight,
     closed: AtomicBool,
     /// Charged with each turn's cost once its usage is stored.
@@ -236,8 +243,10 @@ impl TurnCoordinator {
                 registry,
                 router,
                 agents,
+                started_at: log.head(),
                 contexts: ContextReader::new(log),
                 recovered: Mutex::new(HashMap::new()),
+                max_recovered: AtomicUsize::new(MAX_RECOVERED),
                 in_flight: InFlight::default(),
                 closed: AtomicBool::new(false),
                 budgets: OnceLock::new(),
@@ -341,19 +350,24 @@ impl TurnCoordinator {
 
     /// Ends every turn of the conversation left without a reply by an earlier
     /// process with `reply_failed` ([`LOST_TURN_CODE`]); returns how many.
-    /// Runs once per conversation per coordinator: later calls return 0, since
-    /// pending turns then are this coordinator's own, still running. `send`
-    /// calls it before a conversation's first message.
+    /// Only turns whose message was stored before this coordinator started
+    /// are lost; later pending turns are its own, still running. `send` calls
+    /// it before a conversation's first message; it looks once per
+    /// conversation (remembering up to [`MAX_RECOVERED`] conversations, then
+    /// starting over: a second look finds nothing left to end).
     pub async fn finish_pending(&self, conversation_id: &str) -> Result<usize, ConversationError> {
         validate_conversation_id(conversation_id)?;
-        let once = self
-            .inner
-            .recovered
-            .lock()
-            .expect("recovered lock")
-            .entry(conversation_id.to_owned())
-            .or_default()
-            .clone();
+        let once = {
+            let max = self.inner.max_recovered.load(Ordering::Relaxed);
+            let mut recovered = self.inner.recovered.lock().expect("recovered lock");
+            if recovered.len() >= max && !recovered.contains_key(conversation_id) {
+                recovered.clear();
+            }
+            recovered
+                .entry(conversation_id.to_owned())
+                .or_default()
+                .clone()
+        };
         let mut ended = 0;
         once.get_or_try_init(|| async {
             ended = self.inner.fail_lost_turns(conversation_id).await?;
@@ -361,6 +375,14 @@ impl TurnCoordinator {
         })
         .await?;
         Ok(ended)
+    }
+
+    /// How many conversations [`Self::finish_pending`] remembers having
+    /// looked at ([`MAX_RECOVERED`] unless set; at least 1).
+    pub fn remember_recovered(&self, conversations: usize) {
+        self.inner
+            .max_recovered
+            .store(conversations.max(1), Ordering::Relaxed);
     }
 
     /// [`Self::finish_pending`] for each of `conversation_ids` (at startup,
@@ -617,7 +639,8 @@ impl Inner {
     }
 
     async fn fail_lost_turns(&self, conversation_id: &str) -> Result<usize, ConversationError> {
-        let pending = self.registry.pending_turns(conversation_id).await?;
+        let mut pending = self.registry.pending_turns(conversation_id).await?;
+        pending.retain(|turn| turn.message_seq <= self.started_at);
         for turn in &pending {
             let agent = turn.agent.as_deref().unwrap_or(self.router.default_agent());
             // Only the ids matter for a failure: no context, no usage.

@@ -359,6 +359,26 @@ async fn the_second_turn_carries_the_first_exchange_as_context() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_turn_is_never_taken_for_a_lost_one() {
+    let h = harness(None).await;
+    // Remembering one conversation only, the coordinator looks at c1 again
+    // while its turn runs (echo paces its 60 words, 5 ms apart).
+    h.turns.remember_recovered(1);
+    let long = vec!["word"; 60].join(" ");
+    let running = h.turns.send("c1", input(&long)).await.expect("acked");
+    h.turns.send("c2", input("hi")).await.expect("acked");
+    assert_eq!(h.turns.finish_pending("c1").await.expect("looked"), 0);
+    h.turns.wait_idle().await;
+    let events = h.stream("c1");
+    let ends = reply_events(&events, &running.message_id);
+    assert_eq!(
+        types(&ends.into_iter().cloned().collect::<Vec<_>>()),
+        ["reply_completed"]
+    );
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn turns_lost_in_a_crash_are_failed_exactly_once() {
     let dir = tempfile::tempdir().expect("temp dir");
     let log = EventLog::open(dir.path(), OpenMode::CreateIfMissing).expect("open");
