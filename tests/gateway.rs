@@ -34,6 +34,8 @@ use support::nats::NatsServer;
 
 /// How long any one wait may take on a busy 2-core CI machine.
 const WAIT: Duration = Duration::from_secs(20);
+/// The pace of the "slow" agent's words.
+const SLOW_WORD: Duration = Duration::from_millis(100);
 const TRACEPARENT: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
 
 #[derive(Debug, Clone, Copy)]
@@ -79,7 +81,15 @@ impl Service {
         let (echo, _) = Actor::spawn(None, AgentActor, echo)
             .await
             .expect("the agent starts");
-        let agents = HashMap::from([("echo".to_owned(), echo)]);
+        // "slow": a turn of n words takes n × 100 ms.
+        let slow = Arc::new(Agent::new(
+            AgentConfig::new("slow"),
+            Arc::new(EchoProvider::with_word_delay(SLOW_WORD)),
+        ));
+        let (slow, _) = Actor::spawn(None, AgentActor, slow)
+            .await
+            .expect("the agent starts");
+        let agents = HashMap::from([("echo".to_owned(), echo), ("slow".to_owned(), slow)]);
         let router = Router::new(vec![], "echo").expect("valid router");
         let turns =
             TurnCoordinator::new(registry.clone(), router, agents, log.clone()).expect("agents");
@@ -392,6 +402,53 @@ async fn a_waited_send_answers_with_its_stored_reply(transport: Transport) {
     );
     assert_eq!(service.log.head(), head, "a refused send stores nothing");
     service.shutdown().await;
+}
+
+async fn a_stopping_gateway_answers_a_waiting_send_with_its_ack(transport: Transport) {
+    let service = Service::start(transport).await;
+    let key = service.issue_key("key_s", &[Scope::Chat]).await;
+    let words = 30;
+    let body = json!({
+        "content": vec!["word"; words].join(" "),
+        "message_id": "s1",
+        "agent": "slow",
+    });
+    let client = service.client.clone();
+    let headers = bearer(&key).with("Switchboard-Wait", "reply");
+    let waiting = tokio::spawn(async move {
+        let payload = serde_json::to_vec(&body).expect("JSON");
+        client
+            .request("sb.conv.cs.send", headers, payload, WAIT)
+            .await
+    });
+    within("the message is stored", async {
+        while !service
+            .events()
+            .iter()
+            .any(|e| matches!(&e.event, Event::MessageReceived(m) if m.message_id == "s1"))
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+
+    let stopped_at = std::time::Instant::now();
+    let shutdown = tokio::spawn(service.shutdown());
+    let reply = within("the waiting send's answer", waiting)
+        .await
+        .expect("the task")
+        .expect("answered");
+    let answered_in = stopped_at.elapsed();
+    let answer: Value = serde_json::from_slice(&reply.payload).expect("JSON");
+    assert_eq!(answer["ok"], json!(true), "{answer}");
+    assert_eq!(answer["message_id"], json!("s1"));
+    assert!(answer.get("turn").is_none(), "{answer}");
+    let turn = SLOW_WORD * words as u32;
+    assert!(
+        answered_in < turn / 2,
+        "answered {answered_in:?} after the stop; the turn takes {turn:?}"
+    );
+    shutdown.await.expect("the service stops");
 }
 
 async fn bad_keys_are_unauthorized_and_audited(transport: Transport) {
@@ -714,6 +771,7 @@ macro_rules! on_both_buses {
 on_both_buses!(
     send_ack_resend_and_history,
     a_waited_send_answers_with_its_stored_reply,
+    a_stopping_gateway_answers_a_waiting_send_with_its_ack,
     bad_keys_are_unauthorized_and_audited,
     bad_input_is_refused_and_stores_nothing,
     postcard_bodies_work,

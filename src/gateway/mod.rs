@@ -58,7 +58,7 @@ use switchboard_actors::turns::{ReplyDelta, SendInput, TurnCoordinator, TurnEnd}
 use switchboard_events::catalog::Scope;
 use switchboard_events::EventLog;
 use switchboard_projections::{Conversation, Projections};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tracing::Instrument;
 use uuid::Uuid;
@@ -220,6 +220,7 @@ impl NatsGateway {
             coordinator,
             projections,
             log,
+            stopping: watch::Sender::new(false),
         });
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(serve(gateway, subscriptions, stopped));
@@ -292,6 +293,7 @@ async fn serve(
         let gateway = gateway.clone();
         in_flight.spawn(async move { gateway.answer(operation, message).await });
     }
+    gateway.stopping.send_replace(true);
     for subscription in incoming {
         if let Err(error) = subscription.into_inner().unsubscribe().await {
             tracing::warn!(%error, "unsubscribing the gateway failed");
@@ -325,6 +327,9 @@ struct Gateway {
     coordinator: TurnCoordinator,
     projections: Projections,
     log: EventLog,
+    /// Turns true when the gateway stops: sends still waiting for their
+    /// reply answer with the ack alone, so stopping waits for no turn.
+    stopping: watch::Sender<bool>,
 }
 
 impl Gateway {
@@ -503,9 +508,15 @@ impl Gateway {
             Ok(ack) => {
                 let mut reply = ack_json(&ack);
                 // No end comes for a duplicate, nor for a turn whose end was
-                // not stored: then the answer is the ack alone.
+                // not stored, nor once the gateway stops: then the answer is
+                // the ack alone.
                 if let (Some(turn_end), false) = (turn_end, ack.duplicate) {
-                    if let Ok(end) = turn_end.await {
+                    let mut stopping = self.stopping.subscribe();
+                    let end = tokio::select! {
+                        end = turn_end => end.ok(),
+                        _ = stopping.wait_for(|stopping| *stopping) => None,
+                    };
+                    if let Some(end) = end {
                         reply["turn"] = self.stored_events(end).await?;
                     }
                 }

@@ -266,10 +266,18 @@ async fn whole_reply(
     shape: ResponseShape,
 ) -> Result<Response, OpenAiError> {
     let wait = Headers::new().with(WAIT_HEADER, "reply");
-    let ack = state
-        .core
-        .request_with(subject, &caller, send, wait, turn::REPLY_WAIT)
+    // The bus waits a little longer than the reply, so a reply that takes too
+    // long is this timeout's 504, not the bus's 503.
+    let request = state.core.request_with(
+        subject,
+        &caller,
+        send,
+        wait,
+        turn::REPLY_WAIT + Duration::from_secs(5),
+    );
+    let ack = tokio::time::timeout(turn::REPLY_WAIT, request)
         .await
+        .map_err(|_| OpenAiError::timeout())?
         .map_err(|error| send_refused(state, &shape.model, error))?;
     let headers = reply_headers(&ack.headers, &id);
     let turn = match TurnFollower::ended(state.core.clone(), caller.clone(), id.clone(), &ack.body)
