@@ -517,7 +517,7 @@ impl Gateway {
                         _ = stopping.wait_for(|stopping| *stopping) => None,
                     };
                     if let Some(end) = end {
-                        reply["turn"] = self.stored_events(end).await?;
+                        reply["turn"] = self.stored_events(end)?;
                     }
                 }
                 Ok(reply)
@@ -620,22 +620,19 @@ impl Gateway {
         deltas
     }
 
-    /// The stored events of a turn's end, as the outbox publishes them.
-    async fn stored_events(&self, end: TurnEnd) -> Result<Value, GatewayError> {
-        let log = self.log.clone();
+    /// The stored events of a turn's end, as the outbox publishes them. Read
+    /// in place: two or three records just written, so in sled's cache.
+    fn stored_events(&self, end: TurnEnd) -> Result<Value, GatewayError> {
         let last = end.first_seq + end.events as u64 - 1;
-        tokio::task::spawn_blocking(move || {
-            log.read_range(end.first_seq, last)
-                .map(|e| e.map(|e| serde_json::to_value(e).expect("envelopes serialize")))
-                .collect::<Result<Vec<Value>, _>>()
-        })
-        .await
-        .map_err(|e| GatewayError::Internal(format!("the read failed: {e}")))?
-        .map(Value::Array)
-        .map_err(|error| {
-            tracing::error!(%error, "cannot read a stored turn's end");
-            GatewayError::Unavailable("the turn's end cannot be read".into())
-        })
+        self.log
+            .read_range(end.first_seq, last)
+            .map(|e| e.map(|e| serde_json::to_value(e).expect("envelopes serialize")))
+            .collect::<Result<Vec<Value>, _>>()
+            .map(Value::Array)
+            .map_err(|error| {
+                tracing::error!(%error, "cannot read a stored turn's end");
+                GatewayError::Unavailable("the turn's end cannot be read".into())
+            })
     }
 
     /// The valid conversation id in `{prefix}.admin.conv.<id>.erase`.
