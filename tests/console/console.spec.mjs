@@ -385,6 +385,9 @@ test('an admin key: costs with charts and totals, a key revoked, and the audit t
     await page.getByRole('link', { name: 'Audit' }).click();
     await page.locator('#audit-type').fill('key_revoked');
     await page.getByRole('button', { name: 'Filter' }).click();
+    // The filtered answer is in once the list is no longer busy (the tab's
+    // own unfiltered load may still be on its way, and must not win).
+    await page.locator('#audit-list[aria-busy="false"]').waitFor();
     const revoked = page.locator('#audit-list .audit-item[data-type="key_revoked"]', { hasText: doomedId });
     await revoked.waitFor();
     const summary = await revoked.locator('.audit-summary').textContent();

@@ -9,6 +9,9 @@ const AUDIT_PAGE = 100;
 const state = {
   auditCursor: null,
   auditFilters: {},
+  /// Counts audit loads: only the latest one's answer is shown, so a slow
+  /// answer to an earlier filter never replaces a newer one.
+  auditLoads: 0,
 };
 
 export function showAudit() {
@@ -17,6 +20,9 @@ export function showAudit() {
 
 async function loadAudit(fresh) {
   const generation = session.generation;
+  const load = ++state.auditLoads;
+  const list = $('audit-list');
+  list.setAttribute('aria-busy', 'true');
   if (fresh) {
     state.auditCursor = null;
     state.auditFilters = {
@@ -28,15 +34,17 @@ async function loadAudit(fresh) {
   }
   try {
     const page = await api('GET', `/admin/audit${query({ ...state.auditFilters, cursor: state.auditCursor, limit: AUDIT_PAGE })}`);
-    if (generation !== session.generation) return;
+    if (generation !== session.generation || load !== state.auditLoads) return;
     const items = (page.events || []).map(auditItem);
-    if (fresh) $('audit-list').replaceChildren(...items);
-    else $('audit-list').append(...items);
+    if (fresh) list.replaceChildren(...items);
+    else list.append(...items);
     state.auditCursor = page.next_cursor || null;
     $('audit-more').hidden = !state.auditCursor;
-    $('audit-empty').hidden = $('audit-list').hasChildNodes();
+    $('audit-empty').hidden = list.hasChildNodes();
   } catch (error) {
-    failed(error);
+    if (load === state.auditLoads) failed(error);
+  } finally {
+    if (load === state.auditLoads) list.setAttribute('aria-busy', 'false');
   }
 }
 
