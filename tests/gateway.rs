@@ -212,6 +212,23 @@ impl Service {
         .await
     }
 
+    /// A send with `Switchboard-Wait: <wait>`.
+    async fn send_waiting(
+        &self,
+        conversation_id: &str,
+        key: &str,
+        wait: &str,
+        body: Value,
+    ) -> Value {
+        self.request(
+            conversation_id,
+            "send",
+            bearer(key).with("Switchboard-Wait", wait),
+            serde_json::to_vec(&body).expect("JSON"),
+        )
+        .await
+    }
+
     async fn history(&self, conversation_id: &str, key: &str) -> Value {
         self.request(conversation_id, "history", bearer(key), "{}")
             .await
@@ -342,16 +359,10 @@ async fn send_ack_resend_and_history(transport: Transport) {
 async fn a_waited_send_answers_with_its_stored_reply(transport: Transport) {
     let service = Service::start(transport).await;
     let key = service.issue_key("key_w", &[Scope::Chat]).await;
-    let waited = || bearer(&key).with("Switchboard-Wait", "reply");
     let body = json!({"content": "hello there", "message_id": "w1"});
 
     let answer = service
-        .request(
-            "cw",
-            "send",
-            waited(),
-            serde_json::to_vec(&body).expect("JSON"),
-        )
+        .send_waiting("cw", &key, "reply", body.clone())
         .await;
     assert_eq!(answer["ok"], json!(true), "{answer}");
     let seq = answer["seq"].as_u64().expect("a seq");
@@ -372,26 +383,14 @@ async fn a_waited_send_answers_with_its_stored_reply(transport: Transport) {
     assert_eq!(turn, &stored);
 
     // A resend starts no turn, so it has no end to wait for: the ack alone.
-    let again = service
-        .request(
-            "cw",
-            "send",
-            waited(),
-            serde_json::to_vec(&body).expect("JSON"),
-        )
-        .await;
+    let again = service.send_waiting("cw", &key, "reply", body).await;
     assert_eq!(again["duplicate"], json!(true), "{again}");
     assert!(again.get("turn").is_none(), "{again}");
 
     // Any other value is refused before anything is stored.
     let head = service.log.head();
     let refused = service
-        .request(
-            "cw",
-            "send",
-            bearer(&key).with("Switchboard-Wait", "forever"),
-            serde_json::to_vec(&json!({"content": "x"})).expect("JSON"),
-        )
+        .send_waiting("cw", &key, "forever", json!({"content": "x"}))
         .await;
     assert_error(&refused, "invalid_request");
     assert!(

@@ -486,12 +486,7 @@ impl Gateway {
                 return Err(error.into());
             }
         };
-        let (ended, turn_end) = if wait {
-            let (ended, turn_end) = oneshot::channel();
-            (Some(ended), Some(turn_end))
-        } else {
-            (None, None)
-        };
+        let (ended, turn_end) = wait.then(oneshot::channel).unzip();
         let input = SendInput {
             message_id: body.message_id,
             key_id: caller.record.key_id.clone(),
