@@ -661,6 +661,54 @@ async fn a_subscription_from_a_position_catches_up_then_follows() {
     assert!(from_head.next().await.is_none());
 }
 
+/// Followers take new records from the writer's in-memory tail; a follower
+/// further behind than the tail holds reads the tree until it reaches what
+/// the tail still has, then goes on from there — with no gap and no duplicate
+/// at the seam. The same records come back as a fresh read of the tree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_far_behind_reads_the_tree_up_to_the_tail() {
+    const TOTAL: u64 = 40_000; // more than the tail keeps
+    const BATCH: u64 = 1_000;
+    let dir = TempDir::new().expect("temp dir");
+    let log = open(dir.path());
+    let mut live = log.subscribe(1);
+    for start in (1..=TOTAL).step_by(BATCH as usize) {
+        let stream = conv(&format!("c{}", start % 3));
+        log.append(stream, ExpectedVersion::Any, messages(start..start + BATCH))
+            .await
+            .expect("append");
+    }
+
+    let mut behind = log.subscribe(1);
+    let stored: Vec<_> = log.read_from(1).map(|e| e.expect("record")).collect();
+    assert_eq!(stored.len() as u64, TOTAL);
+    for (i, expected) in stored.iter().enumerate() {
+        for subscription in [&mut behind, &mut live] {
+            let envelope = subscription
+                .try_next()
+                .unwrap_or_else(|| panic!("record {} is durable", i + 1))
+                .expect("record");
+            assert_eq!(*envelope, *expected);
+        }
+    }
+    assert!(behind.try_next().is_none(), "caught up");
+
+    // Both follow what comes next.
+    log.append(
+        conv("c9"),
+        ExpectedVersion::Any,
+        messages(TOTAL + 1..TOTAL + 3),
+    )
+    .await
+    .expect("append");
+    for subscription in [&mut behind, &mut live] {
+        for seq in TOTAL + 1..TOTAL + 3 {
+            let envelope = subscription.next().await.expect("open").expect("record");
+            assert_eq!((envelope.seq, envelope.stream.clone()), (seq, conv("c9")));
+        }
+    }
+}
+
 // ---- long reads -------------------------------------------------------------
 
 #[test]

@@ -204,7 +204,7 @@ impl SpendIndex {
                 () = &mut shutdown => return Ok(()),
             };
             match next {
-                Some(envelope) => self.apply(&envelope?),
+                Some(envelope) => self.apply(&*envelope?),
                 None => return Ok(()),
             }
         }

@@ -413,10 +413,10 @@ impl Publisher {
                 return Ok(()); // the log has closed
             };
             let connects = self.connects();
-            let mut last = self.publish(first?, &mut acks).await?;
+            let mut last = self.publish(&*first?, &mut acks).await?;
             for _ in 1..BATCH {
                 match events.try_next() {
-                    Some(next) => last = self.publish(next?, &mut acks).await?,
+                    Some(next) => last = self.publish(&*next?, &mut acks).await?,
                     None => break,
                 }
             }
@@ -441,10 +441,10 @@ impl Publisher {
     }
 
     /// Publishes one event on each of its subjects; returns its seq.
-    async fn publish(&self, envelope: Envelope, acks: &mut Vec<Ack>) -> Result<u64, Failure> {
-        let payload = Bytes::from(route::payload(&envelope));
-        for route in routes(&self.prefix, &envelope) {
-            let headers = headers(&envelope, &route.msg_id);
+    async fn publish(&self, envelope: &Envelope, acks: &mut Vec<Ack>) -> Result<u64, Failure> {
+        let payload = Bytes::from(route::payload(envelope));
+        for route in routes(&self.prefix, envelope) {
+            let headers = headers(envelope, &route.msg_id);
             let published = match &self.jetstream {
                 Some((jetstream, pattern)) if pattern.matches(&route.subject) => {
                     match self.stream_message(&route.subject, headers, &payload) {

@@ -7,6 +7,7 @@
 mod keys;
 mod lock;
 mod read;
+mod tail;
 mod verify;
 mod writer;
 
@@ -134,6 +135,8 @@ struct Shared {
     doorbell: Arc<writer::Doorbell>,
     writer: Mutex<Option<JoinHandle<()>>>,
     head: watch::Receiver<u64>,
+    /// The newest durable records, decoded, for live followers.
+    tail: Arc<tail::Tail>,
     db: sled::Db,
     tree: sled::Tree,
     /// The data dir's lock. Readers that outlive the log (subscriptions,
@@ -286,6 +289,7 @@ impl EventLog {
         let (head_tx, head_rx) = watch::channel(last_seq);
         let (appends_tx, appends_rx) = mpsc::channel(8192);
         let doorbell = Arc::new(writer::Doorbell::default());
+        let tail = Arc::new(tail::Tail::default());
         let writer = writer::Writer {
             db: db.clone(),
             tree: tree.clone(),
@@ -295,6 +299,7 @@ impl EventLog {
             failed: None,
             versions: Default::default(),
             doorbell: doorbell.clone(),
+            tail: tail.clone(),
         };
         let handle = std::thread::Builder::new()
             .name("event-log-writer".to_owned())
@@ -310,6 +315,7 @@ impl EventLog {
                 doorbell,
                 writer: Mutex::new(Some(handle)),
                 head: head_rx,
+                tail,
                 db,
                 tree,
                 lock: Arc::new(lock),

@@ -180,6 +180,7 @@ impl EventLog {
     pub fn subscribe(&self, from_seq: u64) -> Subscription {
         Subscription {
             tree: self.shared.tree.clone(),
+            tail: self.shared.tail.clone(),
             head: self.shared.head.clone(),
             next_seq: from_seq.max(1),
             buffer: VecDeque::new(),
@@ -192,18 +193,22 @@ impl EventLog {
 const SUBSCRIPTION_CHUNK: u64 = 256;
 
 /// A live subscription to the log; see [`EventLog::subscribe`].
+///
+/// Records come shared: those the writer committed recently straight from
+/// its in-memory tail, older ones read from the tree.
 pub struct Subscription {
     tree: sled::Tree,
+    tail: Arc<super::tail::Tail>,
     head: watch::Receiver<u64>,
     next_seq: u64,
-    buffer: VecDeque<Envelope>,
+    buffer: VecDeque<Arc<Envelope>>,
     _lock: Arc<super::lock::DirLock>,
 }
 
 impl Subscription {
     /// The next record; waits for one when caught up. `None` once the log has
     /// closed and every durable record was delivered.
-    pub async fn next(&mut self) -> Option<Result<Envelope, ReadError>> {
+    pub async fn next(&mut self) -> Option<Result<Arc<Envelope>, ReadError>> {
         loop {
             if let Some(envelope) = self.buffer.pop_front() {
                 return Some(Ok(envelope));
@@ -223,7 +228,7 @@ impl Subscription {
     }
 
     /// The next record if one is durable already; `None` when caught up (never waits).
-    pub fn try_next(&mut self) -> Option<Result<Envelope, ReadError>> {
+    pub fn try_next(&mut self) -> Option<Result<Arc<Envelope>, ReadError>> {
         if self.buffer.is_empty() {
             let head = *self.head.borrow();
             if self.next_seq > head {
@@ -243,6 +248,11 @@ impl Subscription {
     }
 
     fn fill(&mut self, to_seq: u64) -> Result<(), ReadError> {
+        let taken = self.tail.read(self.next_seq, to_seq, &mut self.buffer);
+        if taken > 0 {
+            self.next_seq += taken;
+            return Ok(());
+        }
         for entry in self
             .tree
             .range(keys::record(self.next_seq)..=keys::record(to_seq))
@@ -255,7 +265,7 @@ impl Subscription {
                     detail: format!("missing; the next stored record is {}", raw.seq),
                 });
             }
-            self.buffer.push_back(raw.decode()?);
+            self.buffer.push_back(Arc::new(raw.decode()?));
             self.next_seq += 1;
         }
         if self.next_seq <= to_seq {

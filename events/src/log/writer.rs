@@ -19,6 +19,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
 
+use super::tail::Tail;
 use super::{keys, AppendError, Appended, ExpectedVersion, Position, ReadError};
 use crate::codec;
 use crate::envelope::{Envelope, NewEvent, StreamId};
@@ -79,6 +80,8 @@ pub struct Writer {
     pub versions: HashMap<StreamId, u64>,
     /// Rung by appenders while the writer waits for stragglers.
     pub doorbell: Arc<Doorbell>,
+    /// Where each commit's records go once durable, for live followers.
+    pub tail: Arc<Tail>,
 }
 
 /// What staging a group has learnt that the tree does not know yet.
@@ -86,6 +89,8 @@ pub struct Writer {
 struct Overlay {
     versions: HashMap<StreamId, u64>,
     ids: HashMap<Uuid, Position>,
+    /// The group's new records, in seq order, with their encoded lengths.
+    records: Vec<(Arc<Envelope>, usize)>,
 }
 
 impl Writer {
@@ -192,6 +197,8 @@ impl Writer {
                 .and_then(|()| self.db.flush().map(drop));
             match written {
                 Ok(()) => {
+                    // Followers look in the tail for what the head says is durable.
+                    self.tail.push(overlay.records);
                     self.head.send_replace(self.next_seq - 1);
                     if self.versions.len() + overlay.versions.len() > MAX_CACHED_STREAMS {
                         self.versions.clear();
@@ -297,6 +304,7 @@ impl Writer {
             );
             batch.insert(&keys::id(&envelope.id), &position.seq.to_be_bytes());
             overlay.ids.insert(envelope.id, position);
+            overlay.records.push((Arc::new(envelope), bytes.len()));
             self.last_hash = hash;
             self.next_seq += 1;
             positions.push(position);
