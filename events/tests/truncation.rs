@@ -75,3 +75,152 @@ fn head_marker_follows_every_append_across_reopen() {
         10
     );
 }
+
+fn stream_key(version: u64) -> Vec<u8> {
+    let mut key = b"ssystem\0".to_vec();
+    key.extend_from_slice(&version.to_be_bytes());
+    key
+}
+
+fn id_key(event: &NewEvent) -> Vec<u8> {
+    let mut key = vec![b'i'];
+    key.extend_from_slice(event.id.as_bytes());
+    key
+}
+
+fn head_marker(seq: u64, hash: &[u8]) -> Vec<u8> {
+    let mut value = seq.to_be_bytes().to_vec();
+    value.extend_from_slice(hash);
+    value
+}
+
+/// A group commit is plain sled inserts — its group marker, each record and
+/// then its index entries, the head marker last — and sled recovers a prefix
+/// of them after a crash. What such a prefix leaves (nothing of it was
+/// acknowledged: that waits for the flush) is removed at open.
+#[test]
+fn a_group_commit_cut_short_by_a_crash_is_removed_at_open() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    fill(dir.path(), 5);
+    let group: Vec<NewEvent> = (0..3)
+        .map(|i| {
+            NewEvent::new(Event::AdminAction(AdminAction {
+                actor: "test".into(),
+                action: "cut".into(),
+                target: format!("g{i}"),
+            }))
+        })
+        .collect();
+    {
+        let log = EventLog::open(dir.path(), OpenMode::MustExist).expect("open");
+        let appended = log
+            .append_blocking(StreamId::system(), ExpectedVersion::Any, group.clone())
+            .expect("append");
+        assert_eq!(appended.first().seq, 6);
+    }
+    {
+        // Back to the prefix that ends with record 7's stream entry: no id
+        // entry for 7, no record 8, the head marker still at 5.
+        let db = sled::open(dir.path().join("db")).expect("sled");
+        let tree = db.open_tree("log").expect("log tree");
+        let fifth = tree.get(record_key(5)).expect("read").expect("record 5");
+        tree.insert("mhead", head_marker(5, &fifth[..32]))
+            .expect("head marker");
+        tree.remove(id_key(&group[1])).expect("remove");
+        tree.remove(id_key(&group[2])).expect("remove");
+        tree.remove(stream_key(8)).expect("remove");
+        tree.remove(record_key(8)).expect("remove");
+        db.flush().expect("flush");
+    }
+
+    {
+        let log = EventLog::open(dir.path(), OpenMode::MustExist).expect("repaired at open");
+        assert_eq!(log.head(), 5);
+        assert_eq!(log.read_from(1).count(), 5);
+        assert_eq!(log.stream_version(&StreamId::system()).expect("version"), 5);
+        assert_eq!(log.seq_of(&group[0].id).expect("id index"), None);
+        assert_eq!(log.verify_chain(|_| {}).expect("chain").records, 5);
+    }
+    {
+        let db = sled::open(dir.path().join("db")).expect("sled");
+        let tree = db.open_tree("log").expect("log tree");
+        for seq in 6..=8 {
+            assert!(
+                !tree.contains_key(record_key(seq)).expect("read"),
+                "record {seq}"
+            );
+            assert!(
+                !tree.contains_key(stream_key(seq)).expect("read"),
+                "stream entry {seq}"
+            );
+        }
+        for event in &group {
+            assert!(!tree.contains_key(id_key(event)).expect("read"), "id entry");
+        }
+    }
+
+    // Never acknowledged, so never stored: the same events append anew.
+    let log = EventLog::open(dir.path(), OpenMode::MustExist).expect("reopen");
+    let again = log
+        .append_blocking(StreamId::system(), ExpectedVersion::Exact(5), group)
+        .expect("append again");
+    assert!(!again.deduplicated);
+    assert_eq!(again.first().seq, 6);
+    assert_eq!(log.verify_chain(|_| {}).expect("chain").records, 8);
+}
+
+/// Records past the head marker that are not the group being written — here
+/// the head marker itself is gone — are corruption: open refuses, and
+/// removes nothing.
+#[test]
+fn records_past_the_head_marker_that_no_group_names_are_left_alone() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    fill(dir.path(), 5);
+    {
+        let db = sled::open(dir.path().join("db")).expect("sled");
+        let tree = db.open_tree("log").expect("log tree");
+        tree.remove("mhead").expect("remove head marker");
+        db.flush().expect("flush");
+    }
+    match EventLog::open(dir.path(), OpenMode::MustExist) {
+        Err(OpenError::Corrupt { detail, .. }) => {
+            assert!(
+                detail.contains("records 1..=5 follow the head marker"),
+                "{detail}"
+            );
+        }
+        Err(other) => panic!("expected a corrupt-log error, got {other}"),
+        Ok(_) => panic!("a log without its head marker opened as healthy"),
+    }
+    let db = sled::open(dir.path().join("db")).expect("sled");
+    let tree = db.open_tree("log").expect("log tree");
+    assert_eq!(tree.scan_prefix(b"r").count(), 5, "nothing was removed");
+}
+
+/// While a group is being written its records are in the tree before they
+/// are durable; no read shows them until the head says they are.
+#[test]
+fn reads_stop_at_the_durable_head() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    fill(dir.path(), 5);
+    let log = EventLog::open(dir.path(), OpenMode::MustExist).expect("open");
+    // What a group in flight has written so far: record 6 and its index entries.
+    let tree = log.db().open_tree("log").expect("log tree");
+    let fifth = tree.get(record_key(5)).expect("read").expect("record 5");
+    let in_flight = uuid::Uuid::now_v7();
+    let mut id = vec![b'i'];
+    id.extend_from_slice(in_flight.as_bytes());
+    tree.insert(record_key(6), fifth).expect("insert");
+    tree.insert(stream_key(6), &6u64.to_be_bytes())
+        .expect("insert");
+    tree.insert(id, &6u64.to_be_bytes()).expect("insert");
+
+    assert_eq!(log.head(), 5);
+    assert_eq!(log.read_from(1).count(), 5);
+    assert_eq!(log.read_range(4, 10).count(), 2);
+    assert_eq!(log.read_stream(&StreamId::system(), 1).count(), 5);
+    assert!(log.get(6).expect("get").is_none());
+    assert!(log.get(5).expect("get").is_some());
+    assert_eq!(log.seq_of(&in_flight).expect("seq_of"), None);
+    assert_eq!(log.stream_version(&StreamId::system()).expect("version"), 5);
+}

@@ -6,7 +6,7 @@
 //! | `r` seq | chain hash (32 bytes) ‖ encoded record |
 //! | `s` stream `0x00` version | seq |
 //! | `i` event id (16 bytes) | seq |
-//! | `m` name | log metadata: `mformat` marker, `mhead` last seq ‖ hash |
+//! | `m` name | log metadata: `mformat` marker, `mhead` last seq ‖ hash, `mgroup` first seq ‖ last seq |
 
 use uuid::Uuid;
 
@@ -34,6 +34,24 @@ pub fn parse_head(value: &[u8]) -> Option<(u64, [u8; 32])> {
     let seq = u64::from_be_bytes(value.get(..8)?.try_into().ok()?);
     let hash = value.get(8..40)?.try_into().ok()?;
     Some((seq, hash))
+}
+
+/// The seqs of the group commit being written: the first write of every
+/// group, as the head marker is the last. Records past the head marker are a
+/// group cut short by a crash only if this names them.
+pub const GROUP_KEY: &[u8] = b"mgroup";
+
+pub fn group_value(first_seq: u64, last_seq: u64) -> [u8; 16] {
+    let mut value = [0u8; 16];
+    value[..8].copy_from_slice(&first_seq.to_be_bytes());
+    value[8..].copy_from_slice(&last_seq.to_be_bytes());
+    value
+}
+
+pub fn parse_group(value: &[u8]) -> Option<(u64, u64)> {
+    let first = u64::from_be_bytes(value.get(..8)?.try_into().ok()?);
+    let last = u64::from_be_bytes(value.get(8..16)?.try_into().ok()?);
+    Some((first, last))
 }
 
 /// Marks a sled tree as a switchboard log; checked at open.

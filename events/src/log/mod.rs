@@ -1,12 +1,16 @@
 //! The durable event log on sled (DESIGN §3).
 //!
 //! One sled tree holds records, the stream index, the id index and the chain
-//! hash, all written by one `Batch` per group commit (see [`writer`]). Readers
-//! iterate the tree lazily, so memory stays bounded however long the log is.
+//! hash. Each group commit writes them in an order that makes a crash
+//! mid-group repairable at open (see `writer.rs` and `repair.rs`), and readers
+//! stop at the durable head. Readers iterate the tree lazily, so memory stays
+//! bounded however long the log is; live followers take new records from the
+//! writer's in-memory tail (`tail.rs`).
 
 mod keys;
 mod lock;
 mod read;
+mod repair;
 mod tail;
 mod verify;
 mod writer;
@@ -274,6 +278,12 @@ impl EventLog {
                 marked.0
             )));
         }
+        let (last_seq, last_hash) = if last_seq > marked.0 {
+            repair::cut_unfinished_group(&db, &tree, marked, last_seq).map_err(corrupt)?;
+            marked
+        } else {
+            (last_seq, last_hash)
+        };
         if marked != (last_seq, last_hash) {
             return Err(corrupt(format!(
                 "the last record (seq {last_seq}) does not match the head marker (seq {}); run `switchboard verify`",
@@ -383,7 +393,7 @@ impl EventLog {
 
     /// The current version of a stream (0 when it has no events).
     pub fn stream_version(&self, stream: &StreamId) -> Result<u64, ReadError> {
-        writer::stream_version(&self.shared.tree, stream)
+        writer::stream_version_through(&self.shared.tree, stream, self.head())
     }
 
     /// The data dir this log lives in.

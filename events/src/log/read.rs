@@ -39,7 +39,7 @@ pub(crate) struct RawRecord {
 }
 
 impl RawRecord {
-    fn parse(key: &[u8], value: sled::IVec) -> Result<RawRecord, ReadError> {
+    pub(crate) fn parse(key: &[u8], value: sled::IVec) -> Result<RawRecord, ReadError> {
         let seq = keys::record_seq(key).ok_or_else(|| ReadError::Corrupt {
             seq: 0,
             detail: "malformed record key".to_owned(),
@@ -63,9 +63,10 @@ impl RawRecord {
     }
 }
 
-/// Records in seq order, read lazily from the tree.
+/// Records in seq order, read lazily from the tree, up to the durable head.
 pub struct RecordIter {
     inner: sled::Iter,
+    head: watch::Receiver<u64>,
     _lock: Arc<super::lock::DirLock>,
 }
 
@@ -75,7 +76,12 @@ impl RecordIter {
             Ok(entry) => entry,
             Err(e) => return Some(Err(e.into())),
         };
-        Some(RawRecord::parse(&key, value))
+        let raw = RawRecord::parse(&key, value);
+        // A record past the head is being written, not yet durable: the end.
+        if matches!(&raw, Ok(raw) if raw.seq > *self.head.borrow()) {
+            return None;
+        }
+        Some(raw)
     }
 }
 
@@ -87,10 +93,11 @@ impl Iterator for RecordIter {
     }
 }
 
-/// A stream's events in version order.
+/// A stream's events in version order, up to the durable head.
 pub struct StreamIter {
     tree: sled::Tree,
     index: sled::Iter,
+    head: watch::Receiver<u64>,
     _lock: Arc<super::lock::DirLock>,
 }
 
@@ -102,15 +109,24 @@ impl Iterator for StreamIter {
             Ok(entry) => entry,
             Err(e) => return Some(Err(e.into())),
         };
-        Some(read_indexed(&self.tree, &key, &value))
+        let seq = match keys::seq_value(&value) {
+            Some(seq) => seq,
+            None => {
+                return Some(Err(ReadError::Corrupt {
+                    seq: 0,
+                    detail: format!("malformed index entry {}", String::from_utf8_lossy(&key)),
+                }))
+            }
+        };
+        // Versions grow with seqs: past the head, the rest is not durable yet.
+        if seq > *self.head.borrow() {
+            return None;
+        }
+        Some(read_indexed(&self.tree, seq))
     }
 }
 
-fn read_indexed(tree: &sled::Tree, key: &[u8], value: &[u8]) -> Result<Envelope, ReadError> {
-    let seq = keys::seq_value(value).ok_or_else(|| ReadError::Corrupt {
-        seq: 0,
-        detail: format!("malformed index entry {}", String::from_utf8_lossy(key)),
-    })?;
+fn read_indexed(tree: &sled::Tree, seq: u64) -> Result<Envelope, ReadError> {
     let record = tree
         .get(keys::record(seq))?
         .ok_or_else(|| ReadError::Corrupt {
@@ -134,6 +150,7 @@ impl EventLog {
                 .shared
                 .tree
                 .range(keys::record(from_seq)..=keys::record(to_seq)),
+            head: self.shared.head.clone(),
             _lock: self.shared.lock.clone(),
         }
     }
@@ -147,6 +164,7 @@ impl EventLog {
         };
         StreamIter {
             tree: self.shared.tree.clone(),
+            head: self.shared.head.clone(),
             index: self
                 .shared
                 .tree
@@ -155,8 +173,11 @@ impl EventLog {
         }
     }
 
-    /// The record at `seq`, if there is one.
+    /// The record at `seq`, if there is one (and it is durable).
     pub fn get(&self, seq: u64) -> Result<Option<Envelope>, ReadError> {
+        if seq > self.head() {
+            return Ok(None);
+        }
         let key = keys::record(seq);
         match self.shared.tree.get(key)? {
             None => Ok(None),
@@ -168,10 +189,14 @@ impl EventLog {
     pub fn seq_of(&self, id: &Uuid) -> Result<Option<u64>, ReadError> {
         match self.shared.tree.get(keys::id(id))? {
             None => Ok(None),
-            Some(value) => keys::seq_value(&value).map(Some).ok_or(ReadError::Corrupt {
-                seq: 0,
-                detail: format!("id index entry of {id} is malformed"),
-            }),
+            Some(value) => match keys::seq_value(&value) {
+                Some(seq) if seq > self.head() => Ok(None),
+                Some(seq) => Ok(Some(seq)),
+                None => Err(ReadError::Corrupt {
+                    seq: 0,
+                    detail: format!("id index entry of {id} is malformed"),
+                }),
+            },
         }
     }
 

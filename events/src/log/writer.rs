@@ -84,6 +84,28 @@ pub struct Writer {
     pub tail: Arc<Tail>,
 }
 
+/// A group's writes, in the order they are made.
+///
+/// They are plain inserts, not a sled `Batch`: a batch seals and writes out
+/// sled's IO buffer twice before its own writes (three buffer writes per
+/// commit instead of one), and from the first batch on every sled operation
+/// in the process takes a process-wide lock that each batch holds
+/// exclusively. The group is atomic all the same: sled recovers a prefix of
+/// the writes made before a crash; the group marker (its first and last seq)
+/// comes first, each record before the index entries that point at it, and
+/// the head marker last. So a crash mid-group leaves records past the head
+/// marker that the group marker names, none acknowledged (that waits for the
+/// flush), and opening the log removes them ([`super::repair`]). Readers never
+/// look past the durable head.
+#[derive(Default)]
+struct Writes(Vec<(sled::IVec, sled::IVec)>);
+
+impl Writes {
+    fn insert(&mut self, key: impl Into<sled::IVec>, value: impl Into<sled::IVec>) {
+        self.0.push((key.into(), value.into()));
+    }
+}
+
 /// What staging a group has learnt that the tree does not know yet.
 #[derive(Default)]
 struct Overlay {
@@ -172,7 +194,7 @@ impl Writer {
             return false;
         }
         let first_new_seq = self.next_seq;
-        let mut batch = sled::Batch::default();
+        let mut writes = Writes::default();
         let mut overlay = Overlay::default();
         let mut answers = Vec::with_capacity(group.len());
         for request in group {
@@ -180,20 +202,29 @@ impl Writer {
                 &request.stream,
                 request.expected,
                 request.events,
-                &mut batch,
+                &mut writes,
                 &mut overlay,
             );
             answers.push((request.reply, result));
         }
         let wrote = self.next_seq != first_new_seq;
         if wrote {
-            batch.insert(
+            // The group's seqs go first and the head marker last: see `Writes`.
+            writes.0.insert(
+                0,
+                (
+                    keys::GROUP_KEY.into(),
+                    keys::group_value(first_new_seq, self.next_seq - 1)[..].into(),
+                ),
+            );
+            writes.insert(
                 keys::HEAD_KEY,
                 &keys::head_value(self.next_seq - 1, &self.last_hash)[..],
             );
-            let written = self
-                .tree
-                .apply_batch(batch)
+            let written = writes
+                .0
+                .into_iter()
+                .try_for_each(|(key, value)| self.tree.insert(key, value).map(drop))
                 .and_then(|()| self.db.flush().map(drop));
             match written {
                 Ok(()) => {
@@ -231,7 +262,7 @@ impl Writer {
         stream: &StreamId,
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
-        batch: &mut sled::Batch,
+        writes: &mut Writes,
         overlay: &mut Overlay,
     ) -> Result<Appended, AppendError> {
         if events.is_empty() {
@@ -297,12 +328,13 @@ impl Writer {
             let mut value = Vec::with_capacity(keys::HASH_LEN + bytes.len());
             value.extend_from_slice(&hash);
             value.extend_from_slice(&bytes);
-            batch.insert(&keys::record(position.seq), value);
-            batch.insert(
+            // The record before the index entries that point at it.
+            writes.insert(&keys::record(position.seq), value);
+            writes.insert(
                 keys::stream_entry(stream, position.version),
                 &position.seq.to_be_bytes(),
             );
-            batch.insert(&keys::id(&envelope.id), &position.seq.to_be_bytes());
+            writes.insert(&keys::id(&envelope.id), &position.seq.to_be_bytes());
             overlay.ids.insert(envelope.id, position);
             overlay.records.push((Arc::new(envelope), bytes.len()));
             self.last_hash = hash;
@@ -358,16 +390,28 @@ pub fn chain_hash(previous: &[u8; 32], record: &[u8]) -> [u8; 32] {
 
 /// The current version of a stream according to its index (0 when it has none).
 pub fn stream_version(tree: &sled::Tree, stream: &StreamId) -> Result<u64, ReadError> {
-    match tree.scan_prefix(keys::stream_prefix(stream)).next_back() {
-        None => Ok(0),
-        Some(entry) => {
-            let (key, value) = entry?;
-            keys::stream_entry_version(&key).ok_or_else(|| ReadError::Corrupt {
-                seq: keys::seq_value(&value).unwrap_or_default(),
-                detail: format!("the stream index of {stream} is malformed"),
-            })
+    stream_version_through(tree, stream, u64::MAX)
+}
+
+/// The version of `stream` counting only events at or before seq `head`.
+pub fn stream_version_through(
+    tree: &sled::Tree,
+    stream: &StreamId,
+    head: u64,
+) -> Result<u64, ReadError> {
+    // Entries past the head belong to a group still being written: a few at most.
+    for entry in tree.scan_prefix(keys::stream_prefix(stream)).rev() {
+        let (key, value) = entry?;
+        let malformed = || ReadError::Corrupt {
+            seq: keys::seq_value(&value).unwrap_or_default(),
+            detail: format!("the stream index of {stream} is malformed"),
+        };
+        let seq = keys::seq_value(&value).ok_or_else(malformed)?;
+        if seq <= head {
+            return keys::stream_entry_version(&key).ok_or_else(malformed);
         }
     }
+    Ok(0)
 }
 
 fn storage(error: sled::Error) -> AppendError {
