@@ -43,12 +43,13 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde::{Deserialize, Serialize};
 use switchboard_events::catalog::ConversationErased;
 use switchboard_events::{
-    AppendError, Appended, Event, EventLog, ExpectedVersion, NewEvent, ReadError, StreamId,
+    AppendError, Appended, Event, EventLog, ExpectedVersion, NewEvent, StreamId,
 };
 use tokio::sync::Notify;
 
 use crate::conversation::{ConversationState, SendCommand, SendPlan, TurnOutcome};
 pub use crate::conversation_registry::{ConversationRegistry, RegistryConfig};
+use crate::stream_read::fold_stream;
 
 /// The acknowledgment of a send: the message is durably stored at `seq` (the
 /// seq of its `message_received`). `duplicate`: it was stored by an earlier send
@@ -316,21 +317,14 @@ impl ConversationActorState {
     /// The folded state, recovering it from the stream when it is not known.
     async fn recovered(&mut self) -> Result<&mut ConversationState, ConversationError> {
         if self.folded.is_none() {
-            let (log, stream, id) = (
-                self.log.clone(),
-                self.stream.clone(),
-                self.conversation_id.clone(),
-            );
-            // A long conversation is many reads: keep them off the async workers.
-            let folded = tokio::task::spawn_blocking(move || {
-                let mut folded = ConversationState::new(&id);
-                for envelope in log.read_stream(&stream, 1) {
-                    folded.apply(&envelope.map_err(|e| read_error(&stream, e))?);
-                }
-                Ok(folded)
-            })
-            .await
-            .map_err(|e| ConversationError::Internal(format!("recovery task failed: {e}")))??;
+            let folded = fold_stream(
+                &self.log,
+                &self.stream,
+                1,
+                ConversationState::new(&self.conversation_id),
+                |folded, envelope| folded.apply(&envelope),
+            )
+            .await?;
             self.folded = Some(folded);
         }
         Ok(self.folded.as_mut().expect("recovered just above"))
@@ -510,17 +504,6 @@ impl ConversationActorState {
             message_id: command.message_id.clone(),
             seq,
             duplicate,
-        }
-    }
-}
-
-fn read_error(stream: &StreamId, error: ReadError) -> ConversationError {
-    match error {
-        ReadError::Storage(_) => {
-            ConversationError::Unavailable(format!("cannot read {stream}: {error}"))
-        }
-        ReadError::Decode { .. } | ReadError::Corrupt { .. } => {
-            ConversationError::Internal(format!("cannot read {stream}: {error}"))
         }
     }
 }

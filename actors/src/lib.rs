@@ -48,6 +48,7 @@ pub mod provider;
 pub mod rate_limit;
 pub mod rate_limiter;
 pub mod router;
+mod stream_read;
 pub mod trace;
 mod turn_context;
 pub mod turns;

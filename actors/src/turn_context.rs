@@ -18,6 +18,7 @@ use uuid::Uuid;
 
 use crate::conversation_actor::ConversationError;
 use crate::provider::ChatMessage;
+use crate::stream_read::fold_stream;
 
 /// Conversations whose fold the cache keeps.
 const MAX_CACHED_CONVERSATIONS: usize = 4096;
@@ -172,15 +173,9 @@ impl ContextReader {
         let folded = match cached {
             // A few events since the last turn: read them here.
             Some(cached) => fold_after(&self.log, &stream, cached)?,
-            // A long conversation is many reads: keep them off the async workers.
-            None => {
-                let (log, stream) = (self.log.clone(), stream.clone());
-                tokio::task::spawn_blocking(move || {
-                    fold_after(&log, &stream, Arc::new(Folded::default()))
-                })
-                .await
-                .map_err(|e| ConversationError::Internal(format!("context task failed: {e}")))??
-            }
+            None => Arc::new(
+                fold_stream(&self.log, &stream, 1, Folded::default(), Folded::apply).await?,
+            ),
         };
         let context = folded.context(&stream, message_id);
         self.remember(stream, folded);

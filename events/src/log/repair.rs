@@ -33,9 +33,11 @@ pub(super) fn cut_unfinished_group(
         .and_then(|value| keys::parse_group(&value));
     match group {
         Some((first, last)) if first == head_seq + 1 && last_seq <= last => {}
-        _ => return Err(format!(
+        _ => {
+            return Err(format!(
             "{past} but are not the group commit that was being written; run `switchboard verify`"
-        )),
+        ))
+        }
     }
 
     let mut cut = Vec::new();
