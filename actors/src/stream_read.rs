@@ -44,7 +44,7 @@ where
 }
 
 /// A failed read of `stream` as the error of the request that needed it.
-pub(crate) fn read_error(stream: &StreamId, error: ReadError) -> ConversationError {
+fn read_error(stream: &StreamId, error: ReadError) -> ConversationError {
     match error {
         ReadError::Storage(_) => {
             ConversationError::Unavailable(format!("cannot read {stream}: {error}"))
