@@ -401,6 +401,63 @@ async fn re_appending_the_same_ids_is_deduplicated_even_after_reopening() {
     log.verify_chain(|_| {}).expect("chain verifies");
 }
 
+/// The writer looks a new v7 id up in the id index only when it is not past
+/// every v7 id stored (v7 ids start with their time). Whatever the order and
+/// version of the ids, every stored one still deduplicates, across reopening.
+#[tokio::test]
+async fn stored_ids_of_every_version_deduplicate_across_reopening() {
+    let dir = TempDir::new().expect("temp dir");
+    let stream = conv("ids");
+    let older_v7 = NewEvent::new(message(1));
+    let random = NewEvent::with_id(Uuid::new_v4(), message(2));
+    let newer_v7 = NewEvent::new(message(3));
+    let named = NewEvent::with_id(Uuid::new_v5(&Uuid::NAMESPACE_OID, b"alert"), message(4));
+    let stored = [&older_v7, &random, &newer_v7, &named];
+    // A v7 id from the end of v7 time, above any the clock will give.
+    let far_future = uuid::Builder::from_unix_timestamp_millis((1 << 48) - 1, &[7; 10]).into_uuid();
+    assert_eq!(far_future.get_version_num(), 7);
+    let future_v7 = NewEvent::with_id(far_future, message(5));
+
+    let append = |log: &EventLog, event: &NewEvent| {
+        let (log, stream, event) = (log.clone(), stream.clone(), event.clone());
+        async move {
+            log.append(stream, ExpectedVersion::Any, vec![event])
+                .await
+                .expect("append")
+        }
+    };
+    let mut seqs = Vec::new();
+    {
+        let log = open(dir.path());
+        for event in stored {
+            let first = append(&log, event).await;
+            assert!(!first.deduplicated);
+            seqs.push(first.first().seq);
+            assert!(append(&log, event).await.deduplicated);
+        }
+    }
+    {
+        let log = EventLog::open(dir.path(), OpenMode::MustExist).expect("reopen");
+        for (event, seq) in stored.iter().zip(&seqs) {
+            let again = append(&log, event).await;
+            assert!(again.deduplicated, "{:?}", event.id);
+            assert_eq!(again.first().seq, *seq);
+        }
+        assert!(!append(&log, &new_message(6)).await.deduplicated);
+        assert!(!append(&log, &future_v7).await.deduplicated);
+        // Now below the newest v7 id: a new one is looked up, and is new.
+        assert!(!append(&log, &new_message(7)).await.deduplicated);
+        assert!(append(&log, &future_v7).await.deduplicated);
+        assert!(append(&log, &older_v7).await.deduplicated);
+    }
+    let log = EventLog::open(dir.path(), OpenMode::MustExist).expect("reopen");
+    assert!(append(&log, &future_v7).await.deduplicated);
+    assert!(append(&log, &newer_v7).await.deduplicated);
+    assert!(!append(&log, &new_message(8)).await.deduplicated);
+    assert_eq!(log.head(), 8);
+    log.verify_chain(|_| {}).expect("chain verifies");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_appends_of_one_id_write_it_once() {
     let dir = TempDir::new().expect("temp dir");

@@ -291,6 +291,7 @@ impl EventLog {
             )));
         }
 
+        let newest_v7 = writer::newest_v7_id(&tree).map_err(|e| corrupt(e.to_string()))?;
         let mut lock = lock;
         lock.claim().map_err(|source| OpenError::Io {
             dir: dir.display().to_string(),
@@ -310,6 +311,7 @@ impl EventLog {
             versions: Default::default(),
             doorbell: doorbell.clone(),
             tail: tail.clone(),
+            newest_v7,
         };
         let handle = std::thread::Builder::new()
             .name("event-log-writer".to_owned())

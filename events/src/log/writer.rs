@@ -82,6 +82,9 @@ pub struct Writer {
     pub doorbell: Arc<Doorbell>,
     /// Where each commit's records go once durable, for live followers.
     pub tail: Arc<Tail>,
+    /// The greatest time-ordered (v7) event id in the log, or above it; see
+    /// [`newest_v7_id`].
+    pub newest_v7: u128,
 }
 
 /// A group's writes, in the order they are made.
@@ -336,6 +339,9 @@ impl Writer {
             );
             writes.insert(&keys::id(&envelope.id), &position.seq.to_be_bytes());
             overlay.ids.insert(envelope.id, position);
+            if envelope.id.get_version_num() == 7 {
+                self.newest_v7 = self.newest_v7.max(envelope.id.as_u128());
+            }
             overlay.records.push((Arc::new(envelope), bytes.len()));
             self.last_hash = hash;
             self.next_seq += 1;
@@ -358,6 +364,10 @@ impl Writer {
         if let Some(position) = overlay.ids.get(id) {
             return Ok(Some(*position));
         }
+        // A v7 id past every v7 id stored cannot be stored: no index lookup.
+        if id.get_version_num() == 7 && id.as_u128() > self.newest_v7 {
+            return Ok(None);
+        }
         let Some(seq) = self.tree.get(keys::id(id)).map_err(storage)? else {
             return Ok(None);
         };
@@ -377,6 +387,41 @@ impl Writer {
             version: envelope.version,
         }))
     }
+}
+
+/// Non-v7 ids [`newest_v7_id`] looks past before it gives up.
+const NEWEST_V7_SCAN: usize = 10_000;
+
+/// The greatest v7 event id in the id index, as a number (0 when there is
+/// none), for the writer's fast path: a new event's v7 id is greater, since
+/// v7 ids start with their creation time, so it needs no index lookup to
+/// know it is new.
+///
+/// Index keys sort by id, and v7 ids sort by time, so the greatest v7 id is
+/// the first one met walking down from the top, past the random (v4) and
+/// name-based (v5) ids that sort above it. Those are few (alerts, ids chosen
+/// by callers); past [`NEWEST_V7_SCAN`] of them the answer is `u128::MAX`,
+/// which turns the fast path off — still correct, only slower.
+pub fn newest_v7_id(tree: &sled::Tree) -> Result<u128, ReadError> {
+    let mut others = 0;
+    for entry in tree.scan_prefix([keys::ID]).rev() {
+        let (key, _) = entry?;
+        let id = key
+            .get(1..)
+            .and_then(|bytes| Uuid::from_slice(bytes).ok())
+            .ok_or_else(|| ReadError::Corrupt {
+                seq: 0,
+                detail: "an id index key is malformed".to_owned(),
+            })?;
+        if id.get_version_num() == 7 {
+            return Ok(id.as_u128());
+        }
+        others += 1;
+        if others >= NEWEST_V7_SCAN {
+            return Ok(u128::MAX);
+        }
+    }
+    Ok(0)
 }
 
 /// The chain hash of a record: it covers the previous record's hash and this
