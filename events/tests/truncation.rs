@@ -6,17 +6,22 @@ use switchboard_events::{
     Event, EventLog, ExpectedVersion, NewEvent, OpenError, OpenMode, StreamId,
 };
 
-fn fill(dir: &std::path::Path, count: usize) -> Vec<NewEvent> {
-    let log = EventLog::open(dir, OpenMode::CreateIfMissing).expect("open");
-    let events: Vec<NewEvent> = (0..count)
+/// `count` admin actions named `{prefix}0`, `{prefix}1`, ….
+fn actions(prefix: &str, count: usize) -> Vec<NewEvent> {
+    (0..count)
         .map(|i| {
             NewEvent::new(Event::AdminAction(AdminAction {
                 actor: "test".into(),
                 action: "poke".into(),
-                target: format!("t{i}"),
+                target: format!("{prefix}{i}"),
             }))
         })
-        .collect();
+        .collect()
+}
+
+fn fill(dir: &std::path::Path, count: usize) -> Vec<NewEvent> {
+    let log = EventLog::open(dir, OpenMode::CreateIfMissing).expect("open");
+    let events = actions("t", count);
     for event in &events {
         log.append_blocking(
             StreamId::system(),
@@ -102,15 +107,7 @@ fn head_marker(seq: u64, hash: &[u8]) -> Vec<u8> {
 fn a_group_commit_cut_short_by_a_crash_is_removed_at_open() {
     let dir = tempfile::tempdir().expect("temp dir");
     fill(dir.path(), 5);
-    let group: Vec<NewEvent> = (0..3)
-        .map(|i| {
-            NewEvent::new(Event::AdminAction(AdminAction {
-                actor: "test".into(),
-                action: "cut".into(),
-                target: format!("g{i}"),
-            }))
-        })
-        .collect();
+    let group = actions("g", 3);
     {
         let log = EventLog::open(dir.path(), OpenMode::MustExist).expect("open");
         let appended = log
