@@ -33,6 +33,13 @@ fn fill(dir: &std::path::Path, count: usize) -> Vec<NewEvent> {
     events
 }
 
+/// The log's sled tree, opened directly (the log must be closed).
+fn raw_log(dir: &std::path::Path) -> (sled::Db, sled::Tree) {
+    let db = sled::open(dir.join("db")).expect("sled");
+    let tree = db.open_tree("log").expect("log tree");
+    (db, tree)
+}
+
 fn record_key(seq: u64) -> Vec<u8> {
     let mut key = vec![b'r'];
     key.extend_from_slice(&seq.to_be_bytes());
@@ -46,8 +53,7 @@ fn records_cut_off_the_end_are_detected_at_open() {
     {
         // Remove the last two records and every index entry pointing at them,
         // leaving a chain that is valid as far as it goes.
-        let db = sled::open(dir.path().join("db")).expect("sled");
-        let tree = db.open_tree("log").expect("log tree");
+        let (db, tree) = raw_log(dir.path());
         for (seq, event) in [(49u64, &events[48]), (50, &events[49])] {
             tree.remove(record_key(seq)).expect("remove record");
             let mut id_key = vec![b'i'];
@@ -118,8 +124,7 @@ fn a_group_commit_cut_short_by_a_crash_is_removed_at_open() {
     {
         // Back to the prefix that ends with record 7's stream entry: no id
         // entry for 7, no record 8, the head marker still at 5.
-        let db = sled::open(dir.path().join("db")).expect("sled");
-        let tree = db.open_tree("log").expect("log tree");
+        let (db, tree) = raw_log(dir.path());
         let fifth = tree.get(record_key(5)).expect("read").expect("record 5");
         tree.insert("mhead", head_marker(5, &fifth[..32]))
             .expect("head marker");
@@ -139,8 +144,7 @@ fn a_group_commit_cut_short_by_a_crash_is_removed_at_open() {
         assert_eq!(log.verify_chain(|_| {}).expect("chain").records, 5);
     }
     {
-        let db = sled::open(dir.path().join("db")).expect("sled");
-        let tree = db.open_tree("log").expect("log tree");
+        let (_db, tree) = raw_log(dir.path());
         for seq in 6..=8 {
             assert!(
                 !tree.contains_key(record_key(seq)).expect("read"),
@@ -174,8 +178,7 @@ fn records_past_the_head_marker_that_no_group_names_are_left_alone() {
     let dir = tempfile::tempdir().expect("temp dir");
     fill(dir.path(), 5);
     {
-        let db = sled::open(dir.path().join("db")).expect("sled");
-        let tree = db.open_tree("log").expect("log tree");
+        let (db, tree) = raw_log(dir.path());
         tree.remove("mhead").expect("remove head marker");
         db.flush().expect("flush");
     }
@@ -189,8 +192,7 @@ fn records_past_the_head_marker_that_no_group_names_are_left_alone() {
         Err(other) => panic!("expected a corrupt-log error, got {other}"),
         Ok(_) => panic!("a log without its head marker opened as healthy"),
     }
-    let db = sled::open(dir.path().join("db")).expect("sled");
-    let tree = db.open_tree("log").expect("log tree");
+    let (_db, tree) = raw_log(dir.path());
     assert_eq!(tree.scan_prefix(b"r").count(), 5, "nothing was removed");
 }
 

@@ -63,10 +63,35 @@ impl RawRecord {
     }
 }
 
+/// The durable head as an iterator sees it: read again only when a record
+/// lies past the last value read, so a long read takes no lock per record.
+struct Durable {
+    head: watch::Receiver<u64>,
+    seen: u64,
+}
+
+impl Durable {
+    fn new(head: &watch::Receiver<u64>) -> Self {
+        Durable {
+            head: head.clone(),
+            seen: 0,
+        }
+    }
+
+    /// Whether the record at `seq` is durable. Past the head, it is still
+    /// being written.
+    fn covers(&mut self, seq: u64) -> bool {
+        if seq > self.seen {
+            self.seen = *self.head.borrow();
+        }
+        seq <= self.seen
+    }
+}
+
 /// Records in seq order, read lazily from the tree, up to the durable head.
 pub struct RecordIter {
     inner: sled::Iter,
-    head: watch::Receiver<u64>,
+    durable: Durable,
     _lock: Arc<super::lock::DirLock>,
 }
 
@@ -78,7 +103,7 @@ impl RecordIter {
         };
         let raw = RawRecord::parse(&key, value);
         // A record past the head is being written, not yet durable: the end.
-        if matches!(&raw, Ok(raw) if raw.seq > *self.head.borrow()) {
+        if matches!(&raw, Ok(raw) if !self.durable.covers(raw.seq)) {
             return None;
         }
         Some(raw)
@@ -97,7 +122,7 @@ impl Iterator for RecordIter {
 pub struct StreamIter {
     tree: sled::Tree,
     index: sled::Iter,
-    head: watch::Receiver<u64>,
+    durable: Durable,
     _lock: Arc<super::lock::DirLock>,
 }
 
@@ -119,7 +144,7 @@ impl Iterator for StreamIter {
             }
         };
         // Versions grow with seqs: past the head, the rest is not durable yet.
-        if seq > *self.head.borrow() {
+        if !self.durable.covers(seq) {
             return None;
         }
         Some(read_indexed(&self.tree, seq))
@@ -150,7 +175,7 @@ impl EventLog {
                 .shared
                 .tree
                 .range(keys::record(from_seq)..=keys::record(to_seq)),
-            head: self.shared.head.clone(),
+            durable: Durable::new(&self.shared.head),
             _lock: self.shared.lock.clone(),
         }
     }
@@ -164,7 +189,7 @@ impl EventLog {
         };
         StreamIter {
             tree: self.shared.tree.clone(),
-            head: self.shared.head.clone(),
+            durable: Durable::new(&self.shared.head),
             index: self
                 .shared
                 .tree
