@@ -598,7 +598,15 @@ mod tests {
         assert!(streams.first_chunk.p50_ms <= streams.streams.latency.p999_ms);
         assert!(report.send_target.ratio > 0.0);
         assert_eq!(report.proxy_runs.len(), 2, "{:?}", report.proxy_runs);
-        assert_eq!(report.proxy_runs[1].offered_per_sec, 20);
+        // The low rate, or lower still when the first rate was not sustained:
+        // in a 0.3 s window a few slow answers are enough for that.
+        let low = proxy::sustainable_below(&report.proxy_runs[0]).map_or(20, |lower| lower.min(20));
+        assert_eq!(
+            report.proxy_runs[1].offered_per_sec, low,
+            "{:?}",
+            report.proxy_runs[0].proxied
+        );
+        assert!((10..=20).contains(&low));
         for run in &report.proxy_runs {
             for side in [&run.direct, &run.proxied] {
                 assert!(side.ok > 0, "{side:?}");
