@@ -1,14 +1,25 @@
 //! history: each conversation's ordered messages, and the conversations of each key.
 //!
-//! Rows: `c` conv → [`ConversationSummary`]; `m` conv 0 seq → [`HistoryMessage`];
-//! `k` key 0 conv → () for listing a key's conversations. Erasure deletes every
-//! message row, so an erased conversation holds no content.
+//! Rows: `c` conv → [`ConversationSummary`]; `m` conv 0 seq → a chunk of the
+//! conversation's messages, the first at `seq`; `k` key 0 conv → () for listing
+//! a key's conversations. Erasure deletes every message row, so an erased
+//! conversation holds no content.
+//!
+//! A chunk is the postcard encodings of one or more [`HistoryMessage`]s, one
+//! after another, oldest first. The messages a fold stages for a conversation
+//! before its commit go into one chunk (up to [`CHUNK_BYTES`]), so a replay
+//! writes a row per conversation and commit, not per message; a committed
+//! chunk is never written again. Where the chunks end depends on when the fold
+//! committed, so two views of the same log compare equal message by message
+//! ([`rows`]), not row by row. A row of a single message is the layout from
+//! before chunks, so older views read as they are.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use switchboard_events::{time, Envelope, Event};
 
 use crate::view::{decode_row, row_key, ProjectionError, Staged};
+use crate::RowResult;
 
 pub const NAME: &str = "history";
 
@@ -127,10 +138,72 @@ pub fn apply(view: &mut Staged, envelope: &Envelope) -> Result<(), ProjectionErr
         summary.last_at = envelope.at;
         view.put(key, &summary);
     }
-    let mut row = messages_prefix(conversation_id);
-    row.extend_from_slice(&envelope.seq.to_be_bytes());
-    view.put(row, &message);
+    let encoded = postcard::to_stdvec(&message).expect("history messages always serialize");
+    let prefix = messages_prefix(conversation_id);
+    match view.last_staged_mut(&prefix) {
+        Some(chunk) if chunk.len() < CHUNK_BYTES => chunk.extend_from_slice(&encoded),
+        _ => {
+            let mut row = prefix;
+            row.extend_from_slice(&envelope.seq.to_be_bytes());
+            view.put_encoded(row, encoded);
+        }
+    }
     Ok(())
+}
+
+/// A staged chunk takes more messages while it is shorter than this.
+pub const CHUNK_BYTES: usize = 64 * 1024;
+
+/// The messages of the chunk stored at `key`, oldest first, each with its
+/// encoding.
+fn chunk_messages<'a>(
+    key: &[u8],
+    mut chunk: &'a [u8],
+) -> Result<Vec<(HistoryMessage, &'a [u8])>, ProjectionError> {
+    let corrupt = |detail: String| ProjectionError::CorruptRow {
+        projection: NAME,
+        key: String::from_utf8_lossy(key).into_owned(),
+        detail,
+    };
+    if chunk.is_empty() {
+        return Err(corrupt("a message row without a message".to_owned()));
+    }
+    let mut messages = Vec::new();
+    while !chunk.is_empty() {
+        let (message, rest) = postcard::take_from_bytes::<HistoryMessage>(chunk)
+            .map_err(|e| corrupt(e.to_string()))?;
+        messages.push((message, &chunk[..chunk.len() - rest.len()]));
+        chunk = rest;
+    }
+    Ok(messages)
+}
+
+/// The rows of a history tree as two views of the same log share them: every
+/// row as stored, but each message chunk as one row a message, keyed
+/// `m` conv 0 seq, in key order.
+pub fn rows(tree: &sled::Tree) -> impl Iterator<Item = RowResult> + '_ {
+    tree.iter().flat_map(|entry| {
+        let expanded = entry
+            .map_err(ProjectionError::from)
+            .and_then(|(key, value)| {
+                if key.first() != Some(&b'm') || key.len() < 9 {
+                    return Ok(vec![(key.to_vec(), value.to_vec())]);
+                }
+                let conversation = &key[..key.len() - 8];
+                Ok(chunk_messages(&key, &value)?
+                    .into_iter()
+                    .map(|(message, encoded)| {
+                        let mut row = conversation.to_vec();
+                        row.extend_from_slice(&message.seq.to_be_bytes());
+                        (row, encoded.to_vec())
+                    })
+                    .collect())
+            });
+        match expanded {
+            Ok(rows) => rows.into_iter().map(Ok).collect::<Vec<_>>(),
+            Err(error) => vec![Err(error)],
+        }
+    })
 }
 
 /// Read access to the history view.
@@ -152,8 +225,12 @@ impl HistoryView {
         let summary: ConversationSummary = decode_row(NAME, &key, &summary)?;
         let mut messages = Vec::new();
         for entry in self.tree.scan_prefix(messages_prefix(conversation_id)) {
-            let (key, value) = entry?;
-            messages.push(decode_row(NAME, &key, &value)?);
+            let (key, chunk) = entry?;
+            messages.extend(
+                chunk_messages(&key, &chunk)?
+                    .into_iter()
+                    .map(|(message, _)| message),
+            );
         }
         Ok(Some(Conversation { summary, messages }))
     }

@@ -29,6 +29,9 @@ pub use view::ProjectionError;
 use switchboard_events::Envelope;
 use view::Staged;
 
+/// A view's row (key, value), or why it could not be read.
+pub type RowResult = Result<(Vec<u8>, Vec<u8>), ProjectionError>;
+
 /// The projections, by name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ProjectionName {
@@ -65,7 +68,22 @@ impl ProjectionName {
         }
     }
 
-    fn tree_name(self) -> String {
+    /// The rows of this projection's `tree` as two views of the same log
+    /// share them, in key order: what [`Projections::verify`] compares. Rows
+    /// as stored, except history's message chunks ([`history::rows`]).
+    pub fn rows(self, tree: &sled::Tree) -> Box<dyn Iterator<Item = RowResult> + '_> {
+        match self {
+            ProjectionName::History => Box::new(history::rows(tree)),
+            ProjectionName::Audit | ProjectionName::Costs | ProjectionName::Keys => {
+                Box::new(tree.iter().map(|entry| {
+                    let (key, value) = entry?;
+                    Ok((key.to_vec(), value.to_vec()))
+                }))
+            }
+        }
+    }
+
+    pub fn tree_name(self) -> String {
         format!("proj.{}", self.as_str())
     }
 }

@@ -11,7 +11,7 @@ use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
 use crate::view::{self, ProjectionError, Staged};
-use crate::{AuditView, CostsView, HistoryView, KeysView, ProjectionName};
+use crate::{AuditView, CostsView, HistoryView, KeysView, ProjectionName, RowResult};
 
 mod range;
 use range::fold_range;
@@ -330,7 +330,9 @@ impl Projections {
         fold_range(&self.log, &mut folding, progress)?;
         let mut differences = Vec::new();
         for (name, scratch_tree) in &scratch_trees {
-            if let Some(detail) = compare_trees(self.tree(*name), scratch_tree)? {
+            if let Some(detail) =
+                compare_rows(name.rows(self.tree(*name)), name.rows(scratch_tree))?
+            {
                 differences.push(ViewDifference {
                     projection: *name,
                     detail,
@@ -354,13 +356,12 @@ fn scratch_path() -> PathBuf {
     ))
 }
 
-/// The first difference between two trees' rows, described; `None` if equal.
-fn compare_trees(
-    live: &sled::Tree,
-    rebuilt: &sled::Tree,
+/// The first difference between two views' rows ([`ProjectionName::rows`]),
+/// described; `None` if equal.
+fn compare_rows(
+    mut live_rows: impl Iterator<Item = RowResult>,
+    mut rebuilt_rows: impl Iterator<Item = RowResult>,
 ) -> Result<Option<String>, ProjectionError> {
-    let mut live_rows = live.iter();
-    let mut rebuilt_rows = rebuilt.iter();
     loop {
         match (
             live_rows.next().transpose()?,

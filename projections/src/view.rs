@@ -60,6 +60,22 @@ impl Staged {
         self.writes.insert(key, Some(bytes));
     }
 
+    /// Stages `bytes`, already encoded, as the row at `key`.
+    pub fn put_encoded(&mut self, key: Vec<u8>, bytes: Vec<u8>) {
+        self.writes.insert(key, Some(bytes));
+    }
+
+    /// The staged row with the greatest key under `prefix`, to extend in
+    /// place; `None` when no row under it is staged (stored rows are not
+    /// looked at) or the greatest staged one is a deletion.
+    pub fn last_staged_mut(&mut self, prefix: &[u8]) -> Option<&mut Vec<u8>> {
+        self.writes
+            .range_mut(prefix.to_vec()..)
+            .take_while(|(key, _)| key.starts_with(prefix))
+            .last()
+            .and_then(|(_, row)| row.as_mut())
+    }
+
     pub fn delete(&mut self, key: Vec<u8>) {
         self.writes.insert(key, None);
     }

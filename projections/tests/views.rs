@@ -12,7 +12,7 @@ use switchboard_events::catalog::{
 };
 use switchboard_events::{Envelope, Event};
 use switchboard_projections::{
-    AuditQuery, CostGroup, CostRow, CostTotals, ProjectionError, Revocation, Role,
+    AuditQuery, CostGroup, CostRow, CostTotals, ProjectionError, ProjectionName, Revocation, Role,
 };
 
 use common::*;
@@ -151,7 +151,7 @@ fn erased_conversation_holds_no_content_and_later_messages_appear() {
     assert_eq!(c1.summary.messages, 0);
     assert_eq!(c1.summary.last_at, f.envelope(erasure).at);
     // No row of the history view holds the content any more.
-    let rows = &dump(&f.log)["proj.history"];
+    let rows = &dump(&f.log)["history"];
     assert!(
         !rows
             .iter()
@@ -175,6 +175,86 @@ fn erased_conversation_holds_no_content_and_later_messages_appear() {
     assert_eq!(c1.messages[0].content, "a fresh start");
     assert_eq!(c1.messages[0].seq, after);
     assert_eq!(c1.summary.messages, 1);
+}
+
+/// The raw rows of the history view holding `conversation`'s messages.
+fn message_rows(f: &Fixture, conversation: &str) -> usize {
+    let mut prefix = vec![b'm'];
+    prefix.extend_from_slice(conversation.as_bytes());
+    prefix.push(0);
+    f.log
+        .db()
+        .open_tree(ProjectionName::History.tree_name())
+        .expect("the history tree")
+        .scan_prefix(prefix)
+        .count()
+}
+
+#[test]
+fn messages_folded_together_share_rows_and_read_back_in_order() {
+    let f = Fixture::new();
+    f.append_one(started("c1", "k1", None));
+    f.fold();
+    // Folded one at a time, as live commits under light load: a row each.
+    let mut seqs = Vec::new();
+    for n in 0..3 {
+        seqs.push(f.append_one(message("c1", &format!("m{n}"), "k1", "short")));
+        f.fold();
+    }
+    assert_eq!(message_rows(&f, "c1"), 3);
+    // Folded in one commit: 40 messages of 4 KiB take three rows, as a row
+    // takes messages while it is under 64 KiB.
+    let long = "x".repeat(4096);
+    for n in 3..43 {
+        seqs.push(f.append_one(message("c1", &format!("m{n}"), "k1", &long)));
+    }
+    // Another conversation's messages in between stay out of c1's rows.
+    f.append(vec![
+        started("c2", "k1", None),
+        message("c2", "x1", "k1", "other"),
+    ]);
+    seqs.push(f.append_one(reply("c1", "m42", "echo", "done")));
+    f.fold();
+    assert_eq!(message_rows(&f, "c1"), 3 + 3);
+
+    let read = |f: &Fixture| {
+        let c1 = f
+            .projections
+            .history()
+            .conversation("c1")
+            .expect("query")
+            .expect("c1");
+        assert_eq!(c1.summary.messages, 44);
+        c1.messages
+            .iter()
+            .map(|m| (m.seq, m.message_id.clone(), m.content.len()))
+            .collect::<Vec<_>>()
+    };
+    let before = read(&f);
+    assert_eq!(before.iter().map(|m| m.0).collect::<Vec<_>>(), seqs);
+    assert_eq!(before[2], (seqs[2], "m2".to_owned(), 5));
+    assert_eq!(before[3], (seqs[3], "m3".to_owned(), 4096));
+    assert_eq!(before[43], (seqs[43], "m42".to_owned(), 4));
+
+    // A replay folds all of them in one commit: fewer rows, the same messages,
+    // and verify compares them message by message.
+    assert!(f
+        .projections
+        .verify(&mut |_| {})
+        .expect("verify")
+        .is_empty());
+    let live = dump(&f.log);
+    f.projections
+        .replay(Some(ProjectionName::History), &mut |_| {})
+        .expect("replay history");
+    assert_eq!(message_rows(&f, "c1"), 3);
+    assert_eq!(read(&f), before);
+    assert_dumps_equal(&live, &dump(&f.log), "replayed history");
+    assert!(f
+        .projections
+        .verify(&mut |_| {})
+        .expect("verify")
+        .is_empty());
 }
 
 #[test]

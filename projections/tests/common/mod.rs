@@ -1,5 +1,5 @@
 //! Shared by the projections' integration tests: a log in a temporary dir, event
-//! builders, the stream each event belongs on, and a raw dump of the view trees.
+//! builders, the stream each event belongs on, and a dump of the views' rows.
 
 #![allow(dead_code)]
 
@@ -15,28 +15,26 @@ use switchboard_events::catalog::{
 use switchboard_events::{
     Envelope, Event, EventLog, ExpectedVersion, NewEvent, OpenMode, StreamId,
 };
-use switchboard_projections::Projections;
+use switchboard_projections::{ProjectionName, Projections};
 
-/// The sled trees the projections keep their rows in.
-pub const VIEW_TREES: [&str; 4] = ["proj.history", "proj.audit", "proj.costs", "proj.keys"];
-
-/// Every row of every view tree, by tree name.
+/// Every row of every view, by projection name, as two views of the same log
+/// share them ([`ProjectionName::rows`]: history one message a row).
 pub type Dump = BTreeMap<&'static str, Vec<(Vec<u8>, Vec<u8>)>>;
 
-/// Reads every row of every view tree straight from sled.
+/// Reads every row of every view tree from sled.
 pub fn dump(log: &EventLog) -> Dump {
-    VIEW_TREES
+    ProjectionName::ALL
         .into_iter()
         .map(|name| {
-            let tree = log.db().open_tree(name).expect("open a view tree");
-            let rows = tree
-                .iter()
-                .map(|entry| {
-                    let (key, value) = entry.expect("read a view row");
-                    (key.to_vec(), value.to_vec())
-                })
-                .collect();
-            (name, rows)
+            let tree = log
+                .db()
+                .open_tree(name.tree_name())
+                .expect("open a view tree");
+            let rows = name
+                .rows(&tree)
+                .collect::<Result<_, _>>()
+                .expect("read a view's rows");
+            (name.as_str(), rows)
         })
         .collect()
 }
@@ -44,7 +42,7 @@ pub fn dump(log: &EventLog) -> Dump {
 /// Panics with the first differing row when two dumps differ (a plain
 /// `assert_eq!` of two large dumps is unreadable).
 pub fn assert_dumps_equal(left: &Dump, right: &Dump, what: &str) {
-    for name in VIEW_TREES {
+    for name in ProjectionName::ALL.map(ProjectionName::as_str) {
         let (l, r) = (&left[name], &right[name]);
         for (i, (a, b)) in l.iter().zip(r.iter()).enumerate() {
             assert_eq!(a, b, "{what}: tree {name} differs at row {i}");
