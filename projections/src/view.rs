@@ -57,7 +57,7 @@ impl Staged {
 
     pub fn put<T: Serialize>(&mut self, key: Vec<u8>, row: &T) {
         let bytes = postcard::to_stdvec(row).expect("view rows always serialize");
-        self.writes.insert(key, Some(bytes));
+        self.put_encoded(key, bytes);
     }
 
     /// Stages `bytes`, already encoded, as the row at `key`.

@@ -102,11 +102,7 @@ fn catch_up_after_restart_folds_only_new_events() {
     );
     assert_checkpoints(&f.projections, head);
     assert_dumps_equal(&resumed, &dump(&f.log), "resumed views against a replay");
-    assert!(f
-        .projections
-        .verify(&mut |_| {})
-        .expect("verify")
-        .is_empty());
+    f.assert_verifies();
 
     // Catching up when caught up folds nothing and changes nothing.
     let mut folded = 0;
@@ -182,11 +178,7 @@ fn folded() -> Fixture {
     append_round(&f, 1);
     append_round(&f, 2);
     f.fold();
-    assert!(f
-        .projections
-        .verify(&mut |_| {})
-        .expect("verify")
-        .is_empty());
+    f.assert_verifies();
     f
 }
 
@@ -247,11 +239,7 @@ fn verify_names_a_changed_costs_row() {
             .cost_micros,
         300
     );
-    assert!(f
-        .projections
-        .verify(&mut |_| {})
-        .expect("verify")
-        .is_empty());
+    f.assert_verifies();
 }
 
 #[test]
@@ -282,11 +270,7 @@ fn verify_names_a_deleted_history_row() {
     f.projections
         .replay(Some(ProjectionName::History), &mut |_| {})
         .expect("replay history");
-    assert!(f
-        .projections
-        .verify(&mut |_| {})
-        .expect("verify")
-        .is_empty());
+    f.assert_verifies();
 }
 
 #[test]
@@ -330,11 +314,7 @@ fn verify_names_every_tampered_view_and_changes_none() {
     assert_dumps_equal(&tampered, &dump(&f.log), "verify changed the views");
 
     f.projections.replay(None, &mut |_| {}).expect("replay");
-    assert!(f
-        .projections
-        .verify(&mut |_| {})
-        .expect("verify")
-        .is_empty());
+    f.assert_verifies();
 }
 
 #[test]
@@ -345,11 +325,7 @@ fn verify_compares_only_up_to_the_live_checkpoint() {
     assert!(f.log.head() > checkpoint);
     let behind = dump(&f.log);
     // Views behind the log are not wrong, only behind.
-    assert!(f
-        .projections
-        .verify(&mut |_| {})
-        .expect("verify")
-        .is_empty());
+    f.assert_verifies();
     assert_checkpoints(&f.projections, checkpoint);
     assert_dumps_equal(&behind, &dump(&f.log), "verify changed the views");
 }
@@ -379,11 +355,7 @@ fn views_at_different_checkpoints_catch_up_together() {
     ] {
         assert_eq!(f.projections.checkpoint(name).expect("checkpoint"), first);
     }
-    assert!(f
-        .projections
-        .verify(&mut |_| {})
-        .expect("verify")
-        .is_empty());
+    f.assert_verifies();
 
     append_round(&f, 3);
     let head = f.fold();

@@ -131,21 +131,11 @@ fn erased_conversation_holds_no_content_and_later_messages_appear() {
         message("c10", "m1", "k1", "mine"),
     ]);
     f.fold();
-    assert_eq!(
-        f.projections
-            .history()
-            .conversation("c1")
-            .expect("query")
-            .expect("c1")
-            .messages
-            .len(),
-        2
-    );
+    assert_eq!(f.conversation("c1").messages.len(), 2);
 
     let erasure = f.append_one(erased("c1", "admin"));
     f.fold();
-    let history = f.projections.history();
-    let c1 = history.conversation("c1").expect("query").expect("c1");
+    let c1 = f.conversation("c1");
     assert!(c1.messages.is_empty(), "{:?}", c1.messages);
     assert!(c1.summary.erased);
     assert_eq!(c1.summary.messages, 0);
@@ -159,10 +149,10 @@ fn erased_conversation_holds_no_content_and_later_messages_appear() {
         "erased content is still in the history view"
     );
     // Other conversations keep theirs.
-    let c2 = history.conversation("c2").expect("query").expect("c2");
+    let c2 = f.conversation("c2");
     assert_eq!(c2.messages.len(), 1);
     assert!(!c2.summary.erased);
-    let c10 = history.conversation("c10").expect("query").expect("c10");
+    let c10 = f.conversation("c10");
     assert_eq!(c10.messages.len(), 1);
     assert_eq!(c10.messages[0].content, "mine");
     assert!(!c10.summary.erased);
@@ -170,7 +160,7 @@ fn erased_conversation_holds_no_content_and_later_messages_appear() {
     // A message after the erasure is history again.
     let after = f.append_one(message("c1", "m2", "k1", "a fresh start"));
     f.fold();
-    let c1 = history.conversation("c1").expect("query").expect("c1");
+    let c1 = f.conversation("c1");
     assert_eq!(c1.messages.len(), 1);
     assert_eq!(c1.messages[0].content, "a fresh start");
     assert_eq!(c1.messages[0].seq, after);
@@ -218,12 +208,7 @@ fn messages_folded_together_share_rows_and_read_back_in_order() {
     assert_eq!(message_rows(&f, "c1"), 3 + 3);
 
     let read = |f: &Fixture| {
-        let c1 = f
-            .projections
-            .history()
-            .conversation("c1")
-            .expect("query")
-            .expect("c1");
+        let c1 = f.conversation("c1");
         assert_eq!(c1.summary.messages, 44);
         c1.messages
             .iter()
@@ -238,11 +223,7 @@ fn messages_folded_together_share_rows_and_read_back_in_order() {
 
     // A replay folds all of them in one commit: fewer rows, the same messages,
     // and verify compares them message by message.
-    assert!(f
-        .projections
-        .verify(&mut |_| {})
-        .expect("verify")
-        .is_empty());
+    f.assert_verifies();
     let live = dump(&f.log);
     f.projections
         .replay(Some(ProjectionName::History), &mut |_| {})
@@ -250,11 +231,7 @@ fn messages_folded_together_share_rows_and_read_back_in_order() {
     assert_eq!(message_rows(&f, "c1"), 3);
     assert_eq!(read(&f), before);
     assert_dumps_equal(&live, &dump(&f.log), "replayed history");
-    assert!(f
-        .projections
-        .verify(&mut |_| {})
-        .expect("verify")
-        .is_empty());
+    f.assert_verifies();
 }
 
 #[test]
@@ -268,12 +245,7 @@ fn erasure_in_the_same_fold_as_the_messages_removes_them() {
         message("c1", "m2", "k1", "stays"),
     ]);
     f.fold();
-    let c1 = f
-        .projections
-        .history()
-        .conversation("c1")
-        .expect("query")
-        .expect("c1");
+    let c1 = f.conversation("c1");
     let contents: Vec<&str> = c1.messages.iter().map(|m| m.content.as_str()).collect();
     assert_eq!(contents, vec!["stays"]);
 }

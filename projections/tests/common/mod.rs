@@ -15,7 +15,7 @@ use switchboard_events::catalog::{
 use switchboard_events::{
     Envelope, Event, EventLog, ExpectedVersion, NewEvent, OpenMode, StreamId,
 };
-use switchboard_projections::{ProjectionName, Projections};
+use switchboard_projections::{Conversation, ProjectionName, Projections};
 
 /// Every row of every view, by projection name, as two views of the same log
 /// share them ([`ProjectionName::rows`]: history one message a row).
@@ -129,6 +129,21 @@ impl Fixture {
     /// Appends one event and returns its seq.
     pub fn append_one(&self, event: Event) -> u64 {
         self.append(vec![event])[0]
+    }
+
+    /// A conversation from the history view; panics if it never started.
+    pub fn conversation(&self, id: &str) -> Conversation {
+        self.projections
+            .history()
+            .conversation(id)
+            .expect("query history")
+            .unwrap_or_else(|| panic!("conversation {id} never started"))
+    }
+
+    /// Panics naming the differences when `verify` finds any.
+    pub fn assert_verifies(&self) {
+        let differences = self.projections.verify(&mut |_| {}).expect("verify");
+        assert!(differences.is_empty(), "verify found {differences:?}");
     }
 
     /// Folds every projection up to the head.
