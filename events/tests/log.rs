@@ -488,6 +488,54 @@ async fn concurrent_appends_of_one_id_write_it_once() {
 
 // ---- concurrency ------------------------------------------------------------
 
+/// Pairs of tasks append the same events at the same time, so one of each
+/// pair is answered `deduplicated`, often from the very group that writes the
+/// event: whoever is answered, and however, the durable head already covers
+/// the answer (no acknowledgment before the flush).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_answer_comes_after_the_flush_that_makes_it_durable() {
+    const PAIRS: u64 = 16;
+    const EACH: u64 = 100;
+    let dir = TempDir::new().expect("temp dir");
+    let log = open(dir.path());
+    let events: Arc<Vec<NewEvent>> = Arc::new(messages(0..PAIRS * EACH));
+    let tasks: Vec<_> = (0..PAIRS * 2)
+        .map(|task| {
+            let (log, events) = (log.clone(), events.clone());
+            tokio::spawn(async move {
+                let pair = task / 2;
+                let mut deduplicated = 0;
+                for n in 0..EACH {
+                    let event = events[(pair * EACH + n) as usize].clone();
+                    let appended = log
+                        .append(conv(&format!("c{pair}")), ExpectedVersion::Any, vec![event])
+                        .await
+                        .expect("append");
+                    let seq = appended.positions[0].seq;
+                    assert!(
+                        log.head() >= seq,
+                        "answered for seq {seq} while the durable head is {}",
+                        log.head()
+                    );
+                    deduplicated += u64::from(appended.deduplicated);
+                }
+                deduplicated
+            })
+        })
+        .collect();
+    let mut deduplicated = 0;
+    for task in tasks {
+        deduplicated += task.await.expect("task");
+    }
+    assert_eq!(
+        deduplicated,
+        PAIRS * EACH,
+        "one of each pair writes, one is told it was written"
+    );
+    assert_eq!(log.head(), PAIRS * EACH);
+    log.verify_chain(|_| {}).expect("chain verifies");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn racing_appenders_on_one_stream_get_exactly_one_winner_per_version() {
     const TASKS: usize = 32;
