@@ -771,7 +771,7 @@ async fn a_subscription_from_a_position_catches_up_then_follows() {
 /// the tail still has, then goes on from there — with no gap and no duplicate
 /// at the seam. The same records come back as a fresh read of the tree.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_subscription_far_behind_reads_the_tree_up_to_the_tail() {
+async fn subscriptions_and_stream_reads_take_the_tree_up_to_the_tail() {
     const TOTAL: u64 = 40_000; // more than the tail keeps
     const BATCH: u64 = 1_000;
     let dir = TempDir::new().expect("temp dir");
@@ -797,6 +797,20 @@ async fn a_subscription_far_behind_reads_the_tree_up_to_the_tail() {
         }
     }
     assert!(behind.try_next().is_none(), "caught up");
+    // Stream reads and `get` take the newest records from the tail, the
+    // older ones from the tree (`read_from` reads only the tree).
+    for stream in ["c0", "c1", "c2"].map(conv) {
+        let read: Vec<_> = log
+            .read_stream(&stream, 1)
+            .map(|e| e.expect("record"))
+            .collect();
+        let expected: Vec<_> = stored.iter().filter(|e| e.stream == stream).collect();
+        assert_eq!(read.iter().collect::<Vec<_>>(), expected, "stream {stream}");
+    }
+    for seq in [1, TOTAL / 2, TOTAL] {
+        let got = log.get(seq).expect("get").expect("stored");
+        assert_eq!(got, stored[(seq - 1) as usize]);
+    }
 
     // Both follow what comes next.
     log.append(

@@ -118,9 +118,11 @@ impl Iterator for RecordIter {
     }
 }
 
-/// A stream's events in version order, up to the durable head.
+/// A stream's events in version order, up to the durable head. Records still
+/// in the tail come from there, the rest from the tree.
 pub struct StreamIter {
     tree: sled::Tree,
+    tail: Arc<super::tail::Tail>,
     index: sled::Iter,
     durable: Durable,
     _lock: Arc<super::lock::DirLock>,
@@ -147,11 +149,20 @@ impl Iterator for StreamIter {
         if !self.durable.covers(seq) {
             return None;
         }
-        Some(read_indexed(&self.tree, seq))
+        Some(read_indexed(&self.tree, &self.tail, seq))
     }
 }
 
-fn read_indexed(tree: &sled::Tree, seq: u64) -> Result<Envelope, ReadError> {
+/// The durable record at `seq`: a copy of the tail's when it still holds it,
+/// otherwise read from the tree.
+fn read_indexed(
+    tree: &sled::Tree,
+    tail: &super::tail::Tail,
+    seq: u64,
+) -> Result<Envelope, ReadError> {
+    if let Some(envelope) = tail.get(seq) {
+        return Ok(Envelope::clone(&envelope));
+    }
     let record = tree
         .get(keys::record(seq))?
         .ok_or_else(|| ReadError::Corrupt {
@@ -189,6 +200,7 @@ impl EventLog {
         };
         StreamIter {
             tree: self.shared.tree.clone(),
+            tail: self.shared.tail.clone(),
             durable: Durable::new(&self.shared.head),
             index: self
                 .shared
@@ -198,10 +210,14 @@ impl EventLog {
         }
     }
 
-    /// The record at `seq`, if there is one (and it is durable).
+    /// The record at `seq`, if there is one (and it is durable): from the
+    /// tail while it holds it.
     pub fn get(&self, seq: u64) -> Result<Option<Envelope>, ReadError> {
         if seq > self.head() {
             return Ok(None);
+        }
+        if let Some(envelope) = self.shared.tail.get(seq) {
+            return Ok(Some(Envelope::clone(&envelope)));
         }
         let key = keys::record(seq);
         match self.shared.tree.get(key)? {

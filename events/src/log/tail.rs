@@ -87,6 +87,13 @@ impl Tail {
         out.extend(ring.records.range(start..end).map(|(e, _)| e.clone()));
         (end - start) as u64
     }
+
+    /// The record at `seq`, if the ring holds it.
+    pub(crate) fn get(&self, seq: u64) -> Option<Arc<Envelope>> {
+        let ring = self.ring.lock().expect("log tail lock");
+        let at = usize::try_from(seq.checked_sub(ring.first_seq)?).ok()?;
+        ring.records.get(at).map(|(e, _)| e.clone())
+    }
 }
 
 #[cfg(test)]
