@@ -23,6 +23,10 @@
 //!   published again. Losing a checkpoint write in a crash only re-publishes,
 //!   so the checkpoint is not fsynced per batch (sled flushes it within
 //!   half a second, and [`OutboxHandle::stop`] flushes it).
+//! - **One round trip per window, not per event.** Events go out as soon as
+//!   they are durable; a batch is confirmed (flushed, then checkpointed) once
+//!   20 ms have passed since its first event or it holds 1024 events, so a
+//!   trickle of single commits costs one round trip to the server per window.
 //! - **Optionally, never ahead of a stream.** A flush proves the server took
 //!   a message, not that a JetStream stream stored it (around a server
 //!   restart, a message the server took can miss the stream). With
@@ -92,6 +96,12 @@ pub const TREE: &str = "outbox";
 const CHECKPOINT_KEY: &[u8] = b"checkpoint";
 /// Events published between two flushes at most.
 const BATCH: usize = 1024;
+/// How long after a batch's first event its confirmation (a flush, then the
+/// checkpoint) waits for more events to publish with it, unless the batch is
+/// full or the outbox is stopping first. The checkpoint lags the published
+/// events by as much at most, which after a crash only means re-publishing
+/// them (deduplicated by their `Nats-Msg-Id`).
+const CONFIRM_WINDOW: Duration = Duration::from_millis(20);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// How often a batch awaiting confirmation checks for a reconnect.
@@ -414,11 +424,28 @@ impl Publisher {
             };
             let connects = self.connects();
             let mut last = self.publish(&*first?, &mut acks).await?;
-            for _ in 1..BATCH {
-                match events.try_next() {
-                    Some(next) => last = self.publish(&*next?, &mut acks).await?,
-                    None => break,
-                }
+            let mut published = 1;
+            // What comes during the window is published as it comes and
+            // confirmed with the rest: one round trip to the server per window
+            // instead of one per commit of the log.
+            let window_end = tokio::time::Instant::now() + CONFIRM_WINDOW;
+            while published < BATCH && drain_to.is_none() {
+                let next = match events.try_next() {
+                    Some(next) => Some(next),
+                    None => tokio::select! {
+                        next = events.next() => next,
+                        () = tokio::time::sleep_until(window_end) => break,
+                        _ = &mut *stop => {
+                            *drain_to = Some(self.log.head());
+                            break;
+                        }
+                    },
+                };
+                let Some(next) = next else {
+                    break; // the log has closed: confirm what went out
+                };
+                last = self.publish(&*next?, &mut acks).await?;
+                published += 1;
             }
             let confirmed = async {
                 self.bus.flush().await?;
