@@ -429,9 +429,11 @@ impl Publisher {
             // confirmed with the rest: one round trip to the server per window
             // instead of one per commit of the log.
             let window_end = tokio::time::Instant::now() + CONFIRM_WINDOW;
-            while published < BATCH && drain_to.is_none() {
+            while published < BATCH {
                 let next = match events.try_next() {
                     Some(next) => Some(next),
+                    // Stopping: confirm at once what is at hand.
+                    None if drain_to.is_some() => break,
                     None => tokio::select! {
                         next = events.next() => next,
                         () = tokio::time::sleep_until(window_end) => break,
