@@ -224,13 +224,13 @@ fn messages_folded_together_share_rows_and_read_back_in_order() {
     // A replay folds all of them in one commit: fewer rows, the same messages,
     // and verify compares them message by message.
     f.assert_verifies();
-    let live = dump(&f.log);
+    let live = logical_dump(&f.log);
     f.projections
         .replay(Some(ProjectionName::History), &mut |_| {})
         .expect("replay history");
     assert_eq!(message_rows(&f, "c1"), 3);
     assert_eq!(read(&f), before);
-    assert_dumps_equal(&live, &dump(&f.log), "replayed history");
+    assert_dumps_equal(&live, &logical_dump(&f.log), "replayed history");
     f.assert_verifies();
 }
 

@@ -153,23 +153,33 @@ impl Iterator for StreamIter {
     }
 }
 
-/// The durable record at `seq`: a copy of the tail's when it still holds it,
-/// otherwise read from the tree.
+/// The record at `seq` if there is one: a copy of the tail's while it holds
+/// it, otherwise read from the tree. The caller knows `seq` is durable.
+fn stored(
+    tree: &sled::Tree,
+    tail: &super::tail::Tail,
+    seq: u64,
+) -> Result<Option<Envelope>, ReadError> {
+    if let Some(envelope) = tail.get(seq) {
+        return Ok(Some(Envelope::clone(&envelope)));
+    }
+    let key = keys::record(seq);
+    match tree.get(key)? {
+        None => Ok(None),
+        Some(value) => RawRecord::parse(&key, value)?.decode().map(Some),
+    }
+}
+
+/// The record an index entry points at, which must be there.
 fn read_indexed(
     tree: &sled::Tree,
     tail: &super::tail::Tail,
     seq: u64,
 ) -> Result<Envelope, ReadError> {
-    if let Some(envelope) = tail.get(seq) {
-        return Ok(Envelope::clone(&envelope));
-    }
-    let record = tree
-        .get(keys::record(seq))?
-        .ok_or_else(|| ReadError::Corrupt {
-            seq,
-            detail: "an index points at this missing record".to_owned(),
-        })?;
-    RawRecord::parse(&keys::record(seq), record)?.decode()
+    stored(tree, tail, seq)?.ok_or_else(|| ReadError::Corrupt {
+        seq,
+        detail: "an index points at this missing record".to_owned(),
+    })
 }
 
 impl EventLog {
@@ -216,14 +226,7 @@ impl EventLog {
         if seq > self.head() {
             return Ok(None);
         }
-        if let Some(envelope) = self.shared.tail.get(seq) {
-            return Ok(Some(Envelope::clone(&envelope)));
-        }
-        let key = keys::record(seq);
-        match self.shared.tree.get(key)? {
-            None => Ok(None),
-            Some(value) => RawRecord::parse(&key, value)?.decode().map(Some),
-        }
+        stored(&self.shared.tree, &self.shared.tail, seq)
     }
 
     /// The seq an event id was appended at, if it was.

@@ -1,5 +1,5 @@
 //! Shared by the projections' integration tests: a log in a temporary dir, event
-//! builders, the stream each event belongs on, and a dump of the views' rows.
+//! builders, the stream each event belongs on, and dumps of the views' rows.
 
 #![allow(dead_code)]
 
@@ -17,12 +17,36 @@ use switchboard_events::{
 };
 use switchboard_projections::{Conversation, ProjectionName, Projections};
 
-/// Every row of every view, by projection name, as two views of the same log
-/// share them ([`ProjectionName::rows`]: history one message a row).
+/// Every row of every view, by projection name.
 pub type Dump = BTreeMap<&'static str, Vec<(Vec<u8>, Vec<u8>)>>;
 
-/// Reads every row of every view tree from sled.
+/// Every row of every view tree exactly as stored.
 pub fn dump(log: &EventLog) -> Dump {
+    dump_with(log, |_, tree| {
+        tree.iter()
+            .map(|entry| {
+                let (key, value) = entry.expect("read a view row");
+                (key.to_vec(), value.to_vec())
+            })
+            .collect()
+    })
+}
+
+/// Every row of every view as two folds of the same log share them
+/// ([`ProjectionName::rows`]: history one message a row, wherever the fold's
+/// commits ended its chunks). For a replay against a live fold.
+pub fn logical_dump(log: &EventLog) -> Dump {
+    dump_with(log, |name, tree| {
+        name.rows(tree)
+            .collect::<Result<_, _>>()
+            .expect("read a view's rows")
+    })
+}
+
+fn dump_with(
+    log: &EventLog,
+    rows: impl Fn(ProjectionName, &sled::Tree) -> Vec<(Vec<u8>, Vec<u8>)>,
+) -> Dump {
     ProjectionName::ALL
         .into_iter()
         .map(|name| {
@@ -30,11 +54,7 @@ pub fn dump(log: &EventLog) -> Dump {
                 .db()
                 .open_tree(name.tree_name())
                 .expect("open a view tree");
-            let rows = name
-                .rows(&tree)
-                .collect::<Result<_, _>>()
-                .expect("read a view's rows");
-            (name.as_str(), rows)
+            (name.as_str(), rows(name, &tree))
         })
         .collect()
 }
