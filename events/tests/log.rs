@@ -864,6 +864,131 @@ fn reading_two_hundred_thousand_records_in_order() {
     assert_eq!(log.read_from(TOTAL - 999).count(), 1_000);
 }
 
+// ---- rows of records --------------------------------------------------------
+
+/// The record rows of the log in `dir`, read with sled directly: each key's
+/// first and last seq, and the row's length.
+fn record_rows(dir: &Path) -> Vec<(u64, u64, usize)> {
+    dump(dir)
+        .into_iter()
+        .filter(|(key, _)| key.first() == Some(&b'r'))
+        .map(|(key, value)| {
+            let seq = |at: usize| u64::from_be_bytes(key[at..at + 8].try_into().expect("8 bytes"));
+            match key.len() {
+                9 => (seq(1), seq(1), value.len()),
+                17 => (seq(1), seq(9), value.len()),
+                other => panic!("a record key of {other} bytes"),
+            }
+        })
+        .collect()
+}
+
+/// A group commit of many records writes them as a few rows of consecutive
+/// records (one append is one group); every way of reading finds each record
+/// in them, from any position, once the tail no longer holds them.
+#[test]
+fn records_of_one_group_share_rows_and_every_read_finds_each_of_them() {
+    let dir = TempDir::new().expect("temp dir");
+    let stream = conv("rows");
+    let mut group = messages(2..32);
+    let long = Event::MessageReceived(MessageReceived {
+        conversation_id: "c1".into(),
+        message_id: "long".into(),
+        key_id: "key_1".into(),
+        user: None,
+        content: "x".repeat(10_000),
+        agent: None,
+    });
+    group.push(NewEvent::new(long));
+    group.extend(messages(32..62));
+    let written = {
+        let log = open(dir.path());
+        log.append_blocking(conv("before"), ExpectedVersion::Any, messages(1..2))
+            .expect("append one");
+        log.append_blocking(stream.clone(), ExpectedVersion::Exact(0), group)
+            .expect("append the group");
+        log.append_blocking(conv("after"), ExpectedVersion::Any, messages(62..63))
+            .expect("append one more");
+        all(&log)
+    };
+    assert_eq!(written.len(), 63);
+
+    // Rows cover every seq once, in order: single records around a group of
+    // rows of at most 4 KiB, and the long record in a row of its own.
+    let rows = record_rows(dir.path());
+    let covered: Vec<u64> = rows
+        .iter()
+        .flat_map(|&(first, last, _)| first..=last)
+        .collect();
+    assert_eq!(covered, (1..=63).collect::<Vec<_>>(), "{rows:?}");
+    assert_eq!(rows.first(), Some(&(1, 1, rows[0].2)), "{rows:?}");
+    assert_eq!(rows.last().map(|r| (r.0, r.1)), Some((63, 63)), "{rows:?}");
+    let shared: Vec<_> = rows
+        .iter()
+        .filter(|(first, last, _)| last > first)
+        .collect();
+    assert!(shared.len() >= 2, "the group shares rows: {rows:?}");
+    assert!(shared.iter().all(|&&(_, _, len)| len <= 4096), "{rows:?}");
+    assert!(
+        rows.contains(&(32, 32, rows.iter().find(|r| r.0 == 32).expect("row 32").2)),
+        "{rows:?}"
+    );
+    assert!(rows.iter().find(|r| r.0 == 32).expect("row 32").2 > 10_000);
+
+    // Reopened, the tail is empty: every read below comes from the rows.
+    let log = open(dir.path());
+    assert_eq!(all(&log), written);
+    for seq in 1..=63u64 {
+        let got = log.get(seq).expect("get").expect("stored");
+        assert_eq!(got, written[seq as usize - 1], "get({seq})");
+        let from: Vec<_> = log.read_from(seq).map(|e| e.expect("record")).collect();
+        assert_eq!(from, written[seq as usize - 1..], "read_from({seq})");
+        for to in [seq, seq + 1, seq + 17, 63] {
+            let range: Vec<_> = log
+                .read_range(seq, to)
+                .map(|e| e.expect("record"))
+                .collect();
+            assert_eq!(
+                range,
+                written[seq as usize - 1..to.min(63) as usize],
+                "read_range({seq}, {to})"
+            );
+        }
+        let mut subscription = log.subscribe(seq);
+        let mut followed = Vec::new();
+        while let Some(envelope) = subscription.try_next() {
+            followed.push(Envelope::clone(&envelope.expect("record")));
+        }
+        assert_eq!(followed, written[seq as usize - 1..], "subscribe({seq})");
+    }
+    for version in 1..=61u64 {
+        let read = stream_events(&log, &stream, version);
+        assert_eq!(
+            read,
+            written[version as usize..62],
+            "read_stream(rows, {version})"
+        );
+    }
+    assert!(log.get(64).expect("get").is_none());
+    assert_eq!(
+        log.verify_chain(|_| {})
+            .expect("the chain verifies")
+            .records,
+        63
+    );
+
+    // Appending again after reopening continues the chain and the rows.
+    log.append_blocking(stream.clone(), ExpectedVersion::Exact(61), messages(63..73))
+        .expect("append after reopening");
+    assert_eq!(
+        log.verify_chain(|_| {})
+            .expect("the chain verifies")
+            .records,
+        73
+    );
+    assert_eq!(stream_events(&log, &stream, 60).len(), 12);
+}
+
 // ---- reopening --------------------------------------------------------------
 
 #[test]
@@ -1066,7 +1191,13 @@ fn a_changed_record_breaks_the_chain_at_that_record() {
         tree.insert(&key, value).expect("insert");
     });
 
-    let log = EventLog::open(dir.path(), OpenMode::MustExist).expect("reopen");
+    assert_changed_at_twenty(dir.path());
+}
+
+/// Record 20 of the log in `dir` reads "Message number 000020" and breaks
+/// the chain there.
+fn assert_changed_at_twenty(dir: &Path) {
+    let log = EventLog::open(dir, OpenMode::MustExist).expect("reopen");
     let changed = log
         .get(20)
         .expect("the changed record still decodes")
@@ -1078,6 +1209,118 @@ fn a_changed_record_breaks_the_chain_at_that_record() {
         other => panic!("expected HashMismatch at 20, got {other:?}"),
     }
     assert_eq!(verified, (1..20).collect::<Vec<_>>());
+}
+
+/// A closed log of 100 messages appended at once, so that they share rows.
+fn closed_log_in_rows(dir: &Path) -> Vec<(u64, u64, usize)> {
+    let log = open(dir);
+    log.append_blocking(conv("c1"), ExpectedVersion::Any, messages(1..101))
+        .expect("append");
+    log.verify_chain(|_| {})
+        .expect("the untouched chain verifies");
+    drop(log);
+    let rows = record_rows(dir);
+    assert!(rows.iter().all(|(first, last, _)| last > first), "{rows:?}");
+    rows
+}
+
+/// The key of the row holding records `first..=last`.
+fn row_key(first: u64, last: u64) -> Vec<u8> {
+    let mut key = record_key(first);
+    key.extend_from_slice(&last.to_be_bytes());
+    key
+}
+
+#[test]
+fn a_changed_record_in_a_shared_row_breaks_the_chain_at_that_record() {
+    let dir = TempDir::new().expect("temp dir");
+    let rows = closed_log_in_rows(dir.path());
+    let &(first, last, _) = rows
+        .iter()
+        .find(|(first, last, _)| (*first..=*last).contains(&20))
+        .expect("a row holds record 20");
+    tamper(dir.path(), |tree| {
+        let key = row_key(first, last);
+        let mut value = tree.get(&key).expect("get").expect("the row").to_vec();
+        let needle = b"message number 000020";
+        let at = value
+            .windows(needle.len())
+            .position(|w| w == needle)
+            .expect("record 20's content is in the row");
+        value[at] = b'M';
+        tree.insert(&key, value).expect("insert");
+    });
+
+    assert_changed_at_twenty(dir.path());
+}
+
+/// A row whose framing is damaged — a length past its end, bytes cut off,
+/// bytes left over — reads as a corrupt record named by seq, never a panic;
+/// the rows before it still read. Damage to the last row is found at open.
+#[test]
+fn a_damaged_shared_row_reads_as_corrupt_at_its_records() {
+    let rows = {
+        let dir = TempDir::new().expect("temp dir");
+        closed_log_in_rows(dir.path())
+    };
+    assert!(rows.len() >= 3, "{rows:?}");
+    let &(first, last, _) = &rows[1];
+    type Damage = fn(&mut Vec<u8>);
+    let damages: [(&str, Damage); 3] = [
+        ("a length past the end", |value| {
+            value[32..36].copy_from_slice(&u32::MAX.to_le_bytes())
+        }),
+        ("cut off", |value| value.truncate(value.len() - 5)),
+        ("bytes left over", |value| value.extend_from_slice(b"extra")),
+    ];
+    for (what, damage) in damages {
+        let dir = TempDir::new().expect("temp dir");
+        assert_eq!(closed_log_in_rows(dir.path()), rows, "{what}");
+        tamper(dir.path(), |tree| {
+            let key = row_key(first, last);
+            let mut value = tree.get(&key).expect("get").expect("the row").to_vec();
+            damage(&mut value);
+            tree.insert(&key, value).expect("insert");
+        });
+        let log = EventLog::open(dir.path(), OpenMode::MustExist).expect("reopen");
+        let read: Vec<_> = log.read_from(1).collect();
+        let good = read.iter().take_while(|r| r.is_ok()).count() as u64;
+        assert_eq!(good, first - 1, "{what}: the rows before the damage read");
+        let error = read[good as usize].as_ref().expect_err("the damaged row");
+        assert!(
+            error.to_string().contains("corrupt")
+                && error.to_string().contains(&format!("{first}..={last}")),
+            "{what}: {error}"
+        );
+        assert!(log.get(first).is_err(), "{what}: get in the damaged row");
+        assert!(
+            log.get(first - 1).expect("get before it").is_some(),
+            "{what}"
+        );
+        match log.verify_chain(|_| {}) {
+            Err(ChainBreak::Read(_)) => {}
+            other => panic!("{what}: expected a read error, got {other:?}"),
+        }
+    }
+
+    let dir = TempDir::new().expect("temp dir");
+    closed_log_in_rows(dir.path());
+    let &(first, last, _) = rows.last().expect("a last row");
+    tamper(dir.path(), |tree| {
+        let key = row_key(first, last);
+        let mut value = tree.get(&key).expect("get").expect("the row").to_vec();
+        value.truncate(value.len() - 5);
+        tree.insert(&key, value).expect("insert");
+    });
+    let before = dump(dir.path());
+    match EventLog::open(dir.path(), OpenMode::MustExist) {
+        Err(OpenError::Corrupt { detail, .. }) => {
+            assert!(detail.contains(&format!("{first}..={last}")), "{detail}");
+        }
+        Err(other) => panic!("expected a corrupt log, got {other:?}"),
+        Ok(_) => panic!("a log with its last row damaged opened as healthy"),
+    }
+    assert_eq!(dump(dir.path()), before, "the refused open changed the log");
 }
 
 #[test]

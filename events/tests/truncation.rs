@@ -105,15 +105,32 @@ fn head_marker(seq: u64, hash: &[u8]) -> Vec<u8> {
     value
 }
 
-/// A group commit is plain sled inserts — its group marker, each record and
-/// then its index entries, the head marker last — and sled recovers a prefix
-/// of them after a crash. What such a prefix leaves (nothing of it was
-/// acknowledged: that waits for the flush) is removed at open.
+/// The record rows of the tree as (key, first seq, last seq): `r` seq for
+/// one record, `r` first ‖ last for several.
+fn record_rows(tree: &sled::Tree) -> Vec<(Vec<u8>, u64, u64)> {
+    tree.scan_prefix(b"r")
+        .map(|row| {
+            let key = row.expect("read").0.to_vec();
+            let seq = |at: usize| u64::from_be_bytes(key[at..at + 8].try_into().expect("8 bytes"));
+            let (first, last) = match key.len() {
+                9 => (seq(1), seq(1)),
+                _ => (seq(1), seq(9)),
+            };
+            (key, first, last)
+        })
+        .collect()
+}
+
+/// A group commit is plain sled inserts — its group marker, then each row
+/// of records followed by the index entries pointing into it, the head
+/// marker last — and sled recovers a prefix of them after a crash. What such
+/// a prefix leaves (nothing of it was acknowledged: that waits for the
+/// flush) is removed at open.
 #[test]
 fn a_group_commit_cut_short_by_a_crash_is_removed_at_open() {
     let dir = tempfile::tempdir().expect("temp dir");
     fill(dir.path(), 5);
-    let group = actions("g", 3);
+    let group = actions("group-commit-cut-short-", 100);
     {
         let log = EventLog::open(dir.path(), OpenMode::MustExist).expect("open");
         let appended = log
@@ -122,16 +139,28 @@ fn a_group_commit_cut_short_by_a_crash_is_removed_at_open() {
         assert_eq!(appended.first().seq, 6);
     }
     {
-        // Back to the prefix that ends with record 7's stream entry: no id
-        // entry for 7, no record 8, the head marker still at 5.
+        // Back to the prefix that ends with the stream entry of the first
+        // record in the group's second row: the first row and all its
+        // entries, the second row, one entry into it; the head marker still
+        // at 5. (On the system stream here, version = seq.)
         let (db, tree) = raw_log(dir.path());
+        let rows = record_rows(&tree);
+        let group_rows: Vec<_> = rows.iter().filter(|(_, first, _)| *first >= 6).collect();
+        assert!(group_rows.len() >= 3, "the group spans rows: {rows:?}");
+        let cut_from = group_rows[1].1;
+        for (key, _, _) in &group_rows[2..] {
+            tree.remove(key).expect("remove row");
+        }
+        for seq in cut_from..=105 {
+            tree.remove(id_key(&group[seq as usize - 6]))
+                .expect("remove");
+            if seq > cut_from {
+                tree.remove(stream_key(seq)).expect("remove");
+            }
+        }
         let fifth = tree.get(record_key(5)).expect("read").expect("record 5");
         tree.insert("mhead", head_marker(5, &fifth[..32]))
             .expect("head marker");
-        tree.remove(id_key(&group[1])).expect("remove");
-        tree.remove(id_key(&group[2])).expect("remove");
-        tree.remove(stream_key(8)).expect("remove");
-        tree.remove(record_key(8)).expect("remove");
         db.flush().expect("flush");
     }
 
@@ -145,11 +174,13 @@ fn a_group_commit_cut_short_by_a_crash_is_removed_at_open() {
     }
     {
         let (_db, tree) = raw_log(dir.path());
-        for seq in 6..=8 {
-            assert!(
-                !tree.contains_key(record_key(seq)).expect("read"),
-                "record {seq}"
-            );
+        let rows = record_rows(&tree);
+        assert_eq!(
+            rows.last().map(|r| r.2),
+            Some(5),
+            "no row past the head: {rows:?}"
+        );
+        for seq in 6..=105 {
             assert!(
                 !tree.contains_key(stream_key(seq)).expect("read"),
                 "stream entry {seq}"
@@ -167,7 +198,7 @@ fn a_group_commit_cut_short_by_a_crash_is_removed_at_open() {
         .expect("append again");
     assert!(!again.deduplicated);
     assert_eq!(again.first().seq, 6);
-    assert_eq!(log.verify_chain(|_| {}).expect("chain").records, 8);
+    assert_eq!(log.verify_chain(|_| {}).expect("chain").records, 105);
 }
 
 /// Records past the head marker that are not the group being written — here

@@ -3,7 +3,8 @@
 //!
 //! | key | value |
 //! |---|---|
-//! | `r` seq | chain hash (32 bytes) ‖ encoded record |
+//! | `r` seq | one record: chain hash (32 bytes) ‖ encoded record |
+//! | `r` first seq ‖ last seq | the records `first..=last` of one group commit, each as chain hash ‖ length (u32, little-endian) ‖ encoded record |
 //! | `s` stream `0x00` version | seq |
 //! | `i` event id (16 bytes) | seq |
 //! | `m` name | log metadata: `mformat` marker, `mhead` last seq ‖ hash, `mgroup` first seq ‖ last seq |
@@ -64,12 +65,39 @@ pub fn record(seq: u64) -> [u8; 9] {
     key
 }
 
-pub fn record_seq(key: &[u8]) -> Option<u64> {
+/// The key of a row holding the records `first..=last` (`first < last`).
+pub fn chunk(first: u64, last: u64) -> [u8; 17] {
+    let mut key = [RECORD; 17];
+    key[1..9].copy_from_slice(&first.to_be_bytes());
+    key[9..].copy_from_slice(&last.to_be_bytes());
+    key
+}
+
+/// The greatest key a row holding `seq` can have: the row that holds `seq`,
+/// if any, is the last one at or before it.
+pub fn record_row_bound(seq: u64) -> [u8; 17] {
+    chunk(seq, u64::MAX)
+}
+
+/// The first and last seq of the records a row holds, from its key; a row of
+/// one record has a key of one seq.
+pub fn record_row_seqs(key: &[u8]) -> Option<(u64, u64)> {
     match key {
-        [RECORD, rest @ ..] => Some(u64::from_be_bytes(rest.try_into().ok()?)),
+        [RECORD, seq @ ..] if seq.len() == 8 => {
+            let seq = u64::from_be_bytes(seq.try_into().ok()?);
+            Some((seq, seq))
+        }
+        [RECORD, seqs @ ..] if seqs.len() == 16 => {
+            let first = u64::from_be_bytes(seqs[..8].try_into().ok()?);
+            let last = u64::from_be_bytes(seqs[8..].try_into().ok()?);
+            (first < last).then_some((first, last))
+        }
         _ => None,
     }
 }
+
+/// Bytes of one record in a chunk before its encoding: hash and length.
+pub const FRAME_HEADER_LEN: usize = HASH_LEN + 4;
 
 pub fn stream_prefix(stream: &StreamId) -> Vec<u8> {
     let mut key = Vec::with_capacity(stream.as_str().len() + 10);

@@ -252,13 +252,11 @@ impl EventLog {
             None => (0, [0u8; 32]),
             Some(entry) => {
                 let (key, value) = entry.map_err(|e| corrupt(e.to_string()))?;
-                let seq = keys::record_seq(&key)
-                    .ok_or_else(|| corrupt("a record key is malformed".to_owned()))?;
-                let hash = value
-                    .get(..keys::HASH_LEN)
-                    .and_then(|h| <[u8; 32]>::try_from(h).ok())
-                    .ok_or_else(|| corrupt(format!("record {seq} is truncated")))?;
-                (seq, hash)
+                let last = read::split_row(&key, value)
+                    .map_err(|e| corrupt(e.to_string()))?
+                    .pop()
+                    .ok_or_else(|| corrupt("a record row holds no record".to_owned()))?;
+                (last.seq, last.hash)
             }
         };
 

@@ -39,27 +39,146 @@ pub(crate) struct RawRecord {
 }
 
 impl RawRecord {
-    pub(crate) fn parse(key: &[u8], value: sled::IVec) -> Result<RawRecord, ReadError> {
-        let seq = keys::record_seq(key).ok_or_else(|| ReadError::Corrupt {
-            seq: 0,
-            detail: "malformed record key".to_owned(),
-        })?;
-        let hash = value
-            .get(..keys::HASH_LEN)
-            .and_then(|h| <[u8; 32]>::try_from(h).ok())
-            .ok_or_else(|| ReadError::Corrupt {
-                seq,
-                detail: "shorter than its chain hash".to_owned(),
-            })?;
-        let bytes = value.subslice(keys::HASH_LEN, value.len() - keys::HASH_LEN);
-        Ok(RawRecord { seq, hash, bytes })
-    }
-
     pub fn decode(&self) -> Result<Envelope, ReadError> {
         codec::decode(self.seq, &self.bytes).map_err(|source| ReadError::Decode {
             seq: self.seq,
             source,
         })
+    }
+}
+
+/// The records of one row of the record keyspace, in seq order: a row of one
+/// record (chain hash ‖ encoding) or a chunk of a group commit's records
+/// (chain hash ‖ length ‖ encoding, each); see [`keys`].
+pub(crate) fn split_row(key: &[u8], value: sled::IVec) -> Result<Vec<RawRecord>, ReadError> {
+    let (first, last) = keys::record_row_seqs(key).ok_or_else(|| ReadError::Corrupt {
+        seq: 0,
+        detail: format!("malformed record key {key:02x?}"),
+    })?;
+    let hash_at = |seq: u64, at: usize| {
+        value
+            .get(at..at + keys::HASH_LEN)
+            .and_then(|h| <[u8; 32]>::try_from(h).ok())
+            .ok_or_else(|| ReadError::Corrupt {
+                seq,
+                detail: "shorter than its chain hash".to_owned(),
+            })
+    };
+    if first == last {
+        let hash = hash_at(first, 0)?;
+        let bytes = value.subslice(keys::HASH_LEN, value.len() - keys::HASH_LEN);
+        return Ok(vec![RawRecord {
+            seq: first,
+            hash,
+            bytes,
+        }]);
+    }
+    let mut records = Vec::with_capacity(usize::try_from(last - first + 1).unwrap_or(0).min(64));
+    let mut at = 0;
+    for seq in first..=last {
+        let hash = hash_at(seq, at)?;
+        let len = value
+            .get(at + keys::HASH_LEN..at + keys::FRAME_HEADER_LEN)
+            .and_then(|len| <[u8; 4]>::try_from(len).ok())
+            .map(u32::from_le_bytes)
+            .and_then(|len| usize::try_from(len).ok())
+            .filter(|len| at + keys::FRAME_HEADER_LEN + len <= value.len())
+            .ok_or_else(|| ReadError::Corrupt {
+                seq,
+                detail: format!(
+                    "its length in the chunk of records {first}..={last} is cut off or too long"
+                ),
+            })?;
+        records.push(RawRecord {
+            seq,
+            hash,
+            bytes: value.subslice(at + keys::FRAME_HEADER_LEN, len),
+        });
+        at += keys::FRAME_HEADER_LEN + len;
+    }
+    if at != value.len() {
+        return Err(ReadError::Corrupt {
+            seq: last,
+            detail: format!("the chunk of records {first}..={last} has bytes past its last record"),
+        });
+    }
+    Ok(records)
+}
+
+/// The stored records with `from <= seq <= to`, in order, row by row (no
+/// durability check: the callers make it).
+pub(crate) struct StoredRecords {
+    rows: sled::Iter,
+    from: u64,
+    to: u64,
+    pending: std::vec::IntoIter<RawRecord>,
+    /// An error met before the first row, reported first.
+    failed: Option<ReadError>,
+}
+
+impl StoredRecords {
+    pub(crate) fn new(tree: &sled::Tree, from: u64, to: u64) -> StoredRecords {
+        // The row holding `from` may start before it (a chunk).
+        let (start, failed) = match row_holding(tree, from) {
+            Ok(Some((key, _))) => (key.to_vec(), None),
+            Ok(None) => (keys::record(from).to_vec(), None),
+            Err(e) => (keys::record(from).to_vec(), Some(e)),
+        };
+        StoredRecords {
+            rows: tree.range(start..=keys::record_row_bound(to).to_vec()),
+            from,
+            to,
+            pending: Vec::new().into_iter(),
+            failed,
+        }
+    }
+}
+
+impl Iterator for StoredRecords {
+    type Item = Result<RawRecord, ReadError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if let Some(error) = self.failed.take() {
+            return Some(Err(error));
+        }
+        loop {
+            if let Some(raw) = self.pending.next() {
+                if raw.seq < self.from {
+                    continue;
+                }
+                if raw.seq > self.to {
+                    return None;
+                }
+                return Some(Ok(raw));
+            }
+            let (key, value) = match self.rows.next()? {
+                Ok(row) => row,
+                Err(e) => return Some(Err(e.into())),
+            };
+            match split_row(&key, value) {
+                Ok(records) => self.pending = records.into_iter(),
+                Err(e) => return Some(Err(e)),
+            }
+        }
+    }
+}
+
+/// The row whose records include `seq`, if one does.
+fn row_holding(tree: &sled::Tree, seq: u64) -> Result<Option<(sled::IVec, sled::IVec)>, ReadError> {
+    let Some(row) = tree
+        .range(&keys::record(0)[..]..=&keys::record_row_bound(seq)[..])
+        .next_back()
+    else {
+        return Ok(None);
+    };
+    let (key, value) = row?;
+    match keys::record_row_seqs(&key) {
+        Some((first, last)) if first <= seq && seq <= last => Ok(Some((key, value))),
+        Some(_) => Ok(None),
+        None => Err(ReadError::Corrupt {
+            seq,
+            detail: format!("malformed record key {:02x?}", &key[..]),
+        }),
     }
 }
 
@@ -90,18 +209,14 @@ impl Durable {
 
 /// Records in seq order, read lazily from the tree, up to the durable head.
 pub struct RecordIter {
-    inner: sled::Iter,
+    inner: StoredRecords,
     durable: Durable,
     _lock: Arc<super::lock::DirLock>,
 }
 
 impl RecordIter {
     pub(crate) fn next_raw(&mut self) -> Option<Result<RawRecord, ReadError>> {
-        let (key, value) = match self.inner.next()? {
-            Ok(entry) => entry,
-            Err(e) => return Some(Err(e.into())),
-        };
-        let raw = RawRecord::parse(&key, value);
+        let raw = self.inner.next()?;
         // A record past the head is being written, not yet durable: the end.
         if matches!(&raw, Ok(raw) if !self.durable.covers(raw.seq)) {
             return None;
@@ -155,7 +270,7 @@ impl Iterator for StreamIter {
 
 /// The record at `seq` if there is one: a copy of the tail's while it holds
 /// it, otherwise read from the tree. The caller knows `seq` is durable.
-fn stored(
+pub(super) fn stored(
     tree: &sled::Tree,
     tail: &super::tail::Tail,
     seq: u64,
@@ -163,11 +278,14 @@ fn stored(
     if let Some(envelope) = tail.get(seq) {
         return Ok(Some(Envelope::clone(&envelope)));
     }
-    let key = keys::record(seq);
-    match tree.get(key)? {
-        None => Ok(None),
-        Some(value) => RawRecord::parse(&key, value)?.decode().map(Some),
-    }
+    let Some((key, value)) = row_holding(tree, seq)? else {
+        return Ok(None);
+    };
+    split_row(&key, value)?
+        .into_iter()
+        .find(|raw| raw.seq == seq)
+        .map(|raw| raw.decode())
+        .transpose()
 }
 
 /// The record an index entry points at, which must be there.
@@ -192,10 +310,7 @@ impl EventLog {
     /// Records with `from_seq <= seq <= to_seq`, in order.
     pub fn read_range(&self, from_seq: u64, to_seq: u64) -> RecordIter {
         RecordIter {
-            inner: self
-                .shared
-                .tree
-                .range(keys::record(from_seq)..=keys::record(to_seq)),
+            inner: StoredRecords::new(&self.shared.tree, from_seq, to_seq),
             durable: Durable::new(&self.shared.head),
             _lock: self.shared.lock.clone(),
         }
@@ -322,12 +437,8 @@ impl Subscription {
             self.next_seq += taken;
             return Ok(());
         }
-        for entry in self
-            .tree
-            .range(keys::record(self.next_seq)..=keys::record(to_seq))
-        {
-            let (key, value) = entry?;
-            let raw = RawRecord::parse(&key, value)?;
+        for raw in StoredRecords::new(&self.tree, self.next_seq, to_seq) {
+            let raw = raw?;
             if raw.seq != self.next_seq {
                 return Err(ReadError::Corrupt {
                     seq: self.next_seq,

@@ -1,17 +1,17 @@
 //! Repair at open: the end of a group commit that a crash cut short.
 //!
 //! A group is written as plain inserts (see the writer's `Writes`): the group
-//! marker, then each record and its index entries, then the head marker, then
-//! one flush before anyone is answered. sled recovers a prefix of those
-//! writes, so after a crash the log may hold records past the head marker —
-//! never acknowledged — and, for the last of them, some of their index
-//! entries. Opening the log removes them, once it is sure that is what they
+//! marker, then each row of records followed by the index entries pointing
+//! into it, then the head marker, then one flush before anyone is answered.
+//! sled recovers a prefix of those writes, so after a crash the log may hold
+//! rows of records past the head marker — never acknowledged — and, for the
+//! last of them, some of their index entries. Opening the log removes them, once it is sure that is what they
 //! are: the group marker names them, and their chain continues from the head
 //! marker's hash. Anything else past the head marker is corruption, reported
 //! and left untouched.
 
 use super::keys;
-use super::read::RawRecord;
+use super::read::split_row;
 use super::writer::chain_hash;
 
 /// Removes the records `head.0 + 1 ..= last_seq` and their index entries;
@@ -40,23 +40,27 @@ pub(super) fn cut_unfinished_group(
         }
     }
 
+    let mut rows = Vec::new();
     let mut cut = Vec::new();
     let mut previous = head_hash;
-    let records = tree.range(keys::record(head_seq + 1)..=keys::record(last_seq));
-    for (expected, entry) in (head_seq + 1..).zip(records) {
-        let (key, value) = entry.map_err(|e| e.to_string())?;
-        let raw = RawRecord::parse(&key, value).map_err(|e| e.to_string())?;
-        if raw.seq != expected {
-            return Err(format!("{past} with record {expected} missing among them"));
+    let mut expected = head_seq + 1;
+    for row in tree.range(&keys::record(head_seq + 1)[..]..=&keys::record_row_bound(last_seq)[..]) {
+        let (key, value) = row.map_err(|e| e.to_string())?;
+        for raw in split_row(&key, value).map_err(|e| e.to_string())? {
+            if raw.seq != expected {
+                return Err(format!("{past} with record {expected} missing among them"));
+            }
+            if chain_hash(&previous, &raw.bytes) != raw.hash {
+                return Err(format!(
+                    "{past}; record {expected} does not continue the chain"
+                ));
+            }
+            previous = raw.hash;
+            expected += 1;
+            let envelope = raw.decode().map_err(|e| e.to_string())?;
+            cut.push((raw.seq, envelope));
         }
-        if chain_hash(&previous, &raw.bytes) != raw.hash {
-            return Err(format!(
-                "{past}; record {expected} does not continue the chain"
-            ));
-        }
-        previous = raw.hash;
-        let envelope = raw.decode().map_err(|e| e.to_string())?;
-        cut.push((raw.seq, envelope));
+        rows.push(key);
     }
 
     // Index entries before their records, the last record first, so that a
@@ -76,7 +80,9 @@ pub(super) fn cut_unfinished_group(
         if points_at(&stream, *seq)? {
             tree.remove(stream).map_err(|e| e.to_string())?;
         }
-        tree.remove(keys::record(*seq)).map_err(|e| e.to_string())?;
+    }
+    for key in rows.iter().rev() {
+        tree.remove(key).map_err(|e| e.to_string())?;
     }
     db.flush().map_err(|e| e.to_string())?;
     tracing::warn!(

@@ -2,8 +2,8 @@
 //!
 //! All appends go through one thread. It takes every request waiting in its
 //! queue, checks each against the log (versions, ids) and the requests before it
-//! in the same group, stages all of them into one sled `Batch`, applies it and
-//! flushes once, and only then answers. Many concurrent appenders so share one
+//! in the same group, writes all of them (see [`Writes`]) and flushes once,
+//! and only then answers. Many concurrent appenders so share one
 //! fsync, and nobody is acknowledged before the bytes are on disk.
 //!
 //! If a write or flush fails the writer stops accepting appends (every later
@@ -95,8 +95,8 @@ pub struct Writer {
 /// in the process takes a process-wide lock that each batch holds
 /// exclusively. The group is atomic all the same: sled recovers a prefix of
 /// the writes made before a crash; the group marker (its first and last seq)
-/// comes first, each record before the index entries that point at it, and
-/// the head marker last. So a crash mid-group leaves records past the head
+/// comes first, each row of records (see [`Rows`]) before the index entries
+/// that point into it, and the head marker last. So a crash mid-group leaves records past the head
 /// marker that the group marker names, none acknowledged (that waits for the
 /// flush), and opening the log removes them ([`super::repair`]). Readers never
 /// look past the durable head.
@@ -109,6 +109,76 @@ impl Writes {
     }
 }
 
+/// A group's records on their way into rows.
+///
+/// Consecutive records share a row until it holds [`CHUNK_BYTES`]: a sled
+/// insert costs about the same for a small value as for a few kilobytes, and
+/// every few inserts into a tree split a node, so a group of many small
+/// records written as a few rows costs far less than a row each. A row never
+/// spans two groups, so a crash leaves whole rows past the head marker. The
+/// index entries that point at a row's records wait until the row is staged:
+/// they never come before it.
+#[derive(Default)]
+struct Rows {
+    first: u64,
+    count: u64,
+    /// The records as frames: chain hash ‖ length (u32 LE) ‖ encoding.
+    frames: Vec<u8>,
+    index: Vec<(sled::IVec, sled::IVec)>,
+}
+
+/// A row takes more records while it is shorter than this. sled writes a
+/// node of a tree (at most 17 rows) as one item, and an item over a quarter
+/// of a segment (128 KiB) as a file of its own: rows of a few KiB keep
+/// nodes well below that.
+const CHUNK_BYTES: usize = 4096;
+
+impl Rows {
+    fn add(&mut self, writes: &mut Writes, seq: u64, hash: &[u8; 32], record: &[u8]) {
+        let frame = keys::FRAME_HEADER_LEN + record.len();
+        if self.count > 0 && self.frames.len() + frame > CHUNK_BYTES {
+            self.finish(writes);
+        }
+        if self.count == 0 {
+            self.first = seq;
+        }
+        self.frames.reserve(frame);
+        self.frames.extend_from_slice(hash);
+        // A record too long for the length field is longer than a row: it
+        // gets a row of its own, which stores no length.
+        let len = u32::try_from(record.len()).unwrap_or(u32::MAX);
+        self.frames.extend_from_slice(&len.to_le_bytes());
+        self.frames.extend_from_slice(record);
+        self.count += 1;
+        if frame > CHUNK_BYTES {
+            self.finish(writes);
+        }
+    }
+
+    /// An index entry pointing at a record added last.
+    fn index(&mut self, key: impl Into<sled::IVec>, seq: u64) {
+        self.index.push((key.into(), seq.to_be_bytes()[..].into()));
+    }
+
+    /// Stages the row of the records added so far, then their index entries.
+    fn finish(&mut self, writes: &mut Writes) {
+        if self.count == 0 {
+            return;
+        }
+        let mut frames = std::mem::take(&mut self.frames);
+        if self.count == 1 {
+            // A row of one record: chain hash ‖ encoding.
+            frames.drain(keys::HASH_LEN..keys::FRAME_HEADER_LEN);
+            writes.insert(&keys::record(self.first), frames);
+        } else {
+            let last = self.first + self.count - 1;
+            writes.insert(&keys::chunk(self.first, last), frames);
+        }
+        writes.0.append(&mut self.index);
+        self.count = 0;
+    }
+}
+
 /// What staging a group has learnt that the tree does not know yet.
 #[derive(Default)]
 struct Overlay {
@@ -116,6 +186,7 @@ struct Overlay {
     ids: HashMap<Uuid, Position>,
     /// The group's new records, in seq order, with their encoded lengths.
     records: Vec<(Arc<Envelope>, usize)>,
+    rows: Rows,
 }
 
 impl Writer {
@@ -210,6 +281,7 @@ impl Writer {
             );
             answers.push((request.reply, result));
         }
+        overlay.rows.finish(&mut writes);
         let wrote = self.next_seq != first_new_seq;
         if wrote {
             // The group's seqs go first and the head marker last: see `Writes`.
@@ -328,16 +400,10 @@ impl Writer {
             };
             let bytes = codec::encode(&envelope);
             let hash = chain_hash(&self.last_hash, &bytes);
-            let mut value = Vec::with_capacity(keys::HASH_LEN + bytes.len());
-            value.extend_from_slice(&hash);
-            value.extend_from_slice(&bytes);
-            // The record before the index entries that point at it.
-            writes.insert(&keys::record(position.seq), value);
-            writes.insert(
-                keys::stream_entry(stream, position.version),
-                &position.seq.to_be_bytes(),
-            );
-            writes.insert(&keys::id(&envelope.id), &position.seq.to_be_bytes());
+            let rows = &mut overlay.rows;
+            rows.add(writes, position.seq, &hash, &bytes);
+            rows.index(keys::stream_entry(stream, position.version), position.seq);
+            rows.index(&keys::id(&envelope.id)[..], position.seq);
             overlay.ids.insert(envelope.id, position);
             if envelope.id.get_version_num() == 7 {
                 self.newest_v7 = self.newest_v7.max(envelope.id.as_u128());
@@ -373,15 +439,11 @@ impl Writer {
         };
         let seq = keys::seq_value(&seq)
             .ok_or_else(|| AppendError::Storage(format!("id index entry of {id} is corrupt")))?;
-        let record = self
-            .tree
-            .get(keys::record(seq))
-            .map_err(storage)?
+        let envelope = super::read::stored(&self.tree, &self.tail, seq)
+            .map_err(|e| AppendError::Storage(format!("record {seq}: {e}")))?
             .ok_or_else(|| {
                 AppendError::Storage(format!("id index points {id} at missing seq {seq}"))
             })?;
-        let envelope = codec::decode(seq, record.get(keys::HASH_LEN..).unwrap_or_default())
-            .map_err(|e| AppendError::Storage(format!("record {seq} does not decode: {e}")))?;
         Ok(Some(Position {
             seq,
             version: envelope.version,

@@ -211,17 +211,43 @@ mod tests {
         let projections = Projections::open(&log).expect("open the projections");
         append(&log, std::iter::once(started()).chain(messages(MESSAGES)));
         // Past the first commit. Reaches into the log's layout: records live
-        // in tree `log` under `r` and the seq, after a 32-byte chain hash.
+        // in tree `log` in rows keyed `r` and a seq (one record: chain hash,
+        // encoding) or `r`, first and last seq (each record: chain hash,
+        // u32 little-endian length, encoding).
         let bad_seq = COMMIT_EVERY_EVENTS + 100;
         let records = log.db().open_tree("log").expect("the log's tree");
-        let mut key = vec![b'r'];
-        key.extend_from_slice(&bad_seq.to_be_bytes());
-        let stored = records
-            .get(&key)
-            .expect("read the record")
-            .expect("the log's layout is as this test knows it");
-        let mut corrupt = stored[..32].to_vec();
-        corrupt.extend_from_slice(&[0xff; 8]);
+        let mut bound = vec![b'r'];
+        bound.extend_from_slice(&bad_seq.to_be_bytes());
+        bound.extend_from_slice(&u64::MAX.to_be_bytes());
+        let (key, row) = records
+            .range(&[b'r'][..]..=&bound[..])
+            .next_back()
+            .expect("a row holds the record")
+            .expect("read the row");
+        let first = u64::from_be_bytes(key[1..9].try_into().expect("a seq"));
+        let mut corrupt = Vec::new();
+        if key.len() == 9 {
+            assert_eq!(first, bad_seq, "the log's layout is as this test knows it");
+            corrupt.extend_from_slice(&row[..32]);
+            corrupt.extend_from_slice(&[0xff; 8]);
+        } else {
+            let mut at = 0;
+            for seq in first.. {
+                if at == row.len() {
+                    break;
+                }
+                let len = u32::from_le_bytes(row[at + 32..at + 36].try_into().expect("4 bytes"));
+                let end = at + 36 + len as usize;
+                if seq == bad_seq {
+                    corrupt.extend_from_slice(&row[at..at + 32]);
+                    corrupt.extend_from_slice(&8u32.to_le_bytes());
+                    corrupt.extend_from_slice(&[0xff; 8]);
+                } else {
+                    corrupt.extend_from_slice(&row[at..end]);
+                }
+                at = end;
+            }
+        }
         records.insert(&key, corrupt).expect("corrupt the record");
 
         let mut progress = 0;
