@@ -989,6 +989,65 @@ fn records_of_one_group_share_rows_and_every_read_finds_each_of_them() {
     assert_eq!(stream_events(&log, &stream, 60).len(), 12);
 }
 
+/// The stream index entries of `stream` in the log in `dir`, read with sled
+/// directly: each entry's first version and its value's length.
+fn stream_entries(dir: &Path, stream: &str) -> Vec<(u64, usize)> {
+    let mut prefix = vec![b's'];
+    prefix.extend_from_slice(stream.as_bytes());
+    prefix.push(0);
+    dump(dir)
+        .into_iter()
+        .filter(|(key, _)| key.starts_with(&prefix))
+        .map(|(key, value)| {
+            let version = u64::from_be_bytes(key[prefix.len()..].try_into().expect("8 bytes"));
+            (version, value.len())
+        })
+        .collect()
+}
+
+/// The events of one append share one stream index entry (a single seq for
+/// one event, as every entry was before, or first seq and count); stream
+/// reads start anywhere inside one.
+#[test]
+fn an_appends_events_share_one_stream_entry_and_reads_start_inside_it() {
+    let dir = TempDir::new().expect("temp dir");
+    let stream = conv("runs");
+    let written = {
+        let log = open(dir.path());
+        for (range, other) in [(1..11, 100), (11..12, 101), (12..17, 102)] {
+            log.append_blocking(stream.clone(), ExpectedVersion::Any, messages(range))
+                .expect("append to the stream");
+            log.append_blocking(
+                conv("other"),
+                ExpectedVersion::Any,
+                messages(other..other + 2),
+            )
+            .expect("append elsewhere");
+        }
+        stream_events(&log, &stream, 1)
+    };
+    assert_eq!(written.len(), 16);
+    let contents: Vec<_> = written.iter().map(content_of).collect();
+    let expected: Vec<_> = (1..17).map(|n| format!("message number {n:06}")).collect();
+    assert_eq!(contents, expected);
+    assert_eq!(
+        stream_entries(dir.path(), "conv/runs"),
+        [(1, 16), (11, 8), (12, 16)]
+    );
+
+    let log = open(dir.path());
+    for from in 0..=17u64 {
+        let read = stream_events(&log, &stream, from);
+        let skip = from.saturating_sub(1).min(16) as usize;
+        assert_eq!(read, written[skip..], "read_stream(runs, {from})");
+    }
+    assert_eq!(log.stream_version(&stream).expect("version"), 16);
+    assert_eq!(log.verify_chain(|_| {}).expect("verifies").records, 22);
+    log.append_blocking(stream.clone(), ExpectedVersion::Exact(16), messages(17..19))
+        .expect("append at the version after the entries");
+    assert_eq!(stream_events(&log, &stream, 16).len(), 3);
+}
+
 // ---- reopening --------------------------------------------------------------
 
 #[test]
@@ -1321,6 +1380,30 @@ fn a_damaged_shared_row_reads_as_corrupt_at_its_records() {
         Ok(_) => panic!("a log with its last row damaged opened as healthy"),
     }
     assert_eq!(dump(dir.path()), before, "the refused open changed the log");
+}
+
+/// A stream index entry that claims fewer events of its append than it has
+/// leaves a record no entry points at: `verify` names it.
+#[test]
+fn a_shortened_stream_entry_is_reported_at_the_record_it_no_longer_covers() {
+    let dir = TempDir::new().expect("temp dir");
+    closed_log_in_rows(dir.path());
+    tamper(dir.path(), |tree| {
+        let mut key = b"sconv/c1\0".to_vec();
+        key.extend_from_slice(&1u64.to_be_bytes());
+        let mut value = tree.get(&key).expect("get").expect("the entry").to_vec();
+        assert_eq!(value.len(), 16, "first seq and count");
+        value[8..].copy_from_slice(&99u64.to_be_bytes());
+        tree.insert(&key, value).expect("insert");
+    });
+    let log = EventLog::open(dir.path(), OpenMode::MustExist).expect("reopen");
+    match log.verify_chain(|_| {}) {
+        Err(ChainBreak::Index { seq: 100, detail }) => {
+            assert!(detail.contains("stream index"), "{detail}");
+        }
+        other => panic!("expected an index break at 100, got {other:?}"),
+    }
+    assert_eq!(log.read_stream(&conv("c1"), 1).count(), 99);
 }
 
 #[test]

@@ -121,6 +121,14 @@ fn record_rows(tree: &sled::Tree) -> Vec<(Vec<u8>, u64, u64)> {
         .collect()
 }
 
+/// Sets the head marker back to record 5, as before a group's last write.
+fn rewind_head_marker_to_five(db: &sled::Db, tree: &sled::Tree) {
+    let fifth = tree.get(record_key(5)).expect("read").expect("record 5");
+    tree.insert("mhead", head_marker(5, &fifth[..32]))
+        .expect("head marker");
+    db.flush().expect("flush");
+}
+
 /// A group commit is plain sled inserts — its group marker, then each row
 /// of records followed by the index entries pointing into it, the head
 /// marker last — and sled recovers a prefix of them after a crash. What such
@@ -139,10 +147,10 @@ fn a_group_commit_cut_short_by_a_crash_is_removed_at_open() {
         assert_eq!(appended.first().seq, 6);
     }
     {
-        // Back to the prefix that ends with the stream entry of the first
-        // record in the group's second row: the first row and all its
-        // entries, the second row, one entry into it; the head marker still
-        // at 5. (On the system stream here, version = seq.)
+        // Back to the prefix that ends with the id entry of the first record
+        // in the group's second row: the first row and its id entries, the
+        // second row, one id entry into it; not the stream entry of the
+        // append, which follows its last row; the head marker still at 5.
         let (db, tree) = raw_log(dir.path());
         let rows = record_rows(&tree);
         let group_rows: Vec<_> = rows.iter().filter(|(_, first, _)| *first >= 6).collect();
@@ -151,17 +159,15 @@ fn a_group_commit_cut_short_by_a_crash_is_removed_at_open() {
         for (key, _, _) in &group_rows[2..] {
             tree.remove(key).expect("remove row");
         }
-        for seq in cut_from..=105 {
+        for seq in cut_from + 1..=105 {
             tree.remove(id_key(&group[seq as usize - 6]))
                 .expect("remove");
-            if seq > cut_from {
-                tree.remove(stream_key(seq)).expect("remove");
-            }
         }
-        let fifth = tree.get(record_key(5)).expect("read").expect("record 5");
-        tree.insert("mhead", head_marker(5, &fifth[..32]))
-            .expect("head marker");
-        db.flush().expect("flush");
+        // On the system stream here, version = seq.
+        tree.remove(stream_key(6))
+            .expect("remove")
+            .expect("the append's stream entry");
+        rewind_head_marker_to_five(&db, &tree);
     }
 
     {
@@ -199,6 +205,22 @@ fn a_group_commit_cut_short_by_a_crash_is_removed_at_open() {
     assert!(!again.deduplicated);
     assert_eq!(again.first().seq, 6);
     assert_eq!(log.verify_chain(|_| {}).expect("chain").records, 105);
+    drop(log);
+
+    // The longest prefix short of the head marker: every row and index
+    // entry of the group, the append's stream entry included, goes too.
+    {
+        let (db, tree) = raw_log(dir.path());
+        rewind_head_marker_to_five(&db, &tree);
+    }
+    let log = EventLog::open(dir.path(), OpenMode::MustExist).expect("repaired at open");
+    assert_eq!(log.head(), 5);
+    assert_eq!(log.stream_version(&StreamId::system()).expect("version"), 5);
+    assert_eq!(log.verify_chain(|_| {}).expect("chain").records, 5);
+    drop(log);
+    let (_db, tree) = raw_log(dir.path());
+    assert!(!tree.contains_key(stream_key(6)).expect("read"));
+    assert_eq!(record_rows(&tree).last().map(|r| r.2), Some(5));
 }
 
 /// Records past the head marker that are not the group being written — here

@@ -5,7 +5,7 @@
 //! |---|---|
 //! | `r` seq | one record: chain hash (32 bytes) ‖ encoded record |
 //! | `r` first seq ‖ last seq | the records `first..=last` of one group commit, each as chain hash ‖ length (u32, little-endian) ‖ encoded record |
-//! | `s` stream `0x00` version | seq |
+//! | `s` stream `0x00` version | seq: one event; or first seq ‖ count: the `count` events of one append, from `version` and `seq` on |
 //! | `i` event id (16 bytes) | seq |
 //! | `m` name | log metadata: `mformat` marker, `mhead` last seq ‖ hash, `mgroup` first seq ‖ last seq |
 
@@ -127,4 +127,27 @@ pub fn id(id: &Uuid) -> [u8; 17] {
 
 pub fn seq_value(value: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(value.try_into().ok()?))
+}
+
+/// The value of a stream index entry for `count` events of one append, the
+/// first of them at `first_seq`: a single seq for one event.
+pub fn stream_run_value(first_seq: u64, count: u64) -> Vec<u8> {
+    let mut value = first_seq.to_be_bytes().to_vec();
+    if count > 1 {
+        value.extend_from_slice(&count.to_be_bytes());
+    }
+    value
+}
+
+/// The first seq and the number of events of a stream index entry.
+pub fn stream_run(value: &[u8]) -> Option<(u64, u64)> {
+    match value.len() {
+        8 => Some((seq_value(value)?, 1)),
+        16 => {
+            let first = seq_value(&value[..8])?;
+            let count = seq_value(&value[8..])?;
+            (count > 1).then_some((first, count))
+        }
+        _ => None,
+    }
 }

@@ -239,7 +239,14 @@ pub struct StreamIter {
     tree: sled::Tree,
     tail: Arc<super::tail::Tail>,
     index: sled::Iter,
+    from_version: u64,
+    /// The entry being read: its next seq and how many of its events are left.
+    run: (u64, u64),
+    /// The records of the row read last: an append's events share rows.
+    row: Vec<RawRecord>,
     durable: Durable,
+    /// An error met before the first entry, reported first.
+    failed: Option<ReadError>,
     _lock: Arc<super::lock::DirLock>,
 }
 
@@ -247,25 +254,86 @@ impl Iterator for StreamIter {
     type Item = Result<Envelope, ReadError>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        let (key, value) = match self.index.next()? {
-            Ok(entry) => entry,
-            Err(e) => return Some(Err(e.into())),
-        };
-        let seq = match keys::seq_value(&value) {
-            Some(seq) => seq,
-            None => {
+        if let Some(error) = self.failed.take() {
+            return Some(Err(error));
+        }
+        while self.run.1 == 0 {
+            let (key, value) = match self.index.next()? {
+                Ok(entry) => entry,
+                Err(e) => return Some(Err(e.into())),
+            };
+            let Some((version, (first, count))) =
+                keys::stream_entry_version(&key).zip(keys::stream_run(&value))
+            else {
                 return Some(Err(ReadError::Corrupt {
                     seq: 0,
                     detail: format!("malformed index entry {}", String::from_utf8_lossy(&key)),
-                }))
-            }
-        };
+                }));
+            };
+            // The entry holding `from_version` may start before it.
+            let skip = self.from_version.saturating_sub(version).min(count);
+            self.run = (first.saturating_add(skip), count - skip);
+        }
+        let seq = self.run.0;
         // Versions grow with seqs: past the head, the rest is not durable yet.
         if !self.durable.covers(seq) {
             return None;
         }
-        Some(read_indexed(&self.tree, &self.tail, seq))
+        self.run = (seq + 1, self.run.1 - 1);
+        if let Some(envelope) = self.tail.get(seq) {
+            return Some(Ok(Envelope::clone(&envelope)));
+        }
+        let in_row = |row: &[RawRecord]| {
+            row.first().is_some_and(|r| r.seq <= seq) && row.last().is_some_and(|r| seq <= r.seq)
+        };
+        if !in_row(&self.row) {
+            self.row = match row_holding(&self.tree, seq) {
+                Ok(Some((key, value))) => match split_row(&key, value) {
+                    Ok(records) => records,
+                    Err(e) => return Some(Err(e)),
+                },
+                Ok(None) => Vec::new(),
+                Err(e) => return Some(Err(e)),
+            };
+        }
+        Some(match self.row.iter().find(|raw| raw.seq == seq) {
+            Some(raw) => raw.decode(),
+            None => Err(ReadError::Corrupt {
+                seq,
+                detail: "an index points at this missing record".to_owned(),
+            }),
+        })
     }
+}
+
+/// The stream index entry whose events include `version`, if one does: its
+/// key, first version, first seq and count.
+pub(super) fn stream_entry_holding(
+    tree: &sled::Tree,
+    stream: &StreamId,
+    version: u64,
+) -> Result<Option<(sled::IVec, u64, u64, u64)>, ReadError> {
+    let Some(entry) = tree
+        .range(keys::stream_entry(stream, 0)..=keys::stream_entry(stream, version))
+        .next_back()
+    else {
+        return Ok(None);
+    };
+    let (key, value) = entry?;
+    let Some((first_version, (first, count))) =
+        keys::stream_entry_version(&key).zip(keys::stream_run(&value))
+    else {
+        return Err(ReadError::Corrupt {
+            seq: 0,
+            detail: format!("malformed index entry {}", String::from_utf8_lossy(&key)),
+        });
+    };
+    Ok((version < first_version.saturating_add(count)).then_some((
+        key,
+        first_version,
+        first,
+        count,
+    )))
 }
 
 /// The record at `seq` if there is one: a copy of the tail's while it holds
@@ -288,18 +356,6 @@ pub(super) fn stored(
         .transpose()
 }
 
-/// The record an index entry points at, which must be there.
-fn read_indexed(
-    tree: &sled::Tree,
-    tail: &super::tail::Tail,
-    seq: u64,
-) -> Result<Envelope, ReadError> {
-    stored(tree, tail, seq)?.ok_or_else(|| ReadError::Corrupt {
-        seq,
-        detail: "an index points at this missing record".to_owned(),
-    })
-}
-
 impl EventLog {
     /// Every record from `from_seq` on, in order, including ones appended while
     /// iterating. Memory stays bounded: records are read as the iterator advances.
@@ -318,19 +374,26 @@ impl EventLog {
 
     /// The events of `stream` from `from_version` on, in order.
     pub fn read_stream(&self, stream: &StreamId, from_version: u64) -> StreamIter {
+        let tree = &self.shared.tree;
         let end = {
             let mut end = keys::stream_prefix(stream);
             end.extend_from_slice(&u64::MAX.to_be_bytes());
             end
         };
+        let (start, failed) = match stream_entry_holding(tree, stream, from_version) {
+            Ok(Some((key, ..))) => (key.to_vec(), None),
+            Ok(None) => (keys::stream_entry(stream, from_version), None),
+            Err(e) => (keys::stream_entry(stream, from_version), Some(e)),
+        };
         StreamIter {
-            tree: self.shared.tree.clone(),
+            tree: tree.clone(),
             tail: self.shared.tail.clone(),
+            index: tree.range(start..=end),
+            from_version,
+            run: (0, 0),
+            row: Vec::new(),
             durable: Durable::new(&self.shared.head),
-            index: self
-                .shared
-                .tree
-                .range(keys::stream_entry(stream, from_version)..=end),
+            failed,
             _lock: self.shared.lock.clone(),
         }
     }

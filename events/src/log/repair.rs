@@ -76,8 +76,14 @@ pub(super) fn cut_unfinished_group(
         if points_at(&id, *seq)? {
             tree.remove(id).map_err(|e| e.to_string())?;
         }
+        // An append's stream entry is keyed by its first event's version.
         let stream = keys::stream_entry(&envelope.stream, envelope.version);
-        if points_at(&stream, *seq)? {
+        let starts_here = tree
+            .get(&stream)
+            .map_err(|e| e.to_string())?
+            .and_then(|value| keys::stream_run(&value))
+            .is_some_and(|(first, _)| first == *seq);
+        if starts_here {
             tree.remove(stream).map_err(|e| e.to_string())?;
         }
     }

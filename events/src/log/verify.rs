@@ -1,7 +1,8 @@
 //! Checking the hash chain and the indexes against the records.
 
-use super::read::RawRecord;
+use super::read::{self, RawRecord};
 use super::{keys, writer, EventLog, ReadError};
+use crate::envelope::StreamId;
 
 /// A healthy log's summary.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +45,8 @@ impl EventLog {
         let mut previous = [0u8; 32];
         let mut expected = 1u64;
         let mut records = self.read_range(1, head);
+        // The stream entry of the record before: stream, first version, first seq, count.
+        let mut stream_entry: Option<(StreamId, u64, u64, u64)> = None;
         while let Some(raw) = records.next_raw() {
             let raw: RawRecord = raw?;
             if raw.seq != expected {
@@ -60,10 +63,27 @@ impl EventLog {
                 seq: raw.seq,
                 detail: what.to_owned(),
             };
-            let by_stream = tree
-                .get(keys::stream_entry(&envelope.stream, envelope.version))
-                .map_err(ReadError::from)?;
-            if by_stream.as_deref().and_then(keys::seq_value) != Some(raw.seq) {
+            // An append's events are consecutive records under one stream
+            // entry: look the entry up at the first of them only.
+            let covers = |entry: &(StreamId, u64, u64, u64)| {
+                entry.0 == envelope.stream
+                    && (entry.1..entry.1.saturating_add(entry.3)).contains(&envelope.version)
+            };
+            if !stream_entry.as_ref().is_some_and(covers) {
+                stream_entry =
+                    read::stream_entry_holding(tree, &envelope.stream, envelope.version)?.map(
+                        |(_, first_version, first_seq, count)| {
+                            (envelope.stream.clone(), first_version, first_seq, count)
+                        },
+                    );
+            }
+            let points_here =
+                stream_entry
+                    .as_ref()
+                    .is_some_and(|(_, first_version, first_seq, _)| {
+                        first_seq.checked_add(envelope.version - first_version) == Some(raw.seq)
+                    });
+            if !points_here {
                 return Err(index_detail("the stream index does not point at it"));
             }
             let by_id = tree.get(keys::id(&envelope.id)).map_err(ReadError::from)?;
@@ -96,11 +116,17 @@ impl EventLog {
             });
         }
         for (index, prefix) in [("stream", keys::STREAM), ("id", keys::ID)] {
-            let mut entries = 0;
+            // A stream entry stands for the events of one append.
+            let mut entries = 0u64;
             for entry in tree.scan_prefix([prefix]) {
-                let (_, seq) = entry.map_err(ReadError::from)?;
-                if keys::seq_value(&seq).is_some_and(|seq| seq <= head) {
-                    entries += 1;
+                let (_, value) = entry.map_err(ReadError::from)?;
+                let run = if prefix == keys::STREAM {
+                    keys::stream_run(&value)
+                } else {
+                    keys::seq_value(&value).map(|seq| (seq, 1))
+                };
+                if let Some((_, count)) = run.filter(|&(first, _)| first <= head) {
+                    entries = entries.saturating_add(count);
                 }
             }
             if entries != records {

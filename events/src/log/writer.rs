@@ -155,9 +155,9 @@ impl Rows {
         }
     }
 
-    /// An index entry pointing at a record added last.
-    fn index(&mut self, key: impl Into<sled::IVec>, seq: u64) {
-        self.index.push((key.into(), seq.to_be_bytes()[..].into()));
+    /// An index entry pointing at records added already.
+    fn index(&mut self, key: impl Into<sled::IVec>, value: impl Into<sled::IVec>) {
+        self.index.push((key.into(), value.into()));
     }
 
     /// Stages the row of the records added so far, then their index entries.
@@ -402,8 +402,7 @@ impl Writer {
             let hash = chain_hash(&self.last_hash, &bytes);
             let rows = &mut overlay.rows;
             rows.add(writes, position.seq, &hash, &bytes);
-            rows.index(keys::stream_entry(stream, position.version), position.seq);
-            rows.index(&keys::id(&envelope.id)[..], position.seq);
+            rows.index(&keys::id(&envelope.id)[..], &position.seq.to_be_bytes()[..]);
             overlay.ids.insert(envelope.id, position);
             if envelope.id.get_version_num() == 7 {
                 self.newest_v7 = self.newest_v7.max(envelope.id.as_u128());
@@ -413,6 +412,11 @@ impl Writer {
             self.next_seq += 1;
             positions.push(position);
         }
+        // One stream index entry for the whole append, after its last record.
+        overlay.rows.index(
+            keys::stream_entry(stream, actual + 1),
+            keys::stream_run_value(positions[0].seq, positions.len() as u64),
+        );
         overlay
             .versions
             .insert(stream.clone(), actual + positions.len() as u64);
@@ -506,16 +510,18 @@ pub fn stream_version_through(
     stream: &StreamId,
     head: u64,
 ) -> Result<u64, ReadError> {
-    // Entries past the head belong to a group still being written: a few at most.
+    // Entries past the head belong to a group still being written: a few at
+    // most. An entry's events are one append's, so all in one group.
     for entry in tree.scan_prefix(keys::stream_prefix(stream)).rev() {
         let (key, value) = entry?;
         let malformed = || ReadError::Corrupt {
-            seq: keys::seq_value(&value).unwrap_or_default(),
+            seq: keys::seq_value(&value[..value.len().min(8)]).unwrap_or_default(),
             detail: format!("the stream index of {stream} is malformed"),
         };
-        let seq = keys::seq_value(&value).ok_or_else(malformed)?;
-        if seq <= head {
-            return keys::stream_entry_version(&key).ok_or_else(malformed);
+        let (first_seq, count) = keys::stream_run(&value).ok_or_else(malformed)?;
+        if first_seq <= head {
+            let version = keys::stream_entry_version(&key).ok_or_else(malformed)?;
+            return Ok(version.saturating_add(count - 1));
         }
     }
     Ok(0)
