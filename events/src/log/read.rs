@@ -245,8 +245,8 @@ pub struct StreamIter {
     /// The records of the row read last: an append's events share rows.
     row: Vec<RawRecord>,
     durable: Durable,
-    /// An error met before the first entry, reported first.
-    failed: Option<ReadError>,
+    /// Entries (or an error) met while finding the start, read before `index`.
+    queued: VecDeque<Result<(sled::IVec, sled::IVec), ReadError>>,
     _lock: Arc<super::lock::DirLock>,
 }
 
@@ -254,13 +254,14 @@ impl Iterator for StreamIter {
     type Item = Result<Envelope, ReadError>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        if let Some(error) = self.failed.take() {
-            return Some(Err(error));
-        }
         while self.run.1 == 0 {
-            let (key, value) = match self.index.next()? {
+            let entry = match self.queued.pop_front() {
+                Some(entry) => entry,
+                None => self.index.next()?.map_err(ReadError::from),
+            };
+            let (key, value) = match entry {
                 Ok(entry) => entry,
-                Err(e) => return Some(Err(e.into())),
+                Err(e) => return Some(Err(e)),
             };
             let Some((version, (first, count))) =
                 keys::stream_entry_version(&key).zip(keys::stream_run(&value))
@@ -306,13 +307,21 @@ impl Iterator for StreamIter {
     }
 }
 
-/// The stream index entry whose events include `version`, if one does: its
-/// key, first version, first seq and count.
+/// A stream index entry as stored, and what it says.
+pub(super) struct StreamEntry {
+    pub key: sled::IVec,
+    pub value: sled::IVec,
+    pub first_version: u64,
+    pub first_seq: u64,
+    pub count: u64,
+}
+
+/// The stream index entry whose events include `version`, if one does.
 pub(super) fn stream_entry_holding(
     tree: &sled::Tree,
     stream: &StreamId,
     version: u64,
-) -> Result<Option<(sled::IVec, u64, u64, u64)>, ReadError> {
+) -> Result<Option<StreamEntry>, ReadError> {
     let Some(entry) = tree
         .range(keys::stream_entry(stream, 0)..=keys::stream_entry(stream, version))
         .next_back()
@@ -320,7 +329,7 @@ pub(super) fn stream_entry_holding(
         return Ok(None);
     };
     let (key, value) = entry?;
-    let Some((first_version, (first, count))) =
+    let Some((first_version, (first_seq, count))) =
         keys::stream_entry_version(&key).zip(keys::stream_run(&value))
     else {
         return Err(ReadError::Corrupt {
@@ -328,12 +337,15 @@ pub(super) fn stream_entry_holding(
             detail: format!("malformed index entry {}", String::from_utf8_lossy(&key)),
         });
     };
-    Ok((version < first_version.saturating_add(count)).then_some((
-        key,
-        first_version,
-        first,
-        count,
-    )))
+    Ok(
+        (version < first_version.saturating_add(count)).then_some(StreamEntry {
+            key,
+            value,
+            first_version,
+            first_seq,
+            count,
+        }),
+    )
 }
 
 /// The record at `seq` if there is one: a copy of the tail's while it holds
@@ -380,20 +392,29 @@ impl EventLog {
             end.extend_from_slice(&u64::MAX.to_be_bytes());
             end
         };
-        let (start, failed) = match stream_entry_holding(tree, stream, from_version) {
-            Ok(Some((key, ..))) => (key.to_vec(), None),
-            Ok(None) => (keys::stream_entry(stream, from_version), None),
-            Err(e) => (keys::stream_entry(stream, from_version), Some(e)),
-        };
+        let mut index = tree.range(keys::stream_entry(stream, from_version)..=end);
+        let first = index.next().map(|entry| entry.map_err(ReadError::from));
+        let mut queued = VecDeque::new();
+        let starts_there = matches!(&first, Some(Ok((key, _)))
+            if keys::stream_entry_version(key) == Some(from_version));
+        if !starts_there && from_version > 1 {
+            // `from_version` may lie inside an entry that starts before it.
+            match stream_entry_holding(tree, stream, from_version) {
+                Ok(Some(entry)) => queued.push_back(Ok((entry.key, entry.value))),
+                Ok(None) => {}
+                Err(e) => queued.push_back(Err(e)),
+            }
+        }
+        queued.extend(first);
         StreamIter {
             tree: tree.clone(),
             tail: self.shared.tail.clone(),
-            index: tree.range(start..=end),
+            index,
             from_version,
             run: (0, 0),
             row: Vec::new(),
             durable: Durable::new(&self.shared.head),
-            failed,
+            queued,
             _lock: self.shared.lock.clone(),
         }
     }

@@ -72,8 +72,9 @@ impl EventLog {
             if !stream_entry.as_ref().is_some_and(covers) {
                 stream_entry =
                     read::stream_entry_holding(tree, &envelope.stream, envelope.version)?.map(
-                        |(_, first_version, first_seq, count)| {
-                            (envelope.stream.clone(), first_version, first_seq, count)
+                        |entry| {
+                            let stream = envelope.stream.clone();
+                            (stream, entry.first_version, entry.first_seq, entry.count)
                         },
                     );
             }
