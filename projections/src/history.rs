@@ -151,8 +151,11 @@ pub fn apply(view: &mut Staged, envelope: &Envelope) -> Result<(), ProjectionErr
     Ok(())
 }
 
-/// A staged chunk takes more messages while it is shorter than this.
-pub const CHUNK_BYTES: usize = 64 * 1024;
+/// A staged chunk takes more messages while it is shorter than this. sled
+/// writes a node of a tree (up to 17 rows) as one item, and an item over
+/// 128 KiB as a file of its own: rows of a few KiB keep nodes below that,
+/// however long the conversations.
+pub const CHUNK_BYTES: usize = 4 * 1024;
 
 /// The messages of the chunk stored at `key`, oldest first, each with its
 /// encoding.

@@ -12,7 +12,8 @@ use switchboard_events::catalog::{
 };
 use switchboard_events::{Envelope, Event};
 use switchboard_projections::{
-    AuditQuery, CostGroup, CostRow, CostTotals, ProjectionError, ProjectionName, Revocation, Role,
+    history, AuditQuery, CostGroup, CostRow, CostTotals, ProjectionError, ProjectionName,
+    Revocation, Role,
 };
 
 use common::*;
@@ -192,9 +193,9 @@ fn messages_folded_together_share_rows_and_read_back_in_order() {
         f.fold();
     }
     assert_eq!(message_rows(&f, "c1"), 3);
-    // Folded in one commit: 40 messages of 4 KiB take three rows, as a row
-    // takes messages while it is under 64 KiB.
-    let long = "x".repeat(4096);
+    // Folded in one commit: 40 messages of a quarter chunk take ten rows, as
+    // a row takes messages while it is under a chunk's size.
+    let long = "x".repeat(history::CHUNK_BYTES / 4);
     for n in 3..43 {
         seqs.push(f.append_one(message("c1", &format!("m{n}"), "k1", &long)));
     }
@@ -205,7 +206,8 @@ fn messages_folded_together_share_rows_and_read_back_in_order() {
     ]);
     seqs.push(f.append_one(reply("c1", "m42", "echo", "done")));
     f.fold();
-    assert_eq!(message_rows(&f, "c1"), 3 + 3);
+    // The reply starts an eleventh: the tenth row is full.
+    assert_eq!(message_rows(&f, "c1"), 3 + 11);
 
     let read = |f: &Fixture| {
         let c1 = f.conversation("c1");
@@ -218,17 +220,21 @@ fn messages_folded_together_share_rows_and_read_back_in_order() {
     let before = read(&f);
     assert_eq!(before.iter().map(|m| m.0).collect::<Vec<_>>(), seqs);
     assert_eq!(before[2], (seqs[2], "m2".to_owned(), 5));
-    assert_eq!(before[3], (seqs[3], "m3".to_owned(), 4096));
+    assert_eq!(
+        before[3],
+        (seqs[3], "m3".to_owned(), history::CHUNK_BYTES / 4)
+    );
     assert_eq!(before[43], (seqs[43], "m42".to_owned(), 4));
 
-    // A replay folds all of them in one commit: fewer rows, the same messages,
-    // and verify compares them message by message.
+    // A replay folds all of them in one commit: fewer rows (the three short
+    // messages share the first with four long ones), the same messages, and
+    // verify compares them message by message.
     f.assert_verifies();
     let live = logical_dump(&f.log);
     f.projections
         .replay(Some(ProjectionName::History), &mut |_| {})
         .expect("replay history");
-    assert_eq!(message_rows(&f, "c1"), 3);
+    assert_eq!(message_rows(&f, "c1"), 11);
     assert_eq!(read(&f), before);
     assert_dumps_equal(&live, &logical_dump(&f.log), "replayed history");
     f.assert_verifies();
