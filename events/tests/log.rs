@@ -458,6 +458,67 @@ async fn stored_ids_of_every_version_deduplicate_across_reopening() {
     log.verify_chain(|_| {}).expect("chain verifies");
 }
 
+/// v7 ids are indexed in rows of one group and millisecond (`t`); logs
+/// written before those rows keep every id under `i`. A log of both reads,
+/// deduplicates and verifies as one.
+#[tokio::test]
+async fn ids_indexed_before_rows_of_ids_existed_still_deduplicate() {
+    let dir = TempDir::new().expect("temp dir");
+    let stream = conv("old-ids");
+    let old: Vec<NewEvent> = messages(1..41);
+    {
+        let log = open(dir.path());
+        log.append(stream.clone(), ExpectedVersion::Any, old[..20].to_vec())
+            .await
+            .expect("append");
+        log.append(stream.clone(), ExpectedVersion::Any, old[20..].to_vec())
+            .await
+            .expect("append");
+    }
+    // Rewrite the id index as a log from before `t` rows: an `i` entry each.
+    tamper(dir.path(), |tree| {
+        let rows: Vec<_> = tree
+            .scan_prefix(b"t")
+            .map(|row| row.expect("read"))
+            .collect();
+        assert!(!rows.is_empty(), "v7 ids are in t rows");
+        for (key, value) in rows {
+            for entry in value.chunks_exact(18) {
+                let mut id_key = vec![b'i'];
+                id_key.extend_from_slice(&key[1..7]);
+                id_key.extend_from_slice(&entry[..10]);
+                tree.insert(id_key, &entry[10..]).expect("insert");
+            }
+            tree.remove(key).expect("remove");
+        }
+    });
+
+    let log = EventLog::open(dir.path(), OpenMode::MustExist).expect("reopen");
+    assert_eq!(log.verify_chain(|_| {}).expect("verifies").records, 40);
+    for (n, event) in old.iter().enumerate() {
+        assert_eq!(log.seq_of(&event.id).expect("seq_of"), Some(n as u64 + 1));
+    }
+    let again = log
+        .append(stream.clone(), ExpectedVersion::Any, old[20..].to_vec())
+        .await
+        .expect("append again");
+    assert!(again.deduplicated);
+    assert_eq!(again.first().seq, 21);
+    let new = messages(41..43);
+    let appended = log
+        .append(stream.clone(), ExpectedVersion::Exact(40), new.clone())
+        .await
+        .expect("append new");
+    assert!(!appended.deduplicated);
+    assert!(
+        log.append(stream, ExpectedVersion::Any, new)
+            .await
+            .expect("append new again")
+            .deduplicated
+    );
+    assert_eq!(log.verify_chain(|_| {}).expect("verifies").records, 42);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_appends_of_one_id_write_it_once() {
     let dir = TempDir::new().expect("temp dir");
@@ -1404,6 +1465,64 @@ fn a_shortened_stream_entry_is_reported_at_the_record_it_no_longer_covers() {
         other => panic!("expected an index break at 100, got {other:?}"),
     }
     assert_eq!(log.read_stream(&conv("c1"), 1).count(), 99);
+}
+
+/// An id dropped from its row of ids, or one too many, is an index that
+/// disagrees with the records: `verify` names the record or the count.
+#[test]
+fn a_row_of_ids_that_disagrees_with_the_records_fails_verify() {
+    type Change = fn(&mut Vec<u8>);
+    let changes: [(&str, Change); 2] = [
+        ("an id dropped", |row| {
+            row.drain(..18);
+        }),
+        ("an id too many", |row| {
+            let mut extra = row[..18].to_vec();
+            extra[..10].copy_from_slice(&[0xee; 10]);
+            row.extend_from_slice(&extra);
+        }),
+    ];
+    for (what, change) in changes {
+        let dir = TempDir::new().expect("temp dir");
+        closed_log_in_rows(dir.path());
+        let dropped_seq = tamper_first_id_row(dir.path(), change);
+        let log = EventLog::open(dir.path(), OpenMode::MustExist).expect("reopen");
+        match (what, log.verify_chain(|_| {})) {
+            ("an id dropped", Err(ChainBreak::Index { seq, detail })) => {
+                assert_eq!(seq, dropped_seq, "{detail}");
+                assert!(detail.contains("id index"), "{detail}");
+            }
+            (
+                "an id too many",
+                Err(ChainBreak::IndexCount {
+                    index: "id",
+                    entries,
+                    records,
+                }),
+            ) => {
+                assert_eq!((entries, records), (101, 100));
+            }
+            (_, other) => panic!("{what}: got {other:?}"),
+        }
+    }
+}
+
+/// Applies `change` to the first `t` row of the log in `dir`; returns the seq
+/// of the first id the row held.
+fn tamper_first_id_row(dir: &Path, change: fn(&mut Vec<u8>)) -> u64 {
+    let mut first_seq = 0;
+    tamper(dir, |tree| {
+        let (key, value) = tree
+            .scan_prefix(b"t")
+            .next()
+            .expect("a row of ids")
+            .expect("read");
+        first_seq = u64::from_be_bytes(value[10..18].try_into().expect("8 bytes"));
+        let mut row = value.to_vec();
+        change(&mut row);
+        tree.insert(key, row).expect("insert");
+    });
+    first_seq
 }
 
 #[test]

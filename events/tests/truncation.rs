@@ -56,9 +56,10 @@ fn records_cut_off_the_end_are_detected_at_open() {
         let (db, tree) = raw_log(dir.path());
         for (seq, event) in [(49u64, &events[48]), (50, &events[49])] {
             tree.remove(record_key(seq)).expect("remove record");
-            let mut id_key = vec![b'i'];
-            id_key.extend_from_slice(event.id.as_bytes());
-            tree.remove(id_key).expect("remove id entry");
+            // Each append was a group: its id's row is keyed by its seq.
+            tree.remove(timed_ids_key(event, seq))
+                .expect("remove")
+                .expect("the id's row");
             let mut stream_key = b"ssystem\0".to_vec();
             stream_key.extend_from_slice(&seq.to_be_bytes());
             tree.remove(stream_key).expect("remove stream entry");
@@ -91,6 +92,21 @@ fn stream_key(version: u64) -> Vec<u8> {
     let mut key = b"ssystem\0".to_vec();
     key.extend_from_slice(&version.to_be_bytes());
     key
+}
+
+/// The `t` row that holds a v7 id appended in the group starting at `first_seq`.
+fn timed_ids_key(event: &NewEvent, first_seq: u64) -> Vec<u8> {
+    let mut key = vec![b't'];
+    key.extend_from_slice(&event.id.as_bytes()[..6]);
+    key.extend_from_slice(&first_seq.to_be_bytes());
+    key
+}
+
+/// The keys of every `t` row (the rows of v7 ids).
+fn timed_id_rows(tree: &sled::Tree) -> Vec<Vec<u8>> {
+    tree.scan_prefix(b"t")
+        .map(|row| row.expect("read").0.to_vec())
+        .collect()
 }
 
 fn id_key(event: &NewEvent) -> Vec<u8> {
@@ -147,22 +163,25 @@ fn a_group_commit_cut_short_by_a_crash_is_removed_at_open() {
         assert_eq!(appended.first().seq, 6);
     }
     {
-        // Back to the prefix that ends with the id entry of the first record
-        // in the group's second row: the first row and its id entries, the
-        // second row, one id entry into it; not the stream entry of the
-        // append, which follows its last row; the head marker still at 5.
+        // Back to the prefix that ends with the group's second row: its first
+        // row, its second; not the index entries, which follow the last row
+        // (the append's stream entry, then the rows of its v7 ids); the head
+        // marker still at 5.
         let (db, tree) = raw_log(dir.path());
         let rows = record_rows(&tree);
         let group_rows: Vec<_> = rows.iter().filter(|(_, first, _)| *first >= 6).collect();
         assert!(group_rows.len() >= 3, "the group spans rows: {rows:?}");
-        let cut_from = group_rows[1].1;
         for (key, _, _) in &group_rows[2..] {
             tree.remove(key).expect("remove row");
         }
-        for seq in cut_from + 1..=105 {
-            tree.remove(id_key(&group[seq as usize - 6]))
-                .expect("remove");
+        let before_group = timed_id_rows(&tree).len();
+        for event in &group {
+            tree.remove(timed_ids_key(event, 6)).expect("remove");
         }
+        assert!(
+            timed_id_rows(&tree).len() < before_group,
+            "the group had id rows"
+        );
         // On the system stream here, version = seq.
         tree.remove(stream_key(6))
             .expect("remove")
@@ -192,8 +211,17 @@ fn a_group_commit_cut_short_by_a_crash_is_removed_at_open() {
                 "stream entry {seq}"
             );
         }
+        assert_eq!(
+            timed_id_rows(&tree).len(),
+            5,
+            "the five single appends' id rows"
+        );
         for event in &group {
             assert!(!tree.contains_key(id_key(event)).expect("read"), "id entry");
+            assert!(
+                !tree.contains_key(timed_ids_key(event, 6)).expect("read"),
+                "id row"
+            );
         }
     }
 
@@ -220,6 +248,11 @@ fn a_group_commit_cut_short_by_a_crash_is_removed_at_open() {
     drop(log);
     let (_db, tree) = raw_log(dir.path());
     assert!(!tree.contains_key(stream_key(6)).expect("read"));
+    assert_eq!(
+        timed_id_rows(&tree).len(),
+        5,
+        "the group's id rows went too"
+    );
     assert_eq!(record_rows(&tree).last().map(|r| r.2), Some(5));
 }
 

@@ -6,7 +6,8 @@
 //! | `r` seq | one record: chain hash (32 bytes) ‖ encoded record |
 //! | `r` first seq ‖ last seq | the records `first..=last` of one group commit, each as chain hash ‖ length (u32, little-endian) ‖ encoded record |
 //! | `s` stream `0x00` version | seq: one event; or first seq ‖ count: the `count` events of one append, from `version` and `seq` on |
-//! | `i` event id (16 bytes) | seq |
+//! | `i` event id (16 bytes) | seq: an id that is not time-ordered (not UUID v7), or any id in logs written before `t` rows |
+//! | `t` milliseconds (the first 6 bytes of a v7 id) ‖ group's first seq | the v7 ids of one group commit created in that millisecond: each as the id's other 10 bytes ‖ seq |
 //! | `m` name | log metadata: `mformat` marker, `mhead` last seq ‖ hash, `mgroup` first seq ‖ last seq |
 
 use uuid::Uuid;
@@ -16,6 +17,10 @@ use crate::envelope::StreamId;
 pub const RECORD: u8 = b'r';
 pub const STREAM: u8 = b's';
 pub const ID: u8 = b'i';
+pub const TIMED_IDS: u8 = b't';
+
+/// Bytes of one id in a `t` row: the id past its milliseconds, and its seq.
+pub const TIMED_ID_LEN: usize = 10 + 8;
 
 /// Length of the chain hash stored before each record.
 pub const HASH_LEN: usize = 32;
@@ -123,6 +128,39 @@ pub fn id(id: &Uuid) -> [u8; 17] {
     let mut key = [ID; 17];
     key[1..].copy_from_slice(id.as_bytes());
     key
+}
+
+/// The prefix of the `t` rows that may hold the v7 id `id`: its milliseconds.
+pub fn timed_ids_prefix(id: &Uuid) -> [u8; 7] {
+    let mut key = [TIMED_IDS; 7];
+    key[1..].copy_from_slice(&id.as_bytes()[..6]);
+    key
+}
+
+/// The `t` row of the v7 ids of the group starting at `first_seq` that share
+/// `prefix` (see [`timed_ids_prefix`]).
+pub fn timed_ids(prefix: &[u8; 7], first_seq: u64) -> [u8; 15] {
+    let mut key = [0u8; 15];
+    key[..7].copy_from_slice(prefix);
+    key[7..].copy_from_slice(&first_seq.to_be_bytes());
+    key
+}
+
+/// The ids and seqs of a `t` row; `None` when the row is malformed.
+pub fn parse_timed_ids(key: &[u8], value: &[u8]) -> Option<Vec<(Uuid, u64)>> {
+    let millis = key.get(1..7).filter(|_| key.len() == 15)?;
+    if value.is_empty() || !value.len().is_multiple_of(TIMED_ID_LEN) {
+        return None;
+    }
+    value
+        .chunks_exact(TIMED_ID_LEN)
+        .map(|entry| {
+            let mut id = [0u8; 16];
+            id[..6].copy_from_slice(millis);
+            id[6..].copy_from_slice(&entry[..10]);
+            Some((Uuid::from_bytes(id), seq_value(&entry[10..])?))
+        })
+        .collect()
 }
 
 pub fn seq_value(value: &[u8]) -> Option<u64> {

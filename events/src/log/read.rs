@@ -368,6 +368,52 @@ pub(super) fn stored(
         .transpose()
 }
 
+/// The seq the id index gives `id`, if it has it (durable or not: the
+/// caller checks). A v7 id is looked for in the `t` rows of its millisecond,
+/// then, as any other id, under `i` (where logs from before `t` rows keep
+/// every id).
+pub(super) fn indexed_seq(tree: &sled::Tree, id: &Uuid) -> Result<Option<u64>, ReadError> {
+    if id.get_version_num() == 7 {
+        let timed = timed_ids_of(tree, &keys::timed_ids_prefix(id))?;
+        if let Some((_, seq)) = timed.into_iter().find(|(stored, _)| stored == id) {
+            return Ok(Some(seq));
+        }
+    }
+    untimed_seq(tree, id)
+}
+
+/// The v7 ids (and their seqs) of every `t` row under `prefix`: the ids of
+/// one millisecond.
+pub(super) fn timed_ids_of(
+    tree: &sled::Tree,
+    prefix: &[u8; 7],
+) -> Result<Vec<(Uuid, u64)>, ReadError> {
+    let mut ids = Vec::new();
+    for row in tree.scan_prefix(prefix) {
+        let (key, value) = row?;
+        ids.extend(
+            keys::parse_timed_ids(&key, &value).ok_or_else(|| ReadError::Corrupt {
+                seq: 0,
+                detail: format!("the id index row {:02x?} is malformed", &key[..]),
+            })?,
+        );
+    }
+    Ok(ids)
+}
+
+/// The seq of `id` under `i`: ids that are not v7, and any in older logs.
+pub(super) fn untimed_seq(tree: &sled::Tree, id: &Uuid) -> Result<Option<u64>, ReadError> {
+    match tree.get(keys::id(id))? {
+        None => Ok(None),
+        Some(value) => keys::seq_value(&value)
+            .map(Some)
+            .ok_or_else(|| ReadError::Corrupt {
+                seq: 0,
+                detail: format!("id index entry of {id} is malformed"),
+            }),
+    }
+}
+
 impl EventLog {
     /// Every record from `from_seq` on, in order, including ones appended while
     /// iterating. Memory stays bounded: records are read as the iterator advances.
@@ -430,17 +476,8 @@ impl EventLog {
 
     /// The seq an event id was appended at, if it was.
     pub fn seq_of(&self, id: &Uuid) -> Result<Option<u64>, ReadError> {
-        match self.shared.tree.get(keys::id(id))? {
-            None => Ok(None),
-            Some(value) => match keys::seq_value(&value) {
-                Some(seq) if seq > self.head() => Ok(None),
-                Some(seq) => Ok(Some(seq)),
-                None => Err(ReadError::Corrupt {
-                    seq: 0,
-                    detail: format!("id index entry of {id} is malformed"),
-                }),
-            },
-        }
+        let seq = indexed_seq(&self.shared.tree, id)?;
+        Ok(seq.filter(|&seq| seq <= self.head()))
     }
 
     /// Follows the log from `from_seq`: first every stored record, then each new

@@ -76,6 +76,11 @@ pub(super) fn cut_unfinished_group(
         if points_at(&id, *seq)? {
             tree.remove(id).map_err(|e| e.to_string())?;
         }
+        // The group's `t` rows are keyed by its first seq, the head's next.
+        if envelope.id.get_version_num() == 7 {
+            let timed = keys::timed_ids(&keys::timed_ids_prefix(&envelope.id), head_seq + 1);
+            tree.remove(timed).map_err(|e| e.to_string())?;
+        }
         // An append's stream entry is keyed by its first event's version.
         let stream = keys::stream_entry(&envelope.stream, envelope.version);
         let starts_here = tree

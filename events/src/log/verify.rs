@@ -2,6 +2,10 @@
 
 use super::read::{self, RawRecord};
 use super::{keys, writer, EventLog, ReadError};
+use std::collections::HashMap;
+
+use uuid::Uuid;
+
 use crate::envelope::StreamId;
 
 /// A healthy log's summary.
@@ -47,6 +51,8 @@ impl EventLog {
         let mut records = self.read_range(1, head);
         // The stream entry of the record before: stream, first version, first seq, count.
         let mut stream_entry: Option<(StreamId, u64, u64, u64)> = None;
+        // The v7 ids of the record before's millisecond, and their seqs.
+        let mut timed: Option<([u8; 7], HashMap<Uuid, u64>)> = None;
         while let Some(raw) = records.next_raw() {
             let raw: RawRecord = raw?;
             if raw.seq != expected {
@@ -87,8 +93,23 @@ impl EventLog {
             if !points_here {
                 return Err(index_detail("the stream index does not point at it"));
             }
-            let by_id = tree.get(keys::id(&envelope.id)).map_err(ReadError::from)?;
-            if by_id.as_deref().and_then(keys::seq_value) != Some(raw.seq) {
+            // Consecutive records mostly share a millisecond: its ids are
+            // read once.
+            let mut by_id = None;
+            if envelope.id.get_version_num() == 7 {
+                let prefix = keys::timed_ids_prefix(&envelope.id);
+                if timed.as_ref().is_none_or(|(cached, _)| *cached != prefix) {
+                    let ids = read::timed_ids_of(tree, &prefix)?;
+                    timed = Some((prefix, ids.into_iter().collect()));
+                }
+                by_id = timed
+                    .as_ref()
+                    .and_then(|(_, ids)| ids.get(&envelope.id).copied());
+            }
+            if by_id.is_none() {
+                by_id = read::untimed_seq(tree, &envelope.id)?;
+            }
+            if by_id != Some(raw.seq) {
                 return Err(index_detail("the id index does not point at it"));
             }
             previous = raw.hash;
@@ -116,20 +137,22 @@ impl EventLog {
                 ),
             });
         }
-        for (index, prefix) in [("stream", keys::STREAM), ("id", keys::ID)] {
-            // A stream entry stands for the events of one append.
-            let mut entries = 0u64;
-            for entry in tree.scan_prefix([prefix]) {
-                let (_, value) = entry.map_err(ReadError::from)?;
-                let run = if prefix == keys::STREAM {
-                    keys::stream_run(&value)
-                } else {
-                    keys::seq_value(&value).map(|seq| (seq, 1))
-                };
-                if let Some((_, count)) = run.filter(|&(first, _)| first <= head) {
-                    entries = entries.saturating_add(count);
+        for index in ["stream", "id"] {
+            let entries = if index == "stream" {
+                // An entry stands for the events of one append.
+                let mut entries = 0u64;
+                for entry in tree.scan_prefix([keys::STREAM]) {
+                    let (_, value) = entry.map_err(ReadError::from)?;
+                    if let Some((_, count)) =
+                        keys::stream_run(&value).filter(|&(first, _)| first <= head)
+                    {
+                        entries = entries.saturating_add(count);
+                    }
                 }
-            }
+                entries
+            } else {
+                id_entries(tree, head)?
+            };
             if entries != records {
                 return Err(ChainBreak::IndexCount {
                     index,
@@ -143,4 +166,25 @@ impl EventLog {
             head_hash: hex::encode(previous),
         })
     }
+}
+
+/// Entries of the id index for records up to `head`: under `i` one each,
+/// in `t` rows one per id.
+fn id_entries(tree: &sled::Tree, head: u64) -> Result<u64, ChainBreak> {
+    let mut entries = 0u64;
+    for entry in tree.scan_prefix([keys::ID]) {
+        let (_, value) = entry.map_err(ReadError::from)?;
+        if keys::seq_value(&value).is_some_and(|seq| seq <= head) {
+            entries += 1;
+        }
+    }
+    for row in tree.scan_prefix([keys::TIMED_IDS]) {
+        let (key, value) = row.map_err(ReadError::from)?;
+        let ids = keys::parse_timed_ids(&key, &value).ok_or_else(|| ChainBreak::Index {
+            seq: 0,
+            detail: format!("the id index row {key:02x?} is malformed"),
+        })?;
+        entries += ids.iter().filter(|(_, seq)| *seq <= head).count() as u64;
+    }
+    Ok(entries)
 }

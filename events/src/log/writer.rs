@@ -187,6 +187,26 @@ struct Overlay {
     /// The group's new records, in seq order, with their encoded lengths.
     records: Vec<(Arc<Envelope>, usize)>,
     rows: Rows,
+    /// The group's v7 ids and their seqs, for its `t` rows.
+    timed_ids: Vec<(Uuid, u64)>,
+}
+
+impl Overlay {
+    /// Stages the group's `t` rows: one per millisecond its v7 ids were
+    /// created in, after every row of records they point into. Time-ordered
+    /// ids all land at the end of the index, where an entry each would split
+    /// a node every few inserts.
+    fn finish_timed_ids(&mut self, writes: &mut Writes, first_seq: u64) {
+        let mut rows: std::collections::BTreeMap<[u8; 7], Vec<u8>> = Default::default();
+        for (id, seq) in self.timed_ids.drain(..) {
+            let row = rows.entry(keys::timed_ids_prefix(&id)).or_default();
+            row.extend_from_slice(&id.as_bytes()[6..]);
+            row.extend_from_slice(&seq.to_be_bytes());
+        }
+        for (prefix, row) in rows {
+            writes.insert(&keys::timed_ids(&prefix, first_seq)[..], row);
+        }
+    }
 }
 
 impl Writer {
@@ -282,6 +302,7 @@ impl Writer {
             answers.push((request.reply, result));
         }
         overlay.rows.finish(&mut writes);
+        overlay.finish_timed_ids(&mut writes, first_new_seq);
         let wrote = self.next_seq != first_new_seq;
         if wrote {
             // The group's seqs go first and the head marker last: see `Writes`.
@@ -402,7 +423,11 @@ impl Writer {
             let hash = chain_hash(&self.last_hash, &bytes);
             let rows = &mut overlay.rows;
             rows.add(writes, position.seq, &hash, &bytes);
-            rows.index(&keys::id(&envelope.id)[..], &position.seq.to_be_bytes()[..]);
+            if envelope.id.get_version_num() == 7 {
+                overlay.timed_ids.push((envelope.id, position.seq));
+            } else {
+                rows.index(&keys::id(&envelope.id)[..], &position.seq.to_be_bytes()[..]);
+            }
             overlay.ids.insert(envelope.id, position);
             if envelope.id.get_version_num() == 7 {
                 self.newest_v7 = self.newest_v7.max(envelope.id.as_u128());
@@ -438,11 +463,11 @@ impl Writer {
         if id.get_version_num() == 7 && id.as_u128() > self.newest_v7 {
             return Ok(None);
         }
-        let Some(seq) = self.tree.get(keys::id(id)).map_err(storage)? else {
+        let Some(seq) = super::read::indexed_seq(&self.tree, id)
+            .map_err(|e| AppendError::Storage(e.to_string()))?
+        else {
             return Ok(None);
         };
-        let seq = keys::seq_value(&seq)
-            .ok_or_else(|| AppendError::Storage(format!("id index entry of {id} is corrupt")))?;
         let envelope = super::read::stored(&self.tree, &self.tail, seq)
             .map_err(|e| AppendError::Storage(format!("record {seq}: {e}")))?
             .ok_or_else(|| {
@@ -463,31 +488,50 @@ const NEWEST_V7_SCAN: usize = 10_000;
 /// v7 ids start with their creation time, so it needs no index lookup to
 /// know it is new.
 ///
-/// Index keys sort by id, and v7 ids sort by time, so the greatest v7 id is
-/// the first one met walking down from the top, past the random (v4) and
-/// name-based (v5) ids that sort above it. Those are few (alerts, ids chosen
-/// by callers); past [`NEWEST_V7_SCAN`] of them the answer is `u128::MAX`,
-/// which turns the fast path off — still correct, only slower.
+/// The `t` rows of the last millisecond hold the greatest v7 id written since
+/// they exist. Logs from before them keep v7 ids under `i`, where keys sort
+/// by id and v7 ids by time, so the greatest one there is the first met
+/// walking down from the top, past the random (v4) and name-based (v5) ids
+/// that sort above it. Those are few (alerts, ids chosen by callers); past
+/// [`NEWEST_V7_SCAN`] of them the answer is `u128::MAX`, which turns the fast
+/// path off — still correct, only slower.
 pub fn newest_v7_id(tree: &sled::Tree) -> Result<u128, ReadError> {
+    let malformed = || ReadError::Corrupt {
+        seq: 0,
+        detail: "an id index key is malformed".to_owned(),
+    };
+    let mut newest = 0;
+    if let Some(last) = tree.scan_prefix([keys::TIMED_IDS]).next_back() {
+        let (key, _) = last?;
+        let prefix: [u8; 7] = key
+            .get(..7)
+            .and_then(|p| p.try_into().ok())
+            .ok_or_else(malformed)?;
+        for row in tree.scan_prefix(prefix) {
+            let (key, value) = row?;
+            let ids = keys::parse_timed_ids(&key, &value).ok_or_else(malformed)?;
+            newest = ids
+                .iter()
+                .map(|(id, _)| id.as_u128())
+                .fold(newest, u128::max);
+        }
+    }
     let mut others = 0;
     for entry in tree.scan_prefix([keys::ID]).rev() {
         let (key, _) = entry?;
         let id = key
             .get(1..)
             .and_then(|bytes| Uuid::from_slice(bytes).ok())
-            .ok_or_else(|| ReadError::Corrupt {
-                seq: 0,
-                detail: "an id index key is malformed".to_owned(),
-            })?;
+            .ok_or_else(malformed)?;
         if id.get_version_num() == 7 {
-            return Ok(id.as_u128());
+            return Ok(newest.max(id.as_u128()));
         }
         others += 1;
         if others >= NEWEST_V7_SCAN {
             return Ok(u128::MAX);
         }
     }
-    Ok(0)
+    Ok(newest)
 }
 
 /// The chain hash of a record: it covers the previous record's hash and this
@@ -525,8 +569,4 @@ pub fn stream_version_through(
         }
     }
     Ok(0)
-}
-
-fn storage(error: sled::Error) -> AppendError {
-    AppendError::Storage(error.to_string())
 }
