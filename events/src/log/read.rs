@@ -73,7 +73,8 @@ pub(crate) fn split_row(key: &[u8], value: sled::IVec) -> Result<Vec<RawRecord>,
             bytes,
         }]);
     }
-    let mut records = Vec::with_capacity(usize::try_from(last - first + 1).unwrap_or(0).min(64));
+    let count = (last - first).saturating_add(1);
+    let mut records = Vec::with_capacity(usize::try_from(count).unwrap_or(0).min(64));
     let mut at = 0;
     for seq in first..=last {
         let hash = hash_at(seq, at)?;
