@@ -317,6 +317,13 @@ pub(super) struct StreamEntry {
     pub count: u64,
 }
 
+impl StreamEntry {
+    /// Whether the entry's events include the one at `version`.
+    pub fn holds(&self, version: u64) -> bool {
+        (self.first_version..self.first_version.saturating_add(self.count)).contains(&version)
+    }
+}
+
 /// The stream index entry whose events include `version`, if one does.
 pub(super) fn stream_entry_holding(
     tree: &sled::Tree,
@@ -338,15 +345,14 @@ pub(super) fn stream_entry_holding(
             detail: format!("malformed index entry {}", String::from_utf8_lossy(&key)),
         });
     };
-    Ok(
-        (version < first_version.saturating_add(count)).then_some(StreamEntry {
-            key,
-            value,
-            first_version,
-            first_seq,
-            count,
-        }),
-    )
+    let entry = StreamEntry {
+        key,
+        value,
+        first_version,
+        first_seq,
+        count,
+    };
+    Ok(entry.holds(version).then_some(entry))
 }
 
 /// The record at `seq` if there is one: a copy of the tail's while it holds

@@ -49,8 +49,8 @@ impl EventLog {
         let mut previous = [0u8; 32];
         let mut expected = 1u64;
         let mut records = self.read_range(1, head);
-        // The stream entry of the record before: stream, first version, first seq, count.
-        let mut stream_entry: Option<(StreamId, u64, u64, u64)> = None;
+        // The stream entry of the record before, and its stream.
+        let mut stream_entry: Option<(StreamId, read::StreamEntry)> = None;
         // The v7 ids of the record before's millisecond, and their seqs.
         let mut timed: Option<([u8; 7], HashMap<Uuid, u64>)> = None;
         while let Some(raw) = records.next_raw() {
@@ -71,25 +71,20 @@ impl EventLog {
             };
             // An append's events are consecutive records under one stream
             // entry: look the entry up at the first of them only.
-            let covers = |entry: &(StreamId, u64, u64, u64)| {
-                entry.0 == envelope.stream
-                    && (entry.1..entry.1.saturating_add(entry.3)).contains(&envelope.version)
+            let covers = |(stream, entry): &(StreamId, read::StreamEntry)| {
+                *stream == envelope.stream && entry.holds(envelope.version)
             };
             if !stream_entry.as_ref().is_some_and(covers) {
                 stream_entry =
-                    read::stream_entry_holding(tree, &envelope.stream, envelope.version)?.map(
-                        |entry| {
-                            let stream = envelope.stream.clone();
-                            (stream, entry.first_version, entry.first_seq, entry.count)
-                        },
-                    );
+                    read::stream_entry_holding(tree, &envelope.stream, envelope.version)?
+                        .map(|entry| (envelope.stream.clone(), entry));
             }
-            let points_here =
-                stream_entry
-                    .as_ref()
-                    .is_some_and(|(_, first_version, first_seq, _)| {
-                        first_seq.checked_add(envelope.version - first_version) == Some(raw.seq)
-                    });
+            let points_here = stream_entry.as_ref().is_some_and(|(_, entry)| {
+                entry
+                    .first_seq
+                    .checked_add(envelope.version - entry.first_version)
+                    == Some(raw.seq)
+            });
             if !points_here {
                 return Err(index_detail("the stream index does not point at it"));
             }
@@ -137,22 +132,11 @@ impl EventLog {
                 ),
             });
         }
-        for index in ["stream", "id"] {
-            let entries = if index == "stream" {
-                // An entry stands for the events of one append.
-                let mut entries = 0u64;
-                for entry in tree.scan_prefix([keys::STREAM]) {
-                    let (_, value) = entry.map_err(ReadError::from)?;
-                    if let Some((_, count)) =
-                        keys::stream_run(&value).filter(|&(first, _)| first <= head)
-                    {
-                        entries = entries.saturating_add(count);
-                    }
-                }
-                entries
-            } else {
-                id_entries(tree, head)?
-            };
+        let counts = [
+            ("stream", stream_entries(tree, head)?),
+            ("id", id_entries(tree, head)?),
+        ];
+        for (index, entries) in counts {
             if entries != records {
                 return Err(ChainBreak::IndexCount {
                     index,
@@ -166,6 +150,19 @@ impl EventLog {
             head_hash: hex::encode(previous),
         })
     }
+}
+
+/// Events the stream index has entries for, up to `head`: an entry stands
+/// for the events of one append.
+fn stream_entries(tree: &sled::Tree, head: u64) -> Result<u64, ChainBreak> {
+    let mut entries = 0u64;
+    for entry in tree.scan_prefix([keys::STREAM]) {
+        let (_, value) = entry.map_err(ReadError::from)?;
+        if let Some((_, count)) = keys::stream_run(&value).filter(|&(first, _)| first <= head) {
+            entries = entries.saturating_add(count);
+        }
+    }
+    Ok(entries)
 }
 
 /// Entries of the id index for records up to `head`: under `i` one each,
