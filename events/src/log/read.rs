@@ -260,21 +260,16 @@ impl Iterator for StreamIter {
                 Some(entry) => entry,
                 None => self.index.next()?.map_err(ReadError::from),
             };
-            let (key, value) = match entry {
+            let entry = match entry.and_then(|(key, value)| StreamEntry::parse(key, value)) {
                 Ok(entry) => entry,
                 Err(e) => return Some(Err(e)),
             };
-            let Some((version, (first, count))) =
-                keys::stream_entry_version(&key).zip(keys::stream_run(&value))
-            else {
-                return Some(Err(ReadError::Corrupt {
-                    seq: 0,
-                    detail: format!("malformed index entry {}", String::from_utf8_lossy(&key)),
-                }));
-            };
             // The entry holding `from_version` may start before it.
-            let skip = self.from_version.saturating_sub(version).min(count);
-            self.run = (first.saturating_add(skip), count - skip);
+            let skip = self
+                .from_version
+                .saturating_sub(entry.first_version)
+                .min(entry.count);
+            self.run = (entry.first_seq.saturating_add(skip), entry.count - skip);
         }
         let seq = self.run.0;
         // Versions grow with seqs: past the head, the rest is not durable yet.
@@ -282,29 +277,14 @@ impl Iterator for StreamIter {
             return None;
         }
         self.run = (seq + 1, self.run.1 - 1);
-        if let Some(envelope) = self.tail.get(seq) {
-            return Some(Ok(Envelope::clone(&envelope)));
-        }
-        let in_row = |row: &[RawRecord]| {
-            row.first().is_some_and(|r| r.seq <= seq) && row.last().is_some_and(|r| seq <= r.seq)
-        };
-        if !in_row(&self.row) {
-            self.row = match row_holding(&self.tree, seq) {
-                Ok(Some((key, value))) => match split_row(&key, value) {
-                    Ok(records) => records,
-                    Err(e) => return Some(Err(e)),
-                },
-                Ok(None) => Vec::new(),
-                Err(e) => return Some(Err(e)),
-            };
-        }
-        Some(match self.row.iter().find(|raw| raw.seq == seq) {
-            Some(raw) => raw.decode(),
-            None => Err(ReadError::Corrupt {
-                seq,
-                detail: "an index points at this missing record".to_owned(),
+        Some(
+            stored_in(&self.tree, &self.tail, seq, &mut self.row).and_then(|found| {
+                found.ok_or_else(|| ReadError::Corrupt {
+                    seq,
+                    detail: "an index points at this missing record".to_owned(),
+                })
             }),
-        })
+        )
     }
 }
 
@@ -318,6 +298,29 @@ pub(super) struct StreamEntry {
 }
 
 impl StreamEntry {
+    fn parse(key: sled::IVec, value: sled::IVec) -> Result<StreamEntry, ReadError> {
+        let Some((first_version, (first_seq, count))) =
+            keys::stream_entry_version(&key).zip(keys::stream_run(&value))
+        else {
+            return Err(ReadError::Corrupt {
+                seq: 0,
+                detail: format!("malformed index entry {}", String::from_utf8_lossy(&key)),
+            });
+        };
+        Ok(StreamEntry {
+            key,
+            value,
+            first_version,
+            first_seq,
+            count,
+        })
+    }
+
+    /// The version of the entry's last event.
+    pub fn last_version(&self) -> u64 {
+        self.first_version.saturating_add(self.count - 1)
+    }
+
     /// Whether the entry's events include the one at `version`.
     pub fn holds(&self, version: u64) -> bool {
         (self.first_version..self.first_version.saturating_add(self.count)).contains(&version)
@@ -337,22 +340,21 @@ pub(super) fn stream_entry_holding(
         return Ok(None);
     };
     let (key, value) = entry?;
-    let Some((first_version, (first_seq, count))) =
-        keys::stream_entry_version(&key).zip(keys::stream_run(&value))
-    else {
-        return Err(ReadError::Corrupt {
-            seq: 0,
-            detail: format!("malformed index entry {}", String::from_utf8_lossy(&key)),
-        });
-    };
-    let entry = StreamEntry {
-        key,
-        value,
-        first_version,
-        first_seq,
-        count,
-    };
+    let entry = StreamEntry::parse(key, value)?;
     Ok(entry.holds(version).then_some(entry))
+}
+
+/// Every stream index entry of `stream`, last first.
+pub(super) fn stream_entries_backwards(
+    tree: &sled::Tree,
+    stream: &StreamId,
+) -> impl Iterator<Item = Result<StreamEntry, ReadError>> {
+    tree.scan_prefix(keys::stream_prefix(stream))
+        .rev()
+        .map(|entry| {
+            let (key, value) = entry?;
+            StreamEntry::parse(key, value)
+        })
 }
 
 /// The record at `seq` if there is one: a copy of the tail's while it holds
@@ -362,16 +364,32 @@ pub(super) fn stored(
     tail: &super::tail::Tail,
     seq: u64,
 ) -> Result<Option<Envelope>, ReadError> {
+    stored_in(tree, tail, seq, &mut Vec::new())
+}
+
+/// [`stored`], keeping the records of the row it read in `row` and looking
+/// there first: consecutive reads mostly fall in one row.
+fn stored_in(
+    tree: &sled::Tree,
+    tail: &super::tail::Tail,
+    seq: u64,
+    row: &mut Vec<RawRecord>,
+) -> Result<Option<Envelope>, ReadError> {
     if let Some(envelope) = tail.get(seq) {
         return Ok(Some(Envelope::clone(&envelope)));
     }
-    let Some((key, value)) = row_holding(tree, seq)? else {
-        return Ok(None);
+    let in_row = |row: &[RawRecord]| {
+        row.first().is_some_and(|r| r.seq <= seq) && row.last().is_some_and(|r| seq <= r.seq)
     };
-    split_row(&key, value)?
-        .into_iter()
+    if !in_row(row) {
+        *row = match row_holding(tree, seq)? {
+            Some((key, value)) => split_row(&key, value)?,
+            None => Vec::new(),
+        };
+    }
+    row.iter()
         .find(|raw| raw.seq == seq)
-        .map(|raw| raw.decode())
+        .map(RawRecord::decode)
         .transpose()
 }
 

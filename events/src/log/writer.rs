@@ -556,16 +556,10 @@ pub fn stream_version_through(
 ) -> Result<u64, ReadError> {
     // Entries past the head belong to a group still being written: a few at
     // most. An entry's events are one append's, so all in one group.
-    for entry in tree.scan_prefix(keys::stream_prefix(stream)).rev() {
-        let (key, value) = entry?;
-        let malformed = || ReadError::Corrupt {
-            seq: keys::seq_value(&value[..value.len().min(8)]).unwrap_or_default(),
-            detail: format!("the stream index of {stream} is malformed"),
-        };
-        let (first_seq, count) = keys::stream_run(&value).ok_or_else(malformed)?;
-        if first_seq <= head {
-            let version = keys::stream_entry_version(&key).ok_or_else(malformed)?;
-            return Ok(version.saturating_add(count - 1));
+    for entry in super::read::stream_entries_backwards(tree, stream) {
+        let entry = entry?;
+        if entry.first_seq <= head {
+            return Ok(entry.last_version());
         }
     }
     Ok(0)
