@@ -2,11 +2,12 @@
 //!
 //! A group is written as plain inserts (see the writer's `Writes`): the group
 //! marker, then each row of records followed by the index entries pointing
-//! into it, then the head marker, then one flush before anyone is answered.
-//! sled recovers a prefix of those writes, so after a crash the log may hold
-//! rows of records past the head marker — never acknowledged — and, for the
-//! last of them, some of their index entries. Opening the log removes them, once it is sure that is what they
-//! are: the group marker names them, and their chain continues from the head
+//! into it, then the rows of the group's v7 ids, then the head marker, then
+//! one flush before anyone is answered. sled recovers a prefix of those
+//! writes, so after a crash the log may hold rows of records past the head
+//! marker — never acknowledged — and some of the index entries pointing into
+//! them. Opening the log removes them, once it is sure that is what they are:
+//! the group marker names them, and their chain continues from the head
 //! marker's hash. Anything else past the head marker is corruption, reported
 //! and left untouched.
 
@@ -71,6 +72,7 @@ pub(super) fn cut_unfinished_group(
             .map_err(|e| e.to_string())?
             .is_some_and(|value| keys::seq_value(&value) == Some(seq)))
     };
+    let mut timed_rows = std::collections::BTreeSet::new();
     for (seq, envelope) in cut.iter().rev() {
         let id = keys::id(&envelope.id);
         if points_at(&id, *seq)? {
@@ -78,8 +80,10 @@ pub(super) fn cut_unfinished_group(
         }
         // The group's `t` rows are keyed by its first seq, the head's next.
         if envelope.id.get_version_num() == 7 {
-            let timed = keys::timed_ids(&keys::timed_ids_prefix(&envelope.id), head_seq + 1);
-            tree.remove(timed).map_err(|e| e.to_string())?;
+            timed_rows.insert(keys::timed_ids(
+                &keys::timed_ids_prefix(&envelope.id),
+                head_seq + 1,
+            ));
         }
         // An append's stream entry is keyed by its first event's version.
         let stream = keys::stream_entry(&envelope.stream, envelope.version);
@@ -91,6 +95,9 @@ pub(super) fn cut_unfinished_group(
         if starts_here {
             tree.remove(stream).map_err(|e| e.to_string())?;
         }
+    }
+    for key in timed_rows {
+        tree.remove(key).map_err(|e| e.to_string())?;
     }
     for key in rows.iter().rev() {
         tree.remove(key).map_err(|e| e.to_string())?;
