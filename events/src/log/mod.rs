@@ -136,7 +136,6 @@ pub struct EventLog {
 struct Shared {
     dir: PathBuf,
     appends: Mutex<Option<mpsc::Sender<writer::AppendRequest>>>,
-    doorbell: Arc<writer::Doorbell>,
     writer: Mutex<Option<JoinHandle<()>>>,
     head: watch::Receiver<u64>,
     /// The newest durable records, decoded, for live followers.
@@ -297,18 +296,13 @@ impl EventLog {
         })?;
         let (head_tx, head_rx) = watch::channel(last_seq);
         let (appends_tx, appends_rx) = mpsc::channel(8192);
-        let doorbell = Arc::new(writer::Doorbell::default());
         let tail = Arc::new(tail::Tail::default());
         let writer = writer::Writer {
-            db: db.clone(),
             tree: tree.clone(),
             next_seq: last_seq + 1,
             last_hash,
-            head: head_tx,
-            failed: None,
             versions: Default::default(),
-            doorbell: doorbell.clone(),
-            tail: tail.clone(),
+            durable: Arc::new(writer::Durability::new(db.clone(), head_tx, tail.clone())),
             newest_v7,
         };
         let handle = std::thread::Builder::new()
@@ -322,7 +316,6 @@ impl EventLog {
             shared: Arc::new(Shared {
                 dir: dir.to_owned(),
                 appends: Mutex::new(Some(appends_tx)),
-                doorbell,
                 writer: Mutex::new(Some(handle)),
                 head: head_rx,
                 tail,
@@ -353,7 +346,6 @@ impl EventLog {
             })
             .await
             .map_err(|_| AppendError::Closed)?;
-        self.shared.doorbell.ring();
         answer.await.map_err(|_| AppendError::Closed)?
     }
 
@@ -373,7 +365,6 @@ impl EventLog {
                 reply,
             })
             .map_err(|_| AppendError::Closed)?;
-        self.shared.doorbell.ring();
         answer.blocking_recv().map_err(|_| AppendError::Closed)?
     }
 

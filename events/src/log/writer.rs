@@ -1,18 +1,28 @@
-//! The single writer: group commit of appends.
+//! The single writer: group commit of appends, pipelined with the flush.
 //!
 //! All appends go through one thread. It takes every request waiting in its
 //! queue, checks each against the log (versions, ids) and the requests before it
-//! in the same group, writes all of them (see [`Writes`]) and flushes once,
-//! and only then answers. Many concurrent appenders so share one
-//! fsync, and nobody is acknowledged before the bytes are on disk.
+//! in the same group, and writes all of them (see [`Writes`]). A second thread,
+//! the flusher, makes written groups durable: one flush for every group
+//! written since its last one, then it answers them, in order. So the writer
+//! writes the next group while the last one is being flushed, many concurrent
+//! appenders share one fsync, and nobody is acknowledged before the bytes are
+//! on disk.
 //!
-//! If a write or flush fails the writer stops accepting appends (every later
-//! append fails with `Storage`): after a failed fsync the state on disk is
-//! unknown, and the only honest recovery is a restart that reads it back.
+//! The writer takes what is queued and never waits for more. Under load,
+//! appenders answered by one flush come back while the writer is busy, and
+//! queue for the group after; the flusher waits a little for them when its
+//! flushes cost more than the writes ([`gather`]). A lone appender's group
+//! the writer flushes itself ([`Writer::is_lone`]).
+//!
+//! If a write or flush fails the log stops accepting appends (every later
+//! append fails with `Storage`, and so does every group not yet flushed):
+//! after a failed fsync the state on disk is unknown, and the only honest
+//! recovery is a restart that reads it back.
 
 use std::collections::HashMap;
-use std::sync::atomic::{fence, AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc as std_mpsc, Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
@@ -28,60 +38,37 @@ use crate::time;
 /// The most events one group commit takes; bounds batch memory and latency.
 const MAX_GROUP_EVENTS: usize = 4096;
 
-/// The longest the writer waits for stragglers before committing a group.
+/// The longest the flusher waits for the writer before a flush; see [`gather`].
 const MAX_GATHER_WAIT: Duration = Duration::from_micros(500);
+
+/// Written groups that may wait for the flusher before the writer waits for
+/// it: the flusher takes all waiting groups in one flush, so a few suffice.
+const GROUPS_AWAITING_FLUSH: usize = 4;
 
 /// Stream versions the writer keeps in memory before starting over.
 const MAX_CACHED_STREAMS: usize = 100_000;
-
-/// How an appender wakes the writer while it waits for stragglers: the
-/// writer sets `waiting` and parks; an appender that finds it set after
-/// queueing its request unparks the writer thread.
-#[derive(Debug, Default)]
-pub struct Doorbell {
-    waiting: AtomicBool,
-    writer: std::sync::OnceLock<std::thread::Thread>,
-}
-
-impl Doorbell {
-    /// Called by an appender after its request is queued.
-    pub fn ring(&self) {
-        // Pairs with the fence in `wait`: either the writer sees the queued
-        // request, or this sees `waiting` (a missed ring costs only the wait).
-        fence(Ordering::SeqCst);
-        if self.waiting.load(Ordering::Relaxed) {
-            if let Some(writer) = self.writer.get() {
-                writer.unpark();
-            }
-        }
-    }
-}
 
 pub struct AppendRequest {
     pub stream: StreamId,
     pub expected: ExpectedVersion,
     pub events: Vec<NewEvent>,
-    pub reply: oneshot::Sender<Result<Appended, AppendError>>,
+    pub reply: Reply,
 }
 
+/// Where an append's answer goes.
+pub type Reply = oneshot::Sender<Result<Appended, AppendError>>;
+
 pub struct Writer {
-    pub db: sled::Db,
     pub tree: sled::Tree,
     /// The seq the next appended record gets.
     pub next_seq: u64,
     /// The chain hash of the last record (all zeros for an empty log).
     pub last_hash: [u8; 32],
-    /// The durable head, published after each flush.
-    pub head: watch::Sender<u64>,
-    /// Set after a failed write or flush; the log then refuses appends.
-    pub failed: Option<String>,
     /// Versions of recently written streams. The writer is the only writer, so
     /// a cached version is the stream's version.
     pub versions: HashMap<StreamId, u64>,
-    /// Rung by appenders while the writer waits for stragglers.
-    pub doorbell: Arc<Doorbell>,
-    /// Where each commit's records go once durable, for live followers.
-    pub tail: Arc<Tail>,
+    /// Shared with the flusher.
+    pub durable: Arc<Durability>,
     /// The greatest time-ordered (v7) event id in the log, or above it; see
     /// [`newest_v7_id`].
     pub newest_v7: u128,
@@ -209,88 +196,229 @@ impl Overlay {
     }
 }
 
-impl Writer {
-    pub fn run(mut self, mut requests: mpsc::Receiver<AppendRequest>) {
-        let _ = self.doorbell.writer.set(std::thread::current());
-        // Appenders answered by one commit send their next request a moment later;
-        // taking only what is queued would commit them one by one. So when the last
-        // group was larger than what is queued now, wait a little for the rest —
-        // never longer than half a flush, which is what a lone commit would cost.
-        // The wait parks the thread (appenders ring the doorbell): spinning would
-        // take a core from the very appenders it waits for.
-        let mut last_group = 1;
-        let mut last_flush = Duration::ZERO;
-        while let Some(first) = requests.blocking_recv() {
-            let mut events = first.events.len();
-            let mut group = vec![first];
-            let deadline = Instant::now() + (last_flush / 2).min(MAX_GATHER_WAIT);
-            while events < MAX_GROUP_EVENTS {
-                match requests.try_recv() {
-                    Ok(next) => {
-                        events += next.events.len();
-                        group.push(next);
-                    }
-                    Err(mpsc::error::TryRecvError::Empty) if group.len() < last_group => {
-                        match self.wait(&mut requests, deadline) {
-                            Some(next) => {
-                                events += next.events.len();
-                                group.push(next);
-                            }
-                            None => break,
-                        }
-                    }
-                    Err(_) => break,
+/// A group written to the tree, waiting for the flush that makes it durable.
+pub struct Written {
+    /// The group's last seq; `None` when it wrote nothing.
+    last_seq: Option<u64>,
+    /// Its new records, in seq order, with their encoded lengths.
+    records: Vec<(Arc<Envelope>, usize)>,
+    answers: Vec<(Reply, Result<Appended, AppendError>)>,
+}
+
+/// What the writer and the flusher share: making written groups durable,
+/// publishing them to followers and answering their appenders.
+pub struct Durability {
+    pub db: sled::Db,
+    /// The durable head, published after each flush.
+    pub head: watch::Sender<u64>,
+    /// Where each group's records go once durable, for live followers.
+    pub tail: Arc<Tail>,
+    /// Set after a failed write or flush; the log then refuses appends.
+    pub failed: OnceLock<String>,
+    /// Groups handed to the flusher and not yet answered.
+    in_flight: AtomicUsize,
+    /// The appends the last flush answered.
+    last_appends: AtomicUsize,
+}
+
+impl Durability {
+    pub fn new(db: sled::Db, head: watch::Sender<u64>, tail: Arc<Tail>) -> Self {
+        Durability {
+            db,
+            head,
+            tail,
+            failed: OnceLock::new(),
+            in_flight: AtomicUsize::new(0),
+            last_appends: AtomicUsize::new(1),
+        }
+    }
+
+    /// Flushes `groups` (unless none of them wrote), then publishes and
+    /// answers them; after a failure, fails them. Returns how long the flush
+    /// took.
+    fn make_durable(&self, groups: Vec<Written>) -> Duration {
+        let appends = groups.iter().map(|group| group.answers.len()).sum();
+        self.last_appends.store(appends, Ordering::Relaxed);
+        let started = Instant::now();
+        let flushed = match self.failed.get() {
+            Some(reason) => Err(reason.clone()),
+            None if groups.iter().all(|group| group.last_seq.is_none()) => Ok(()),
+            None => self.db.flush().map(drop).map_err(|error| {
+                let reason = format!("event log write failed: {error}");
+                tracing::error!(%reason, "event log refuses further appends until restart");
+                self.failed.get_or_init(|| reason).clone()
+            }),
+        };
+        let took = started.elapsed();
+        metrics::histogram!("switchboard_log_flush_seconds").record(took.as_secs_f64());
+        match flushed {
+            Ok(()) => self.answer(groups),
+            Err(reason) => {
+                // Deduplicated answers may name events of these very groups,
+                // so no success among them can be trusted.
+                for (reply, result) in groups.into_iter().flat_map(|group| group.answers) {
+                    let _ = reply.send(result.and(Err(AppendError::Storage(reason.clone()))));
                 }
             }
-            last_group = group.len();
-            let started = Instant::now();
-            if self.commit(group) {
-                last_flush = started.elapsed();
-                metrics::histogram!("switchboard_log_batch_size").record(last_group as f64);
-                metrics::histogram!("switchboard_log_flush_seconds")
-                    .record(last_flush.as_secs_f64());
+        }
+        took
+    }
+
+    /// Publishes flushed groups to followers, then answers their appenders.
+    fn answer(&self, groups: Vec<Written>) {
+        let head = groups.iter().filter_map(|group| group.last_seq).max();
+        let mut answers = Vec::with_capacity(groups.len());
+        for group in groups {
+            // Followers look in the tail for what the head says is durable.
+            if !group.records.is_empty() {
+                self.tail.push(group.records);
             }
+            answers.push(group.answers);
+        }
+        if let Some(head) = head {
+            self.head.send_replace(head);
+        }
+        for (reply, result) in answers.into_iter().flatten() {
+            // An appender that gave up waiting is not an error of the log.
+            let _ = reply.send(result);
         }
     }
 
-    /// The next request if one is queued before `deadline`.
-    fn wait(
-        &self,
-        requests: &mut mpsc::Receiver<AppendRequest>,
-        deadline: Instant,
-    ) -> Option<AppendRequest> {
-        let doorbell = &self.doorbell;
-        doorbell.waiting.store(true, Ordering::Relaxed);
-        // Pairs with the fence in `Doorbell::ring`.
-        fence(Ordering::SeqCst);
-        let next = loop {
-            if let Ok(next) = requests.try_recv() {
-                break Some(next);
+    /// The flusher: flushes and answers groups until the writer closes
+    /// `written`.
+    fn flush_handed_over(&self, written: std_mpsc::Receiver<Written>) {
+        let mut last_flush = Duration::ZERO;
+        while let Ok(first) = written.recv() {
+            let last_appends = self.last_appends.load(Ordering::Relaxed);
+            let groups = gather(&written, first, last_appends, last_flush);
+            let count = groups.len();
+            last_flush = self.make_durable(groups);
+            // After the answers: the writer flushes a group itself only when
+            // every group before it is answered.
+            self.in_flight.fetch_sub(count, Ordering::Release);
+        }
+    }
+}
+
+/// The written groups for one flush: `first`, every group waiting behind it,
+/// and, while they hold fewer appends than the last flush did, the groups the
+/// writer writes in the next half flush (at most [`MAX_GATHER_WAIT`]).
+///
+/// Appenders answered by one flush come back a moment later. Flushing only
+/// what has been written when the first of them is would split them into two
+/// flushes; when flushes cost more than writes (small groups), that halves
+/// the appends per fsync. A short wait keeps them together, and when writes
+/// cost more (large groups), the wait ends first, the flush overlaps the
+/// writing of the rest, and the rest makes the next flush.
+fn gather(
+    written: &std_mpsc::Receiver<Written>,
+    first: Written,
+    last_appends: usize,
+    last_flush: Duration,
+) -> Vec<Written> {
+    let mut appends = first.answers.len();
+    let mut groups = vec![first];
+    let deadline = Instant::now() + (last_flush / 2).min(MAX_GATHER_WAIT);
+    loop {
+        for group in written.try_iter() {
+            appends += group.answers.len();
+            groups.push(group);
+        }
+        let now = Instant::now();
+        if appends >= last_appends || now >= deadline {
+            return groups;
+        }
+        match written.recv_timeout(deadline - now) {
+            Ok(group) => {
+                appends += group.answers.len();
+                groups.push(group);
             }
-            let now = Instant::now();
-            if now >= deadline {
-                break None;
+            Err(_) => return groups,
+        }
+    }
+}
+
+/// Answers every one of `replies` with the storage failure `reason`.
+fn refuse(replies: impl Iterator<Item = Reply>, reason: &str) {
+    for reply in replies {
+        let _ = reply.send(Err(AppendError::Storage(reason.to_owned())));
+    }
+}
+
+impl Writer {
+    /// Writes every request of `requests` until it closes, with a flusher
+    /// thread making them durable; returns once the last written group is
+    /// flushed and answered.
+    pub fn run(mut self, mut requests: mpsc::Receiver<AppendRequest>) {
+        let (to_flush, written) = std_mpsc::sync_channel(GROUPS_AWAITING_FLUSH);
+        let durable = self.durable.clone();
+        std::thread::scope(|scope| {
+            let flushing = std::thread::Builder::new()
+                .name("event-log-flush".to_owned())
+                .spawn_scoped(scope, move || durable.flush_handed_over(written));
+            if let Err(error) = flushing {
+                let reason = format!("cannot start the event log's flusher: {error}");
+                tracing::error!(%reason, "event log refuses appends");
+                let _ = self.durable.failed.set(reason);
             }
-            std::thread::park_timeout(deadline - now);
-        };
-        doorbell.waiting.store(false, Ordering::Relaxed);
-        next
+            while let Some(first) = requests.blocking_recv() {
+                let mut events = first.events.len();
+                let mut group = vec![first];
+                while events < MAX_GROUP_EVENTS {
+                    let Ok(next) = requests.try_recv() else {
+                        break;
+                    };
+                    events += next.events.len();
+                    group.push(next);
+                }
+                let Some(written) = self.commit(group) else {
+                    continue;
+                };
+                if self.is_lone(&written, &requests) {
+                    self.durable.make_durable(vec![written]);
+                    continue;
+                }
+                self.durable.in_flight.fetch_add(1, Ordering::Relaxed);
+                if let Err(std_mpsc::SendError(group)) = to_flush.send(written) {
+                    // The flusher is gone (it never started): nothing is durable.
+                    let reason = self.durable.failed.get().cloned().unwrap_or_default();
+                    refuse(group.answers.into_iter().map(|(reply, _)| reply), &reason);
+                }
+            }
+            // Closing the channel lets the flusher finish what it has and stop.
+            drop(to_flush);
+        });
     }
 
-    /// Commits a group; returns whether it wrote (and flushed) anything.
-    fn commit(&mut self, group: Vec<AppendRequest>) -> bool {
-        if let Some(reason) = &self.failed {
-            for request in group {
-                let _ = request
-                    .reply
-                    .send(Err(AppendError::Storage(reason.clone())));
-            }
-            return false;
+    /// Whether `written` is a lone appender's, which the writer flushes
+    /// itself, sparing the hand-over to the flusher (a thread wake-up, a
+    /// good part of a lone append's time): one append, as the last flush
+    /// answered, with no request waiting behind it and no group before it
+    /// awaiting its flush. There is nothing to overlap with its flush, and
+    /// nothing before it to answer first.
+    fn is_lone(&self, written: &Written, requests: &mpsc::Receiver<AppendRequest>) -> bool {
+        written.answers.len() == 1
+            && self.durable.last_appends.load(Ordering::Relaxed) == 1
+            && requests.is_empty()
+            // Pairs with the flusher's decrement after its answers.
+            && self.durable.in_flight.load(Ordering::Acquire) == 0
+    }
+
+    /// Writes a group, to be made durable and answered by the flusher or
+    /// [`Writer::run`]; `None` when the log has failed (the group is refused
+    /// at once). A group that writes nothing (deduplicated appends,
+    /// conflicts) is answered in turn all the same: a repeat may name events
+    /// of a group still being flushed.
+    fn commit(&mut self, group: Vec<AppendRequest>) -> Option<Written> {
+        if let Some(reason) = self.durable.failed.get() {
+            refuse(group.into_iter().map(|request| request.reply), reason);
+            return None;
         }
         let first_new_seq = self.next_seq;
+        let appends = group.len();
         let mut writes = Writes::default();
         let mut overlay = Overlay::default();
-        let mut answers = Vec::with_capacity(group.len());
+        let mut answers = Vec::with_capacity(appends);
         for request in group {
             let result = self.stage(
                 &request.stream,
@@ -320,37 +448,23 @@ impl Writer {
             let written = writes
                 .0
                 .into_iter()
-                .try_for_each(|(key, value)| self.tree.insert(key, value).map(drop))
-                .and_then(|()| self.db.flush().map(drop));
-            match written {
-                Ok(()) => {
-                    // Followers look in the tail for what the head says is durable.
-                    self.tail.push(overlay.records);
-                    self.head.send_replace(self.next_seq - 1);
-                    if self.versions.len() + overlay.versions.len() > MAX_CACHED_STREAMS {
-                        self.versions.clear();
-                    }
-                    self.versions.extend(overlay.versions);
-                }
-                Err(error) => {
-                    let reason = format!("event log write failed: {error}");
-                    tracing::error!(%reason, "event log refuses further appends until restart");
-                    self.failed = Some(reason.clone());
-                    // Deduplicated answers may name events staged in this very
-                    // batch, so no answer of the group can be trusted.
-                    for (_, result) in &mut answers {
-                        if result.is_ok() {
-                            *result = Err(AppendError::Storage(reason.clone()));
-                        }
-                    }
-                }
+                .try_for_each(|(key, value)| self.tree.insert(key, value).map(drop));
+            if let Err(error) = written {
+                let reason = format!("event log write failed: {error}");
+                tracing::error!(%reason, "event log refuses further appends until restart");
+                let _ = self.durable.failed.set(reason);
             }
+            metrics::histogram!("switchboard_log_batch_size").record(appends as f64);
+            if self.versions.len() + overlay.versions.len() > MAX_CACHED_STREAMS {
+                self.versions.clear();
+            }
+            self.versions.extend(overlay.versions);
         }
-        for (reply, result) in answers {
-            // An appender that gave up waiting is not an error of the log.
-            let _ = reply.send(result);
-        }
-        wrote
+        Some(Written {
+            last_seq: wrote.then(|| self.next_seq - 1),
+            records: overlay.records,
+            answers,
+        })
     }
 
     fn stage(
@@ -468,7 +582,7 @@ impl Writer {
         else {
             return Ok(None);
         };
-        let envelope = super::read::stored(&self.tree, &self.tail, seq)
+        let envelope = super::read::stored(&self.tree, &self.durable.tail, seq)
             .map_err(|e| AppendError::Storage(format!("record {seq}: {e}")))?
             .ok_or_else(|| {
                 AppendError::Storage(format!("id index points {id} at missing seq {seq}"))
