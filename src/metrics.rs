@@ -84,7 +84,7 @@ fn describe() {
     );
     describe_gauge!(
         "switchboard_projection_lag_events",
-        "Events in the log a projection has not committed yet."
+        "Events in the log a projection has not folded yet."
     );
     describe_gauge!(
         "switchboard_outbox_lag_events",
@@ -190,7 +190,7 @@ pub async fn sample(sources: Sources, stop: impl std::future::Future<Output = ()
         metrics::gauge!("switchboard_projections_seq")
             .set(sources.projections.caught_up_to() as f64);
         for name in ProjectionName::ALL {
-            if let Ok(at) = sources.projections.checkpoint(name) {
+            if let Ok(at) = sources.projections.folded_to(name) {
                 metrics::gauge!("switchboard_projection_lag_events", "projection" => name.as_str())
                     .set(head.saturating_sub(at) as f64);
             }

@@ -151,14 +151,19 @@ async fn metrics_after_a_small_load_have_the_values_of_that_load() {
         value("switchboard_ack_latency_seconds_bucket{le=\"+Inf\"}"),
         3.0
     );
-    // The log: every append went through a group commit, and it is flushed.
+    // The log: every append went through a group commit, and it is flushed
+    // (one flush may make several groups durable).
     let batches = value("switchboard_log_batch_size_count");
     let appends = value("switchboard_log_batch_size_sum");
     assert!(
         batches >= 1.0 && appends >= batches,
         "{batches} batches, {appends} appends"
     );
-    assert_eq!(value("switchboard_log_flush_seconds_count"), batches);
+    let flushes = value("switchboard_log_flush_seconds_count");
+    assert!(
+        flushes >= 1.0 && flushes <= batches,
+        "{flushes} flushes of {batches} batches"
+    );
     // Views and outbox caught up.
     for projection in ["history", "audit", "costs", "keys"] {
         let lag = format!("switchboard_projection_lag_events{{projection=\"{projection}\"}}");

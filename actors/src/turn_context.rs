@@ -110,15 +110,15 @@ impl Folded {
         let mut history = Vec::new();
         for exchange in &self.exchanges {
             if Some(&*exchange.message_id) == message_id {
-                history.push(ChatMessage::user(&*exchange.user));
+                history.push(ChatMessage::user(exchange.user.clone()));
                 return Ok(TurnContext {
                     history,
                     routed_event: exchange.routed_event,
                 });
             }
             if let Some(reply) = &exchange.reply {
-                history.push(ChatMessage::user(&*exchange.user));
-                history.push(ChatMessage::assistant(&**reply));
+                history.push(ChatMessage::user(exchange.user.clone()));
+                history.push(ChatMessage::assistant(reply.clone()));
             }
         }
         match message_id {
@@ -148,7 +148,11 @@ struct Cache {
 }
 
 struct CacheEntry {
-    folded: Arc<Folded>,
+    /// Folded further in place by each turn: concurrent turns of one
+    /// conversation take turns.
+    folded: Arc<Mutex<Folded>>,
+    /// What `folded` weighed when the cache last counted it.
+    bytes: usize,
     used: u64,
 }
 
@@ -169,20 +173,23 @@ impl ContextReader {
     ) -> Result<TurnContext, ConversationError> {
         let stream = StreamId::conversation(conversation_id)
             .map_err(|e| ConversationError::InvalidRequest(e.to_string()))?;
-        let cached = self.cached(&stream);
-        let folded = match cached {
+        if let Some(cached) = self.cached(&stream) {
             // A few events since the last turn: read them here.
-            Some(cached) => fold_after(&self.log, &stream, cached)?,
-            None => Arc::new(
-                fold_stream(&self.log, &stream, 1, Folded::default(), Folded::apply).await?,
-            ),
-        };
+            let mut folded = cached.lock().expect("cached fold lock");
+            let folding = fold_after(&self.log, &stream, &mut folded);
+            let bytes = folded.bytes;
+            let context = folding.and_then(|()| folded.context(&stream, message_id));
+            drop(folded);
+            self.weigh(&stream, &cached, bytes);
+            return context;
+        }
+        let folded = fold_stream(&self.log, &stream, 1, Folded::default(), Folded::apply).await?;
         let context = folded.context(&stream, message_id);
         self.remember(stream, folded);
         context
     }
 
-    fn cached(&self, stream: &StreamId) -> Option<Arc<Folded>> {
+    fn cached(&self, stream: &StreamId) -> Option<Arc<Mutex<Folded>>> {
         let mut cache = self.cache.lock().expect("context cache lock");
         cache.tick += 1;
         let tick = cache.tick;
@@ -191,37 +198,56 @@ impl ContextReader {
         Some(entry.folded.clone())
     }
 
-    fn remember(&self, stream: StreamId, folded: Arc<Folded>) {
+    /// Caches a fold of a whole stream, unless a concurrent turn cached one
+    /// already.
+    fn remember(&self, stream: StreamId, folded: Folded) {
         if folded.bytes > MAX_CACHED_BYTES / 8 {
             return;
         }
         let mut cache = self.cache.lock().expect("context cache lock");
-        cache.tick += 1;
-        let tick = cache.tick;
-        let bytes = folded.bytes;
-        let replaced = match cache.entries.get_mut(&stream) {
-            // A concurrent turn may have cached a later version already.
-            Some(entry) if entry.folded.version >= folded.version => return,
-            Some(entry) => {
-                let old = std::mem::replace(&mut entry.folded, folded);
-                entry.used = tick;
-                old.bytes
-            }
-            None => {
-                cache
-                    .entries
-                    .insert(stream, CacheEntry { folded, used: tick });
-                0
-            }
-        };
-        cache.bytes = cache.bytes + bytes - replaced;
-        if cache.entries.len() > MAX_CACHED_CONVERSATIONS || cache.bytes > MAX_CACHED_BYTES {
-            cache.evict_oldest_quarter();
+        if cache.entries.contains_key(&stream) {
+            return;
         }
+        cache.tick += 1;
+        let entry = CacheEntry {
+            bytes: folded.bytes,
+            folded: Arc::new(Mutex::new(folded)),
+            used: cache.tick,
+        };
+        cache.bytes += entry.bytes;
+        cache.entries.insert(stream, entry);
+        cache.bound();
+    }
+
+    /// Counts the cached fold of `stream` at its new weight, `bytes`: it may
+    /// have grown past what one fold may take, or made the cache too heavy.
+    fn weigh(&self, stream: &StreamId, folded: &Arc<Mutex<Folded>>, bytes: usize) {
+        let mut cache = self.cache.lock().expect("context cache lock");
+        let Some(entry) = cache.entries.get_mut(stream) else {
+            return;
+        };
+        // An evicted fold and a new one cached since are not this one.
+        if !Arc::ptr_eq(&entry.folded, folded) {
+            return;
+        }
+        let before = std::mem::replace(&mut entry.bytes, bytes);
+        cache.bytes = cache.bytes - before + bytes;
+        if bytes > MAX_CACHED_BYTES / 8 {
+            cache.bytes -= bytes;
+            cache.entries.remove(stream);
+        }
+        cache.bound();
     }
 }
 
 impl Cache {
+    /// Evicts when there are too many entries or bytes.
+    fn bound(&mut self) {
+        if self.entries.len() > MAX_CACHED_CONVERSATIONS || self.bytes > MAX_CACHED_BYTES {
+            self.evict_oldest_quarter();
+        }
+    }
+
     /// Drops the least recently used quarter of the entries (at least one).
     fn evict_oldest_quarter(&mut self) {
         let mut uses: Vec<u64> = self.entries.values().map(|entry| entry.used).collect();
@@ -232,7 +258,7 @@ impl Cache {
         self.entries.retain(|_, entry| {
             let keep = entry.used > cutoff;
             if !keep {
-                freed += entry.folded.bytes;
+                freed += entry.bytes;
             }
             keep
         });
@@ -240,23 +266,18 @@ impl Cache {
     }
 }
 
-/// `cached` with the stream's events after its version folded in.
+/// Folds the stream's events after `folded`'s version into it.
 fn fold_after(
     log: &EventLog,
     stream: &StreamId,
-    cached: Arc<Folded>,
-) -> Result<Arc<Folded>, ConversationError> {
-    let mut events = log.read_stream(stream, cached.version + 1).peekable();
-    if events.peek().is_none() {
-        return Ok(cached);
-    }
-    let mut folded = Arc::unwrap_or_clone(cached);
-    for envelope in events {
+    folded: &mut Folded,
+) -> Result<(), ConversationError> {
+    for envelope in log.read_stream(stream, folded.version + 1) {
         let envelope = envelope
             .map_err(|e| ConversationError::Unavailable(format!("cannot read {stream}: {e}")))?;
         folded.apply(envelope);
     }
-    Ok(Arc::new(folded))
+    Ok(())
 }
 
 #[cfg(test)]
@@ -347,6 +368,9 @@ mod tests {
             let cached = reader.read("c1", Some(id)).await.expect("cached");
             assert_eq!(cached, uncached(&log, Some(id)).await, "{id}");
         }
+        // The cache counts the fold it grew in place at its present weight.
+        let (counted, weight, exchanges) = weights(&reader);
+        assert_eq!((counted, exchanges), (weight, 4));
         let m2_context = reader.read("c1", Some("m2")).await.expect("m2");
         assert_eq!(m2_context.routed_event, Some(m2[1]));
         assert_eq!(
@@ -373,6 +397,19 @@ mod tests {
         let after = reader.read("c1", None).await.expect("all");
         assert_eq!(after, uncached(&log, None).await);
         assert!(after.history.is_empty(), "m5 is not answered yet");
+        let (counted, weight, exchanges) = weights(&reader);
+        assert_eq!((counted, exchanges), (weight, 1));
+    }
+
+    /// The weight the cache counts for `reader`'s one cached fold, the
+    /// weight of that fold and its exchanges.
+    fn weights(reader: &ContextReader) -> (usize, usize, usize) {
+        let cache = reader.cache.lock().expect("cache");
+        assert_eq!(cache.entries.len(), 1);
+        let entry = cache.entries.values().next().expect("one fold");
+        assert_eq!(cache.bytes, entry.bytes);
+        let folded = entry.folded.lock().expect("fold");
+        (entry.bytes, folded.bytes, folded.exchanges.len())
     }
 
     #[test]
@@ -380,11 +417,13 @@ mod tests {
         let mut cache = Cache::default();
         for i in 0..8u64 {
             let stream = StreamId::conversation(&format!("c{i}")).expect("valid");
-            let folded = Arc::new(Folded {
+            let folded = Arc::new(Mutex::new(Folded::default()));
+            let entry = CacheEntry {
+                folded,
                 bytes: 10,
-                ..Folded::default()
-            });
-            cache.entries.insert(stream, CacheEntry { folded, used: i });
+                used: i,
+            };
+            cache.entries.insert(stream, entry);
             cache.bytes += 10;
         }
         cache.evict_oldest_quarter();

@@ -65,7 +65,7 @@ impl Provider for EchoProvider {
             .iter()
             .rev()
             .find(|message| message.role == Role::User)
-            .map_or("", |message| message.content.as_str());
+            .map_or("", |message| &*message.content);
         let content = format!("echo: {last_user}");
 
         // Streaming can only be slow if the receiver is; the timeout still holds.

@@ -11,6 +11,7 @@
 //! and [`OpenAiProvider`], for any OpenAI-compatible chat-completions server.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -52,13 +53,14 @@ impl Role {
 pub struct ChatMessage {
     /// Who said it.
     pub role: Role,
-    /// What was said.
-    pub content: String,
+    /// What was said. Shared: every turn of a conversation sends its whole
+    /// history again, and the turn's context holds it without copying it.
+    pub content: Arc<str>,
 }
 
 impl ChatMessage {
     /// A message with the given role.
-    pub fn new(role: Role, content: impl Into<String>) -> Self {
+    pub fn new(role: Role, content: impl Into<Arc<str>>) -> Self {
         ChatMessage {
             role,
             content: content.into(),
@@ -66,17 +68,17 @@ impl ChatMessage {
     }
 
     /// A `system` message.
-    pub fn system(content: impl Into<String>) -> Self {
+    pub fn system(content: impl Into<Arc<str>>) -> Self {
         Self::new(Role::System, content)
     }
 
     /// A `user` message.
-    pub fn user(content: impl Into<String>) -> Self {
+    pub fn user(content: impl Into<Arc<str>>) -> Self {
         Self::new(Role::User, content)
     }
 
     /// An `assistant` message.
-    pub fn assistant(content: impl Into<String>) -> Self {
+    pub fn assistant(content: impl Into<Arc<str>>) -> Self {
         Self::new(Role::Assistant, content)
     }
 }

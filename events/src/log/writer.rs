@@ -243,14 +243,18 @@ impl Durability {
         let flushed = match self.failed.get() {
             Some(reason) => Err(reason.clone()),
             None if groups.iter().all(|group| group.last_seq.is_none()) => Ok(()),
-            None => self.db.flush().map(drop).map_err(|error| {
-                let reason = format!("event log write failed: {error}");
-                tracing::error!(%reason, "event log refuses further appends until restart");
-                self.failed.get_or_init(|| reason).clone()
-            }),
+            None => {
+                let flushed = self.db.flush();
+                metrics::histogram!("switchboard_log_flush_seconds")
+                    .record(started.elapsed().as_secs_f64());
+                flushed.map(drop).map_err(|error| {
+                    let reason = format!("event log write failed: {error}");
+                    tracing::error!(%reason, "event log refuses further appends until restart");
+                    self.failed.get_or_init(|| reason).clone()
+                })
+            }
         };
         let took = started.elapsed();
-        metrics::histogram!("switchboard_log_flush_seconds").record(took.as_secs_f64());
         match flushed {
             Ok(()) => self.answer(groups),
             Err(reason) => {
