@@ -109,9 +109,10 @@ pub fn apply(view: &mut Staged, envelope: &Envelope) -> Result<(), ProjectionErr
         ),
         row_key(b'a', &[usage.key_id.as_bytes()]),
     ] {
-        let mut totals = view.get::<CostTotals>(&key)?.unwrap_or_default();
-        totals.add(&delta);
-        view.put(key, &totals);
+        match view.get_mut::<CostTotals>(&key)? {
+            Some(totals) => totals.add(&delta),
+            None => view.put_typed(key, delta),
+        }
     }
     Ok(())
 }

@@ -80,10 +80,10 @@ pub fn apply(view: &mut Staged, envelope: &Envelope) -> Result<(), ProjectionErr
     let (conversation_id, message) = match &envelope.event {
         Event::ConversationStarted(e) => {
             let key = summary_key(&e.conversation_id);
-            if view.get::<ConversationSummary>(&key)?.is_none() {
-                view.put(
+            if view.get_mut::<ConversationSummary>(&key)?.is_none() {
+                view.put_typed(
                     key,
-                    &ConversationSummary {
+                    ConversationSummary {
                         conversation_id: e.conversation_id.clone(),
                         key_id: e.key_id.clone(),
                         user: e.user.clone(),
@@ -99,22 +99,22 @@ pub fn apply(view: &mut Staged, envelope: &Envelope) -> Result<(), ProjectionErr
         }
         Event::MessageReceived(e) => (
             &e.conversation_id,
-            HistoryMessage {
-                message_id: e.message_id.clone(),
+            MessageFields {
+                message_id: &e.message_id,
                 role: Role::User,
-                content: e.content.clone(),
-                agent: e.agent.clone(),
+                content: &e.content,
+                agent: e.agent.as_deref(),
                 at: envelope.at,
                 seq: envelope.seq,
             },
         ),
         Event::ReplyCompleted(e) => (
             &e.conversation_id,
-            HistoryMessage {
-                message_id: e.message_id.clone(),
+            MessageFields {
+                message_id: &e.message_id,
                 role: Role::Assistant,
-                content: e.content.clone(),
-                agent: Some(e.agent.clone()),
+                content: &e.content,
+                agent: Some(&e.agent),
                 at: envelope.at,
                 seq: envelope.seq,
             },
@@ -122,33 +122,52 @@ pub fn apply(view: &mut Staged, envelope: &Envelope) -> Result<(), ProjectionErr
         Event::ConversationErased(e) => {
             view.delete_prefix(&messages_prefix(&e.conversation_id))?;
             let key = summary_key(&e.conversation_id);
-            if let Some(mut summary) = view.get::<ConversationSummary>(&key)? {
+            if let Some(summary) = view.get_mut::<ConversationSummary>(&key)? {
                 summary.erased = true;
                 summary.messages = 0;
                 summary.last_at = envelope.at;
-                view.put(key, &summary);
             }
             return Ok(());
         }
         _ => return Ok(()),
     };
-    let key = summary_key(conversation_id);
-    if let Some(mut summary) = view.get::<ConversationSummary>(&key)? {
+    if let Some(summary) = view.get_mut::<ConversationSummary>(&summary_key(conversation_id))? {
         summary.messages += 1;
         summary.last_at = envelope.at;
-        view.put(key, &summary);
     }
-    let encoded = postcard::to_stdvec(&message).expect("history messages always serialize");
     let prefix = messages_prefix(conversation_id);
     match view.last_staged_mut(&prefix) {
-        Some(chunk) if chunk.len() < CHUNK_BYTES => chunk.extend_from_slice(&encoded),
+        Some(chunk) if chunk.len() < CHUNK_BYTES => message.encode_onto(chunk),
         _ => {
             let mut row = prefix;
             row.extend_from_slice(&envelope.seq.to_be_bytes());
-            view.put_encoded(row, encoded);
+            let mut chunk = Vec::new();
+            message.encode_onto(&mut chunk);
+            view.put_encoded(row, chunk);
         }
     }
     Ok(())
+}
+
+/// A [`HistoryMessage`] borrowing its text from the event, encoded exactly
+/// as one: a fold writes messages without copying them first.
+#[derive(Serialize)]
+struct MessageFields<'a> {
+    message_id: &'a str,
+    role: Role,
+    content: &'a str,
+    agent: Option<&'a str>,
+    #[serde(with = "time::serde_at")]
+    at: DateTime<Utc>,
+    seq: u64,
+}
+
+impl MessageFields<'_> {
+    /// Appends the message's encoding to `chunk`.
+    fn encode_onto(&self, chunk: &mut Vec<u8>) {
+        *chunk = postcard::to_extend(self, std::mem::take(chunk))
+            .expect("history messages always serialize");
+    }
 }
 
 /// A staged chunk takes more messages while it is shorter than this. sled
@@ -267,5 +286,37 @@ impl HistoryView {
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_fields_encode_as_the_history_message_they_borrow_from() {
+        let at = time::now();
+        for agent in [None, Some("echo")] {
+            let message = HistoryMessage {
+                message_id: "m-1".into(),
+                role: Role::Assistant,
+                content: "some words, and then ünïcode".into(),
+                agent: agent.map(str::to_owned),
+                at,
+                seq: 300,
+            };
+            let fields = MessageFields {
+                message_id: &message.message_id,
+                role: message.role,
+                content: &message.content,
+                agent: message.agent.as_deref(),
+                at,
+                seq: message.seq,
+            };
+            let mut chunk = vec![7];
+            fields.encode_onto(&mut chunk);
+            assert_eq!(chunk[0], 7, "appended after what the chunk held");
+            assert_eq!(chunk[1..], postcard::to_stdvec(&message).expect("encodes"));
+        }
     }
 }

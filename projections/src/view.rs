@@ -1,7 +1,9 @@
 //! A projection's view: rows in its own sled tree, staged in memory while events
 //! are folded and written with the checkpoint in one batch.
 
+use std::any::Any;
 use std::collections::BTreeMap;
+use std::ops::Bound;
 
 use serde::{de::DeserializeOwned, Serialize};
 
@@ -32,7 +34,39 @@ pub enum ProjectionError {
 pub struct Staged {
     projection: &'static str,
     tree: sled::Tree,
-    writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    writes: BTreeMap<Vec<u8>, Write>,
+}
+
+/// A staged row.
+enum Write {
+    Encoded(Vec<u8>),
+    /// A row a fold changes in place ([`Staged::get_mut`]), encoded at the
+    /// commit: a row changed by many events (a conversation's summary, a
+    /// key's cost totals) is decoded and encoded once per commit, not once
+    /// per event.
+    Typed(Box<dyn TypedRow>),
+    Deleted,
+}
+
+/// A row kept as its value until it is written.
+trait TypedRow: Any + Send {
+    fn encode(&self) -> Vec<u8>;
+    fn as_any(&self) -> &dyn Any;
+    fn as_any_mut(&mut self) -> &mut dyn Any;
+}
+
+impl<T: Serialize + Any + Send> TypedRow for T {
+    fn encode(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).expect("view rows always serialize")
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
 }
 
 impl Staged {
@@ -47,7 +81,9 @@ impl Staged {
     /// The row at `key` as the fold has left it so far.
     pub fn get<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, ProjectionError> {
         let bytes = match self.writes.get(key) {
-            Some(staged) => staged.clone(),
+            Some(Write::Encoded(bytes)) => Some(bytes.clone()),
+            Some(Write::Typed(row)) => Some(row.encode()),
+            Some(Write::Deleted) => None,
             None => self.tree.get(key)?.map(|v| v.to_vec()),
         };
         bytes
@@ -55,36 +91,78 @@ impl Staged {
             .transpose()
     }
 
+    /// The row at `key` as the fold has left it so far, to change in place;
+    /// `None` when there is none.
+    pub fn get_mut<T>(&mut self, key: &[u8]) -> Result<Option<&mut T>, ProjectionError>
+    where
+        T: Serialize + DeserializeOwned + Send + 'static,
+    {
+        let projection = self.projection;
+        if !self.writes.contains_key(key) {
+            let Some(stored) = self.tree.get(key)? else {
+                return Ok(None);
+            };
+            let row: T = decode_row(projection, key, &stored)?;
+            self.writes
+                .insert(key.to_vec(), Write::Typed(Box::new(row)));
+        }
+        let write = self.writes.get_mut(key).expect("staged just above");
+        let decoded: Option<T> = match write {
+            Write::Deleted => return Ok(None),
+            Write::Encoded(bytes) => Some(decode_row(projection, key, bytes)?),
+            // Typed as another type (no projection does that): convert.
+            Write::Typed(row) if !row.as_any().is::<T>() => {
+                Some(decode_row(projection, key, &row.encode())?)
+            }
+            Write::Typed(_) => None,
+        };
+        if let Some(row) = decoded {
+            *write = Write::Typed(Box::new(row));
+        }
+        match write {
+            Write::Typed(row) => Ok(row.as_any_mut().downcast_mut::<T>()),
+            Write::Encoded(_) | Write::Deleted => unreachable!("made typed just above"),
+        }
+    }
+
     pub fn put<T: Serialize>(&mut self, key: Vec<u8>, row: &T) {
         let bytes = postcard::to_stdvec(row).expect("view rows always serialize");
         self.put_encoded(key, bytes);
     }
 
+    /// Stages `row` at `key`, to be changed in place by [`Staged::get_mut`].
+    pub fn put_typed<T: Serialize + Send + 'static>(&mut self, key: Vec<u8>, row: T) {
+        self.writes.insert(key, Write::Typed(Box::new(row)));
+    }
+
     /// Stages `bytes`, already encoded, as the row at `key`.
     pub fn put_encoded(&mut self, key: Vec<u8>, bytes: Vec<u8>) {
-        self.writes.insert(key, Some(bytes));
+        self.writes.insert(key, Write::Encoded(bytes));
     }
 
     /// The staged row with the greatest key under `prefix`, to extend in
     /// place; `None` when no row under it is staged (stored rows are not
-    /// looked at) or the greatest staged one is a deletion.
+    /// looked at) or the greatest staged one is a deletion (or typed).
     pub fn last_staged_mut(&mut self, prefix: &[u8]) -> Option<&mut Vec<u8>> {
         self.writes
-            .range_mut(prefix.to_vec()..)
+            .range_mut::<[u8], _>((Bound::Included(prefix), Bound::Unbounded))
             .take_while(|(key, _)| key.starts_with(prefix))
             .last()
-            .and_then(|(_, row)| row.as_mut())
+            .and_then(|(_, row)| match row {
+                Write::Encoded(bytes) => Some(bytes),
+                Write::Typed(_) | Write::Deleted => None,
+            })
     }
 
     pub fn delete(&mut self, key: Vec<u8>) {
-        self.writes.insert(key, None);
+        self.writes.insert(key, Write::Deleted);
     }
 
     /// Deletes every row whose key starts with `prefix`, staged or stored.
     pub fn delete_prefix(&mut self, prefix: &[u8]) -> Result<(), ProjectionError> {
         let mut doomed: Vec<Vec<u8>> = self
             .writes
-            .range(prefix.to_vec()..)
+            .range::<[u8], _>((Bound::Included(prefix), Bound::Unbounded))
             .take_while(|(k, _)| k.starts_with(prefix))
             .map(|(k, _)| k.clone())
             .collect();
@@ -92,7 +170,7 @@ impl Staged {
             doomed.push(entry?.0.to_vec());
         }
         for key in doomed {
-            self.writes.insert(key, None);
+            self.writes.insert(key, Write::Deleted);
         }
         Ok(())
     }
@@ -117,10 +195,11 @@ impl Staged {
             return Ok(());
         }
         let mut batch = sled::Batch::default();
-        for (key, value) in std::mem::take(&mut self.writes) {
-            match value {
-                Some(value) => batch.insert(key, value),
-                None => batch.remove(key),
+        for (key, write) in std::mem::take(&mut self.writes) {
+            match write {
+                Write::Encoded(bytes) => batch.insert(key, bytes),
+                Write::Typed(row) => batch.insert(key, row.encode()),
+                Write::Deleted => batch.remove(key),
             }
         }
         batch.insert(CHECKPOINT_KEY, &seq.to_be_bytes());
@@ -157,7 +236,9 @@ pub fn decode_row<T: DeserializeOwned>(
 
 /// Concatenates key parts with a 0x00 separator (ids never contain 0x00).
 pub fn row_key(prefix: u8, parts: &[&[u8]]) -> Vec<u8> {
-    let mut key = vec![prefix];
+    let len = 1 + parts.iter().map(|part| part.len() + 1).sum::<usize>();
+    let mut key = Vec::with_capacity(len);
+    key.push(prefix);
     for (i, part) in parts.iter().enumerate() {
         if i > 0 {
             key.push(0);
@@ -165,4 +246,71 @@ pub fn row_key(prefix: u8, parts: &[&[u8]]) -> Vec<u8> {
         key.extend_from_slice(part);
     }
     key
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn staged() -> Staged {
+        let db = sled::Config::new().temporary(true).open().expect("sled");
+        Staged::new("test", db.open_tree("t").expect("tree"))
+    }
+
+    fn stored(view: &Staged, key: &[u8]) -> Option<u64> {
+        let bytes = view.tree.get(key).expect("read")?;
+        Some(decode_row("test", key, &bytes).expect("decodes"))
+    }
+
+    #[test]
+    fn a_row_changed_in_place_reads_back_and_is_written_encoded_at_the_commit() {
+        let mut view = staged();
+        view.tree
+            .insert(b"stored", postcard::to_stdvec(&5u64).unwrap())
+            .unwrap();
+        view.put(b"staged".to_vec(), &7u64);
+        view.put_typed(b"typed".to_vec(), 9u64);
+
+        // Each kind of row, changed in place.
+        for (key, was) in [(&b"stored"[..], 5), (b"staged", 7), (b"typed", 9)] {
+            let row = view.get_mut::<u64>(key).expect("get_mut").expect("a row");
+            assert_eq!(*row, was);
+            *row += 100;
+            assert_eq!(view.get::<u64>(key).expect("get"), Some(was + 100));
+        }
+        assert_eq!(view.get_mut::<u64>(b"missing").expect("get_mut"), None);
+        assert!(!view.writes.contains_key(&b"missing"[..]), "nothing staged");
+        view.delete(b"staged".to_vec());
+        assert_eq!(view.get_mut::<u64>(b"staged").expect("get_mut"), None);
+        // Nothing reaches the tree before the commit.
+        assert_eq!(stored(&view, b"stored"), Some(5));
+
+        view.commit(42).expect("commit");
+        assert_eq!(stored(&view, b"stored"), Some(105));
+        assert_eq!(stored(&view, b"typed"), Some(109));
+        assert_eq!(stored(&view, b"staged"), None);
+        assert_eq!(checkpoint(&view.tree).expect("checkpoint"), 42);
+        assert!(view.is_empty());
+    }
+
+    #[test]
+    fn a_typed_row_read_as_another_type_is_converted_and_a_bad_one_is_corrupt() {
+        let mut view = staged();
+        // u32 and u64 share postcard's varint encoding.
+        view.put_typed(b"n".to_vec(), 3u32);
+        *view.get_mut::<u64>(b"n").expect("get_mut").expect("row") += 1;
+        assert_eq!(view.get::<u32>(b"n").expect("get"), Some(4));
+
+        view.put_encoded(b"bad".to_vec(), vec![0xff]);
+        let error = view.get_mut::<u64>(b"bad").expect_err("not a u64");
+        assert!(
+            matches!(error, ProjectionError::CorruptRow { ref key, .. } if key == "bad"),
+            "{error}"
+        );
+        // A row that fails to decode stays as it was.
+        assert_eq!(
+            view.last_staged_mut(b"bad").map(|row| row.clone()),
+            Some(vec![0xff])
+        );
+    }
 }
