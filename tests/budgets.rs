@@ -576,7 +576,7 @@ async fn costs_agree_to_the_micro_dollar_before_a_kill_9_after_restart_and_after
         after_crash,
         "the restarted server agrees"
     );
-    assert!(serve.terminate().success());
+    serve.terminate_cleanly();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

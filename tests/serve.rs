@@ -557,7 +557,7 @@ output = 10.0
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert_eq!(agents, ["front", "legal", "front"]);
-    assert!(serve.terminate().success());
+    serve.terminate_cleanly();
     let usage: Vec<Value> = log_events(&data)
         .into_iter()
         .filter(|e| e["type"] == json!("usage_recorded") && e["data"]["agent"] == json!("legal"))
@@ -579,7 +579,7 @@ output = 10.0
         .await
         .expect("answered");
     assert_eq!(ack["ok"], json!(true), "{ack}");
-    assert!(serve.terminate().success());
+    serve.terminate_cleanly();
 }
 
 #[test]

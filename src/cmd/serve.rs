@@ -21,6 +21,7 @@ pub fn run(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<ExitCode> {
         .thread_name("switchboard")
         .build()?;
     let code = runtime.block_on(async move {
+        let stop = shutdown_signal()?;
         let server = Server::start(config.clone()).await?;
         let metrics = match metrics_addr {
             Some(addr) => Some(switchboard::metrics::listen(addr).await.map_err(|e| {
@@ -68,7 +69,7 @@ pub fn run(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<ExitCode> {
                 server.log().head()
             );
         }
-        shutdown_signal().await?;
+        stop.await;
         tracing::info!("shutting down");
         server.shutdown().await;
         if let Some(metrics) = metrics {
@@ -84,17 +85,27 @@ pub fn run(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// SIGINT (Ctrl-C) or SIGTERM.
-async fn shutdown_signal() -> anyhow::Result<()> {
+/// Takes SIGINT and SIGTERM over at once — before `serve` says it is ready,
+/// so a signal sent as soon as it is cannot kill it uncleanly — and
+/// completes when one of them arrives.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
+        let mut interrupt = signal(SignalKind::interrupt())?;
         let mut terminate = signal(SignalKind::terminate())?;
-        tokio::select! {
-            result = tokio::signal::ctrl_c() => result?,
-            _ = terminate.recv() => {}
-        }
+        Ok(async move {
+            tokio::select! {
+                _ = interrupt.recv() => {}
+                _ = terminate.recv() => {}
+            }
+        })
     }
     #[cfg(not(unix))]
-    tokio::signal::ctrl_c().await?;
-    Ok(())
+    {
+        let ctrl_c = tokio::signal::ctrl_c();
+        Ok(async move {
+            let _ = ctrl_c.await;
+        })
+    }
 }

@@ -133,6 +133,19 @@ impl ServeProcess {
     }
 }
 
+impl ServeProcess {
+    /// [`ServeProcess::terminate`], asserting a clean exit; the assertion
+    /// carries what the process wrote to stderr.
+    pub fn terminate_cleanly(&mut self) {
+        let status = self.terminate();
+        assert!(
+            status.success(),
+            "serve exited with {status} after SIGTERM; stderr:\n{}",
+            self.stderr()
+        );
+    }
+}
+
 impl Drop for ServeProcess {
     fn drop(&mut self) {
         self.kill();
