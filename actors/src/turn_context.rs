@@ -243,6 +243,9 @@ impl ContextReader {
 impl Cache {
     /// Evicts when there are too many entries or bytes.
     fn bound(&mut self) {
+        if self.entries.is_empty() {
+            return;
+        }
         if self.entries.len() > MAX_CACHED_CONVERSATIONS || self.bytes > MAX_CACHED_BYTES {
             self.evict_oldest_quarter();
         }

@@ -197,7 +197,7 @@ impl Overlay {
 }
 
 /// A group written to the tree, waiting for the flush that makes it durable.
-pub struct Written {
+struct Written {
     /// The group's last seq; `None` when it wrote nothing.
     last_seq: Option<u64>,
     /// Its new records, in seq order, with their encoded lengths.
@@ -208,13 +208,13 @@ pub struct Written {
 /// What the writer and the flusher share: making written groups durable,
 /// publishing them to followers and answering their appenders.
 pub struct Durability {
-    pub db: sled::Db,
+    db: sled::Db,
     /// The durable head, published after each flush.
-    pub head: watch::Sender<u64>,
+    head: watch::Sender<u64>,
     /// Where each group's records go once durable, for live followers.
-    pub tail: Arc<Tail>,
+    tail: Arc<Tail>,
     /// Set after a failed write or flush; the log then refuses appends.
-    pub failed: OnceLock<String>,
+    failed: OnceLock<String>,
     /// Groups handed to the flusher and not yet answered.
     in_flight: AtomicUsize,
     /// The appends the last flush answered.
@@ -235,18 +235,20 @@ impl Durability {
 
     /// Flushes `groups` (unless none of them wrote), then publishes and
     /// answers them; after a failure, fails them. Returns how long the flush
-    /// took.
-    fn make_durable(&self, groups: Vec<Written>) -> Duration {
+    /// took, if there was one.
+    fn make_durable(&self, groups: Vec<Written>) -> Option<Duration> {
         let appends = groups.iter().map(|group| group.answers.len()).sum();
         self.last_appends.store(appends, Ordering::Relaxed);
-        let started = Instant::now();
+        let mut took = None;
         let flushed = match self.failed.get() {
             Some(reason) => Err(reason.clone()),
             None if groups.iter().all(|group| group.last_seq.is_none()) => Ok(()),
             None => {
+                let started = Instant::now();
                 let flushed = self.db.flush();
-                metrics::histogram!("switchboard_log_flush_seconds")
-                    .record(started.elapsed().as_secs_f64());
+                let elapsed = started.elapsed();
+                took = Some(elapsed);
+                metrics::histogram!("switchboard_log_flush_seconds").record(elapsed.as_secs_f64());
                 flushed.map(drop).map_err(|error| {
                     let reason = format!("event log write failed: {error}");
                     tracing::error!(%reason, "event log refuses further appends until restart");
@@ -254,7 +256,6 @@ impl Durability {
                 })
             }
         };
-        let took = started.elapsed();
         match flushed {
             Ok(()) => self.answer(groups),
             Err(reason) => {
@@ -296,7 +297,9 @@ impl Durability {
             let last_appends = self.last_appends.load(Ordering::Relaxed);
             let groups = gather(&written, first, last_appends, last_flush);
             let count = groups.len();
-            last_flush = self.make_durable(groups);
+            if let Some(took) = self.make_durable(groups) {
+                last_flush = took;
+            }
             // After the answers: the writer flushes a group itself only when
             // every group before it is answered.
             self.in_flight.fetch_sub(count, Ordering::Release);
