@@ -80,15 +80,16 @@ impl Staged {
 
     /// The row at `key` as the fold has left it so far.
     pub fn get<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, ProjectionError> {
-        let bytes = match self.writes.get(key) {
-            Some(Write::Encoded(bytes)) => Some(bytes.clone()),
-            Some(Write::Typed(row)) => Some(row.encode()),
-            Some(Write::Deleted) => None,
-            None => self.tree.get(key)?.map(|v| v.to_vec()),
-        };
-        bytes
-            .map(|b| decode_row(self.projection, key, &b))
-            .transpose()
+        let decode = |bytes: &[u8]| decode_row(self.projection, key, bytes).map(Some);
+        match self.writes.get(key) {
+            Some(Write::Encoded(bytes)) => decode(bytes),
+            Some(Write::Typed(row)) => decode(&row.encode()),
+            Some(Write::Deleted) => Ok(None),
+            None => match self.tree.get(key)? {
+                Some(stored) => decode(&stored),
+                None => Ok(None),
+            },
+        }
     }
 
     /// The row at `key` as the fold has left it so far, to change in place;
