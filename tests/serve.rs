@@ -197,12 +197,7 @@ async fn a_thousand_messages_over_fifty_conversations_are_acked_answered_and_kep
         }
     }
 
-    let status = serve.terminate();
-    assert!(
-        status.success(),
-        "serve exited with {status}; stderr:\n{}",
-        serve.stderr()
-    );
+    serve.terminate_cleanly();
     let received = messages_and_ends(&log_events(&data));
     assert_eq!(received.len(), CONVERSATIONS);
     assert_verifies(&data);
@@ -267,8 +262,7 @@ async fn kill_9_under_load_loses_and_duplicates_no_acknowledged_message() {
     }
     // A graceful stop drains running turns and ends those the kill cut off
     // (reply_failed), so the log check below sees an end for every message.
-    let status = serve.terminate();
-    assert!(status.success(), "serve exited with {status}");
+    serve.terminate_cleanly();
 
     let received = messages_and_ends(&log_events(&data));
     let mut stored = HashSet::new();
@@ -365,12 +359,7 @@ async fn a_nats_restart_under_load_loses_nothing_and_publishes_each_event_once()
         done.expect("a sender failed");
     }
 
-    let status = serve.terminate();
-    assert!(
-        status.success(),
-        "serve exited with {status}; stderr:\n{}",
-        serve.stderr()
-    );
+    serve.terminate_cleanly();
     let events = log_events(&data);
     messages_and_ends(&events);
     let published_types = [
@@ -445,12 +434,7 @@ async fn sigterm_finishes_running_turns_and_exits_zero() {
             .expect("answered");
         assert_eq!(ack["ok"], json!(true));
     }
-    let status = serve.terminate();
-    assert!(
-        status.success(),
-        "serve exited with {status}; stderr:\n{}",
-        serve.stderr()
-    );
+    serve.terminate_cleanly();
     // Nothing left open: every acknowledged message's turn ended before exit.
     let received = messages_and_ends(&log_events(&data));
     assert_eq!(received["s1"].len(), 20);

@@ -24,6 +24,9 @@ use crate::stream_read::fold_stream;
 const MAX_CACHED_CONVERSATIONS: usize = 4096;
 /// Bytes of content (and per-exchange overhead) the cache keeps in all.
 const MAX_CACHED_BYTES: usize = 32 * 1024 * 1024;
+/// The heaviest fold the cache keeps: a conversation heavier than this is
+/// folded whole for each of its turns.
+const MAX_CACHED_FOLD_BYTES: usize = MAX_CACHED_BYTES / 8;
 /// What an exchange costs beyond its content, roughly, for the byte bound.
 const EXCHANGE_OVERHEAD: usize = 128;
 
@@ -201,7 +204,7 @@ impl ContextReader {
     /// Caches a fold of a whole stream, unless a concurrent turn cached one
     /// already.
     fn remember(&self, stream: StreamId, folded: Folded) {
-        if folded.bytes > MAX_CACHED_BYTES / 8 {
+        if folded.bytes > MAX_CACHED_FOLD_BYTES {
             return;
         }
         let mut cache = self.cache.lock().expect("context cache lock");
@@ -232,7 +235,7 @@ impl ContextReader {
         }
         let before = std::mem::replace(&mut entry.bytes, bytes);
         cache.bytes = cache.bytes - before + bytes;
-        if bytes > MAX_CACHED_BYTES / 8 {
+        if bytes > MAX_CACHED_FOLD_BYTES {
             cache.bytes -= bytes;
             cache.entries.remove(stream);
         }
