@@ -20,18 +20,18 @@ use range::fold_range;
 /// Rows staged before a commit while folding a stretch of the log.
 const COMMIT_EVERY_EVENTS: u64 = 8192;
 
+/// Live commits of at most this many rows are written on the fold's task;
+/// larger ones on a blocking thread ([`Projections::run_live`]).
+const INLINE_COMMIT_ROWS: usize = 64;
+
 /// While nobody waits for them, live commits come at most this often: under
 /// load the log's head moves with every group commit, and committing the
-/// views (a sled batch each) every time costs more than the folding. A reader
-/// that waits ([`Projections::wait_for`]) gets a commit at once, and so does
-/// a change of the keys view, which authentication reads without waiting;
-/// every other reader waits. So the interval decides how much is folded again
-/// after a crash, how often a busy conversation's summary row is rewritten,
-/// and how long one commit takes: a sled batch holds a process-wide lock
-/// that stops the log's writer too. Measured (`bench nats`, `bench http`):
-/// 250 ms takes half the load off that 1 s would (NATS sends at 64 clients
-/// +15% over 100 ms, against +29%), while the p99 a proxied completion adds
-/// at 1,000/s stays near that of 100 ms (+6.7–8.6 ms, against +25–29 ms).
+/// views every time costs more than the folding. A reader that waits
+/// ([`Projections::wait_for`]) gets a commit at once, and so does a change of
+/// the keys view, which authentication reads without waiting; every other
+/// reader waits. So the interval decides how much is folded again after a
+/// crash, how often a busy conversation's summary row is rewritten, and how
+/// many rows one commit writes.
 const LIVE_COMMIT_INTERVAL: Duration = Duration::from_millis(250);
 
 /// The four projections of one log.
@@ -94,7 +94,11 @@ impl Projections {
     pub fn open(log: &EventLog) -> Result<Projections, ProjectionError> {
         let trees = ProjectionName::ALL
             .into_iter()
-            .map(|name| Ok((name, log.db().open_tree(name.tree_name())?)))
+            .map(|name| {
+                let tree = log.db().open_tree(name.tree_name())?;
+                view::recover(name.as_str(), &tree)?;
+                Ok((name, tree))
+            })
             .collect::<Result<Vec<_>, ProjectionError>>()?;
         let projections = Projections {
             log: log.clone(),
@@ -255,22 +259,22 @@ impl Projections {
                 next = subscription.next() => match next {
                     Some(envelope) => envelope?,
                     None => {
-                        self.commit_live(&mut folding, pending.take())?;
+                        self.commit_live(&mut folding, pending.take()).await?;
                         return Ok(());
                     }
                 },
                 () = self.wanted.notified(), if pending.is_some() => {
-                    self.commit_live(&mut folding, pending.take())?;
+                    self.commit_live(&mut folding, pending.take()).await?;
                     last_commit = Instant::now();
                     continue;
                 }
                 () = tokio::time::sleep_until(due), if pending.is_some() => {
-                    self.commit_live(&mut folding, pending.take())?;
+                    self.commit_live(&mut folding, pending.take()).await?;
                     last_commit = Instant::now();
                     continue;
                 }
                 () = &mut shutdown => {
-                    self.commit_live(&mut folding, pending.take())?;
+                    self.commit_live(&mut folding, pending.take()).await?;
                     return Ok(());
                 }
             };
@@ -302,25 +306,44 @@ impl Projections {
                 || folded >= COMMIT_EVERY_EVENTS
                 || Instant::now() >= due
             {
-                self.commit_live(&mut folding, pending.take())?;
+                self.commit_live(&mut folding, pending.take()).await?;
                 last_commit = Instant::now();
             }
         }
     }
 
     /// Commits every projection up to `pending`, if set, and tells the readers
-    /// waiting for it.
-    fn commit_live(
+    /// waiting for it. A commit of more than [`INLINE_COMMIT_ROWS`] rows runs
+    /// on a blocking thread: thousands of rows take milliseconds, which on a
+    /// runtime worker would hold up every task queued behind it.
+    async fn commit_live(
         &self,
-        folding: &mut [Folding],
+        folding: &mut Vec<Folding>,
         pending: Option<u64>,
     ) -> Result<(), ProjectionError> {
-        if let Some(last) = pending {
+        let Some(last) = pending else {
+            return Ok(());
+        };
+        let rows: usize = folding.iter().map(|f| f.staged.len()).sum();
+        if rows <= INLINE_COMMIT_ROWS {
             for f in folding.iter_mut() {
                 f.commit(last)?;
             }
-            self.caught_up.send_replace(last);
+        } else {
+            let mut moved = std::mem::take(folding);
+            let (moved, committed) = tokio::task::spawn_blocking(move || {
+                let committed = moved.iter_mut().try_for_each(|f| f.commit(last));
+                (moved, committed)
+            })
+            .await
+            .map_err(|error| match error.try_into_panic() {
+                Ok(panic) => std::panic::resume_unwind(panic),
+                Err(error) => ProjectionError::Stopped(error.to_string()),
+            })?;
+            *folding = moved;
+            committed?;
         }
+        self.caught_up.send_replace(last);
         Ok(())
     }
 

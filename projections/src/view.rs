@@ -1,5 +1,5 @@
 //! A projection's view: rows in its own sled tree, staged in memory while events
-//! are folded and written with the checkpoint in one batch.
+//! are folded and written with the checkpoint all or nothing ([`Staged::commit`]).
 
 use std::any::Any;
 use std::collections::BTreeMap;
@@ -10,6 +10,26 @@ use serde::{de::DeserializeOwned, Serialize};
 /// The key of a view's checkpoint row: the seq of the last event folded into it.
 /// Row keys start with a lowercase letter, so this sorts first and never collides.
 pub const CHECKPOINT_KEY: &[u8] = b"!checkpoint";
+
+/// The keys of a commit's redo rows start with this (then the row's index,
+/// u32 big-endian); they exist only while a commit is being written.
+const REDO_PREFIX: &[u8] = b"!redo";
+
+/// A redo row holds writes until it is at least this long: rows of a few KiB
+/// keep sled's nodes small (see the log's `CHUNK_BYTES`).
+const REDO_ROW_BYTES: usize = 4096;
+
+/// One row of a commit's redo: some of its writes, in order.
+#[derive(Serialize, serde::Deserialize)]
+struct RedoRow<'a> {
+    /// The checkpoint the commit writes.
+    seq: u64,
+    /// Whether this is the commit's last redo row.
+    last: bool,
+    /// Each write: the key, and the row (`None` deletes it).
+    #[serde(borrow)]
+    writes: Vec<(&'a [u8], Option<&'a [u8]>)>,
+}
 
 /// Why a projection could not fold or answer.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +48,8 @@ pub enum ProjectionError {
     UnknownProjection(String),
     #[error("invalid query: {0}")]
     InvalidQuery(String),
+    #[error("the projections stopped: {0}")]
+    Stopped(String),
 }
 
 /// Rows being changed by a fold, over the rows already in the tree.
@@ -185,28 +207,150 @@ impl Staged {
         self.writes.is_empty()
     }
 
-    /// Writes the staged rows and the checkpoint `seq` in one atomic batch.
+    /// Writes the staged rows and the checkpoint `seq`, all or nothing.
+    ///
+    /// Not as a sled `Batch`: a batch holds a process-wide lock that stops
+    /// every other sled operation of the process, the log's appends among
+    /// them, for as long as it takes (tens of milliseconds for a few thousand
+    /// rows), and from the first batch on every sled operation takes that
+    /// lock. Instead the commit writes its redo first — every write, in rows
+    /// under [`REDO_PREFIX`], the last one marked — then the rows, then the
+    /// checkpoint, then removes the redo. sled recovers a prefix of the writes
+    /// made before a crash, so after one either the redo is incomplete and no
+    /// row was written, or it is complete and [`recover`] writes it again.
+    /// Readers may see some of a commit's rows before the rest: newer rows,
+    /// never older ones.
     ///
     /// With no rows staged the checkpoint alone is written, as a single
-    /// insert: that is atomic by itself, and a sled batch costs far more (each
-    /// one seals and writes out sled's current IO buffer, twice).
+    /// insert: that is atomic by itself.
     pub fn commit(&mut self, seq: u64) -> Result<(), ProjectionError> {
-        if self.writes.is_empty() {
-            self.tree.insert(CHECKPOINT_KEY, &seq.to_be_bytes())?;
-            return Ok(());
+        for (key, row) in commit_writes(seq, self.take_rows()) {
+            write(&self.tree, key, row)?;
         }
-        let mut batch = sled::Batch::default();
-        for (key, write) in std::mem::take(&mut self.writes) {
-            match write {
-                Write::Encoded(bytes) => batch.insert(key, bytes),
-                Write::Typed(row) => batch.insert(key, row.encode()),
-                Write::Deleted => batch.remove(key),
-            }
-        }
-        batch.insert(CHECKPOINT_KEY, &seq.to_be_bytes());
-        self.tree.apply_batch(batch)?;
         Ok(())
     }
+
+    /// The staged rows, encoded, leaving none staged.
+    fn take_rows(&mut self) -> Vec<TreeWrite> {
+        std::mem::take(&mut self.writes)
+            .into_iter()
+            .map(|(key, write)| {
+                let row = match write {
+                    Write::Encoded(bytes) => Some(bytes.into()),
+                    Write::Typed(row) => Some(row.encode().into()),
+                    Write::Deleted => None,
+                };
+                (key.into(), row)
+            })
+            .collect()
+    }
+}
+
+/// A write to a tree: the key and the row, `None` to delete it.
+type TreeWrite = (sled::IVec, Option<sled::IVec>);
+
+/// Every write a commit of `rows` up to `seq` makes, in order: its redo
+/// rows, the rows, the checkpoint, the removal of the redo (see
+/// [`Staged::commit`]). With no rows, the checkpoint alone.
+fn commit_writes(seq: u64, rows: Vec<TreeWrite>) -> Vec<TreeWrite> {
+    let checkpoint = (CHECKPOINT_KEY.into(), Some(seq.to_be_bytes()[..].into()));
+    if rows.is_empty() {
+        return vec![checkpoint];
+    }
+    let redo = redo_rows(seq, &rows);
+    let mut writes = Vec::with_capacity(2 * redo.len() + rows.len() + 1);
+    let keys: Vec<sled::IVec> = (0..redo.len()).map(redo_key).collect();
+    writes.extend(keys.iter().cloned().zip(redo.into_iter().map(Some)));
+    writes.extend(rows);
+    writes.push(checkpoint);
+    writes.extend(keys.into_iter().map(|key| (key, None)));
+    writes
+}
+
+fn write(
+    tree: &sled::Tree,
+    key: impl AsRef<[u8]>,
+    row: Option<impl Into<sled::IVec>>,
+) -> sled::Result<()> {
+    match row {
+        Some(row) => tree.insert(key, row).map(drop),
+        None => tree.remove(key).map(drop),
+    }
+}
+
+/// The redo rows of a commit of `rows` (at least one) up to `seq`.
+fn redo_rows(seq: u64, rows: &[TreeWrite]) -> Vec<sled::IVec> {
+    let mut redo = Vec::new();
+    let mut row = RedoRow {
+        seq,
+        last: false,
+        writes: Vec::new(),
+    };
+    let mut bytes = 0;
+    for (index, (key, value)) in rows.iter().enumerate() {
+        row.writes.push((key, value.as_deref()));
+        bytes += key.len() + value.as_ref().map_or(0, |value| value.len());
+        row.last = index + 1 == rows.len();
+        if bytes >= REDO_ROW_BYTES || row.last {
+            let encoded = postcard::to_stdvec(&row).expect("redo rows always serialize");
+            redo.push(encoded.into());
+            row.writes.clear();
+            bytes = 0;
+        }
+    }
+    redo
+}
+
+fn redo_key(index: usize) -> sled::IVec {
+    let index = u32::try_from(index).expect("a commit has fewer than 2^32 redo rows");
+    [REDO_PREFIX, &index.to_be_bytes()].concat().into()
+}
+
+/// Finishes or drops a commit a crash interrupted (see [`Staged::commit`]):
+/// a complete redo is written again, an incomplete one (no row of it was
+/// written) removed. Returns the checkpoint a finished commit wrote. Call it
+/// before folding into or reading `tree`.
+pub fn recover(
+    projection: &'static str,
+    tree: &sled::Tree,
+) -> Result<Option<u64>, ProjectionError> {
+    let stored = tree
+        .scan_prefix(REDO_PREFIX)
+        .collect::<Result<Vec<_>, sled::Error>>()?;
+    if stored.is_empty() {
+        return Ok(None);
+    }
+    let mut redo = Vec::with_capacity(stored.len());
+    for (index, (key, value)) in stored.iter().enumerate() {
+        // A commit writes its redo rows in order from 0: a gap ends it.
+        if *key != redo_key(index) {
+            break;
+        }
+        redo.push(decode_row::<RedoRow<'_>>(projection, key, value)?);
+    }
+    let complete =
+        redo.last().is_some_and(|row| row.last) && redo.iter().all(|row| row.seq == redo[0].seq);
+    let finished = if complete {
+        let seq = redo[0].seq;
+        for (key, row) in redo.iter().flat_map(|row| row.writes.iter()) {
+            write(tree, key, *row)?;
+        }
+        tree.insert(CHECKPOINT_KEY, &seq.to_be_bytes())?;
+        tracing::warn!(projection, seq, "finished a commit a crash interrupted");
+        Some(seq)
+    } else {
+        // Cut before its last row (no row of the commit is written yet), or
+        // while it was being removed (every row of the commit is written).
+        tracing::warn!(
+            projection,
+            "dropped the incomplete redo of a commit a crash interrupted"
+        );
+        None
+    };
+    for (key, _) in stored {
+        tree.remove(key)?;
+    }
+    Ok(finished)
 }
 
 /// The seq a view has folded up to (0 for a new view).
@@ -223,10 +367,10 @@ pub fn checkpoint(tree: &sled::Tree) -> Result<u64, ProjectionError> {
     }
 }
 
-pub fn decode_row<T: DeserializeOwned>(
+pub fn decode_row<'a, T: serde::Deserialize<'a>>(
     projection: &'static str,
     key: &[u8],
-    bytes: &[u8],
+    bytes: &'a [u8],
 ) -> Result<T, ProjectionError> {
     postcard::from_bytes(bytes).map_err(|e| ProjectionError::CorruptRow {
         projection,
@@ -292,6 +436,81 @@ mod tests {
         assert_eq!(stored(&view, b"staged"), None);
         assert_eq!(checkpoint(&view.tree).expect("checkpoint"), 42);
         assert!(view.is_empty());
+    }
+
+    fn snapshot(tree: &sled::Tree) -> Vec<(sled::IVec, sled::IVec)> {
+        tree.iter().collect::<Result<_, _>>().expect("rows")
+    }
+
+    /// A crash can stop a commit after any of its writes (sled recovers a
+    /// prefix of them): for each prefix, [`recover`] leaves the view as it
+    /// was before the commit or as the whole commit leaves it, nothing in
+    /// between and no redo behind, and as it was after once the redo is
+    /// complete.
+    #[test]
+    fn a_commit_cut_after_any_write_recovers_to_before_or_after_it() {
+        let before = staged();
+        for i in 0..40u64 {
+            before
+                .tree
+                .insert(format!("row{i:02}"), vec![i as u8; 200])
+                .unwrap();
+        }
+        before
+            .tree
+            .insert(CHECKPOINT_KEY, &10u64.to_be_bytes())
+            .unwrap();
+        let mut commit = Staged::new("test", before.tree.clone());
+        for i in 0..30u64 {
+            commit.put_encoded(format!("row{i:02}").into_bytes(), vec![i as u8 + 100; 300]);
+        }
+        commit.put_typed(b"row35".to_vec(), 7u64);
+        commit.delete(b"row39".to_vec());
+        commit.put(b"zz-new".to_vec(), &"a new row");
+        let writes = commit_writes(20, commit.take_rows());
+        let redo_rows = writes
+            .iter()
+            .filter(|(key, _)| key.starts_with(REDO_PREFIX))
+            .count()
+            / 2;
+        assert!(redo_rows >= 2, "rows over several redo rows: {redo_rows}");
+
+        let state_before = snapshot(&before.tree);
+        let after = staged();
+        for (key, value) in &state_before {
+            after.tree.insert(key, value).unwrap();
+        }
+        for (key, row) in writes.clone() {
+            write(&after.tree, key, row).unwrap();
+        }
+        let state_after = snapshot(&after.tree);
+        assert_eq!(checkpoint(&after.tree).unwrap(), 20);
+        assert_ne!(state_before, state_after);
+
+        for cut in 0..=writes.len() {
+            let crashed = staged();
+            for (key, value) in &state_before {
+                crashed.tree.insert(key, value).unwrap();
+            }
+            for (key, row) in writes[..cut].iter().cloned() {
+                write(&crashed.tree, key, row).unwrap();
+            }
+            let finished = recover("test", &crashed.tree).expect("recovers");
+            let state = snapshot(&crashed.tree);
+            if cut < redo_rows {
+                assert_eq!(finished, None, "cut after {cut} writes");
+                assert!(
+                    state == state_before,
+                    "cut after {cut} writes: not as before"
+                );
+            } else {
+                assert!(state == state_after, "cut after {cut} writes: not as after");
+                // The whole redo is there until its removal starts; once a
+                // row of it is removed, everything it holds is written.
+                let whole_redo = cut <= writes.len() - redo_rows;
+                assert_eq!(finished, whole_redo.then_some(20), "cut after {cut} writes");
+            }
+        }
     }
 
     #[test]
