@@ -1,28 +1,30 @@
 //! Folding a stretch of the log into the projections: one thread reads and
-//! decodes, another folds and commits.
+//! decodes, two fold and commit.
 
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 
 use switchboard_events::{Envelope, EventLog};
 
 use super::{Folding, COMMIT_EVERY_EVENTS};
 use crate::view::ProjectionError;
+use crate::ProjectionName;
 
 /// Folds the log into each projection from its checkpoint up to its `until`,
 /// in one pass over the log.
 ///
-/// A reading thread (scoped to this call) reads and decodes the log while
-/// this one folds and commits, through a bounded channel of a few batches.
-/// The overlap is partial: sled's `apply_batch` takes a process-wide write
-/// lock that stops the reader's iterator for as long as a commit lasts. One
-/// fold thread for all the projections: commits cannot overlap anyway, and
-/// measured, a second fold thread was slower.
+/// A reading thread (scoped to this call) reads and decodes the log and hands
+/// each batch to two folds through bounded channels of a few batches: history
+/// (the most rows) on this thread, the other projections on a second scoped
+/// thread. Commits write no sled batch (see `Staged::commit`), so nothing
+/// stops the reader or the other fold while one commits. Each projection
+/// commits its own checkpoint; after an error in one fold the others may
+/// stand further on. `progress` gets the seqs this thread folds.
 pub(super) fn fold_range(
     log: &EventLog,
     folding: &mut [Folding],
     progress: &mut dyn FnMut(u64),
 ) -> Result<(), ProjectionError> {
-    let mut active: Vec<&mut Folding> = folding
+    let active: Vec<&mut Folding> = folding
         .iter_mut()
         .filter(|f| f.checkpoint < f.until)
         .collect();
@@ -30,13 +32,29 @@ pub(super) fn fold_range(
         return Ok(());
     };
     let to = active.iter().map(|f| f.until).max().unwrap_or(from);
+    let (mut here, mut there): (Vec<&mut Folding>, Vec<&mut Folding>) = active
+        .into_iter()
+        .partition(|f| f.name == ProjectionName::History);
+    if here.is_empty() {
+        std::mem::swap(&mut here, &mut there);
+    }
     std::thread::scope(|scope| {
-        let (to_fold, batches) = mpsc::sync_channel(READ_AHEAD_BATCHES);
-        let reading = scope.spawn(move || read_batches(log, from + 1, to, to_fold));
-        let folded = fold_batches(&mut active, batches, progress);
-        // A fold error comes first: the reading thread is ahead of the fold,
-        // and stops without an error of its own when the fold has failed.
-        folded.and(join(reading))
+        let (to_here, here_batches) = mpsc::sync_channel(READ_AHEAD_BATCHES);
+        let mut folds = vec![to_here];
+        let mut folding_there = None;
+        if !there.is_empty() {
+            let (to_there, there_batches) = mpsc::sync_channel(READ_AHEAD_BATCHES);
+            folds.push(to_there);
+            folding_there =
+                Some(scope.spawn(move || fold_batches(&mut there, there_batches, &mut |_| {})));
+        }
+        let reading = scope.spawn(move || read_batches(log, from + 1, to, folds));
+        let folded_here = fold_batches(&mut here, here_batches, progress);
+        // A fold error comes first: the reading thread is ahead of the folds,
+        // and stops without an error of its own when a fold has failed.
+        folded_here
+            .and(folding_there.map_or(Ok(()), join))
+            .and(join(reading))
     })?;
     for f in folding.iter_mut() {
         let until = f.until;
@@ -53,15 +71,15 @@ const READ_BATCH_EVENTS: usize = 4096;
 /// Batches the reading thread may be ahead of the fold.
 const READ_AHEAD_BATCHES: usize = 2;
 
-/// Reads and decodes `from..=to` and sends it to the fold in batches. Stops
-/// early, without an error, when the fold has stopped (its receiver is gone);
+/// Reads and decodes `from..=to` and sends it to each fold in batches. Stops
+/// early, without an error, when a fold has stopped (its receiver is gone);
 /// a record that fails to read ends the run with its error, after the records
 /// before it have been sent.
 fn read_batches(
     log: &EventLog,
     from: u64,
     to: u64,
-    fold: mpsc::SyncSender<Vec<Envelope>>,
+    folds: Vec<mpsc::SyncSender<Arc<Vec<Envelope>>>>,
 ) -> Result<(), ProjectionError> {
     let mut records = log.read_range(from, to);
     loop {
@@ -77,8 +95,11 @@ fn read_batches(
             }
         }
         let last = batch.len() < READ_BATCH_EVENTS;
-        if !batch.is_empty() && fold.send(batch).is_err() {
-            return Ok(());
+        if !batch.is_empty() {
+            let batch = Arc::new(batch);
+            if folds.iter().any(|fold| fold.send(batch.clone()).is_err()) {
+                return Ok(());
+            }
         }
         if let Some(error) = failed {
             return Err(error.into());
@@ -94,12 +115,12 @@ fn read_batches(
 /// Returns when the reading thread is done; the last commit is the caller's.
 fn fold_batches(
     folding: &mut [&mut Folding],
-    batches: mpsc::Receiver<Vec<Envelope>>,
+    batches: mpsc::Receiver<Arc<Vec<Envelope>>>,
     progress: &mut dyn FnMut(u64),
 ) -> Result<(), ProjectionError> {
     let mut since_commit = 0;
     for batch in batches {
-        for envelope in &batch {
+        for envelope in batch.iter() {
             for f in folding.iter_mut() {
                 f.apply(envelope)?;
             }
@@ -201,7 +222,17 @@ mod tests {
             "{error}"
         );
         assert_eq!(progress, 0, "the first message failed");
-        assert_eq!(checkpoints(&projections), [1; 4]);
+        // History stands where it failed; the other projections, folded on
+        // their own thread, stand at their last commit before the reading
+        // stopped.
+        let checkpoints = checkpoints(&projections);
+        assert_eq!(checkpoints[0], 1, "{checkpoints:?}");
+        assert!(
+            checkpoints[1..]
+                .iter()
+                .all(|&at| at == 1 || (at - 1) % COMMIT_EVERY_EVENTS == 0),
+            "{checkpoints:?}"
+        );
     }
 
     #[test]
