@@ -3,7 +3,7 @@
 //! Every figure stands beside a baseline measured in the same run (DESIGN §10),
 //! so the ratios hold on a noisy machine:
 //! - durable appends from 1, 16 and 256 concurrent appenders, beside sled's own
-//!   `apply_batch` + `flush` of as many records per flush (the best group commit
+//!   inserts + `flush` of as many records per flush (the best group commit
 //!   could do);
 //! - replaying every projection, beside reading and decoding the log alone;
 //! - bytes on disk per event, beside the event's encoded size and beside what
