@@ -8,7 +8,10 @@
 //! exact through a seq — plus the charges of turns that ended after that seq
 //! (a turn reports its `usage_recorded`'s seq and cost right after the append,
 //! [`Budgets::charge`]), each counted once: a charge the index has folded is
-//! dropped from the pending ones.
+//! dropped from the pending ones. Each check first brings the index up to the
+//! log's durable head ([`SpendIndex::catch_up`]), so it counts every
+//! `usage_recorded` stored before it, whether or not the turn has reported
+//! it yet — among them every one the outbox has published.
 //!
 //! # The overspend bound
 //!
@@ -139,6 +142,8 @@ pub struct Budgets {
 
 struct Inner {
     index: SpendIndex,
+    /// The log the index folds, for [`SpendIndex::catch_up`] before a check.
+    log: EventLog,
     config: BudgetConfig,
     ledgers: Mutex<HashMap<Spender, Ledger>>,
     alerts: Mutex<Option<mpsc::UnboundedSender<(StreamId, NewEvent)>>>,
@@ -167,10 +172,11 @@ impl Budgets {
     /// tokio runtime; call [`Budgets::shutdown`] before closing the log.
     pub fn new(log: EventLog, index: SpendIndex, config: BudgetConfig) -> Budgets {
         let (alerts, queued) = mpsc::unbounded_channel();
-        let appender = tokio::spawn(append_alerts(log, queued));
+        let appender = tokio::spawn(append_alerts(log.clone(), queued));
         Budgets {
             inner: Arc::new(Inner {
                 index,
+                log,
                 config,
                 ledgers: Mutex::new(HashMap::new()),
                 alerts: Mutex::new(Some(alerts)),
@@ -192,6 +198,7 @@ impl Budgets {
         if budgets.is_empty() {
             return Ok(());
         }
+        self.inner.catch_up();
         let now = Utc::now();
         let mut ledgers = self.inner.lock();
         for (spender, budget) in budgets {
@@ -245,6 +252,7 @@ impl Budgets {
         owner: Option<&str>,
         budget: Option<&Budget>,
     ) -> Vec<BudgetStatus> {
+        self.inner.catch_up();
         let now = Utc::now();
         let mut ledgers = self.inner.lock();
         self.budgets_of(key_id, owner, budget)
@@ -307,6 +315,17 @@ impl Budgets {
 }
 
 impl Inner {
+    /// Brings the index up to the durable head, so a check counts every
+    /// charge stored before it: a client that saw a turn's `usage_recorded`
+    /// published and sends again is checked against it. A read error leaves
+    /// the index where it stands (its follower reports it); the check then
+    /// counts what the index and this process's charges hold.
+    fn catch_up(&self) {
+        if let Err(error) = self.index.catch_up(&self.log) {
+            tracing::warn!(%error, "the spend index could not catch up with the log for a budget check");
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Spender, Ledger>> {
         self.ledgers.lock().expect("budget ledgers lock")
     }
@@ -631,12 +650,13 @@ mod tests {
             .expect("appends")
             .first()
             .seq;
-        // Charged before the index sees it: counted from the charge.
+        // Charged, and folded by the index when the check catches it up
+        // with the log: counted once.
         budgets.charge("key_1", seq, 60);
         let spent =
             |budgets: &Budgets| budgets.status("key_1", None, Some(&budget))[0].spent_micros;
         assert_eq!(spent(&budgets), 60);
-        // Folded by the index too: still counted once.
+        // Folded again: skipped, still counted once.
         for envelope in log.read_from(1) {
             index.apply(&envelope.expect("decodes"));
         }
@@ -678,5 +698,49 @@ mod tests {
                 ("exceeded".into(), None),
             ]
         );
+    }
+
+    #[tokio::test]
+    async fn a_check_counts_a_durable_charge_that_nothing_has_reported_yet() {
+        use switchboard_events::catalog::UsageRecorded;
+        use switchboard_events::OpenMode;
+        use switchboard_projections::Projections;
+
+        let dir = tempfile::tempdir().expect("temp dir");
+        let log = EventLog::open(dir.path(), OpenMode::CreateIfMissing).expect("opens");
+        let projections = Projections::open(&log).expect("opens");
+        // No follower folds the log into this index, and no turn charges.
+        let index = SpendIndex::load(&projections).expect("loads");
+        let budgets = Budgets::new(log.clone(), index, BudgetConfig::default());
+        let budget = Budget {
+            micros: 100,
+            period: BudgetPeriod::Day,
+        };
+        assert_eq!(budgets.admit("key_1", None, Some(&budget)), Ok(()));
+        // A turn's usage is stored (and so may be published) before the
+        // turn reports its charge.
+        let usage = NewEvent::new(Event::UsageRecorded(UsageRecorded {
+            conversation_id: "c1".into(),
+            message_id: "m1".into(),
+            key_id: "key_1".into(),
+            user: None,
+            agent: "echo".into(),
+            model: "echo".into(),
+            prompt_tokens: 1,
+            completion_tokens: 1,
+            estimated: false,
+            input_price: 0,
+            output_price: 0,
+            cost_micros: 100,
+        }));
+        let stream = StreamId::conversation("c1").expect("valid");
+        log.append(stream, ExpectedVersion::Any, vec![usage])
+            .await
+            .expect("appends");
+        let refused = budgets
+            .admit("key_1", None, Some(&budget))
+            .expect_err("the stored charge spends the budget");
+        assert_eq!((refused.spent_micros, refused.budget_micros), (100, 100));
+        budgets.shutdown().await;
     }
 }

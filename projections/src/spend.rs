@@ -10,7 +10,8 @@
 //! must be called while nothing folds them (after [`Projections::catch_up`],
 //! before [`Projections::run_live`]); it then stands exactly at their
 //! checkpoint. [`SpendIndex::follow`] tails the log from there, folding each
-//! event as soon as it is durable. Every answer says which seq it is exact
+//! event as soon as it is durable, and [`SpendIndex::catch_up`] folds what is
+//! durable and not yet folded on the spot, for a check that must see it. Every answer says which seq it is exact
 //! through, so a caller that knows of later charges can add exactly those.
 //!
 //! Memory: per key and per user, the all-time total and the last
@@ -187,6 +188,24 @@ impl SpendIndex {
             }
             _ => {}
         }
+    }
+
+    /// Folds every durable event of `log` past the index's seq now, on the
+    /// caller's thread, rather than when [`SpendIndex::follow`] gets to it:
+    /// a budget check that calls it first counts every charge that is
+    /// durable when it looks — every one the outbox may have published.
+    /// Folds nothing twice: `follow` skips what this folded, and the other
+    /// way round.
+    pub fn catch_up(&self, log: &EventLog) -> Result<(), ReadError> {
+        let through = self.through();
+        let head = log.head();
+        if through >= head {
+            return Ok(());
+        }
+        for envelope in log.read_range(through + 1, head) {
+            self.apply(&envelope?);
+        }
+        Ok(())
     }
 
     /// Tails `log` from the index's seq, folding each event as it becomes
