@@ -136,7 +136,9 @@ pub struct EventLog {
 struct Shared {
     dir: PathBuf,
     appends: Mutex<Option<mpsc::Sender<writer::AppendRequest>>>,
-    writer: Mutex<Option<JoinHandle<()>>>,
+    /// The writer's state, for lone appenders; its thread has it too.
+    writer: Arc<writer::Shared>,
+    writer_thread: Mutex<Option<JoinHandle<()>>>,
     head: watch::Receiver<u64>,
     /// The newest durable records, decoded, for live followers.
     tail: Arc<tail::Tail>,
@@ -151,7 +153,12 @@ struct Shared {
 impl Drop for Shared {
     fn drop(&mut self) {
         self.appends.lock().expect("append sender lock").take();
-        if let Some(writer) = self.writer.lock().expect("writer handle lock").take() {
+        if let Some(writer) = self
+            .writer_thread
+            .lock()
+            .expect("writer handle lock")
+            .take()
+        {
             let _ = writer.join();
         }
     }
@@ -297,17 +304,18 @@ impl EventLog {
         let (head_tx, head_rx) = watch::channel(last_seq);
         let (appends_tx, appends_rx) = mpsc::channel(8192);
         let tail = Arc::new(tail::Tail::default());
-        let writer = writer::Writer {
+        let writer = Arc::new(Mutex::new(writer::Writer {
             tree: tree.clone(),
             next_seq: last_seq + 1,
             last_hash,
             versions: Default::default(),
             durable: Arc::new(writer::Durability::new(db.clone(), head_tx, tail.clone())),
             newest_v7,
-        };
+        }));
+        let thread_writer = writer.clone();
         let handle = std::thread::Builder::new()
             .name("event-log-writer".to_owned())
-            .spawn(move || writer.run(appends_rx))
+            .spawn(move || writer::run(thread_writer, appends_rx))
             .map_err(|source| OpenError::Io {
                 dir: dir.display().to_string(),
                 source,
@@ -316,7 +324,8 @@ impl EventLog {
             shared: Arc::new(Shared {
                 dir: dir.to_owned(),
                 appends: Mutex::new(Some(appends_tx)),
-                writer: Mutex::new(Some(handle)),
+                writer,
+                writer_thread: Mutex::new(Some(handle)),
                 head: head_rx,
                 tail,
                 db,
@@ -337,15 +346,18 @@ impl EventLog {
     ) -> Result<Appended, AppendError> {
         let (reply, answer) = oneshot::channel();
         let sender = self.sender()?;
-        sender
-            .send(writer::AppendRequest {
-                stream,
-                expected,
-                events,
-                reply,
-            })
-            .await
-            .map_err(|_| AppendError::Closed)?;
+        let request = writer::AppendRequest {
+            stream,
+            expected,
+            events,
+            reply,
+        };
+        if let Err(request) = writer::append_alone(&self.shared.writer, &sender, request) {
+            sender
+                .send(request)
+                .await
+                .map_err(|_| AppendError::Closed)?;
+        }
         answer.await.map_err(|_| AppendError::Closed)?
     }
 
@@ -357,14 +369,18 @@ impl EventLog {
         events: Vec<NewEvent>,
     ) -> Result<Appended, AppendError> {
         let (reply, answer) = oneshot::channel();
-        self.sender()?
-            .blocking_send(writer::AppendRequest {
-                stream,
-                expected,
-                events,
-                reply,
-            })
-            .map_err(|_| AppendError::Closed)?;
+        let sender = self.sender()?;
+        let request = writer::AppendRequest {
+            stream,
+            expected,
+            events,
+            reply,
+        };
+        if let Err(request) = writer::append_alone(&self.shared.writer, &sender, request) {
+            sender
+                .blocking_send(request)
+                .map_err(|_| AppendError::Closed)?;
+        }
         answer.blocking_recv().map_err(|_| AppendError::Closed)?
     }
 

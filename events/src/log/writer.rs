@@ -1,6 +1,6 @@
 //! The single writer: group commit of appends, pipelined with the flush.
 //!
-//! All appends go through one thread. It takes every request waiting in its
+//! Appends go through one thread. It takes every request waiting in its
 //! queue, checks each against the log (versions, ids) and the requests before it
 //! in the same group, and writes all of them (see [`Writes`]). A second thread,
 //! the flusher, makes written groups durable: one flush for every group
@@ -13,7 +13,10 @@
 //! appenders answered by one flush come back while the writer is busy, and
 //! queue for the group after; the flusher waits a little for them when its
 //! flushes cost more than the writes ([`gather`]). A lone appender's group
-//! the writer flushes itself ([`Writer::is_lone`]).
+//! the writer thread flushes itself ([`Writer::is_lone`]), and when the log
+//! is idle a lone appender skips the queue and writes, flushes and answers
+//! its append on its own thread ([`append_alone`]). The writer's state sits
+//! behind a mutex for that, taken once per group.
 //!
 //! If a write or flush fails the log stops accepting appends (every later
 //! append fails with `Storage`, and so does every group not yet flushed):
@@ -22,7 +25,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{mpsc as std_mpsc, Arc, OnceLock};
+use std::sync::{mpsc as std_mpsc, Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
@@ -352,57 +355,113 @@ fn refuse(replies: impl Iterator<Item = Reply>, reason: &str) {
     }
 }
 
-impl Writer {
-    /// Writes every request of `requests` until it closes, with a flusher
-    /// thread making them durable; returns once the last written group is
-    /// flushed and answered.
-    pub fn run(mut self, mut requests: mpsc::Receiver<AppendRequest>) {
-        let (to_flush, written) = std_mpsc::sync_channel(GROUPS_AWAITING_FLUSH);
-        let durable = self.durable.clone();
-        std::thread::scope(|scope| {
-            let flushing = std::thread::Builder::new()
-                .name("event-log-flush".to_owned())
-                .spawn_scoped(scope, move || durable.flush_handed_over(written));
-            if let Err(error) = flushing {
-                let reason = format!("cannot start the event log's flusher: {error}");
-                tracing::error!(%reason, "event log refuses appends");
-                let _ = self.durable.failed.set(reason);
-            }
-            while let Some(first) = requests.blocking_recv() {
-                let mut events = first.events.len();
-                let mut group = vec![first];
-                while events < MAX_GROUP_EVENTS {
-                    let Ok(next) = requests.try_recv() else {
-                        break;
-                    };
-                    events += next.events.len();
-                    group.push(next);
-                }
-                let Some(written) = self.commit(group) else {
-                    continue;
-                };
-                if self.is_lone(&written, &requests) {
-                    self.durable.make_durable(vec![written]);
-                    continue;
-                }
-                self.durable.in_flight.fetch_add(1, Ordering::Relaxed);
-                if let Err(std_mpsc::SendError(group)) = to_flush.send(written) {
-                    // The flusher is gone (it never started): nothing is durable.
-                    let reason = self.durable.failed.get().cloned().unwrap_or_default();
-                    refuse(group.answers.into_iter().map(|(reply, _)| reply), &reason);
-                }
-            }
-            // Closing the channel lets the flusher finish what it has and stop.
-            drop(to_flush);
-        });
-    }
+/// The writer's state, shared by the writer thread ([`run`]) and lone
+/// appenders ([`append_alone`]); whoever holds it is the only writer.
+pub type Shared = Mutex<Writer>;
 
-    /// Whether `written` is a lone appender's, which the writer flushes
-    /// itself, sparing the hand-over to the flusher (a thread wake-up, a
-    /// good part of a lone append's time): one append, as the last flush
-    /// answered, with no request waiting behind it and no group before it
-    /// awaiting its flush. There is nothing to overlap with its flush, and
-    /// nothing before it to answer first.
+/// Locks the writer's state. A panic while it was held (a bug, or sled
+/// panicking on a corruption) leaves it unknown: the log then refuses appends.
+fn lock(writer: &Shared) -> Result<MutexGuard<'_, Writer>, String> {
+    writer
+        .lock()
+        .map_err(|_| "the event log's writer failed mid-write; restart to recover".to_owned())
+}
+
+/// Writes every request of `requests` until it closes, with a flusher thread
+/// making them durable; returns once the last written group is flushed and
+/// answered.
+pub fn run(writer: Arc<Shared>, mut requests: mpsc::Receiver<AppendRequest>) {
+    let durable = match lock(&writer) {
+        Ok(state) => state.durable.clone(),
+        Err(_) => return,
+    };
+    let (to_flush, written) = std_mpsc::sync_channel(GROUPS_AWAITING_FLUSH);
+    std::thread::scope(|scope| {
+        let flusher = durable.clone();
+        let flushing = std::thread::Builder::new()
+            .name("event-log-flush".to_owned())
+            .spawn_scoped(scope, move || flusher.flush_handed_over(written));
+        if let Err(error) = flushing {
+            let reason = format!("cannot start the event log's flusher: {error}");
+            tracing::error!(%reason, "event log refuses appends");
+            let _ = durable.failed.set(reason);
+        }
+        while let Some(first) = requests.blocking_recv() {
+            let mut events = first.events.len();
+            let mut group = vec![first];
+            while events < MAX_GROUP_EVENTS {
+                let Ok(next) = requests.try_recv() else {
+                    break;
+                };
+                events += next.events.len();
+                group.push(next);
+            }
+            let mut state = match lock(&writer) {
+                Ok(state) => state,
+                Err(reason) => {
+                    refuse(group.into_iter().map(|request| request.reply), &reason);
+                    continue;
+                }
+            };
+            let Some(written) = state.commit(group) else {
+                continue;
+            };
+            if state.is_lone(&written, &requests) {
+                durable.make_durable(vec![written]);
+                continue;
+            }
+            // Under the lock, so that a lone appender sees the group.
+            durable.in_flight.fetch_add(1, Ordering::Relaxed);
+            drop(state);
+            if let Err(std_mpsc::SendError(group)) = to_flush.send(written) {
+                // The flusher is gone (it never started): nothing is durable.
+                let reason = durable.failed.get().cloned().unwrap_or_default();
+                refuse(group.answers.into_iter().map(|(reply, _)| reply), &reason);
+            }
+        }
+        // Closing the channel lets the flusher finish what it has and stop.
+        drop(to_flush);
+    });
+}
+
+/// Writes, flushes and answers `request` on the caller's thread when the log
+/// is idle: the last flush answered one append, nothing is queued, no group
+/// awaits its flush, and the writer's state is free. A lone appender so
+/// spares both thread hand-overs of the queue (to the writer thread and back,
+/// a wake-up each, which cost about as much as the flush itself). Gives the
+/// request back when the log is not idle, for the queue.
+///
+/// The flush blocks the calling thread, an async caller's runtime worker
+/// included: only while the log is idle, and no longer than a queued append
+/// would wait for it.
+pub fn append_alone(
+    writer: &Shared,
+    queue: &mpsc::Sender<AppendRequest>,
+    request: AppendRequest,
+) -> Result<(), AppendRequest> {
+    let idle = |durable: &Durability| {
+        durable.last_appends.load(Ordering::Relaxed) == 1
+            && queue.capacity() == queue.max_capacity()
+            // Pairs with the flusher's decrement after its answers.
+            && durable.in_flight.load(Ordering::Acquire) == 0
+    };
+    let mut state = match writer.try_lock() {
+        Ok(state) if idle(&state.durable) => state,
+        _ => return Err(request),
+    };
+    let durable = state.durable.clone();
+    if let Some(written) = state.commit(vec![request]) {
+        durable.make_durable(vec![written]);
+    }
+    Ok(())
+}
+
+impl Writer {
+    /// Whether `written` is a lone appender's, which the writer thread
+    /// flushes itself, sparing the hand-over to the flusher: one append, as
+    /// the last flush answered, with no request waiting behind it and no
+    /// group before it awaiting its flush. There is nothing to overlap with
+    /// its flush, and nothing before it to answer first.
     fn is_lone(&self, written: &Written, requests: &mpsc::Receiver<AppendRequest>) -> bool {
         written.answers.len() == 1
             && self.durable.last_appends.load(Ordering::Relaxed) == 1
@@ -411,8 +470,8 @@ impl Writer {
             && self.durable.in_flight.load(Ordering::Acquire) == 0
     }
 
-    /// Writes a group, to be made durable and answered by the flusher or
-    /// [`Writer::run`]; `None` when the log has failed (the group is refused
+    /// Writes a group, to be made durable and answered by the flusher,
+    /// [`run`] or [`append_alone`]; `None` when the log has failed (the group is refused
     /// at once). A group that writes nothing (deduplicated appends,
     /// conflicts) is answered in turn all the same: a repeat may name events
     /// of a group still being flushed.
@@ -684,4 +743,78 @@ pub fn stream_version_through(
         }
     }
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::{Event, KeyRevoked};
+    use crate::log::{EventLog, OpenMode};
+
+    type Answer = oneshot::Receiver<Result<Appended, AppendError>>;
+
+    fn request(n: u64) -> (AppendRequest, Answer) {
+        let (reply, answer) = oneshot::channel();
+        let event = Event::KeyRevoked(KeyRevoked {
+            key_id: format!("k{n}"),
+            by: "admin".into(),
+            reason: None,
+        });
+        let request = AppendRequest {
+            stream: StreamId::system(),
+            expected: ExpectedVersion::Any,
+            events: vec![NewEvent::new(event)],
+            reply,
+        };
+        (request, answer)
+    }
+
+    #[test]
+    fn an_idle_log_appends_on_the_callers_thread_and_a_busy_one_queues() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let log = EventLog::open(dir.path(), OpenMode::CreateIfMissing).expect("open the log");
+        let writer = &log.shared.writer;
+        let queue = log.sender().expect("an open log");
+
+        // Idle: written, flushed and answered before `append_alone` returns.
+        let (alone, mut answer) = request(1);
+        assert!(append_alone(writer, &queue, alone).is_ok());
+        let appended = answer
+            .try_recv()
+            .expect("answered on the caller's thread")
+            .expect("appended");
+        assert_eq!(appended.first().seq, 1);
+        assert_eq!(log.head(), 1, "durable and published");
+
+        let durable = writer.lock().expect("the writer's state").durable.clone();
+        let queued = |why: &str| {
+            let (busy, _answer) = request(2);
+            assert!(
+                append_alone(writer, &queue, busy).is_err(),
+                "not queued although {why}"
+            );
+        };
+        {
+            let _writing = writer.lock().expect("the writer's state");
+            queued("the writer thread is writing a group");
+        }
+        durable.in_flight.fetch_add(1, Ordering::Relaxed);
+        queued("a group awaits its flush");
+        durable.in_flight.fetch_sub(1, Ordering::Relaxed);
+        durable.last_appends.store(2, Ordering::Relaxed);
+        queued("the last flush answered several appends");
+        durable.last_appends.store(1, Ordering::Relaxed);
+        let waiting = queue.try_reserve().expect("room in the queue");
+        queued("a request waits in the queue");
+        drop(waiting);
+
+        let (alone, mut answer) = request(3);
+        assert!(append_alone(writer, &queue, alone).is_ok(), "idle again");
+        let appended = answer.try_recv().expect("answered").expect("appended");
+        assert_eq!(
+            appended.first().seq,
+            2,
+            "the refused requests wrote nothing"
+        );
+    }
 }
