@@ -15,7 +15,6 @@ use switchboard_events::{
 use uuid::Uuid;
 
 const ACKED_BEFORE: u64 = 20;
-const APPENDERS_DURING: u64 = 8;
 
 fn message(n: u64) -> NewEvent {
     let id = Uuid::from_u128(0xf1u128 << 120 | u128::from(n));
@@ -52,8 +51,17 @@ fn stored(dir: &Path) -> Vec<u64> {
         .collect()
 }
 
+/// Failpoints are process-wide, so the cases run one after the other: a lone
+/// appender, whose append the idle log writes and flushes on the appender's
+/// own thread, and concurrent appenders, whose appends go through the queue.
 #[test]
 fn a_failed_write_acknowledges_nothing_and_a_restart_keeps_what_was_acknowledged() {
+    for appenders_during in [1, 8] {
+        fail_a_write_under(appenders_during);
+    }
+}
+
+fn fail_a_write_under(appenders_during: u64) {
     let dir = tempfile::tempdir().expect("a temp dir");
     let log = EventLog::open(dir.path(), OpenMode::CreateIfMissing).expect("open the log");
     for n in 0..ACKED_BEFORE {
@@ -63,7 +71,7 @@ fn a_failed_write_acknowledges_nothing_and_a_restart_keeps_what_was_acknowledged
     // The next IO buffer sled writes fails (before any byte of it is written).
     sled::fail::set("buffer write", 1);
     let during: Vec<Result<u64, AppendError>> = std::thread::scope(|scope| {
-        let appenders: Vec<_> = (ACKED_BEFORE..ACKED_BEFORE + APPENDERS_DURING)
+        let appenders: Vec<_> = (ACKED_BEFORE..ACKED_BEFORE + appenders_during)
             .map(|n| {
                 scope.spawn({
                     let log = &log;
@@ -79,7 +87,7 @@ fn a_failed_write_acknowledges_nothing_and_a_restart_keeps_what_was_acknowledged
     for (n, result) in (ACKED_BEFORE..).zip(&during) {
         assert!(
             matches!(result, Err(AppendError::Storage(_))),
-            "append {n} during the failure: {result:?}"
+            "append {n} during the failure, {appenders_during} appending: {result:?}"
         );
     }
     // From then on the log refuses, saying why, until it is opened again.
@@ -104,12 +112,12 @@ fn a_failed_write_acknowledges_nothing_and_a_restart_keeps_what_was_acknowledged
     // A client retries what was refused: each lands exactly once, whether or
     // not the failed write had left it behind.
     let log = EventLog::open(dir.path(), OpenMode::MustExist).expect("reopen the log");
-    for n in (ACKED_BEFORE..ACKED_BEFORE + APPENDERS_DURING).chain([100]) {
+    for n in (ACKED_BEFORE..ACKED_BEFORE + appenders_during).chain([100]) {
         append(&log, n).expect("a retry after the restart");
     }
     drop(log);
     let numbers = stored(dir.path());
-    let mut expected: Vec<u64> = (0..ACKED_BEFORE + APPENDERS_DURING).chain([100]).collect();
+    let mut expected: Vec<u64> = (0..ACKED_BEFORE + appenders_during).chain([100]).collect();
     let mut sorted = numbers.clone();
     sorted.sort_unstable();
     expected.sort_unstable();
