@@ -3,7 +3,8 @@
 //! §1, §8), and takes them apart again in an order that loses nothing.
 //!
 //! Start-up: open the log (refusing a dir another process holds), bring the
-//! projections up to its head, make sure the admin key exists, connect the bus
+//! projections up to its head (a stop signal interrupts that, see
+//! [`Server::start_unless`]), make sure the admin key exists, connect the bus
 //! (NATS, or the embedded bus), start the agents, the conversations and the
 //! gateway, then publish events from the log (the outbox) and end turns an
 //! earlier process left without a reply.
@@ -17,8 +18,9 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorRef};
 use serde_json::json;
@@ -30,7 +32,7 @@ use switchboard_actors::provider::{EchoProvider, OpenAiProvider, Provider};
 use switchboard_actors::router::Router;
 use switchboard_actors::turns::TurnCoordinator;
 use switchboard_events::{EventLog, OpenMode};
-use switchboard_projections::{Projections, SpendIndex};
+use switchboard_projections::{ProjectionError, Projections, SpendIndex};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
@@ -168,6 +170,8 @@ pub enum ServerError {
     NatsUnreachable { url: String, waited: Duration },
     #[error("{0}")]
     Actor(String),
+    #[error("stopped before it was ready")]
+    Interrupted,
 }
 
 /// A running switchboard; see the module doc.
@@ -201,6 +205,20 @@ impl Server {
     /// Starts everything; see the module doc. Returns once requests are
     /// being taken.
     pub async fn start(config: ServerConfig) -> Result<Server, ServerError> {
+        Server::start_unless(config, Arc::new(AtomicBool::new(false))).await
+    }
+
+    /// [`Server::start`] that gives up once `interrupt` is set (a stop signal
+    /// before the server is ready), with [`ServerError::Interrupted`]. The
+    /// projections' catch-up, the long part of a start after an upgrade or
+    /// a replay, commits what it has folded and stops within a batch; what
+    /// else start does is async, and the caller may drop it. The stop note
+    /// start takes is put back, so the next start knows the last stop was
+    /// clean.
+    pub async fn start_unless(
+        config: ServerConfig,
+        interrupt: Arc<AtomicBool>,
+    ) -> Result<Server, ServerError> {
         // A configuration mistake is reported before anything is opened or created.
         let router = Router::new(config.routes.clone(), config.default_agent.clone())
             .map_err(|e| ServerError::Config(e.to_string()))?;
@@ -224,7 +242,18 @@ impl Server {
             let log = EventLog::open(&dir, OpenMode::CreateIfMissing)?;
             let clean_stop = take_clean_stop(&log)?;
             let projections = Projections::open(&log)?;
-            projections.catch_up(&mut |_| {})?;
+            let caught_up =
+                projections.catch_up_unless(&mut catch_up_progress(log.head()), Some(&interrupt));
+            if let Err(ProjectionError::Interrupted) = caught_up {
+                if clean_stop.is_some() {
+                    note_clean_stop(&log).map_err(|e| {
+                        ServerError::Actor(format!("putting the stop note back: {e}"))
+                    })?;
+                }
+                tracing::info!("start interrupted while catching up the projections");
+                return Err(ServerError::Interrupted);
+            }
+            caught_up?;
             // Before the live fold starts: the index must match the views.
             let spend = SpendIndex::load(&projections)?;
             Ok::<_, ServerError>((log, projections, spend, clean_stop))
@@ -567,6 +596,29 @@ fn take_clean_stop(log: &EventLog) -> Result<Option<u64>, ServerError> {
         .map_err(stops)?
         .and_then(|bytes| <[u8; 8]>::try_from(bytes.as_ref()).ok())
         .map(u64::from_be_bytes))
+}
+
+/// How often a start's catch-up of the projections says how far it is.
+const CATCH_UP_REPORT_EVERY: Duration = Duration::from_secs(2);
+
+/// The progress of a start's catch-up of the projections up to `head`: a
+/// line when it starts folding and then every [`CATCH_UP_REPORT_EVERY`], so
+/// an operator watching a slow start knows what it is doing.
+fn catch_up_progress(head: u64) -> impl FnMut(u64) {
+    let mut next_report = None;
+    move |seq| {
+        // The clock is read every 1,024 events, not every event.
+        if next_report.is_some() && seq % 1024 != 0 {
+            return;
+        }
+        let now = Instant::now();
+        match next_report {
+            Some(at) if now < at => return,
+            None => tracing::info!(head, from = seq, "catching up the projections"),
+            Some(_) => tracing::info!(head, folded = seq, "catching up the projections"),
+        }
+        next_report = Some(now + CATCH_UP_REPORT_EVERY);
+    }
 }
 
 /// Notes that this process stops with no turn open, at the log's head.

@@ -649,3 +649,96 @@ fn an_unreachable_nats_server_is_a_clear_error_at_start() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("cannot reach NATS at"), "{stderr}");
 }
+
+/// Events the startup catch-up test writes before `serve` first opens the
+/// data dir: enough that folding them (a debug build) outlasts a signal.
+const BACKLOG_EVENTS: u64 = 60_000;
+
+#[test]
+fn sigterm_during_the_startup_catch_up_stops_it_cleanly_and_the_next_start_goes_on() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    use switchboard_events::catalog::{AuthChannel, AuthFailed};
+    use switchboard_events::{Event, EventLog, ExpectedVersion, NewEvent, OpenMode, StreamId};
+    use switchboard_projections::{ProjectionName, Projections};
+
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    // A log the projections have never seen, as after an upgrade that
+    // rebuilds them: a start folds all of it before it is ready.
+    let log = EventLog::open(&data, OpenMode::CreateIfMissing).expect("opens");
+    let failure = |n: u64| {
+        NewEvent::new(Event::AuthFailed(AuthFailed {
+            channel: AuthChannel::Nats,
+            reason: "unknown key".into(),
+            key_prefix: Some(format!("sb-{n:04x}")),
+            remote: None,
+        }))
+    };
+    for first in (0..BACKLOG_EVENTS).step_by(1000) {
+        let events = (first..first + 1000).map(failure).collect();
+        log.append_blocking(StreamId::system(), ExpectedVersion::Any, events)
+            .expect("appends");
+    }
+    drop(log);
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["serve", "--json", "--data-dir"])
+        .arg(&data)
+        .args(["--nats-url", &nats.url(), "--http", "127.0.0.1:0"])
+        .env("SWITCHBOARD_ADMIN_KEY", support::serve::ADMIN_KEY)
+        .env("RUST_LOG", "info")
+        .env_remove("SWITCHBOARD_CONFIG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("serve starts");
+    let stderr = child.stderr.take().expect("piped");
+    let (lines, seen) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = lines.send(line);
+        }
+    });
+    let mut said = Vec::new();
+    loop {
+        let line = seen
+            .recv_timeout(PHASE)
+            .unwrap_or_else(|_| panic!("serve never said it was catching up: {said:#?}"));
+        let catching_up = line.contains("catching up the projections");
+        said.push(line);
+        if catching_up {
+            break;
+        }
+    }
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success());
+    let output = child.wait_with_output().expect("serve exits");
+    said.extend(seen.try_iter());
+    assert!(output.status.success(), "{}: {said:#?}", output.status);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let answer: Value = serde_json::from_str(stdout.trim()).expect("one JSON line");
+    assert_eq!(answer, json!({ "ready": false, "stopped": true }));
+
+    // It stopped part way, keeping what it had folded, and nothing else.
+    let log = EventLog::open(&data, OpenMode::MustExist).expect("reopens");
+    assert_eq!(log.head(), BACKLOG_EVENTS, "the start appended nothing");
+    let projections = Projections::open(&log).expect("opens");
+    let audit = projections
+        .checkpoint(ProjectionName::Audit)
+        .expect("a checkpoint");
+    assert!(audit < BACKLOG_EVENTS, "the catch-up was not cut short");
+    drop(projections);
+    drop(log);
+
+    // The next start goes on from there to views exactly as the log gives.
+    let mut serve = ServeProcess::start(&data, &nats.url(), &[]);
+    serve.terminate_cleanly();
+    assert_verifies(&data);
+}

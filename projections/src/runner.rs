@@ -3,7 +3,7 @@
 
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -209,9 +209,21 @@ impl Projections {
     /// Folds every projection from its checkpoint up to the log's head.
     /// `progress` gets each folded seq. Returns the head.
     pub fn catch_up(&self, progress: &mut dyn FnMut(u64)) -> Result<u64, ProjectionError> {
+        self.catch_up_unless(progress, None)
+    }
+
+    /// [`Projections::catch_up`] that stops early once `interrupt` is set:
+    /// it commits what it has folded (within a batch of a few thousand
+    /// events) and returns [`ProjectionError::Interrupted`]; the next catch
+    /// up goes on from there.
+    pub fn catch_up_unless(
+        &self,
+        progress: &mut dyn FnMut(u64),
+        interrupt: Option<&AtomicBool>,
+    ) -> Result<u64, ProjectionError> {
         let head = self.log.head();
         let mut folding = self.folding(&ProjectionName::ALL, head)?;
-        fold_range(&self.log, &mut folding, progress)?;
+        fold_range(&self.log, &mut folding, progress, interrupt)?;
         self.caught_up.send_replace(head);
         Ok(head)
     }
@@ -231,7 +243,7 @@ impl Projections {
         }
         let head = self.log.head();
         let mut folding = self.folding(&names, head)?;
-        fold_range(&self.log, &mut folding, progress)?;
+        fold_range(&self.log, &mut folding, progress, None)?;
         self.caught_up.send_replace(self.min_checkpoint()?);
         Ok(head)
     }
@@ -372,7 +384,7 @@ impl Projections {
                 until: self.checkpoint(name)?,
             });
         }
-        fold_range(&self.log, &mut folding, progress)?;
+        fold_range(&self.log, &mut folding, progress, None)?;
         let mut differences = Vec::new();
         for (name, scratch_tree) in &scratch_trees {
             if let Some(detail) =

@@ -50,6 +50,8 @@ pub enum ProjectionError {
     InvalidQuery(String),
     #[error("the projections stopped: {0}")]
     Stopped(String),
+    #[error("the catch-up was interrupted; it goes on from its last commit next time")]
+    Interrupted,
 }
 
 /// Rows being changed by a fold, over the rows already in the tree.

@@ -2,10 +2,12 @@
 //! shuts it down in order and exits 0.
 
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use serde_json::json;
 use switchboard::keys::AdminBootstrap;
-use switchboard::server::Server;
+use switchboard::server::{Server, ServerError};
 
 use crate::cli::{GlobalArgs, ServeArgs};
 use crate::config;
@@ -22,7 +24,33 @@ pub fn run(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<ExitCode> {
         .build()?;
     let code = runtime.block_on(async move {
         let stop = shutdown_signal()?;
-        let server = Server::start(config.clone()).await?;
+        tokio::pin!(stop);
+        // A stop before the server is ready interrupts the start: the
+        // projections' catch-up, its long part, commits what it has folded
+        // and stops; the rest of a start is short and finishes, and the
+        // server then stops as it would when ready.
+        let interrupt = Arc::new(AtomicBool::new(false));
+        let starting = Server::start_unless(config.clone(), interrupt.clone());
+        tokio::pin!(starting);
+        let started = tokio::select! {
+            started = &mut starting => started,
+            () = &mut stop => {
+                tracing::info!("stop signal before the server is ready; interrupting the start");
+                interrupt.store(true, Ordering::Relaxed);
+                match starting.await {
+                    Ok(server) => server.shutdown().await,
+                    Err(ServerError::Interrupted) => {}
+                    Err(error) => return Err(error.into()),
+                }
+                if json {
+                    out!("{}", json!({ "ready": false, "stopped": true }));
+                } else {
+                    out!("switchboard stopped before it was ready");
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+        };
+        let server = started?;
         let metrics = match metrics_addr {
             Some(addr) => Some(switchboard::metrics::listen(addr).await.map_err(|e| {
                 anyhow::anyhow!("cannot serve metrics on {addr}: {e}")

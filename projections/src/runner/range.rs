@@ -1,6 +1,7 @@
 //! Folding a stretch of the log into the projections: one thread reads and
 //! decodes, two fold and commit.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 
 use switchboard_events::{Envelope, EventLog};
@@ -19,10 +20,15 @@ use crate::ProjectionName;
 /// stops the reader or the other fold while one commits. Each projection
 /// commits its own checkpoint; after an error in one fold the others may
 /// stand further on. `progress` gets the seqs this thread folds.
+///
+/// Once `interrupt` is set, this thread's fold commits what it has folded
+/// after the batch it is on and returns [`ProjectionError::Interrupted`];
+/// the others stop at their last commit.
 pub(super) fn fold_range(
     log: &EventLog,
     folding: &mut [Folding],
     progress: &mut dyn FnMut(u64),
+    interrupt: Option<&AtomicBool>,
 ) -> Result<(), ProjectionError> {
     let active: Vec<&mut Folding> = folding
         .iter_mut()
@@ -45,11 +51,12 @@ pub(super) fn fold_range(
         if !there.is_empty() {
             let (to_there, there_batches) = mpsc::sync_channel(READ_AHEAD_BATCHES);
             folds.push(to_there);
-            folding_there =
-                Some(scope.spawn(move || fold_batches(&mut there, there_batches, &mut |_| {})));
+            folding_there = Some(
+                scope.spawn(move || fold_batches(&mut there, there_batches, &mut |_| {}, None)),
+            );
         }
         let reading = scope.spawn(move || read_batches(log, from + 1, to, folds));
-        let folded_here = fold_batches(&mut here, here_batches, progress);
+        let folded_here = fold_batches(&mut here, here_batches, progress, interrupt);
         // A fold error comes first: the reading thread is ahead of the folds,
         // and stops without an error of its own when a fold has failed.
         folded_here
@@ -113,13 +120,25 @@ fn read_batches(
 /// Folds every batch received into `folding`, committing every
 /// [`COMMIT_EVERY_EVENTS`] events, and calls `progress` with each folded seq.
 /// Returns when the reading thread is done; the last commit is the caller's.
+/// When `interrupt` is set, commits after the batch it is on and returns
+/// [`ProjectionError::Interrupted`].
 fn fold_batches(
     folding: &mut [&mut Folding],
     batches: mpsc::Receiver<Arc<Vec<Envelope>>>,
     progress: &mut dyn FnMut(u64),
+    interrupt: Option<&AtomicBool>,
 ) -> Result<(), ProjectionError> {
     let mut since_commit = 0;
+    let mut folded = None;
     for batch in batches {
+        if interrupt.is_some_and(|interrupt| interrupt.load(Ordering::Relaxed)) {
+            if let Some(seq) = folded {
+                for f in folding.iter_mut() {
+                    f.commit(seq)?;
+                }
+            }
+            return Err(ProjectionError::Interrupted);
+        }
         for envelope in batch.iter() {
             for f in folding.iter_mut() {
                 f.apply(envelope)?;
@@ -133,6 +152,7 @@ fn fold_batches(
             }
             progress(envelope.seq);
         }
+        folded = batch.last().map(|envelope| envelope.seq);
     }
     Ok(())
 }
@@ -292,5 +312,46 @@ mod tests {
         assert_eq!(progress, bad_seq - 1, "every record before it is folded");
         // The commit before the bad record stands, as after a crash there.
         assert_eq!(checkpoints(&projections), [COMMIT_EVERY_EVENTS; 4]);
+    }
+
+    #[test]
+    fn an_interrupted_catch_up_commits_what_it_folded_and_goes_on_next_time() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let log = EventLog::open(dir.path(), OpenMode::CreateIfMissing).expect("open the log");
+        let projections = Projections::open(&log).expect("open the projections");
+        append(&log, std::iter::once(started()).chain(messages(MESSAGES)));
+
+        // Interrupted while folding the second batch: history commits at
+        // its end and stops there.
+        let interrupt = AtomicBool::new(false);
+        let interrupted_at = READ_BATCH_EVENTS as u64 + 10;
+        let error = projections
+            .catch_up_unless(
+                &mut |seq| {
+                    if seq == interrupted_at {
+                        interrupt.store(true, Ordering::Relaxed);
+                    }
+                },
+                Some(&interrupt),
+            )
+            .expect_err("interrupted");
+        assert!(matches!(error, ProjectionError::Interrupted), "{error}");
+        let stopped_at = checkpoints(&projections);
+        assert_eq!(
+            stopped_at[0],
+            2 * READ_BATCH_EVENTS as u64,
+            "{stopped_at:?}"
+        );
+        assert!(
+            stopped_at.iter().all(|&at| at < log.head()),
+            "{stopped_at:?}"
+        );
+
+        // The next catch-up goes on from there, to views exactly as the log
+        // gives them.
+        let head = projections.catch_up(&mut |_| {}).expect("catch up");
+        assert_eq!(checkpoints(&projections), [head; 4]);
+        let differences = projections.verify(&mut |_| {}).expect("verify");
+        assert!(differences.is_empty(), "{differences:?}");
     }
 }
