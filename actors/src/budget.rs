@@ -610,9 +610,28 @@ mod tests {
         assert!(config(vec![150]).validated().is_err());
     }
 
+    /// A turn's `usage_recorded` of key `key_1` in conversation `c1`.
+    fn usage(cost_micros: u64) -> NewEvent {
+        NewEvent::new(Event::UsageRecorded(
+            switchboard_events::catalog::UsageRecorded {
+                conversation_id: "c1".into(),
+                message_id: "m1".into(),
+                key_id: "key_1".into(),
+                user: None,
+                agent: "echo".into(),
+                model: "echo".into(),
+                prompt_tokens: 1,
+                completion_tokens: 1,
+                estimated: false,
+                input_price: 0,
+                output_price: 0,
+                cost_micros,
+            },
+        ))
+    }
+
     #[tokio::test]
     async fn a_charge_counts_once_whether_or_not_the_index_has_folded_it() {
-        use switchboard_events::catalog::UsageRecorded;
         use switchboard_events::OpenMode;
         use switchboard_projections::Projections;
 
@@ -627,22 +646,6 @@ mod tests {
         };
         assert_eq!(budgets.admit("key_1", None, Some(&budget)), Ok(()));
 
-        let usage = |cost_micros| {
-            NewEvent::new(Event::UsageRecorded(UsageRecorded {
-                conversation_id: "c1".into(),
-                message_id: "m1".into(),
-                key_id: "key_1".into(),
-                user: None,
-                agent: "echo".into(),
-                model: "echo".into(),
-                prompt_tokens: 1,
-                completion_tokens: 1,
-                estimated: false,
-                input_price: 0,
-                output_price: 0,
-                cost_micros,
-            }))
-        };
         let stream = StreamId::conversation("c1").expect("valid");
         let seq = log
             .append(stream.clone(), ExpectedVersion::Any, vec![usage(60)])
@@ -702,7 +705,6 @@ mod tests {
 
     #[tokio::test]
     async fn a_check_counts_a_durable_charge_that_nothing_has_reported_yet() {
-        use switchboard_events::catalog::UsageRecorded;
         use switchboard_events::OpenMode;
         use switchboard_projections::Projections;
 
@@ -719,22 +721,8 @@ mod tests {
         assert_eq!(budgets.admit("key_1", None, Some(&budget)), Ok(()));
         // A turn's usage is stored (and so may be published) before the
         // turn reports its charge.
-        let usage = NewEvent::new(Event::UsageRecorded(UsageRecorded {
-            conversation_id: "c1".into(),
-            message_id: "m1".into(),
-            key_id: "key_1".into(),
-            user: None,
-            agent: "echo".into(),
-            model: "echo".into(),
-            prompt_tokens: 1,
-            completion_tokens: 1,
-            estimated: false,
-            input_price: 0,
-            output_price: 0,
-            cost_micros: 100,
-        }));
         let stream = StreamId::conversation("c1").expect("valid");
-        log.append(stream, ExpectedVersion::Any, vec![usage])
+        log.append(stream, ExpectedVersion::Any, vec![usage(100)])
             .await
             .expect("appends");
         let refused = budgets

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 use uuid::Uuid;
 
 use crate::envelope::{NewEvent, StreamId};
@@ -344,15 +344,8 @@ impl EventLog {
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> Result<Appended, AppendError> {
-        let (reply, answer) = oneshot::channel();
-        let sender = self.sender()?;
-        let request = writer::AppendRequest {
-            stream,
-            expected,
-            events,
-            reply,
-        };
-        if let Err(request) = writer::append_alone(&self.shared.writer, &sender, request) {
+        let (request, answer) = writer::AppendRequest::new(stream, expected, events);
+        if let Some((sender, request)) = self.append_alone(request)? {
             sender
                 .send(request)
                 .await
@@ -368,20 +361,27 @@ impl EventLog {
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> Result<Appended, AppendError> {
-        let (reply, answer) = oneshot::channel();
-        let sender = self.sender()?;
-        let request = writer::AppendRequest {
-            stream,
-            expected,
-            events,
-            reply,
-        };
-        if let Err(request) = writer::append_alone(&self.shared.writer, &sender, request) {
+        let (request, answer) = writer::AppendRequest::new(stream, expected, events);
+        if let Some((sender, request)) = self.append_alone(request)? {
             sender
                 .blocking_send(request)
                 .map_err(|_| AppendError::Closed)?;
         }
         answer.blocking_recv().map_err(|_| AppendError::Closed)?
+    }
+
+    /// Appends `request` on this thread when the log is idle (see
+    /// [`writer::append_alone`]); otherwise gives it back with the queue it
+    /// goes into.
+    fn append_alone(
+        &self,
+        request: writer::AppendRequest,
+    ) -> Result<Option<(mpsc::Sender<writer::AppendRequest>, writer::AppendRequest)>, AppendError>
+    {
+        let sender = self.sender()?;
+        Ok(writer::append_alone(&self.shared.writer, &sender, request)
+            .err()
+            .map(|request| (sender, request)))
     }
 
     fn sender(&self) -> Result<mpsc::Sender<writer::AppendRequest>, AppendError> {

@@ -61,6 +61,27 @@ pub struct AppendRequest {
 /// Where an append's answer goes.
 pub type Reply = oneshot::Sender<Result<Appended, AppendError>>;
 
+/// Where an append's answer comes from.
+pub type Answer = oneshot::Receiver<Result<Appended, AppendError>>;
+
+impl AppendRequest {
+    /// A request, and where its answer will come from.
+    pub fn new(
+        stream: StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> (Self, Answer) {
+        let (reply, answer) = oneshot::channel();
+        let request = AppendRequest {
+            stream,
+            expected,
+            events,
+            reply,
+        };
+        (request, answer)
+    }
+}
+
 pub struct Writer {
     pub tree: sled::Tree,
     /// The seq the next appended record gets.
@@ -751,22 +772,17 @@ mod tests {
     use crate::catalog::{Event, KeyRevoked};
     use crate::log::{EventLog, OpenMode};
 
-    type Answer = oneshot::Receiver<Result<Appended, AppendError>>;
-
     fn request(n: u64) -> (AppendRequest, Answer) {
-        let (reply, answer) = oneshot::channel();
         let event = Event::KeyRevoked(KeyRevoked {
             key_id: format!("k{n}"),
             by: "admin".into(),
             reason: None,
         });
-        let request = AppendRequest {
-            stream: StreamId::system(),
-            expected: ExpectedVersion::Any,
-            events: vec![NewEvent::new(event)],
-            reply,
-        };
-        (request, answer)
+        AppendRequest::new(
+            StreamId::system(),
+            ExpectedVersion::Any,
+            vec![NewEvent::new(event)],
+        )
     }
 
     #[test]
