@@ -198,12 +198,13 @@ impl SpendIndex {
     /// way round.
     pub fn catch_up(&self, log: &EventLog) -> Result<(), ReadError> {
         let through = self.through();
-        let head = log.head();
-        if through >= head {
+        if through >= log.head() {
             return Ok(());
         }
-        for envelope in log.read_range(through + 1, head) {
-            self.apply(&envelope?);
+        // Recent records come shared from the log's in-memory tail.
+        let mut records = log.subscribe(through + 1);
+        while let Some(envelope) = records.try_next() {
+            self.apply(&*envelope?);
         }
         Ok(())
     }
