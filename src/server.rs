@@ -245,8 +245,8 @@ impl Server {
             let caught_up =
                 projections.catch_up_unless(&mut catch_up_progress(log.head()), Some(&interrupt));
             if let Err(ProjectionError::Interrupted) = caught_up {
-                if clean_stop.is_some() {
-                    note_clean_stop(&log).map_err(|e| {
+                if let Some(head) = clean_stop {
+                    note_clean_stop_at(&log, head).map_err(|e| {
                         ServerError::Actor(format!("putting the stop note back: {e}"))
                     })?;
                 }
@@ -623,8 +623,13 @@ fn catch_up_progress(head: u64) -> impl FnMut(u64) {
 
 /// Notes that this process stops with no turn open, at the log's head.
 fn note_clean_stop(log: &EventLog) -> Result<(), sled::Error> {
+    note_clean_stop_at(log, log.head())
+}
+
+/// Notes that a process stopped with no turn open when the log's head was `head`.
+fn note_clean_stop_at(log: &EventLog, head: u64) -> Result<(), sled::Error> {
     let tree = log.db().open_tree(STOPS_TREE)?;
-    tree.insert(CLEAN_STOP_KEY, &log.head().to_be_bytes())?;
+    tree.insert(CLEAN_STOP_KEY, &head.to_be_bytes())?;
     Ok(())
 }
 

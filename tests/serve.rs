@@ -663,12 +663,25 @@ fn sigterm_during_the_startup_catch_up_stops_it_cleanly_and_the_next_start_goes_
     use switchboard_events::{Event, EventLog, ExpectedVersion, NewEvent, OpenMode, StreamId};
     use switchboard_projections::{ProjectionName, Projections};
 
+    // Reaches into `serve`'s bookkeeping: the note a clean stop leaves (tree
+    // `serve`, key `clean_stop`: the log's head then), which a start takes.
+    fn clean_stop_note(log: &EventLog) -> Option<Vec<u8>> {
+        let tree = log.db().open_tree("serve").expect("the tree");
+        tree.get("clean_stop")
+            .expect("reads")
+            .map(|note| note.to_vec())
+    }
+
     let nats = NatsServer::start();
     let dir = tempfile::tempdir().expect("temp dir");
     let data = dir.path().join("data");
-    // A log the projections have never seen, as after an upgrade that
-    // rebuilds them: a start folds all of it before it is ready.
-    let log = EventLog::open(&data, OpenMode::CreateIfMissing).expect("opens");
+    // A clean stop first, which leaves its note.
+    ServeProcess::start(&data, &nats.url(), &[]).terminate_cleanly();
+    // Then a backlog the projections have not seen, as after an upgrade
+    // that rebuilds them: a start folds all of it before it is ready.
+    let log = EventLog::open(&data, OpenMode::MustExist).expect("opens");
+    let note = clean_stop_note(&log).expect("a clean stop leaves its note");
+    let head_before = log.head();
     let failure = |n: u64| {
         NewEvent::new(Event::AuthFailed(AuthFailed {
             channel: AuthChannel::Nats,
@@ -726,14 +739,23 @@ fn sigterm_during_the_startup_catch_up_stops_it_cleanly_and_the_next_start_goes_
     let answer: Value = serde_json::from_str(stdout.trim()).expect("one JSON line");
     assert_eq!(answer, json!({ "ready": false, "stopped": true }));
 
-    // It stopped part way, keeping what it had folded, and nothing else.
+    // It stopped part way, keeping what it had folded, and nothing else;
+    // the note of the last clean stop is back as it was.
     let log = EventLog::open(&data, OpenMode::MustExist).expect("reopens");
-    assert_eq!(log.head(), BACKLOG_EVENTS, "the start appended nothing");
+    assert_eq!(
+        log.head(),
+        head_before + BACKLOG_EVENTS,
+        "the start appended nothing"
+    );
+    assert_eq!(clean_stop_note(&log), Some(note));
     let projections = Projections::open(&log).expect("opens");
     let audit = projections
         .checkpoint(ProjectionName::Audit)
         .expect("a checkpoint");
-    assert!(audit < BACKLOG_EVENTS, "the catch-up was not cut short");
+    assert!(
+        audit < head_before + BACKLOG_EVENTS,
+        "the catch-up was not cut short"
+    );
     drop(projections);
     drop(log);
 
