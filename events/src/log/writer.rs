@@ -24,7 +24,7 @@
 //! recovery is a restart that reads it back.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -241,6 +241,9 @@ pub struct Durability {
     failed: OnceLock<String>,
     /// Groups handed to the flusher and not yet answered.
     in_flight: AtomicUsize,
+    /// Whether the writer thread holds requests it has taken from the queue
+    /// and not yet written; a lone appender then queues behind them.
+    taken: AtomicBool,
     /// The appends the last flush answered.
     last_appends: AtomicUsize,
 }
@@ -253,6 +256,7 @@ impl Durability {
             tail,
             failed: OnceLock::new(),
             in_flight: AtomicUsize::new(0),
+            taken: AtomicBool::new(false),
             last_appends: AtomicUsize::new(1),
         }
     }
@@ -417,14 +421,20 @@ pub fn run(writer: Arc<Shared>, mut requests: mpsc::Receiver<AppendRequest>) {
                 events += next.events.len();
                 group.push(next);
             }
+            // So that lone appenders, which the mutex does not queue in
+            // order, cannot keep these waiting for more than one flush.
+            durable.taken.store(true, Ordering::Relaxed);
             let mut state = match lock(&writer) {
                 Ok(state) => state,
                 Err(reason) => {
+                    durable.taken.store(false, Ordering::Relaxed);
                     refuse(group.into_iter().map(|request| request.reply), &reason);
                     continue;
                 }
             };
-            let Some(written) = state.commit(group) else {
+            let committed = state.commit(group);
+            durable.taken.store(false, Ordering::Relaxed);
+            let Some(written) = committed else {
                 continue;
             };
             if state.is_lone(&written, &requests) {
@@ -446,8 +456,8 @@ pub fn run(writer: Arc<Shared>, mut requests: mpsc::Receiver<AppendRequest>) {
 }
 
 /// Writes, flushes and answers `request` on the caller's thread when the log
-/// is idle: the last flush answered one append, nothing is queued, no group
-/// awaits its flush, and the writer's state is free. A lone appender so
+/// is idle: the last flush answered one append, nothing is queued or taken
+/// from the queue, no group awaits its flush, and the writer's state is free. A lone appender so
 /// spares both thread hand-overs of the queue (to the writer thread and back,
 /// a wake-up each, which cost about as much as the flush itself). Gives the
 /// request back when the log is not idle, for the queue.
@@ -463,6 +473,7 @@ pub fn append_alone(
     let idle = |durable: &Durability| {
         durable.last_appends.load(Ordering::Relaxed) == 1
             && queue.capacity() == queue.max_capacity()
+            && !durable.taken.load(Ordering::Relaxed)
             // Pairs with the flusher's decrement after its answers.
             && durable.in_flight.load(Ordering::Acquire) == 0
     };
@@ -823,6 +834,9 @@ mod tests {
         let waiting = queue.try_reserve().expect("room in the queue");
         queued("a request waits in the queue");
         drop(waiting);
+        durable.taken.store(true, Ordering::Relaxed);
+        queued("the writer thread has taken requests it has not written");
+        durable.taken.store(false, Ordering::Relaxed);
 
         let (alone, mut answer) = request(3);
         assert!(append_alone(writer, &queue, alone).is_ok(), "idle again");
