@@ -252,10 +252,13 @@ impl Budgets {
         owner: Option<&str>,
         budget: Option<&Budget>,
     ) -> Vec<BudgetStatus> {
-        self.inner.catch_up();
+        let budgets = self.budgets_of(key_id, owner, budget);
+        if !budgets.is_empty() {
+            self.inner.catch_up();
+        }
         let now = Utc::now();
         let mut ledgers = self.inner.lock();
-        self.budgets_of(key_id, owner, budget)
+        budgets
             .into_iter()
             .map(|(spender, budget)| {
                 let ledger = ledgers.entry(spender.clone()).or_default();
@@ -630,8 +633,17 @@ mod tests {
         ))
     }
 
-    #[tokio::test]
-    async fn a_charge_counts_once_whether_or_not_the_index_has_folded_it() {
+    /// Budgets over a fresh log and an index no follower folds into, and a
+    /// day budget of 100 micro-USD that admits `key_1` so far.
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        log: EventLog,
+        index: SpendIndex,
+        budgets: Budgets,
+        budget: Budget,
+    }
+
+    fn fixture() -> Fixture {
         use switchboard_events::OpenMode;
         use switchboard_projections::Projections;
 
@@ -645,6 +657,24 @@ mod tests {
             period: BudgetPeriod::Day,
         };
         assert_eq!(budgets.admit("key_1", None, Some(&budget)), Ok(()));
+        Fixture {
+            _dir: dir,
+            log,
+            index,
+            budgets,
+            budget,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_charge_counts_once_whether_or_not_the_index_has_folded_it() {
+        let Fixture {
+            _dir,
+            log,
+            index,
+            budgets,
+            budget,
+        } = fixture();
 
         let stream = StreamId::conversation("c1").expect("valid");
         let seq = log
@@ -705,20 +735,14 @@ mod tests {
 
     #[tokio::test]
     async fn a_check_counts_a_durable_charge_that_nothing_has_reported_yet() {
-        use switchboard_events::OpenMode;
-        use switchboard_projections::Projections;
-
-        let dir = tempfile::tempdir().expect("temp dir");
-        let log = EventLog::open(dir.path(), OpenMode::CreateIfMissing).expect("opens");
-        let projections = Projections::open(&log).expect("opens");
-        // No follower folds the log into this index, and no turn charges.
-        let index = SpendIndex::load(&projections).expect("loads");
-        let budgets = Budgets::new(log.clone(), index, BudgetConfig::default());
-        let budget = Budget {
-            micros: 100,
-            period: BudgetPeriod::Day,
-        };
-        assert_eq!(budgets.admit("key_1", None, Some(&budget)), Ok(()));
+        // No follower folds the log into the index, and no turn charges.
+        let Fixture {
+            _dir,
+            log,
+            budgets,
+            budget,
+            ..
+        } = fixture();
         // A turn's usage is stored (and so may be published) before the
         // turn reports its charge.
         let stream = StreamId::conversation("c1").expect("valid");

@@ -11,8 +11,9 @@
 //! before [`Projections::run_live`]); it then stands exactly at their
 //! checkpoint. [`SpendIndex::follow`] tails the log from there, folding each
 //! event as soon as it is durable, and [`SpendIndex::catch_up`] folds what is
-//! durable and not yet folded on the spot, for a check that must see it. Every answer says which seq it is exact
-//! through, so a caller that knows of later charges can add exactly those.
+//! durable and not yet folded on the spot, for a check that must see it.
+//! Every answer says which seq it is exact through, so a caller that knows
+//! of later charges can add exactly those.
 //!
 //! Memory: per key and per user, the all-time total and the last
 //! [`DAYS_KEPT`] days (enough for the longest period, a month).

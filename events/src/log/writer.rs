@@ -317,6 +317,17 @@ impl Durability {
         }
     }
 
+    /// Whether nothing is in the writer's hands but what the caller holds:
+    /// the last flush answered one append, no group awaits its flush, and
+    /// the writer thread holds no request it has taken and not yet written.
+    /// Both ways a lone append skips a hand-over ask this.
+    fn quiet(&self) -> bool {
+        self.last_appends.load(Ordering::Relaxed) == 1
+            && !self.taken.load(Ordering::Relaxed)
+            // Pairs with the flusher's decrement after its answers.
+            && self.in_flight.load(Ordering::Acquire) == 0
+    }
+
     /// The flusher: flushes and answers groups until the writer closes
     /// `written`.
     fn flush_handed_over(&self, written: std_mpsc::Receiver<Written>) {
@@ -456,11 +467,11 @@ pub fn run(writer: Arc<Shared>, mut requests: mpsc::Receiver<AppendRequest>) {
 }
 
 /// Writes, flushes and answers `request` on the caller's thread when the log
-/// is idle: the last flush answered one append, nothing is queued or taken
-/// from the queue, no group awaits its flush, and the writer's state is free. A lone appender so
-/// spares both thread hand-overs of the queue (to the writer thread and back,
-/// a wake-up each, which cost about as much as the flush itself). Gives the
-/// request back when the log is not idle, for the queue.
+/// is idle: the writer is quiet ([`Durability::quiet`]), nothing is queued,
+/// and the writer's state is free. A lone appender so spares both thread
+/// hand-overs of the queue (to the writer thread and back, a wake-up each,
+/// which cost about as much as the flush itself). Gives the request back
+/// when the log is not idle, for the queue.
 ///
 /// The flush blocks the calling thread, an async caller's runtime worker
 /// included: only while the log is idle, and no longer than a queued append
@@ -470,20 +481,12 @@ pub fn append_alone(
     queue: &mpsc::Sender<AppendRequest>,
     request: AppendRequest,
 ) -> Result<(), AppendRequest> {
-    let idle = |durable: &Durability| {
-        durable.last_appends.load(Ordering::Relaxed) == 1
-            && queue.capacity() == queue.max_capacity()
-            && !durable.taken.load(Ordering::Relaxed)
-            // Pairs with the flusher's decrement after its answers.
-            && durable.in_flight.load(Ordering::Acquire) == 0
-    };
     let mut state = match writer.try_lock() {
-        Ok(state) if idle(&state.durable) => state,
+        Ok(state) if state.durable.quiet() && queue.capacity() == queue.max_capacity() => state,
         _ => return Err(request),
     };
-    let durable = state.durable.clone();
     if let Some(written) = state.commit(vec![request]) {
-        durable.make_durable(vec![written]);
+        state.durable.make_durable(vec![written]);
     }
     Ok(())
 }
@@ -495,16 +498,12 @@ impl Writer {
     /// group before it awaiting its flush. There is nothing to overlap with
     /// its flush, and nothing before it to answer first.
     fn is_lone(&self, written: &Written, requests: &mpsc::Receiver<AppendRequest>) -> bool {
-        written.answers.len() == 1
-            && self.durable.last_appends.load(Ordering::Relaxed) == 1
-            && requests.is_empty()
-            // Pairs with the flusher's decrement after its answers.
-            && self.durable.in_flight.load(Ordering::Acquire) == 0
+        written.answers.len() == 1 && requests.is_empty() && self.durable.quiet()
     }
 
     /// Writes a group, to be made durable and answered by the flusher,
-    /// [`run`] or [`append_alone`]; `None` when the log has failed (the group is refused
-    /// at once). A group that writes nothing (deduplicated appends,
+    /// [`run`] or [`append_alone`]; `None` when the log has failed (the
+    /// group is refused at once). A group that writes nothing (deduplicated appends,
     /// conflicts) is answered in turn all the same: a repeat may name events
     /// of a group still being flushed.
     fn commit(&mut self, group: Vec<AppendRequest>) -> Option<Written> {
