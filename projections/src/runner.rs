@@ -239,7 +239,7 @@ impl Projections {
             None => ProjectionName::ALL.to_vec(),
         };
         for name in &names {
-            self.tree(*name).clear()?;
+            view::clear(self.tree(*name))?;
         }
         let head = self.log.head();
         let mut folding = self.folding(&names, head)?;

@@ -15,6 +15,10 @@ pub const CHECKPOINT_KEY: &[u8] = b"!checkpoint";
 /// u32 big-endian); they exist only while a commit is being written.
 const REDO_PREFIX: &[u8] = b"!redo";
 
+/// The key of the marker a [`clear`] writes first and removes last; it exists
+/// only while a clear is under way.
+const CLEARING_KEY: &[u8] = b"!clearing";
+
 /// A redo row holds writes until it is at least this long: rows of a few KiB
 /// keep sled's nodes small (see the log's `CHUNK_BYTES`).
 const REDO_ROW_BYTES: usize = 4096;
@@ -308,14 +312,50 @@ fn redo_key(index: usize) -> sled::IVec {
     [REDO_PREFIX, &index.to_be_bytes()].concat().into()
 }
 
-/// Finishes or drops a commit a crash interrupted (see [`Staged::commit`]):
-/// a complete redo is written again, an incomplete one (no row of it was
-/// written) removed. Returns the checkpoint a finished commit wrote. Call it
-/// before folding into or reading `tree`.
+/// Removes every row of `tree`, its checkpoint among them, so that a crash
+/// midway leaves no rows without the checkpoint they were folded to (rows a
+/// catch-up would then fold again, counting their events twice).
+///
+/// A marker row goes in before the first removal and comes out after the
+/// last; sled recovers a prefix of the writes made before a crash, so a
+/// tree holding the marker may hold any of its rows and [`recover`] finishes
+/// the clear.
+pub fn clear(tree: &sled::Tree) -> Result<(), ProjectionError> {
+    for clear_write in clear_writes(tree) {
+        let (key, row) = clear_write?;
+        write(tree, key, row)?;
+    }
+    Ok(())
+}
+
+/// Every write a [`clear`] of `tree` makes, in order, read from the tree as
+/// they are made (a view may hold millions of rows).
+fn clear_writes(tree: &sled::Tree) -> impl Iterator<Item = sled::Result<TreeWrite>> + '_ {
+    let marker = || sled::IVec::from(CLEARING_KEY);
+    let removals = tree
+        .iter()
+        .keys()
+        .filter(|key| key.as_ref().map_or(true, |key| key != CLEARING_KEY))
+        .map(|key| key.map(|key| (key, None)));
+    std::iter::once(Ok((marker(), Some(sled::IVec::default()))))
+        .chain(removals)
+        .chain(std::iter::once_with(move || Ok((marker(), None))))
+}
+
+/// Finishes what a crash interrupted: a [`clear`] (every row removed), or a
+/// commit (see [`Staged::commit`]): a complete redo is written again, an
+/// incomplete one (no row of it was written) removed. Returns the
+/// checkpoint a finished commit wrote. Call it before folding into or
+/// reading `tree`.
 pub fn recover(
     projection: &'static str,
     tree: &sled::Tree,
 ) -> Result<Option<u64>, ProjectionError> {
+    if tree.contains_key(CLEARING_KEY)? {
+        clear(tree)?;
+        tracing::warn!(projection, "finished a clear a crash interrupted");
+        return Ok(None);
+    }
     let stored = tree
         .scan_prefix(REDO_PREFIX)
         .collect::<Result<Vec<_>, sled::Error>>()?;
@@ -511,6 +551,50 @@ mod tests {
                 // row of it is removed, everything it holds is written.
                 let whole_redo = cut <= writes.len() - redo_rows;
                 assert_eq!(finished, whole_redo.then_some(20), "cut after {cut} writes");
+            }
+        }
+    }
+
+    /// A crash can stop a clear after any of its writes: for each prefix,
+    /// [`recover`] leaves the tree as it was (the clear had not begun) or
+    /// empty, never some rows without their checkpoint.
+    #[test]
+    fn a_clear_cut_after_any_write_recovers_to_before_or_empty() {
+        let before = staged();
+        before
+            .tree
+            .insert(CHECKPOINT_KEY, &10u64.to_be_bytes())
+            .unwrap();
+        for i in 0..20u64 {
+            before
+                .tree
+                .insert(format!("row{i:02}"), vec![i as u8; 50])
+                .unwrap();
+        }
+        let state_before = snapshot(&before.tree);
+        let writes: Vec<TreeWrite> = clear_writes(&before.tree)
+            .collect::<Result<_, _>>()
+            .expect("writes");
+        assert_eq!(writes.len(), state_before.len() + 2);
+        for cut in 0..=writes.len() {
+            let crashed = staged();
+            for (key, value) in &state_before {
+                crashed.tree.insert(key, value).unwrap();
+            }
+            for (key, row) in writes[..cut].iter().cloned() {
+                write(&crashed.tree, key, row).unwrap();
+            }
+            assert_eq!(recover("test", &crashed.tree).expect("recovers"), None);
+            let state = snapshot(&crashed.tree);
+            if cut == 0 {
+                assert!(state == state_before, "cut before the clear: not as before");
+            } else {
+                assert!(
+                    state.is_empty(),
+                    "cut after {cut} writes: {} rows left",
+                    state.len()
+                );
+                assert_eq!(checkpoint(&crashed.tree).unwrap(), 0);
             }
         }
     }
