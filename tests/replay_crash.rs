@@ -3,10 +3,11 @@
 //! still match a rebuild of the log up to their checkpoints (`verify`), and
 //! the next replay must finish the job.
 //!
-//! A replay first clears each view and then folds the log into it from seq 1.
-//! A kill inside the clear once left rows without the checkpoint they were
-//! folded to, which the next catch-up folded again: messages twice in a
-//! history, costs counted twice.
+//! A replay marks each view, clears it, folds the log into it from seq 1
+//! (commits without redo) and removes the mark; opening a view still marked
+//! drops its rows. A kill inside the clear once left rows without the
+//! checkpoint they were folded to, which the next catch-up folded again:
+//! messages twice in a history, costs counted twice.
 
 use std::path::Path;
 use std::process::{Command, Output, Stdio};

@@ -188,10 +188,14 @@ impl Projections {
         let _ = caught_up.wait_for(|at| *at >= seq).await;
     }
 
+    /// The folds of `only` from their checkpoints up to `until`, staging
+    /// with `staged` ([`Staged::new`], or [`Staged::rebuilding`] for a
+    /// replay).
     fn folding(
         &self,
         only: &[ProjectionName],
         until: u64,
+        staged: fn(&'static str, sled::Tree) -> Staged,
     ) -> Result<Vec<Folding>, ProjectionError> {
         only.iter()
             .map(|&name| {
@@ -199,7 +203,7 @@ impl Projections {
                 Ok(Folding {
                     name,
                     checkpoint: view::checkpoint(&tree)?,
-                    staged: Staged::new(name.as_str(), tree),
+                    staged: staged(name.as_str(), tree),
                     until,
                 })
             })
@@ -222,7 +226,7 @@ impl Projections {
         interrupt: Option<&AtomicBool>,
     ) -> Result<u64, ProjectionError> {
         let head = self.log.head();
-        let mut folding = self.folding(&ProjectionName::ALL, head)?;
+        let mut folding = self.folding(&ProjectionName::ALL, head, Staged::new)?;
         fold_range(&self.log, &mut folding, progress, interrupt)?;
         self.caught_up.send_replace(head);
         Ok(head)
@@ -239,11 +243,14 @@ impl Projections {
             None => ProjectionName::ALL.to_vec(),
         };
         for name in &names {
-            view::clear(self.tree(*name))?;
+            view::start_rebuild(self.tree(*name))?;
         }
         let head = self.log.head();
-        let mut folding = self.folding(&names, head)?;
+        let mut folding = self.folding(&names, head, Staged::rebuilding)?;
         fold_range(&self.log, &mut folding, progress, None)?;
+        for name in &names {
+            view::finish_rebuild(self.tree(*name))?;
+        }
         self.caught_up.send_replace(self.min_checkpoint()?);
         Ok(head)
     }
@@ -258,7 +265,7 @@ impl Projections {
         &self,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), ProjectionError> {
-        let mut folding = self.folding(&ProjectionName::ALL, u64::MAX)?;
+        let mut folding = self.folding(&ProjectionName::ALL, u64::MAX, Staged::new)?;
         let from = folding.iter().map(|f| f.checkpoint).min().unwrap_or(0) + 1;
         let mut subscription = self.log.subscribe(from);
         tokio::pin!(shutdown);
@@ -378,7 +385,8 @@ impl Projections {
             scratch_trees.push((name, tree.clone()));
             folding.push(Folding {
                 name,
-                staged: Staged::new(name.as_str(), tree),
+                // A scratch copy, dropped after the comparison.
+                staged: Staged::rebuilding(name.as_str(), tree),
                 checkpoint: 0,
                 // Exactly as far as the live view has folded.
                 until: self.checkpoint(name)?,

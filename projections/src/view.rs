@@ -15,9 +15,9 @@ pub const CHECKPOINT_KEY: &[u8] = b"!checkpoint";
 /// u32 big-endian); they exist only while a commit is being written.
 const REDO_PREFIX: &[u8] = b"!redo";
 
-/// The key of the marker a [`clear`] writes first and removes last; it exists
-/// only while a clear is under way.
-const CLEARING_KEY: &[u8] = b"!clearing";
+/// The key of the marker [`start_rebuild`] writes first and
+/// [`finish_rebuild`] removes last; it exists only while a view is rebuilt.
+const REBUILDING_KEY: &[u8] = b"!rebuilding";
 
 /// A redo row holds writes until it is at least this long: rows of a few KiB
 /// keep sled's nodes small (see the log's `CHUNK_BYTES`).
@@ -63,6 +63,9 @@ pub struct Staged {
     projection: &'static str,
     tree: sled::Tree,
     writes: BTreeMap<Vec<u8>, Write>,
+    /// Whether commits write a redo first: not for a view being rebuilt
+    /// ([`Staged::rebuilding`]).
+    redo: bool,
 }
 
 /// A staged row.
@@ -103,6 +106,18 @@ impl Staged {
             projection,
             tree,
             writes: BTreeMap::new(),
+            redo: true,
+        }
+    }
+
+    /// Stages over a view that nothing reads before its fold is done: one
+    /// under [`start_rebuild`], or a scratch copy. Its commits write no redo
+    /// (half the bytes); a crash midway leaves rows a commit did not finish,
+    /// which [`recover`] drops with the whole rebuild.
+    pub fn rebuilding(projection: &'static str, tree: sled::Tree) -> Self {
+        Staged {
+            redo: false,
+            ..Staged::new(projection, tree)
         }
     }
 
@@ -228,9 +243,10 @@ impl Staged {
     /// never older ones.
     ///
     /// With no rows staged the checkpoint alone is written, as a single
-    /// insert: that is atomic by itself.
+    /// insert: that is atomic by itself. A view being rebuilt
+    /// ([`Staged::rebuilding`]) writes no redo.
     pub fn commit(&mut self, seq: u64) -> Result<(), ProjectionError> {
-        for (key, row) in commit_writes(seq, self.take_rows()) {
+        for (key, row) in commit_writes(seq, self.take_rows(), self.redo) {
             write(&self.tree, key, row)?;
         }
         Ok(())
@@ -257,11 +273,16 @@ type TreeWrite = (sled::IVec, Option<sled::IVec>);
 
 /// Every write a commit of `rows` up to `seq` makes, in order: its redo
 /// rows, the rows, the checkpoint, the removal of the redo (see
-/// [`Staged::commit`]). With no rows, the checkpoint alone.
-fn commit_writes(seq: u64, rows: Vec<TreeWrite>) -> Vec<TreeWrite> {
+/// [`Staged::commit`]). With no rows, the checkpoint alone; without `redo`,
+/// the rows and the checkpoint.
+fn commit_writes(seq: u64, mut rows: Vec<TreeWrite>, redo: bool) -> Vec<TreeWrite> {
     let checkpoint = (CHECKPOINT_KEY.into(), Some(seq.to_be_bytes()[..].into()));
     if rows.is_empty() {
         return vec![checkpoint];
+    }
+    if !redo {
+        rows.push(checkpoint);
+        return rows;
     }
     let redo = redo_rows(seq, &rows);
     let mut writes = Vec::with_capacity(2 * redo.len() + rows.len() + 1);
@@ -312,48 +333,54 @@ fn redo_key(index: usize) -> sled::IVec {
     [REDO_PREFIX, &index.to_be_bytes()].concat().into()
 }
 
-/// Removes every row of `tree`, its checkpoint among them, so that a crash
-/// midway leaves no rows without the checkpoint they were folded to (rows a
-/// catch-up would then fold again, counting their events twice).
+/// Begins rebuilding `tree` from seq 1: marks it, then removes every other
+/// row, its checkpoint among them. Fold into it with [`Staged::rebuilding`]
+/// and end with [`finish_rebuild`].
 ///
-/// A marker row goes in before the first removal and comes out after the
-/// last; sled recovers a prefix of the writes made before a crash, so a
-/// tree holding the marker may hold any of its rows and [`recover`] finishes
-/// the clear.
-pub fn clear(tree: &sled::Tree) -> Result<(), ProjectionError> {
-    for clear_write in clear_writes(tree) {
-        let (key, row) = clear_write?;
-        write(tree, key, row)?;
+/// sled recovers a prefix of the writes made before a crash, so a tree that
+/// still holds the marker may hold any part of the old rows and any part of
+/// the new ones — rows of a commit without its checkpoint among them, which a
+/// catch-up would fold again. [`recover`] drops such a tree's rows, and the
+/// view is folded again from seq 1.
+pub fn start_rebuild(tree: &sled::Tree) -> Result<(), ProjectionError> {
+    tree.insert(REBUILDING_KEY, &[])?;
+    clear_rows(tree)
+}
+
+/// Ends a rebuild begun by [`start_rebuild`], after its last commit.
+pub fn finish_rebuild(tree: &sled::Tree) -> Result<(), ProjectionError> {
+    tree.remove(REBUILDING_KEY)?;
+    Ok(())
+}
+
+/// Removes every row but the rebuild marker, reading them from the tree as
+/// it goes (a view may hold millions of rows).
+fn clear_rows(tree: &sled::Tree) -> Result<(), ProjectionError> {
+    for key in tree.iter().keys() {
+        let key = key?;
+        if key != REBUILDING_KEY {
+            tree.remove(key)?;
+        }
     }
     Ok(())
 }
 
-/// Every write a [`clear`] of `tree` makes, in order, read from the tree as
-/// they are made (a view may hold millions of rows).
-fn clear_writes(tree: &sled::Tree) -> impl Iterator<Item = sled::Result<TreeWrite>> + '_ {
-    let marker = || sled::IVec::from(CLEARING_KEY);
-    let removals = tree
-        .iter()
-        .keys()
-        .filter(|key| key.as_ref().map_or(true, |key| key != CLEARING_KEY))
-        .map(|key| key.map(|key| (key, None)));
-    std::iter::once(Ok((marker(), Some(sled::IVec::default()))))
-        .chain(removals)
-        .chain(std::iter::once_with(move || Ok((marker(), None))))
-}
-
-/// Finishes what a crash interrupted: a [`clear`] (every row removed), or a
-/// commit (see [`Staged::commit`]): a complete redo is written again, an
-/// incomplete one (no row of it was written) removed. Returns the
-/// checkpoint a finished commit wrote. Call it before folding into or
-/// reading `tree`.
+/// Finishes what a crash interrupted: a rebuild ([`start_rebuild`]: every
+/// row is removed and the view starts again from seq 1), or a commit (see
+/// [`Staged::commit`]): a complete redo is written again, an incomplete one
+/// (no row of it was written) removed. Returns the checkpoint a finished
+/// commit wrote. Call it before folding into or reading `tree`.
 pub fn recover(
     projection: &'static str,
     tree: &sled::Tree,
 ) -> Result<Option<u64>, ProjectionError> {
-    if tree.contains_key(CLEARING_KEY)? {
-        clear(tree)?;
-        tracing::warn!(projection, "finished a clear a crash interrupted");
+    if tree.contains_key(REBUILDING_KEY)? {
+        clear_rows(tree)?;
+        finish_rebuild(tree)?;
+        tracing::warn!(
+            projection,
+            "dropped a rebuild a crash interrupted; the view folds again from seq 1"
+        );
         return Ok(None);
     }
     let stored = tree
@@ -509,7 +536,7 @@ mod tests {
         commit.put_typed(b"row35".to_vec(), 7u64);
         commit.delete(b"row39".to_vec());
         commit.put(b"zz-new".to_vec(), &"a new row");
-        let writes = commit_writes(20, commit.take_rows());
+        let writes = commit_writes(20, commit.take_rows(), true);
         let redo_rows = writes
             .iter()
             .filter(|(key, _)| key.starts_with(REDO_PREFIX))
@@ -555,11 +582,12 @@ mod tests {
         }
     }
 
-    /// A crash can stop a clear after any of its writes: for each prefix,
-    /// [`recover`] leaves the tree as it was (the clear had not begun) or
-    /// empty, never some rows without their checkpoint.
+    /// A crash can stop a rebuild after any of its writes: for each prefix,
+    /// [`recover`] leaves the view as it was (the rebuild had not begun),
+    /// empty (to be folded again from seq 1), or rebuilt — never some rows
+    /// without their checkpoint.
     #[test]
-    fn a_clear_cut_after_any_write_recovers_to_before_or_empty() {
+    fn a_rebuild_cut_after_any_write_recovers_to_before_empty_or_rebuilt() {
         let before = staged();
         before
             .tree
@@ -572,10 +600,29 @@ mod tests {
                 .unwrap();
         }
         let state_before = snapshot(&before.tree);
-        let writes: Vec<TreeWrite> = clear_writes(&before.tree)
-            .collect::<Result<_, _>>()
-            .expect("writes");
-        assert_eq!(writes.len(), state_before.len() + 2);
+        // What a rebuild writes: the marker, the removals, two commits
+        // without redo, the marker's removal.
+        let marker = || sled::IVec::from(REBUILDING_KEY);
+        let mut writes: Vec<TreeWrite> = vec![(marker(), Some(sled::IVec::default()))];
+        writes.extend(state_before.iter().map(|(key, _)| (key.clone(), None)));
+        for (seq, rows) in [(6u64, 0..12u64), (12, 12..25)] {
+            let mut commit = Staged::rebuilding("test", before.tree.clone());
+            for i in rows {
+                commit.put_encoded(format!("row{i:02}").into_bytes(), vec![i as u8 + 100; 30]);
+            }
+            writes.extend(commit_writes(seq, commit.take_rows(), commit.redo));
+        }
+        writes.push((marker(), None));
+        assert!(!writes.iter().any(|(key, _)| key.starts_with(REDO_PREFIX)));
+
+        let state_after = {
+            let after = staged();
+            for (key, row) in writes.clone() {
+                write(&after.tree, key, row).unwrap();
+            }
+            snapshot(&after.tree)
+        };
+        assert_eq!(state_after.len(), 26, "25 rows and the checkpoint");
         for cut in 0..=writes.len() {
             let crashed = staged();
             for (key, value) in &state_before {
@@ -587,14 +634,19 @@ mod tests {
             assert_eq!(recover("test", &crashed.tree).expect("recovers"), None);
             let state = snapshot(&crashed.tree);
             if cut == 0 {
-                assert!(state == state_before, "cut before the clear: not as before");
-            } else {
+                assert!(
+                    state == state_before,
+                    "cut before the rebuild: not as before"
+                );
+            } else if cut < writes.len() {
                 assert!(
                     state.is_empty(),
                     "cut after {cut} writes: {} rows left",
                     state.len()
                 );
                 assert_eq!(checkpoint(&crashed.tree).unwrap(), 0);
+            } else {
+                assert!(state == state_after, "the whole rebuild: not as rebuilt");
             }
         }
     }
