@@ -110,29 +110,37 @@ impl Folded {
         stream: &StreamId,
         message_id: Option<&str>,
     ) -> Result<TurnContext, ConversationError> {
-        let mut history = Vec::new();
-        for exchange in &self.exchanges {
-            if Some(&*exchange.message_id) == message_id {
-                history.push(ChatMessage::user(exchange.user.clone()));
-                return Ok(TurnContext {
-                    history,
-                    routed_event: exchange.routed_event,
-                });
+        // The message answered is nearly always the last one: look from the end.
+        let (before, answered) = match message_id {
+            None => (&self.exchanges[..], None),
+            Some(id) => {
+                let at = self
+                    .exchanges
+                    .iter()
+                    .rposition(|exchange| &*exchange.message_id == id)
+                    .ok_or_else(|| {
+                        ConversationError::InvalidRequest(format!(
+                            "{stream} has no message {id:?} (erased?)"
+                        ))
+                    })?;
+                (&self.exchanges[..at], Some(&self.exchanges[at]))
             }
+        };
+        let mut history = Vec::with_capacity(2 * before.len() + 1);
+        for exchange in before {
             if let Some(reply) = &exchange.reply {
                 history.push(ChatMessage::user(exchange.user.clone()));
                 history.push(ChatMessage::assistant(reply.clone()));
             }
         }
-        match message_id {
-            None => Ok(TurnContext {
-                history,
-                routed_event: None,
-            }),
-            Some(id) => Err(ConversationError::InvalidRequest(format!(
-                "{stream} has no message {id:?} (erased?)"
-            ))),
-        }
+        let routed_event = answered.and_then(|exchange| {
+            history.push(ChatMessage::user(exchange.user.clone()));
+            exchange.routed_event
+        });
+        Ok(TurnContext {
+            history,
+            routed_event,
+        })
     }
 }
 
