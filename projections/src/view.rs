@@ -511,6 +511,19 @@ mod tests {
         tree.iter().collect::<Result<_, _>>().expect("rows")
     }
 
+    /// A view holding `before` and then `writes`: what a crash after those
+    /// writes leaves on disk.
+    fn crashed_after(before: &[(sled::IVec, sled::IVec)], writes: &[TreeWrite]) -> Staged {
+        let crashed = staged();
+        for (key, value) in before {
+            crashed.tree.insert(key, value).unwrap();
+        }
+        for (key, row) in writes.iter().cloned() {
+            write(&crashed.tree, key, row).unwrap();
+        }
+        crashed
+    }
+
     /// A crash can stop a commit after any of its writes (sled recovers a
     /// prefix of them): for each prefix, [`recover`] leaves the view as it
     /// was before the commit or as the whole commit leaves it, nothing in
@@ -545,25 +558,13 @@ mod tests {
         assert!(redo_rows >= 2, "rows over several redo rows: {redo_rows}");
 
         let state_before = snapshot(&before.tree);
-        let after = staged();
-        for (key, value) in &state_before {
-            after.tree.insert(key, value).unwrap();
-        }
-        for (key, row) in writes.clone() {
-            write(&after.tree, key, row).unwrap();
-        }
+        let after = crashed_after(&state_before, &writes);
         let state_after = snapshot(&after.tree);
         assert_eq!(checkpoint(&after.tree).unwrap(), 20);
         assert_ne!(state_before, state_after);
 
         for cut in 0..=writes.len() {
-            let crashed = staged();
-            for (key, value) in &state_before {
-                crashed.tree.insert(key, value).unwrap();
-            }
-            for (key, row) in writes[..cut].iter().cloned() {
-                write(&crashed.tree, key, row).unwrap();
-            }
+            let crashed = crashed_after(&state_before, &writes[..cut]);
             let finished = recover("test", &crashed.tree).expect("recovers");
             let state = snapshot(&crashed.tree);
             if cut < redo_rows {
@@ -615,22 +616,10 @@ mod tests {
         writes.push((marker(), None));
         assert!(!writes.iter().any(|(key, _)| key.starts_with(REDO_PREFIX)));
 
-        let state_after = {
-            let after = staged();
-            for (key, row) in writes.clone() {
-                write(&after.tree, key, row).unwrap();
-            }
-            snapshot(&after.tree)
-        };
+        let state_after = snapshot(&crashed_after(&[], &writes).tree);
         assert_eq!(state_after.len(), 26, "25 rows and the checkpoint");
         for cut in 0..=writes.len() {
-            let crashed = staged();
-            for (key, value) in &state_before {
-                crashed.tree.insert(key, value).unwrap();
-            }
-            for (key, row) in writes[..cut].iter().cloned() {
-                write(&crashed.tree, key, row).unwrap();
-            }
+            let crashed = crashed_after(&state_before, &writes[..cut]);
             assert_eq!(recover("test", &crashed.tree).expect("recovers"), None);
             let state = snapshot(&crashed.tree);
             if cut == 0 {
