@@ -29,9 +29,14 @@ pub struct LogBenchArgs {
     /// Events to fill the log with for the replay and size figures.
     #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub events: u64,
-    /// Seconds each append measurement (raw sled and log) runs.
+    /// Seconds each append measurement (raw sled and log) runs in all.
     #[arg(long, default_value_t = 3.0, value_parser = positive_seconds)]
     pub seconds: f64,
+    /// Rounds each append measurement's seconds are split into, raw sled and
+    /// the log taking turns, so that a slow spell of the machine weighs on
+    /// both; the ratio is the median of the rounds' ratios.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub rounds: u32,
     /// Run in this directory, which must be empty or missing, and keep what is
     /// written there (default: a fresh temporary directory, removed after).
     #[arg(long)]
@@ -55,6 +60,8 @@ const CHAIN_HASH_BYTES: usize = 32;
 pub struct LogBenchReport {
     pub events: u64,
     pub seconds_per_measurement: f64,
+    /// Rounds each append measurement's seconds were split into.
+    pub rounds: u32,
     /// Bytes of the raw baseline's record: a chain hash and a typical encoded event.
     pub raw_record_bytes: usize,
     pub appends: Vec<AppendFigures>,
@@ -73,7 +80,10 @@ pub struct AppendFigures {
     pub log_appends: u64,
     pub log_appends_per_sec: f64,
     pub log_mean_latency_ms: f64,
-    /// `log_appends_per_sec / raw_records_per_sec`.
+    /// Each round's log appends/s over its raw sled records/s, in the order
+    /// measured.
+    pub round_ratios: Vec<f64>,
+    /// The median of `round_ratios` (with two rounds, their mean).
     pub ratio: f64,
     pub target_ratio: f64,
     pub pass: bool,
@@ -133,9 +143,10 @@ pub fn run(settings: &Settings, args: LogBenchArgs) -> anyhow::Result<ExitCode> 
     let scratch = Scratch::new(args.dir.clone())?;
     if !settings.json {
         println!(
-            "bench log: {} events, {} s per append measurement, in {}",
+            "bench log: {} events, {} s per append measurement in {} rounds (raw sled and the log taking turns), in {}",
             thousands(args.events as f64),
             args.seconds,
+            args.rounds,
             scratch.path.display()
         );
     }
@@ -172,30 +183,45 @@ pub fn measure(args: &LogBenchArgs, dir: &Path, quiet: bool) -> anyhow::Result<L
     let mut appends = Vec::new();
     // The raw baseline of the size figures: the last, so the largest, batch.
     let mut raw_size = (0, 0, 0);
+    let slice = window / args.rounds;
     for concurrency in CONCURRENCY {
-        let raw = appends::raw_sled(
-            &dir.join(format!("raw-{concurrency}")),
-            concurrency,
-            &record,
-            window,
-        )?;
-        raw_size = (concurrency, raw.records, raw.bytes_on_disk);
-        let log = appends::durable_appends(
-            &runtime,
-            &dir.join(format!("appends-{concurrency}")),
-            concurrency,
-            window,
-        )?;
-        let raw_records_per_sec = rate(raw.records, raw.seconds);
-        let log_appends_per_sec = rate(log.appends, log.seconds);
-        let ratio = share(log_appends_per_sec, raw_records_per_sec);
+        let (mut raw_records, mut raw_flushes, mut raw_seconds) = (0, 0, 0.0);
+        let (mut log_appends, mut log_waited, mut log_seconds) = (0, Duration::ZERO, 0.0);
+        let mut round_ratios = Vec::new();
+        for round in 0..args.rounds {
+            let raw = appends::raw_sled(
+                &dir.join(format!("raw-{concurrency}-{round}")),
+                concurrency,
+                &record,
+                slice,
+            )?;
+            let log = appends::durable_appends(
+                &runtime,
+                &dir.join(format!("appends-{concurrency}-{round}")),
+                concurrency,
+                slice,
+            )?;
+            round_ratios.push(share(
+                rate(log.appends, log.seconds),
+                rate(raw.records, raw.seconds),
+            ));
+            raw_size = (concurrency, raw.records, raw.bytes_on_disk);
+            raw_records += raw.records;
+            raw_flushes += raw.flushes;
+            raw_seconds += raw.seconds;
+            log_appends += log.appends;
+            log_waited += log.waited;
+            log_seconds += log.seconds;
+        }
+        let ratio = median(&round_ratios);
         let figures = AppendFigures {
             concurrency,
-            raw_records_per_sec,
-            raw_flushes_per_sec: rate(raw.flushes, raw.seconds),
-            log_appends: log.appends,
-            log_appends_per_sec,
-            log_mean_latency_ms: log.waited.as_secs_f64() * 1000.0 / log.appends.max(1) as f64,
+            raw_records_per_sec: rate(raw_records, raw_seconds),
+            raw_flushes_per_sec: rate(raw_flushes, raw_seconds),
+            log_appends,
+            log_appends_per_sec: rate(log_appends, log_seconds),
+            log_mean_latency_ms: log_waited.as_secs_f64() * 1000.0 / log_appends.max(1) as f64,
+            round_ratios,
             ratio,
             target_ratio: APPEND_TARGET_RATIO,
             pass: ratio >= APPEND_TARGET_RATIO,
@@ -318,6 +344,7 @@ pub fn measure(args: &LogBenchArgs, dir: &Path, quiet: bool) -> anyhow::Result<L
     Ok(LogBenchReport {
         events: args.events,
         seconds_per_measurement: args.seconds,
+        rounds: args.rounds,
         raw_record_bytes: record.len(),
         appends,
         fill,
@@ -437,8 +464,13 @@ fn append_line(f: &AppendFigures) -> String {
     } else {
         "appenders"
     };
+    let rounds: Vec<String> = f
+        .round_ratios
+        .iter()
+        .map(|ratio| format!("{:.0}", ratio * 100.0))
+        .collect();
     format!(
-        "  raw sled batch={:<4}{:>9} rec/s {:>7} flushes/s | log {:>3} {appenders:<9}{:>9} appends/s {:>7.2} ms each ({:>3.0}% of raw)  {}",
+        "  raw sled batch={:<4}{:>9} rec/s {:>7} flushes/s | log {:>3} {appenders:<9}{:>9} appends/s {:>7.2} ms each ({:>3.0}% of raw; rounds {}%)  {}",
         f.concurrency,
         thousands(f.raw_records_per_sec),
         thousands(f.raw_flushes_per_sec),
@@ -446,8 +478,21 @@ fn append_line(f: &AppendFigures) -> String {
         thousands(f.log_appends_per_sec),
         f.log_mean_latency_ms,
         f.ratio * 100.0,
+        rounds.join(", "),
         mark(f.pass)
     )
+}
+
+/// The middle value of `values` (the mean of the middle two for an even
+/// count); 0 for none.
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
 }
 
 pub(super) fn rate(count: u64, seconds: f64) -> f64 {
@@ -463,7 +508,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("a temp dir");
         let args = LogBenchArgs {
             events: 3_000,
-            seconds: 0.05,
+            seconds: 0.06,
+            rounds: 3,
             dir: None,
         };
         let report = measure(&args, dir.path(), true).expect("the bench runs");
@@ -475,6 +521,8 @@ mod tests {
             assert!(figures.log_appends > 0, "{figures:?}");
             assert!(figures.log_appends_per_sec > 0.0, "{figures:?}");
             assert!(figures.ratio > 0.0, "{figures:?}");
+            assert_eq!(figures.round_ratios.len(), 3, "{figures:?}");
+            assert_eq!(figures.ratio, median(&figures.round_ratios), "{figures:?}");
         }
         assert_eq!(report.fill.events, 3_000);
         assert_eq!(report.replay.events, report.fill.events);
@@ -508,6 +556,14 @@ mod tests {
         let fresh = dir.path().join("fresh");
         drop(Scratch::new(Some(fresh.clone())).expect("a missing dir is fine"));
         assert!(fresh.is_dir());
+    }
+
+    #[test]
+    fn the_median_is_the_middle_value_or_the_mean_of_the_middle_two() {
+        assert_eq!(median(&[]), 0.0);
+        assert_eq!(median(&[0.4]), 0.4);
+        assert_eq!(median(&[0.9, 0.2, 0.5]), 0.5);
+        assert_eq!(median(&[0.9, 0.2, 0.5, 0.3]), 0.4);
     }
 
     #[test]
