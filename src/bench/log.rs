@@ -4,7 +4,8 @@
 //! so the ratios hold on a noisy machine:
 //! - durable appends from 1, 16 and 256 concurrent appenders, beside sled's own
 //!   inserts + `flush` of as many records per flush (the best group commit
-//!   could do);
+//!   could do), the two taking turns in rounds (`--rounds`) and compared by
+//!   the median of the rounds' ratios;
 //! - replaying every projection, beside reading and decoding the log alone;
 //! - bytes on disk per event, beside the event's encoded size and beside what
 //!   plain sled takes on disk per raw record (its own share of the ratio).
@@ -21,7 +22,7 @@ use switchboard_projections::Projections;
 
 use super::appends;
 use super::workload;
-use super::{mark, positive_seconds, share, thousands};
+use super::{mark, median, positive_seconds, share, thousands};
 use crate::config::Settings;
 
 #[derive(Debug, clap::Args)]
@@ -481,18 +482,6 @@ fn append_line(f: &AppendFigures) -> String {
         rounds.join(", "),
         mark(f.pass)
     )
-}
-
-/// The middle value of `values` (the mean of the middle two for an even
-/// count); 0 for none.
-fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    match sorted.len() {
-        0 => 0.0,
-        n if n % 2 == 1 => sorted[n / 2],
-        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
-    }
 }
 
 pub(super) fn rate(count: u64, seconds: f64) -> f64 {

@@ -33,6 +33,18 @@ pub(crate) fn share(part: f64, whole: f64) -> f64 {
 }
 
 /// How a target line ends.
+/// The middle value of `values` (the mean of the middle two for an even
+/// count); 0 for none.
+pub(crate) fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
+}
+
 pub(crate) fn mark(pass: bool) -> &'static str {
     if pass {
         "PASS"

@@ -15,6 +15,9 @@
 //!
 //! The service, the clients and the raw responder share this process (and the
 //! machine with `nats-server`), so the clients' own cost weighs on both sides.
+//! At each client count the raw and service windows take turns in rounds
+//! (`--rounds`), so that a slow spell of a shared machine falls on both; the
+//! acks/raw ratio is the median of the rounds' ratios.
 
 pub(crate) mod launcher;
 pub(crate) mod load;
@@ -47,6 +50,11 @@ pub struct NatsBenchArgs {
     /// Seconds each measurement runs (raw flush, raw request/reply, service).
     #[arg(long, default_value_t = 5.0, value_parser = positive_seconds)]
     pub duration_secs: f64,
+    /// Rounds each client count's raw and service seconds are split into,
+    /// the two taking turns, so that a slow spell of the machine weighs on
+    /// both; the acks/raw ratio is the median of the rounds' ratios.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub rounds: u32,
     /// Conversations the clients spread their sends over.
     #[arg(long, default_value_t = 1000, value_parser = positive_count)]
     pub conversations: usize,
@@ -78,6 +86,8 @@ pub struct NatsBenchReport {
     pub clients: Vec<usize>,
     pub connections: usize,
     pub seconds_per_measurement: f64,
+    /// Rounds each client count's seconds were split into.
+    pub rounds: u32,
     pub conversations: usize,
     pub nats_server: String,
     pub memory: MemoryFigures,
@@ -98,7 +108,8 @@ pub struct FlushFigures {
     pub latency: Percentiles,
 }
 
-/// One client count: raw request/reply, then the service.
+/// One client count: raw request/reply and the service, taking turns in
+/// rounds; rates and percentiles are over all the rounds.
 #[derive(Debug, Serialize)]
 pub struct ClientFigures {
     pub clients: usize,
@@ -113,11 +124,14 @@ pub struct ClientFigures {
     pub first_failure: Option<String>,
     /// `reply_completed` events seen on NATS during the service's window.
     pub replies_per_sec: f64,
-    /// Acknowledged sends whose reply had not been seen when the window ended.
+    /// Acknowledged sends whose reply had not been seen when a round's
+    /// window ended, at most.
     pub replies_behind_at_end: u64,
-    /// How long after the window the last reply was seen.
+    /// How long after a round's window its last reply was seen, at most.
     pub reply_drain_seconds: f64,
-    /// `acks_per_sec / raw_requests_per_sec`.
+    /// Each round's acks/s over its raw requests/s, in the order measured.
+    pub round_ratios: Vec<f64>,
+    /// The median of `round_ratios` (with two rounds, their mean).
     pub ratio: f64,
     pub raw_cpu: CpuPerRequest,
     pub service_cpu: CpuPerRequest,
@@ -212,10 +226,11 @@ pub fn measure(args: &NatsBenchArgs, dir: &Path, quiet: bool) -> anyhow::Result<
     let nats = NatsServerProcess::start(&dir.join("nats-server.log"))?;
     let nats_server = nats.bin.display().to_string();
     show(format!(
-        "bench nats: clients {} over {} NATS connections; {} s per measurement; sends to {} conversations (echo agent)\n  nats-server {} on {}; in {}",
+        "bench nats: clients {} over {} NATS connections; {} s per measurement, raw and service taking turns in {} rounds; sends to {} conversations (echo agent)\n  nats-server {} on {}; in {}",
         args.clients.iter().map(usize::to_string).collect::<Vec<_>>().join(","),
         args.connections,
         args.duration_secs,
+        args.rounds,
         thousands(args.conversations as f64),
         nats_server,
         nats.url(),
@@ -333,6 +348,7 @@ pub fn measure(args: &NatsBenchArgs, dir: &Path, quiet: bool) -> anyhow::Result<
         clients: args.clients.clone(),
         connections: args.connections,
         seconds_per_measurement: args.duration_secs,
+        rounds: args.rounds,
         conversations: args.conversations,
         nats_server,
         memory,
@@ -412,6 +428,7 @@ fn mib(bytes: u64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bench::median;
 
     /// Needs a nats-server (`scripts/setup`); fails, never skips, without one.
     #[test]
@@ -420,6 +437,7 @@ mod tests {
         let args = NatsBenchArgs {
             clients: vec![1, 4],
             duration_secs: 0.2,
+            rounds: 2,
             conversations: 10,
             actors: 300,
             connections: 2,
@@ -439,6 +457,8 @@ mod tests {
             assert!(run.ack_latency.p50_ms > 0.0, "{run:?}");
             assert!(run.ack_latency.p50_ms <= run.ack_latency.p999_ms, "{run:?}");
             assert!(run.ratio > 0.0, "{run:?}");
+            assert_eq!(run.round_ratios.len(), 2, "{run:?}");
+            assert_eq!(run.ratio, median(&run.round_ratios), "{run:?}");
         }
         assert!(report.runs.iter().any(|run| run.replies_per_sec > 0.0));
         let latency = report

@@ -47,6 +47,7 @@ pub async fn connect(url: &str, count: usize) -> anyhow::Result<Vec<Bus>> {
 }
 
 /// What one run of concurrent clients did.
+#[derive(Default)]
 pub struct Driven {
     pub ok: u64,
     pub failed: u64,
@@ -54,6 +55,19 @@ pub struct Driven {
     pub seconds: f64,
     /// Of the successful requests, in nanoseconds.
     pub latencies: Vec<u64>,
+}
+
+impl Driven {
+    /// Adds `other`'s requests to these, as one longer window.
+    pub fn absorb(&mut self, other: Driven) {
+        self.ok += other.ok;
+        self.failed += other.failed;
+        if self.first_failure.is_none() {
+            self.first_failure = other.first_failure;
+        }
+        self.seconds += other.seconds;
+        self.latencies.extend(other.latencies);
+    }
 }
 
 /// How long the clients of [`drive`] keep sending.

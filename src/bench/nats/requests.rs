@@ -12,7 +12,7 @@ use switchboard::bus::{Bus, Headers};
 use super::load::{self, Driven, Percentiles, RawResponder, ReplyCounter, Until, RAW_PREFIX};
 use super::{phase, procfs, ClientFigures, CpuPerRequest, NatsBenchArgs, PREFIX};
 use crate::bench::log::rate;
-use crate::bench::{share, thousands};
+use crate::bench::{median, share, thousands};
 
 /// How long to wait for the replies of one measurement before the next.
 const REPLY_DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
@@ -87,61 +87,80 @@ pub async fn measure_requests(
         "acks/raw"
     ));
     let mut runs = Vec::new();
+    let slice = window / args.rounds;
     for &clients in &args.clients {
-        phase(bar, format!("raw request/reply, {clients} clients"));
-        let cpu = CpuMark::now(nats_pid);
-        let mut raw = load::drive(
-            &buses,
-            RAW_PREFIX,
-            &key,
-            clients,
-            args.conversations,
-            Until::Elapsed(window),
-            &format!("raw{clients}"),
-        )
-        .await?;
-        ensure_answered(&raw, "raw request/reply")?;
-        let raw_cpu = cpu.per_request(nats_pid, raw.ok);
+        let mut raw = Driven::default();
+        let mut sent = Driven::default();
+        let (mut raw_cpu, mut service_cpu) = (CpuSpent::default(), CpuSpent::default());
+        let mut round_ratios = Vec::new();
+        let (mut replies_in_windows, mut behind, mut drain, mut caught_up) =
+            (0, 0, Duration::ZERO, true);
+        for round in 1..=args.rounds {
+            let of = format!("{clients} clients, round {round}/{}", args.rounds);
+            phase(bar, format!("raw request/reply, {of}"));
+            let cpu = CpuMark::now(nats_pid);
+            let raw_round = load::drive(
+                &buses,
+                RAW_PREFIX,
+                &key,
+                clients,
+                args.conversations,
+                Until::Elapsed(slice),
+                &format!("raw{clients}-{round}"),
+            )
+            .await?;
+            ensure_answered(&raw_round, "raw request/reply")?;
+            raw_cpu.add(cpu.spent(nats_pid));
 
-        phase(bar, format!("service sends, {clients} clients"));
-        let replies_before = replies.seen();
-        let cpu = CpuMark::now(nats_pid);
-        let mut sent = load::drive(
-            &buses,
-            PREFIX,
-            &key,
-            clients,
-            args.conversations,
-            Until::Elapsed(window),
-            &format!("c{clients}"),
-        )
-        .await?;
-        let replies_in_window = replies.seen().saturating_sub(replies_before);
-        let service_cpu = cpu.per_request(nats_pid, sent.ok);
-        ensure_answered(&sent, "the service")?;
-        acked += sent.ok;
-        let behind = acked.saturating_sub(replies.seen());
-        phase(bar, format!("waiting for the replies of {clients} clients"));
-        let (drain, caught_up) = replies.wait_for(acked, REPLY_DRAIN_TIMEOUT).await;
+            phase(bar, format!("service sends, {of}"));
+            let replies_before = replies.seen();
+            let cpu = CpuMark::now(nats_pid);
+            let sent_round = load::drive(
+                &buses,
+                PREFIX,
+                &key,
+                clients,
+                args.conversations,
+                Until::Elapsed(slice),
+                &format!("c{clients}-{round}"),
+            )
+            .await?;
+            replies_in_windows += replies.seen().saturating_sub(replies_before);
+            service_cpu.add(cpu.spent(nats_pid));
+            ensure_answered(&sent_round, "the service")?;
+            acked += sent_round.ok;
+            behind = behind.max(acked.saturating_sub(replies.seen()));
+            // Every reply comes before the next round, so the service's
+            // leftover work never falls in a raw window.
+            phase(bar, format!("waiting for the replies of {of}"));
+            let (drained, all_came) = replies.wait_for(acked, REPLY_DRAIN_TIMEOUT).await;
+            drain = drain.max(drained);
+            caught_up &= all_came;
+            round_ratios.push(share(
+                rate(sent_round.ok, sent_round.seconds),
+                rate(raw_round.ok, raw_round.seconds),
+            ));
+            raw.absorb(raw_round);
+            sent.absorb(sent_round);
+        }
 
-        let raw_requests_per_sec = rate(raw.ok, raw.seconds);
-        let acks_per_sec = rate(sent.ok, sent.seconds);
         let figures = ClientFigures {
             clients,
-            raw_requests_per_sec,
+            raw_requests_per_sec: rate(raw.ok, raw.seconds),
             raw_latency: Percentiles::of(&mut raw.latencies),
             raw_failed: raw.failed,
             acks: sent.ok,
-            acks_per_sec,
+            acks_per_sec: rate(sent.ok, sent.seconds),
             ack_latency: Percentiles::of(&mut sent.latencies),
             failed: sent.failed,
             first_failure: sent.first_failure.take(),
-            replies_per_sec: rate(replies_in_window, sent.seconds),
+            replies_per_sec: rate(replies_in_windows, sent.seconds),
             replies_behind_at_end: behind,
             reply_drain_seconds: drain.as_secs_f64(),
-            ratio: share(acks_per_sec, raw_requests_per_sec),
-            raw_cpu,
-            service_cpu,
+            ratio: median(&round_ratios),
+            round_ratios,
+            raw_cpu: raw_cpu.per_request(raw.ok),
+            service_cpu: service_cpu.per_request(sent.ok),
         };
         show(client_line(&figures));
         if figures.failed > 0 || figures.raw_failed > 0 {
@@ -157,15 +176,21 @@ pub async fn measure_requests(
             ));
         }
         show(format!(
-            "    CPU per request: raw {} µs here + {} µs nats-server; service {} µs here + {} µs nats-server",
+            "    CPU per request: raw {} µs here + {} µs nats-server; service {} µs here + {} µs nats-server; acks/raw by round: {}",
             thousands(figures.raw_cpu.this_process_us),
             thousands(figures.raw_cpu.nats_server_us),
             thousands(figures.service_cpu.this_process_us),
-            thousands(figures.service_cpu.nats_server_us)
+            thousands(figures.service_cpu.nats_server_us),
+            figures
+                .round_ratios
+                .iter()
+                .map(|ratio| format!("{:.0}%", ratio * 100.0))
+                .collect::<Vec<_>>()
+                .join(", ")
         ));
         if !caught_up || drain >= REPLIES_LATE {
             show(format!(
-                "    {} replies were still to come when the window ended; {} {:.2} s later",
+                "    {} replies were still to come when a round's window ended (at most); {} {:.2} s later",
                 thousands(figures.replies_behind_at_end as f64),
                 if caught_up {
                     "all came"
@@ -252,11 +277,37 @@ impl CpuMark {
 
     /// Per request of `requests`, since `self`.
     pub(crate) fn per_request(self, nats_pid: u32, requests: u64) -> CpuPerRequest {
+        self.spent(nats_pid).per_request(requests)
+    }
+
+    /// What each spent since `self`.
+    pub(crate) fn spent(self, nats_pid: u32) -> CpuSpent {
         let now = CpuMark::now(nats_pid);
+        CpuSpent {
+            this_process: now.this_process - self.this_process,
+            nats_server: now.nats_server - self.nats_server,
+        }
+    }
+}
+
+/// CPU seconds spent by this process and by `nats-server`, summed over windows.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct CpuSpent {
+    this_process: f64,
+    nats_server: f64,
+}
+
+impl CpuSpent {
+    fn add(&mut self, more: CpuSpent) {
+        self.this_process += more.this_process;
+        self.nats_server += more.nats_server;
+    }
+
+    fn per_request(self, requests: u64) -> CpuPerRequest {
         let per = |seconds: f64| share(seconds * 1e6, requests as f64);
         CpuPerRequest {
-            this_process_us: per(now.this_process - self.this_process),
-            nats_server_us: per(now.nats_server - self.nats_server),
+            this_process_us: per(self.this_process),
+            nats_server_us: per(self.nats_server),
         }
     }
 }
