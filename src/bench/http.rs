@@ -3,9 +3,8 @@
 //!
 //! - keyed sends: `POST /v1/conversations/{id}/messages` (202 once stored)
 //!   from `--connections` HTTP/1.1 keep-alive connections, beside
-//!   `sb.conv.<id>.send` from as many NATS clients — the front is a bus
-//!   client, so the NATS path is its ceiling — the two taking turns in
-//!   rounds (`--rounds`) and compared by the median of the rounds' ratios;
+//!   `sb.conv.<id>.send` from as many NATS clients measured just before —
+//!   the front is a bus client, so the NATS path is its ceiling;
 //! - streamed chat completions (`/v1/chat/completions`, `stream: true`)
 //!   against the `echo` agent: whole streams per second and the time to the
 //!   first chunk;
@@ -36,9 +35,9 @@ use super::log::rate;
 use super::nats::launcher::NatsServerProcess;
 use super::nats::load::{self, Driven, Percentiles, ReplyCounter, Until};
 use super::nats::procfs;
-use super::nats::requests::{CpuMark, CpuSpent};
+use super::nats::requests::CpuMark;
 use super::nats::{phase, progress_bar, CpuPerRequest, Scratch};
-use super::{mark, median, positive_count, positive_seconds, share, thousands};
+use super::{mark, positive_count, positive_seconds, share, thousands};
 use crate::config::Settings;
 use proxy::{FakeUpstream, PacedFigures};
 
@@ -51,11 +50,6 @@ pub struct HttpBenchArgs {
     /// Seconds each measurement runs.
     #[arg(long, default_value_t = 5.0, value_parser = positive_seconds)]
     pub duration_secs: f64,
-    /// Rounds the keyed sends' seconds are split into, NATS and HTTP taking
-    /// turns, so that a slow spell of the machine weighs on both; HTTP/NATS
-    /// is the median of the rounds' ratios.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
-    pub rounds: u32,
     /// Conversations the sends and streams spread over.
     #[arg(long, default_value_t = 1000, value_parser = positive_count)]
     pub conversations: usize,
@@ -118,14 +112,9 @@ pub struct ClosedFigures {
 
 impl ClosedFigures {
     /// Of `driven`, which ran since `cpu` was marked.
-    fn of(driven: Driven, cpu: CpuMark, nats_pid: u32) -> ClosedFigures {
-        ClosedFigures::spending(driven, cpu.spent(nats_pid))
-    }
-
-    /// Of `driven`, which took `cpu`.
-    fn spending(mut driven: Driven, cpu: CpuSpent) -> ClosedFigures {
+    fn of(mut driven: Driven, cpu: CpuMark, nats_pid: u32) -> ClosedFigures {
         ClosedFigures {
-            cpu: cpu.per_request(driven.ok),
+            cpu: cpu.per_request(nats_pid, driven.ok),
             ok: driven.ok,
             per_sec: rate(driven.ok, driven.seconds),
             latency: Percentiles::of(&mut driven.latencies),
@@ -147,9 +136,7 @@ pub struct StreamFigures {
 pub struct SendTarget {
     pub http_acks_per_sec: f64,
     pub nats_acks_per_sec: f64,
-    /// Each round's HTTP acks/s over its NATS acks/s, in the order measured.
-    pub round_ratios: Vec<f64>,
-    /// The median of `round_ratios` (with two rounds, their mean).
+    /// `http_acks_per_sec / nats_acks_per_sec`.
     pub ratio: f64,
     pub target_ratio: f64,
     pub pass: bool,
@@ -246,15 +233,13 @@ pub fn measure(
     let load_after = load_average();
     show(format!("load average after: {}", loads(load_after)));
 
-    let (nats_send, http_send, round_ratios, chat_stream, proxy_runs) = report;
-    let ratio = median(&round_ratios);
+    let (nats_send, http_send, chat_stream, proxy_runs) = report;
     let send_target = SendTarget {
         http_acks_per_sec: http_send.per_sec,
         nats_acks_per_sec: nats_send.per_sec,
-        round_ratios,
-        ratio,
+        ratio: share(http_send.per_sec, nats_send.per_sec),
         target_ratio: SEND_TARGET_RATIO,
-        pass: ratio >= SEND_TARGET_RATIO,
+        pass: share(http_send.per_sec, nats_send.per_sec) >= SEND_TARGET_RATIO,
     };
     let first = proxy_runs.first().context("the proxy was not measured")?;
     let sustained = first.direct.sustained && first.proxied.sustained;
@@ -269,7 +254,7 @@ pub fn measure(
     };
     show("targets".into());
     show(format!(
-        "  HTTP sends >= {:.0}% of NATS sends at {} connections: {} vs {} acks/s ({:.0}%, the median of the rounds)  {}",
+        "  HTTP sends >= {:.0}% of NATS sends at {} connections: {} vs {} acks/s ({:.0}%)  {}",
         SEND_TARGET_RATIO * 100.0,
         args.connections,
         thousands(send_target.http_acks_per_sec),
@@ -331,14 +316,7 @@ async fn start_service(
         .context("the service did not start")
 }
 
-/// NATS sends, HTTP sends, the rounds' HTTP/NATS ratios, streams, proxy runs.
-type Measured = (
-    ClosedFigures,
-    ClosedFigures,
-    Vec<f64>,
-    StreamFigures,
-    Vec<ProxyRun>,
-);
+type Measured = (ClosedFigures, ClosedFigures, StreamFigures, Vec<ProxyRun>);
 
 /// What the measurements run against.
 struct Running<'a> {
@@ -406,85 +384,44 @@ async fn measure_all(
         "  {:<46} | {:>10} {:>8} {:>8} {:>8} | {:>6} | {}",
         "path", "acks/s", "p50 ms", "p99 ms", "p99.9 ms", "failed", CPU_HEADER
     ));
-    let slice = window / args.rounds;
-    let (mut nats, mut http) = (Driven::default(), Driven::default());
-    let (mut nats_cpu, mut http_cpu) = (CpuSpent::default(), CpuSpent::default());
-    let mut round_ratios = Vec::new();
-    for round in 1..=args.rounds {
-        let of = format!("round {round}/{}", args.rounds);
-        phase(
-            bar,
-            format!("NATS sends, {} clients, {of}", args.connections),
-        );
-        settle().await;
-        let cpu = CpuMark::now(nats_pid);
-        let nats_round = load::drive(
-            &buses,
-            PREFIX,
-            &key,
-            args.connections,
-            args.conversations,
-            Until::Elapsed(slice),
-            &format!("nats-{round}"),
-        )
-        .await?;
-        nats_cpu.add(cpu.spent(nats_pid));
-        acked += nats_round.ok;
-        phase(
-            bar,
-            format!("waiting for the replies of the NATS sends, {of}"),
-        );
-        replies.wait_for(acked, REPLY_DRAIN_TIMEOUT).await;
-
-        phase(
-            bar,
-            format!("HTTP sends, {} connections, {of}", args.connections),
-        );
-        settle().await;
-        let cpu = CpuMark::now(nats_pid);
-        let http_round = clients::sends(
-            base,
-            &key,
-            args.connections,
-            args.conversations,
-            slice,
-            &format!("http-{round}"),
-        )
-        .await?;
-        http_cpu.add(cpu.spent(nats_pid));
-        acked += http_round.ok;
-        phase(
-            bar,
-            format!("waiting for the replies of the HTTP sends, {of}"),
-        );
-        replies.wait_for(acked, REPLY_DRAIN_TIMEOUT).await;
-
-        round_ratios.push(share(
-            rate(http_round.ok, http_round.seconds),
-            rate(nats_round.ok, nats_round.seconds),
-        ));
-        nats.absorb(nats_round);
-        http.absorb(http_round);
-    }
-    let nats = ClosedFigures::spending(nats, nats_cpu);
-    let http = ClosedFigures::spending(http, http_cpu);
+    phase(bar, format!("NATS sends, {} clients", args.connections));
+    settle().await;
+    let cpu = CpuMark::now(nats_pid);
+    let nats = load::drive(
+        &buses,
+        PREFIX,
+        &key,
+        args.connections,
+        args.conversations,
+        Until::Elapsed(window),
+        "nats",
+    )
+    .await?;
+    acked += nats.ok;
+    let nats = ClosedFigures::of(nats, cpu, nats_pid);
     show(closed_line(
         &format!("NATS {PREFIX}.conv.<id>.send (baseline)"),
         &nats,
     ));
+    phase(bar, "waiting for the replies of the NATS sends".into());
+    replies.wait_for(acked, REPLY_DRAIN_TIMEOUT).await;
+
+    phase(bar, format!("HTTP sends, {} connections", args.connections));
+    settle().await;
+    let cpu = CpuMark::now(nats_pid);
+    let http = clients::sends(base, &key, args.connections, args.conversations, window).await?;
+    acked += http.ok;
+    let http = ClosedFigures::of(http, cpu, nats_pid);
     show(closed_line(
         "HTTP POST /v1/conversations/{id}/messages",
         &http,
     ));
     show(format!(
-        "  HTTP/NATS: {:.0}% (median of the rounds: {})",
-        median(&round_ratios) * 100.0,
-        round_ratios
-            .iter()
-            .map(|ratio| format!("{:.0}%", ratio * 100.0))
-            .collect::<Vec<_>>()
-            .join(", ")
+        "  HTTP/NATS: {:.0}%",
+        share(http.per_sec, nats.per_sec) * 100.0
     ));
+    phase(bar, "waiting for the replies of the HTTP sends".into());
+    replies.wait_for(acked, REPLY_DRAIN_TIMEOUT).await;
 
     phase(
         bar,
@@ -559,7 +496,7 @@ async fn measure_all(
         }
         offered = lower;
     }
-    Ok((nats, http, round_ratios, chat_stream, proxy_runs))
+    Ok((nats, http, chat_stream, proxy_runs))
 }
 
 fn closed_line(path: &str, f: &ClosedFigures) -> String {
@@ -640,7 +577,6 @@ mod tests {
         let args = HttpBenchArgs {
             connections: 4,
             duration_secs: 0.3,
-            rounds: 2,
             conversations: 10,
             nats_connections: 2,
             proxy_rate: 50,
@@ -660,10 +596,7 @@ mod tests {
         let streams = &report.chat_stream;
         assert!(streams.first_chunk.p50_ms > 0.0, "{streams:?}");
         assert!(streams.first_chunk.p50_ms <= streams.streams.latency.p999_ms);
-        let sends = &report.send_target;
-        assert!(sends.ratio > 0.0, "{sends:?}");
-        assert_eq!(sends.round_ratios.len(), 2, "{sends:?}");
-        assert_eq!(sends.ratio, median(&sends.round_ratios), "{sends:?}");
+        assert!(report.send_target.ratio > 0.0);
         assert_eq!(report.proxy_runs.len(), 2, "{:?}", report.proxy_runs);
         // The low rate, or lower still when the first rate was not sustained:
         // in a 0.3 s window a few slow answers are enough for that.

@@ -58,24 +58,21 @@ pub async fn issue_key(base: &str, admin_key: &str) -> anyhow::Result<String> {
 }
 
 /// `POST /v1/conversations/{id}/messages` for `window`; ok is a 202.
-/// Message ids start with `run`, so that no run resends another's.
 pub async fn sends(
     base: &str,
     key: &str,
     connections: usize,
     conversations: usize,
     window: Duration,
-    run: &str,
 ) -> anyhow::Result<Driven> {
     let headers = keyed(key, None)?;
     let base = base.to_owned();
-    let run = run.to_owned();
     let (driven, _) = closed_loop(connections, window, move |http, client, slot, sent| {
         let id = workload::conversation_id((slot % conversations) as u64);
         let request = http
             .post(format!("{base}/v1/conversations/{id}/messages"))
             .headers(headers.clone())
-            .json(&json!({ "content": CONTENT, "message_id": format!("{run}-{client}-{sent}") }));
+            .json(&json!({ "content": CONTENT, "message_id": format!("http-{client}-{sent}") }));
         async move {
             let response = request.send().await.map_err(|e| e.to_string())?;
             let status = response.status();
