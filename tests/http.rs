@@ -335,6 +335,135 @@ async fn the_event_stream_resumes_after_last_event_id() {
     front.server.shutdown().await;
 }
 
+/// Reads an open SSE body until `done` holds for the text so far, or until it
+/// ends; the text read.
+async fn read_sse_until(response: reqwest::Response, done: impl Fn(&str) -> bool) -> String {
+    let mut stream = response.bytes_stream();
+    let mut text = String::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !done(&text) {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let Ok(chunk) = tokio::time::timeout(left, stream.next()).await else {
+            panic!("the stream stalled after {text}");
+        };
+        let Some(chunk) = chunk else { break };
+        text.push_str(&String::from_utf8_lossy(&chunk.expect("bytes")));
+    }
+    text
+}
+
+#[tokio::test]
+async fn an_event_stream_shows_nothing_of_a_conversation_another_key_starts() {
+    let front = Front::start().await;
+    let (_, watcher) = front.issue(json!({ "name": "watcher" })).await;
+    let (_, owner) = front.issue(json!({ "name": "owner" })).await;
+    // Opened before anybody started the conversation: allowed, and empty.
+    let watching = front
+        .request(Method::GET, "/v1/conversations/s42/events", Some(&watcher))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(watching.status(), StatusCode::OK);
+
+    let response = front
+        .call(
+            Method::POST,
+            "/v1/conversations/s42/messages",
+            Some(&owner),
+            Some(json!({ "content": "the secret of the owner" })),
+        )
+        .await;
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    front.history_of(&owner, "s42", 2).await;
+
+    // The watcher's stream ends with `forbidden` at the first sign of the
+    // conversation, and shows none of it.
+    let text = read_sse_until(watching, |_| false).await;
+    assert!(text.contains("event: error"), "{text}");
+    assert!(text.contains("\"code\":\"forbidden\""), "{text}");
+    assert!(!text.contains("secret"), "{text}");
+    assert!(!text.contains("id:"), "no stored event was sent: {text}");
+    front.server.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_erased_conversations_events_hold_no_content_and_a_revoked_key_stops_following() {
+    let front = Front::start().await;
+    let (key_id, key) = front.issue(json!({ "name": "ana" })).await;
+    let send = |content: &'static str| {
+        front.call(
+            Method::POST,
+            "/v1/conversations/e1/messages",
+            Some(&key),
+            Some(json!({ "content": content })),
+        )
+    };
+    send("the old secret").await;
+    front.history_of(&key, "e1", 2).await;
+    let erase = || {
+        front.call(
+            Method::DELETE,
+            "/admin/conversations/e1",
+            Some(ADMIN_KEY),
+            None,
+        )
+    };
+    assert_eq!(erase().await.status(), StatusCode::OK);
+    send("after the erasure").await;
+    front.history_of(&key, "e1", 2).await;
+
+    let events = front
+        .request(Method::GET, "/v1/conversations/e1/events", Some(&key))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(events.status(), StatusCode::OK);
+    let mut stream = Box::pin(events.bytes_stream());
+    let mut text = String::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !text.contains("echo: after the erasure") {
+        assert!(tokio::time::Instant::now() < deadline, "only got {text}");
+        let chunk = tokio::time::timeout(WAIT, stream.next())
+            .await
+            .expect("moves")
+            .expect("open");
+        text.push_str(&String::from_utf8_lossy(&chunk.expect("bytes")));
+    }
+    assert!(!text.contains("secret"), "{text}");
+    let before_erasure = text
+        .split("event: conversation_erased")
+        .next()
+        .expect("a part");
+    assert_eq!(
+        before_erasure.matches("\"content\":\"\"").count(),
+        2,
+        "{text}"
+    );
+
+    // Revoked, the key sees no more: the stream ends at the next stored event.
+    let revoked = front
+        .call(
+            Method::DELETE,
+            &format!("/admin/keys/{key_id}"),
+            Some(ADMIN_KEY),
+            None,
+        )
+        .await;
+    assert_eq!(revoked.status(), StatusCode::OK);
+    assert_eq!(erase().await.status(), StatusCode::OK);
+    let mut rest = String::new();
+    while let Some(chunk) = tokio::time::timeout(WAIT, stream.next())
+        .await
+        .expect("the stream ends")
+    {
+        rest.push_str(&String::from_utf8_lossy(&chunk.expect("bytes")));
+    }
+    assert!(rest.contains("event: error"), "{rest}");
+    assert!(rest.contains("\"code\":\"unauthorized\""), "{rest}");
+    assert!(!rest.contains("conversation_erased"), "{rest}");
+    front.server.shutdown().await;
+}
+
 #[tokio::test]
 async fn admin_routes_issue_list_revoke_report_audit_and_erase() {
     let front = Front::start().await;

@@ -564,15 +564,20 @@ impl Gateway {
             })?;
         if let Some(conversation) = &conversation {
             if conversation.summary.key_id != caller.record.key_id && !caller.has(Scope::Admin) {
-                let failure = AuthFailure::forbidden(
-                    "not_owner",
-                    "the conversation was started by another key",
-                    caller,
-                );
-                return Err(self.auth.refuse(failure, meta).await);
+                return Err(self.refuse_not_owner(caller, meta).await);
             }
         }
         Ok(conversation)
+    }
+
+    /// `forbidden`, audited: the conversation was started by another key.
+    async fn refuse_not_owner(&self, caller: &Caller, meta: &RequestMeta) -> GatewayError {
+        let failure = AuthFailure::forbidden(
+            "not_owner",
+            "the conversation was started by another key",
+            caller,
+        );
+        self.auth.refuse(failure, meta).await
     }
 
     /// The caller's rate-limit figures, as reply headers.

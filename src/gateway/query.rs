@@ -5,7 +5,7 @@
 //! | subject | scope | body | reply |
 //! |---|---|---|---|
 //! | `…conv.list` | chat/admin | `{"after"?, "limit"?}` | `{"ok":true,"conversations":[summary…]}`: the caller's |
-//! | `…conv.<id>.events` | chat/admin, owner or admin | `{"after_seq"?, "limit"?}` | `{"ok":true,"events":[envelope…],"head"}`: stored events after `after_seq` |
+//! | `…conv.<id>.events` | chat/admin, owner or admin | `{"after_seq"?, "after_version"?, "limit"?}` | `{"ok":true,"events":[envelope…],"head"}`: stored events after `after_seq`, messages before the last erasure with empty `content` |
 //! | `…usage` | chat/admin | `{}` | `{"ok":true,"key_id","name","limits","budget","spent":{requests,tokens_in,tokens_out,cost_micros,…},"budgets":[{scope,subject_id,period,period_start,budget_micros,spent_micros,remaining_micros}],"rate_limit":{remaining_requests,remaining_tokens,reset_ms}}` |
 //! | `…agents` | chat/admin | `{}` | `{"ok":true,"agents":[{"name","default"}]}` |
 //! | `…admin.costs` | admin | `{"by","since"?,"until"?}` (days `YYYY-MM-DD`) | `{"ok":true,"by","rows":[{group,requests,tokens_in,tokens_out,cost_micros,…}]}` |
@@ -17,7 +17,7 @@ use chrono::{DateTime, NaiveDate, Utc};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use switchboard_events::catalog::Scope;
-use switchboard_events::StreamId;
+use switchboard_events::{Envelope, Event, EventLog, ReadError, StreamId};
 use switchboard_projections::{AuditQuery, CostGroup};
 
 use super::auth::Caller;
@@ -46,6 +46,10 @@ struct ListRequest {
 struct EventsRequest {
     #[serde(default)]
     after_seq: u64,
+    /// The stream version of the event at `after_seq`, when the caller knows
+    /// it: the read then starts past it instead of at the stream's start.
+    #[serde(default)]
+    after_version: u64,
     #[serde(default)]
     limit: Option<usize>,
 }
@@ -120,7 +124,11 @@ impl Gateway {
     }
 
     /// `…conv.<id>.events`: the conversation's stored events after a seq, for
-    /// a live view resuming where it left off.
+    /// a live view resuming where it left off. The owner is read from the
+    /// stream itself (its `conversation_started`), so a conversation started
+    /// between two pages is checked as well as one that existed before; the
+    /// content of every message before the stream's last erasure is emptied,
+    /// as the history shows none.
     pub(super) async fn conversation_events(
         &self,
         message: &Message,
@@ -131,26 +139,37 @@ impl Gateway {
             .keyed(message, &[Scope::Chat, Scope::Admin], meta)
             .await?;
         let request: EventsRequest = body(message)?;
-        self.owned_conversation(&caller, conversation_id, meta)
-            .await?;
         let limit = request.limit.unwrap_or(MAX_EVENTS).clamp(1, MAX_EVENTS);
         let log = self.log.clone();
         let stream = StreamId::conversation(conversation_id)
             .map_err(|e| GatewayError::InvalidRequest(e.to_string()))?;
         let head = log.head();
-        let events = tokio::task::spawn_blocking(move || {
-            log.read_stream(&stream, 1)
-                .filter(|e| e.as_ref().map_or(true, |e| e.seq > request.after_seq))
-                .take(limit)
-                .map(|e| e.map(|e| serde_json::to_value(e).expect("envelopes serialize")))
-                .collect::<Result<Vec<Value>, _>>()
-        })
-        .await
-        .map_err(|e| GatewayError::Internal(format!("the read failed: {e}")))?
-        .map_err(|error| {
-            tracing::error!(%error, "cannot read a conversation's stream");
-            GatewayError::Unavailable("the conversation cannot be read".into())
-        })?;
+        let page = tokio::task::spawn_blocking(move || events_page(&log, &stream, &request, limit))
+            .await
+            .map_err(|e| GatewayError::Internal(format!("the read failed: {e}")))?
+            .map_err(|error| {
+                tracing::error!(%error, "cannot read a conversation's stream");
+                GatewayError::Unavailable("the conversation cannot be read".into())
+            })?;
+        match page.owner {
+            Owner::Key(owner) => {
+                if owner != caller.record.key_id && !caller.has(Scope::Admin) {
+                    return Err(self.refuse_not_owner(&caller, meta).await);
+                }
+            }
+            Owner::Nobody => {}
+            // Not written by this version: the history view decides.
+            Owner::Unknown => {
+                self.owned_conversation(&caller, conversation_id, meta)
+                    .await?;
+            }
+        }
+        let events = page
+            .events
+            .iter()
+            .map(serde_json::to_value)
+            .collect::<Result<Vec<Value>, _>>()
+            .map_err(|e| GatewayError::Internal(format!("an event did not encode: {e}")))?;
         Ok(
             json!({ "ok": true, "conversation_id": conversation_id, "events": events, "head": head }),
         )
@@ -325,4 +344,63 @@ impl Gateway {
         self.note_rate(&caller, meta).await;
         Ok(caller)
     }
+}
+
+/// Who started a conversation, by its stream's first event.
+#[derive(Debug, PartialEq)]
+enum Owner {
+    /// The key of its `conversation_started`.
+    Key(String),
+    /// The stream is empty: nobody started it (yet).
+    Nobody,
+    /// The stream does not begin with `conversation_started`.
+    Unknown,
+}
+
+/// One page of `conv.<id>.events`.
+#[derive(Debug)]
+struct EventsPage {
+    owner: Owner,
+    events: Vec<Envelope>,
+}
+
+/// Reads who owns `stream` and its first `limit` events past the request's
+/// position. The rest of the stream is read too, to find its last erasure:
+/// the page's messages before it have their content emptied.
+fn events_page(
+    log: &EventLog,
+    stream: &StreamId,
+    request: &EventsRequest,
+    limit: usize,
+) -> Result<EventsPage, ReadError> {
+    let owner = match log.read_stream(stream, 1).next().transpose()? {
+        None => Owner::Nobody,
+        Some(Envelope {
+            event: Event::ConversationStarted(started),
+            ..
+        }) => Owner::Key(started.key_id),
+        Some(_) => Owner::Unknown,
+    };
+    let mut events = Vec::new();
+    let mut last_erasure = 0;
+    for envelope in log.read_stream(stream, request.after_version.saturating_add(1)) {
+        let envelope = envelope?;
+        if envelope.seq <= request.after_seq {
+            continue;
+        }
+        if matches!(envelope.event, Event::ConversationErased(_)) {
+            last_erasure = envelope.seq;
+        }
+        if events.len() < limit {
+            events.push(envelope);
+        }
+    }
+    for envelope in events.iter_mut().take_while(|e| e.seq < last_erasure) {
+        match &mut envelope.event {
+            Event::MessageReceived(message) => message.content.clear(),
+            Event::ReplyCompleted(reply) => reply.content.clear(),
+            _ => {}
+        }
+    }
+    Ok(EventsPage { owner, events })
 }

@@ -297,7 +297,10 @@ fn stored_event(envelope: &Value) -> Event {
     description = "The conversation's stored events after `Last-Event-ID`, then live ones, \
         as SSE events named by their type with an `Envelope` as data and its seq as id; \
         `reply_delta` events (`ReplyDelta`, no id) pass through live. Open until the \
-        client leaves.",
+        client leaves, or until an `error` event ends it: the key and its right to the \
+        conversation are checked again at every stored event, so a revoked key, or a \
+        conversation another key starts, ends the stream. Messages before the last \
+        erasure come with empty `content`.",
     params(
         ("id" = String, Path, description = "The conversation"),
         ("Last-Event-ID" = Option<u64>, Header, description = "Resume after this seq (default 0: from the start)"),
@@ -339,81 +342,117 @@ pub async fn events(
     let mut rate_headers = HeaderMap::new();
     copy_rate_headers(&first.headers, &mut rate_headers);
     let (sender, received) = mpsc::channel(SSE_BUFFER);
-    tokio::spawn(stream_events(
-        state.closing.clone(),
-        state.core.clone(),
-        headers,
+    let follower = Follower {
+        core: state.core.clone(),
+        caller: headers,
         subject,
-        (after, first.body),
-        live,
+        last_seq: after,
+        last_version: 0,
+        owned: false,
         sender,
-    ));
+    };
+    tokio::spawn(follower.run(state.closing.clone(), first.body, live));
     Ok((rate_headers, sse(received)).into_response())
 }
 
-async fn stream_events(
-    closing: watch::Receiver<bool>,
+/// One client's `/events` stream. Stored events reach it only through
+/// `conv.<id>.events`, which checks the key and its right to the
+/// conversation on every page; a live event is only the sign that there is
+/// more to read. So a key revoked, or a conversation another key started
+/// after the stream opened, ends the stream with an `error` event at its
+/// next stored event; and an event the bus dropped on the way (a slow client,
+/// a reconnect) is read with the next one, never skipped.
+struct Follower {
     core: Core,
     caller: HeaderMap,
     subject: String,
-    (mut last, mut page): (u64, Value),
-    mut live: Subscription,
+    /// The seq and stream version of the last stored event sent.
+    last_seq: u64,
+    last_version: u64,
+    /// A page with an event came back: the caller may read this conversation,
+    /// so its `reply_delta`s, which are not stored, may be passed on.
+    owned: bool,
     sender: mpsc::Sender<Event>,
-) {
-    // Stored events, page by page.
-    loop {
-        let stored = page["events"].as_array().cloned().unwrap_or_default();
-        if stored.is_empty() {
-            break;
+}
+
+/// The client left or the stream ended with an `error` event.
+struct Ended;
+
+impl Follower {
+    async fn run(mut self, closing: watch::Receiver<bool>, first: Value, mut live: Subscription) {
+        if self.send_page(first).await.is_err() || self.catch_up().await.is_err() {
+            return;
         }
-        for envelope in &stored {
-            if sender.send(stored_event(envelope)).await.is_err() {
-                return;
-            }
-            last = envelope["seq"].as_u64().unwrap_or(last);
-        }
-        match core
-            .request(&subject, &caller, &json!({ "after_seq": last }))
-            .await
-        {
-            Ok(next) => page = next.body,
-            Err(error) => {
-                let _ = sender
-                    .send(event(
-                        "error",
-                        &json!({ "code": error.code, "message": error.message }),
-                    ))
-                    .await;
+        loop {
+            let message = tokio::select! {
+                message = live.recv() => message,
+                () = self.sender.closed() => return,
+                () = closed(closing.clone()) => return,
+            };
+            let Some(message) = message else { return };
+            let Ok(body) = serde_json::from_slice::<Value>(&message.payload) else {
+                continue;
+            };
+            let more = if message.subject.ends_with(".reply_delta") {
+                self.pass_delta(body).await
+            } else if body["seq"].as_u64().is_some_and(|seq| seq > self.last_seq) {
+                self.catch_up().await
+            } else {
+                Ok(())
+            };
+            if more.is_err() {
                 return;
             }
         }
     }
-    // Then live ones, skipping what was already sent.
-    loop {
-        let message = tokio::select! {
-            message = live.recv() => message,
-            () = sender.closed() => return,
-            () = closed(closing.clone()) => return,
-        };
-        let Some(message) = message else { return };
-        let Ok(body) = serde_json::from_slice::<Value>(&message.payload) else {
-            continue;
-        };
-        if message.subject.ends_with(".reply_delta") {
-            if sender.send(event("reply_delta", &body)).await.is_err() {
-                return;
+
+    /// A delta of a conversation the caller has been shown to own; before
+    /// that, the stored events are read first (which checks).
+    async fn pass_delta(&mut self, delta: Value) -> Result<(), Ended> {
+        if !self.owned {
+            self.catch_up().await?;
+        }
+        if self.owned {
+            self.send(event("reply_delta", &delta)).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends the stored events past the last one sent, page by page.
+    async fn catch_up(&mut self) -> Result<(), Ended> {
+        loop {
+            let request = json!({ "after_seq": self.last_seq, "after_version": self.last_version });
+            let page = match self
+                .core
+                .request(&self.subject, &self.caller, &request)
+                .await
+            {
+                Ok(page) => page.body,
+                Err(error) => {
+                    let error = json!({ "code": error.code, "message": error.message });
+                    let _ = self.send(event("error", &error)).await;
+                    return Err(Ended);
+                }
+            };
+            if !self.send_page(page).await? {
+                return Ok(());
             }
-            continue;
         }
-        let Some(seq) = body["seq"].as_u64() else {
-            continue;
-        };
-        if seq <= last {
-            continue;
+    }
+
+    /// Sends one page's events; whether it held any.
+    async fn send_page(&mut self, page: Value) -> Result<bool, Ended> {
+        let stored = page["events"].as_array().cloned().unwrap_or_default();
+        for envelope in &stored {
+            self.send(stored_event(envelope)).await?;
+            self.last_seq = envelope["seq"].as_u64().unwrap_or(self.last_seq);
+            self.last_version = envelope["version"].as_u64().unwrap_or(self.last_version);
+            self.owned = true;
         }
-        last = seq;
-        if sender.send(stored_event(&body)).await.is_err() {
-            return;
-        }
+        Ok(!stored.is_empty())
+    }
+
+    async fn send(&self, event: Event) -> Result<(), Ended> {
+        self.sender.send(event).await.map_err(|_| Ended)
     }
 }
