@@ -355,6 +355,32 @@ async fn an_idempotency_key_makes_a_retry_the_same_message() {
     assert_eq!(chunks[0]["id"], first.body["id"]);
     assert_eq!(streamed_text(&chunks), "echo: only once");
     front.history_of(&key, "idem", 2).await;
+
+    // Without X-Conversation-Id the retry finds the first attempt's
+    // conversation; another key's request with the same idempotency key
+    // is its own.
+    let other = front.issue(json!({ "name": "bo" })).await;
+    let send = |key: &str| {
+        front
+            .request(Method::POST, COMPLETIONS, Some(key))
+            .header("Idempotency-Key", "no-conversation-id")
+            .json(&chat("echo", "just once"))
+    };
+    let first = Front::answer(send(&key)).await;
+    let again = Front::answer(send(&key)).await;
+    let others = Front::answer(send(&other)).await;
+    for answer in [&first, &again, &others] {
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+    }
+    let conversation = conversation_header(&first.headers);
+    assert_eq!(conversation_header(&again.headers), conversation);
+    assert_eq!(again.body["id"], first.body["id"]);
+    assert_ne!(conversation_header(&others.headers), conversation);
+    let history = front.history_of(&key, &conversation, 2).await;
+    assert_eq!(history["messages"][0]["content"], json!("just once"));
+    front
+        .history_of(&other, &conversation_header(&others.headers), 2)
+        .await;
     front.server.shutdown().await;
 }
 

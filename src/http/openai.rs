@@ -29,7 +29,9 @@
 //! would be a new message. A request with an `Idempotency-Key` header (the
 //! SDKs send none unless told, e.g. with `extra_headers`) sends it as the
 //! message id, so a retry is the same message: stored once, and answered
-//! with the turn's stored end.
+//! with the turn's stored end. Without `X-Conversation-Id`, such a request's
+//! conversation is derived from the key and the idempotency key, so that
+//! the retry finds the first attempt's conversation.
 //!
 //! **Errors** are OpenAI's shape, `{"error":{"message","type","param","code"}}`,
 //! which SDKs turn into their typed exceptions. Bad parameters get **400**, as
@@ -191,8 +193,14 @@ async fn chat_completions(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, OpenAiError> {
     let body = body.map_err(body_rejection)?;
-    let checked = ChatRequest::parse(&body)
-        .and_then(|request| Ok((request, conversation_of(&caller)?, message_id_of(&caller)?)));
+    let checked = ChatRequest::parse(&body).and_then(|request| {
+        let message_id = message_id_of(&caller)?;
+        Ok((
+            request,
+            conversation_of(&caller, message_id.as_deref())?,
+            message_id,
+        ))
+    });
     let known = |model: &str| {
         let known = state.known_agents.read().expect("agents lock");
         known.contains(model)

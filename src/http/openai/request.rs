@@ -132,10 +132,19 @@ fn text_of(content: &Value, index: usize) -> Result<String, OpenAiError> {
     Ok(text)
 }
 
-/// The conversation: `X-Conversation-Id` when given (and valid), else a new id.
-pub(super) fn conversation_of(headers: &HeaderMap) -> Result<String, OpenAiError> {
+/// The conversation: `X-Conversation-Id` when given (and valid). Else, for a
+/// request with an `Idempotency-Key` (`message_id`), one derived from it and
+/// the caller's key, so that a retry lands in the same conversation and is
+/// the same message there; else a new id.
+pub(super) fn conversation_of(
+    headers: &HeaderMap,
+    message_id: Option<&str>,
+) -> Result<String, OpenAiError> {
     let Some(value) = headers.get(&CONVERSATION_HEADER) else {
-        return Ok(format!("chat-{}", uuid::Uuid::now_v7().simple()));
+        return Ok(match message_id {
+            Some(message_id) => retried_conversation(headers, message_id),
+            None => format!("chat-{}", uuid::Uuid::now_v7().simple()),
+        });
     };
     let id = value
         .to_str()
@@ -144,6 +153,23 @@ pub(super) fn conversation_of(headers: &HeaderMap) -> Result<String, OpenAiError
         OpenAiError::bad_request(format!("X-Conversation-Id: {}", error.message))
     })?;
     Ok(id.to_owned())
+}
+
+/// `chat-` and 128 bits of SHA-256 over the `Authorization` header and the
+/// idempotency key: the same for a client's retries, different for another
+/// key's, and telling nothing of the key.
+fn retried_conversation(headers: &HeaderMap, message_id: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let authorization = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .map_or(&b""[..], |value| value.as_bytes());
+    let digest = Sha256::new()
+        .chain_update(b"switchboard idempotency\0")
+        .chain_update(authorization)
+        .chain_update(b"\0")
+        .chain_update(message_id.as_bytes())
+        .finalize();
+    format!("chat-{}", hex::encode(&digest[..16]))
 }
 
 /// The message id: `Idempotency-Key` when given, so that a client's retry is
