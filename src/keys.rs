@@ -102,9 +102,14 @@ pub fn issue_event(
         )));
     }
     if let Some(owner) = &spec.owner {
-        if owner.is_empty() || owner.chars().count() > MAX_NAME_CHARS {
+        // The owner is the usage's user when a send names none, and a part
+        // of the costs view's row keys, which NUL separates.
+        if owner.is_empty()
+            || owner.chars().count() > MAX_NAME_CHARS
+            || owner.chars().any(char::is_control)
+        {
             return Err(KeyAdminError::Invalid(format!(
-                "owner must be 1-{MAX_NAME_CHARS} characters"
+                "owner must be 1-{MAX_NAME_CHARS} characters without control characters"
             )));
         }
     }
@@ -403,6 +408,12 @@ mod tests {
         expired.expires_at = Some(now - chrono::Duration::seconds(1));
         assert!(matches!(
             issue_event(expired, now),
+            Err(KeyAdminError::Invalid(_))
+        ));
+        let mut owner = spec("bot");
+        owner.owner = Some("team\0a".into());
+        assert!(matches!(
+            issue_event(owner, now),
             Err(KeyAdminError::Invalid(_))
         ));
         let (key_id, key, event) = issue_event(spec(" bot "), now).expect("valid");

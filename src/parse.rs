@@ -51,9 +51,14 @@ pub fn duration(text: &str) -> Result<chrono::Duration, String> {
     }
     number
         .checked_mul(seconds)
+        .filter(|seconds| *seconds <= MAX_DURATION_SECS)
         .and_then(chrono::Duration::try_seconds)
-        .ok_or_else(|| format!("duration {text:?} is too long"))
+        .ok_or_else(|| format!("duration {text:?} is too long (at most 36500d)"))
 }
+
+/// The longest duration [`duration`] accepts: 100 years of days, so that now
+/// plus it is always a date.
+const MAX_DURATION_SECS: i64 = 36_500 * 86_400;
 
 /// Parses a UTC day, `YYYY-MM-DD`.
 pub fn day(text: &str) -> Result<NaiveDate, String> {
@@ -101,7 +106,18 @@ mod tests {
         assert_eq!(duration("30d"), Ok(chrono::Duration::days(30)));
         assert_eq!(duration("90m"), Ok(chrono::Duration::minutes(90)));
         assert_eq!(duration("2w"), Ok(chrono::Duration::weeks(2)));
-        for bad in ["", "d", "30", "30y", "0d", "-1d", "99999999999999999w"] {
+        assert_eq!(duration("36500d"), Ok(chrono::Duration::days(36_500)));
+        for bad in [
+            "",
+            "d",
+            "30",
+            "30y",
+            "0d",
+            "-1d",
+            "36501d",
+            "100000000d",
+            "99999999999999999w",
+        ] {
             assert!(duration(bad).is_err(), "{bad:?} should be refused");
         }
     }

@@ -98,6 +98,18 @@ impl KeyRateLimit {
                 });
             }
         }
+        // A limit of 0 pauses the key: every request is refused, and a
+        // minute is as good a guess as any of when to ask again.
+        if self.limits.rpm == Some(0) || self.limits.tpm == Some(0) {
+            return Err(Refusal {
+                limit: if self.limits.rpm == Some(0) {
+                    LimitKind::Rpm
+                } else {
+                    LimitKind::Tpm
+                },
+                retry_after: WINDOW,
+            });
+        }
         if let Some(rpm) = self.limits.rpm {
             if self.admitted.len() as u64 >= u64::from(rpm) {
                 // Room comes back when enough old admissions leave the window.
@@ -321,6 +333,24 @@ mod tests {
             "the limit must also admit: {}",
             admitted.len()
         );
+    }
+
+    #[test]
+    fn a_zero_limit_refuses_everything_with_a_minute_to_wait() {
+        let start = Instant::now();
+        for (limits, kind) in [
+            (limits(Some(0), None, None), LimitKind::Rpm),
+            (limits(None, Some(0), None), LimitKind::Tpm),
+            (limits(Some(0), Some(0), Some(3)), LimitKind::Rpm),
+        ] {
+            let mut limit = KeyRateLimit::new(limits);
+            for i in 0..3 {
+                let refused = limit.try_admit(start + secs(i * 100)).expect_err("paused");
+                assert_eq!(refused.limit, kind);
+                assert_eq!(refused.retry_after, WINDOW);
+            }
+            assert_eq!(limit.in_flight(), 0);
+        }
     }
 
     #[test]

@@ -28,12 +28,16 @@ pub struct CostTotals {
 }
 
 impl CostTotals {
+    /// Saturating, as the spend index and pricing are: a provider may report
+    /// any token count.
     fn add(&mut self, other: &CostTotals) {
-        self.requests += other.requests;
-        self.tokens_in += other.tokens_in;
-        self.tokens_out += other.tokens_out;
-        self.cost_micros += other.cost_micros;
-        self.estimated_requests += other.estimated_requests;
+        self.requests = self.requests.saturating_add(other.requests);
+        self.tokens_in = self.tokens_in.saturating_add(other.tokens_in);
+        self.tokens_out = self.tokens_out.saturating_add(other.tokens_out);
+        self.cost_micros = self.cost_micros.saturating_add(other.cost_micros);
+        self.estimated_requests = self
+            .estimated_requests
+            .saturating_add(other.estimated_requests);
     }
 }
 

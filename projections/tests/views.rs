@@ -750,6 +750,24 @@ fn costs_report_groups_by_key_user_model_and_day() {
 }
 
 #[test]
+fn costs_saturate_instead_of_wrapping_on_huge_reported_usage() {
+    let f = Fixture::new();
+    f.append(vec![
+        started("c1", "k1", None),
+        usage("c1", "k1", None, "model-a", (u64::MAX, 1), u64::MAX),
+        usage("c1", "k1", None, "model-a", (u64::MAX, 1), u64::MAX),
+    ]);
+    f.fold();
+    let costs = f.projections.costs();
+    let saturated = totals(2, u64::MAX, 2, u64::MAX, 0);
+    assert_eq!(costs.key_totals("k1").expect("totals"), saturated);
+    assert_eq!(
+        costs.report(CostGroup::Model, None, None).expect("report"),
+        vec![row("model-a", saturated)]
+    );
+}
+
+#[test]
 fn costs_report_filters_by_day_range() {
     let f = costs_fixture();
     let costs = f.projections.costs();

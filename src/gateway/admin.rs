@@ -112,9 +112,12 @@ impl Gateway {
         .await
         .map_err(admin_error)?;
         let already = match revoked {
-            Revoked::Now { .. } => {
+            Revoked::Now { seq } => {
                 self.record_action(caller, "revoke_key", &request.key_id, meta)
                     .await;
+                // The answer means the key no longer works: wait until the
+                // key store has taken the revocation in.
+                self.folded(seq, "the revocation").await?;
                 false
             }
             Revoked::Already { .. } => true,
@@ -148,7 +151,7 @@ impl Gateway {
         self.record_action(caller, "update_key", &request.key_id, meta)
             .await;
         // Read-your-writes: the next request with the key sees the change.
-        self.projections.wait_for(seq).await;
+        self.folded(seq, "the change").await?;
         let record = keys::find(&self.projections, &request.key_id).map_err(admin_error)?;
         Ok(json!({ "ok": true, "key": keys::public(&record), "seq": seq }))
     }

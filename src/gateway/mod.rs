@@ -657,6 +657,19 @@ impl Gateway {
             .map_err(|_| GatewayError::Unavailable("the projections are behind the log".into()))
     }
 
+    /// Waits until the projections have folded `seq`, which stored `what`:
+    /// `unavailable` (saying it is stored) when they do not within
+    /// [`FRESHNESS_WAIT`].
+    async fn folded(&self, seq: u64, what: &str) -> Result<(), GatewayError> {
+        tokio::time::timeout(FRESHNESS_WAIT, self.projections.wait_for(seq))
+            .await
+            .map_err(|_| {
+                GatewayError::Unavailable(format!(
+                    "{what} is stored (seq {seq}) but the key store has not taken it in yet"
+                ))
+            })
+    }
+
     /// The valid conversation id in `subject`
     /// (`{prefix}.conv.<id>.<operation>`).
     fn conversation_id<'a>(&self, subject: &'a str, suffix: &str) -> Result<&'a str, GatewayError> {

@@ -35,6 +35,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Error bodies and protocol errors are quoted up to this many characters.
 const QUOTE_LIMIT: usize = 512;
 
+/// The longest wait a model server's `Retry-After` is taken at (a day); a
+/// larger one is read as this.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 60 * 60);
+
 /// A client of one OpenAI-compatible server and model.
 ///
 /// The API key is sent as `Authorization: Bearer …` and kept only inside a
@@ -391,19 +395,21 @@ fn error_for_status(status: u16, message: String, retry_after: Option<Duration>)
     }
 }
 
-/// `retry-after-ms` (OpenAI, more precise) or `Retry-After` in seconds. The
-/// HTTP-date form of `Retry-After` is not used by model servers and is ignored.
+/// `retry-after-ms` (OpenAI, more precise) or `Retry-After` in seconds, at
+/// most [`MAX_RETRY_AFTER`]. The HTTP-date form of `Retry-After` is not used
+/// by model servers and is ignored.
 fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let number = |name: &str| {
+    let seconds = |name: &str, per_second: f64| {
         headers
             .get(name)
             .and_then(|value| value.to_str().ok())
             .and_then(|value| value.trim().parse::<f64>().ok())
             .filter(|value| value.is_finite() && *value >= 0.0)
+            .map(|value| (value / per_second).min(MAX_RETRY_AFTER.as_secs_f64()))
     };
-    number("retry-after-ms")
-        .map(|ms| Duration::from_secs_f64(ms / 1000.0))
-        .or_else(|| number(RETRY_AFTER.as_str()).map(Duration::from_secs_f64))
+    seconds("retry-after-ms", 1000.0)
+        .or_else(|| seconds(RETRY_AFTER.as_str(), 1.0))
+        .map(Duration::from_secs_f64)
 }
 
 /// OpenAI's `{"error":{"message",…}}`, or the `{"error":"…"}` some servers send.
@@ -551,6 +557,14 @@ mod tests {
             HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
         );
         assert_eq!(retry_after(&headers), None);
+        // Too large for a Duration: capped, not a panic.
+        headers.insert(RETRY_AFTER, HeaderValue::from_static("1e300"));
+        assert_eq!(retry_after(&headers), Some(MAX_RETRY_AFTER));
+        headers.insert(
+            "retry-after-ms",
+            HeaderValue::from_static("99999999999999999999999"),
+        );
+        assert_eq!(retry_after(&headers), Some(MAX_RETRY_AFTER));
     }
 
     #[test]
