@@ -25,6 +25,7 @@ use futures::{FutureExt, StreamExt};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value as Json};
 use serde_yaml_ng::Value as Yaml;
+use switchboard::bus::SERVICE_INBOX_PREFIX;
 use switchboard::server::{AgentSpec, ProviderSpec};
 use switchboard_actors::agent::AgentConfig;
 
@@ -357,7 +358,12 @@ async fn connect_as(
     tokio::sync::mpsc::UnboundedReceiver<Event>,
 ) {
     let (events_tx, events) = tokio::sync::mpsc::unbounded_channel();
-    let client = ConnectOptions::with_user_and_password(user.to_owned(), password.to_owned())
+    let mut options = ConnectOptions::with_user_and_password(user.to_owned(), password.to_owned());
+    if user == "switchboard" {
+        // The service's own inbox; nats.conf does not give it `_INBOX.>`.
+        options = options.custom_inbox_prefix(SERVICE_INBOX_PREFIX);
+    }
+    let client = options
         .event_callback(move |event| {
             let events_tx = events_tx.clone();
             async move {
@@ -625,6 +631,31 @@ async fn the_service_works_within_the_switchboard_users_permissions() {
         .await
         .expect("the switchboard user creates the stream (docs/operations.md)");
 
+    // An application may read `_INBOX.>`, where its replies come; the
+    // service's replies to its own HTTP front (here, a raw key) go elsewhere.
+    let (snooper, _) = connect_as(&server.url(), "client", CLIENT_PASSWORD).await;
+    let mut snooped = snooper.subscribe("_INBOX.>").await.expect("subscribe");
+    // The client may not publish to `_INBOX.>`; the service's user may, so
+    // its probes show when the subscription is in place and when everything
+    // before them was delivered.
+    let (prober, _) = connect_as(&server.url(), "switchboard", SERVICE_PASSWORD).await;
+    let probe = || async {
+        prober
+            .publish("_INBOX.probe", "probe".into())
+            .await
+            .expect("publish a probe");
+        prober.flush().await.expect("flush");
+    };
+    let probe_arrived = |message: &async_nats::Message| message.subject.as_str() == "_INBOX.probe";
+    loop {
+        probe().await;
+        match tokio::time::timeout(Duration::from_millis(200), snooped.next()).await {
+            Ok(Some(message)) if probe_arrived(&message) => break,
+            Ok(Some(_)) | Err(_) => continue,
+            Ok(None) => panic!("the subscription ended"),
+        }
+    }
+
     let service_url = server.url();
     let front = Front::start_with(move |config| {
         config.nats_url = Some(service_url);
@@ -641,6 +672,21 @@ async fn the_service_works_within_the_switchboard_users_permissions() {
         .await
         .expect("JSON");
     let key = issued["key"].as_str().expect("the key");
+    probe().await;
+    loop {
+        let message = tokio::time::timeout(WAIT, snooped.next())
+            .await
+            .expect("the probe arrives")
+            .expect("subscribed");
+        assert!(
+            !String::from_utf8_lossy(&message.payload).contains(key),
+            "an application read the issued key on {}",
+            message.subject
+        );
+        if probe_arrived(&message) {
+            break;
+        }
+    }
 
     let (client, _) = connect_as(&server.url(), "client", CLIENT_PASSWORD).await;
     let mut events = client

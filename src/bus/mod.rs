@@ -53,7 +53,7 @@ use futures::Stream;
 
 pub use headers::{HeaderError, Headers, NATS_MSG_ID};
 pub use local::{LocalBus, LocalBusConfig};
-pub use nats::{redact_url, NatsBus};
+pub use nats::{redact_url, NatsBus, SERVICE_INBOX_PREFIX};
 pub use subject::SubjectError;
 
 /// A message as a subscriber receives it.

@@ -37,6 +37,14 @@ pub struct NatsBus {
     max_payload: Arc<AtomicUsize>,
 }
 
+/// The first token of the service's own reply subjects. Not NATS's default
+/// `_INBOX`, so that a deployment can let applications subscribe to
+/// `_INBOX.>` for their replies without letting them read the service's:
+/// the HTTP front's requests to the core travel over the service's own
+/// connection, and their replies hold raw keys issued, histories and audit
+/// pages (deploy/nats.conf).
+pub const SERVICE_INBOX_PREFIX: &str = "_INBOX_switchboard";
+
 impl NatsBus {
     /// Connects to `url` (e.g. `nats://127.0.0.1:4222`); servers the
     /// server announces (a cluster's other members) are used on reconnect.
@@ -52,6 +60,7 @@ impl NatsBus {
         let known_payload = Arc::clone(&max_payload);
         let mut options = ConnectOptions::new()
             .name("switchboard")
+            .custom_inbox_prefix(SERVICE_INBOX_PREFIX)
             .retry_on_initial_connect()
             .event_callback(move |event| {
                 let counter = Arc::clone(&counter);
