@@ -465,6 +465,62 @@ async fn an_erased_conversations_events_hold_no_content_and_a_revoked_key_stops_
 }
 
 #[tokio::test]
+async fn a_conversation_larger_than_a_bus_message_streams_in_pages_and_its_history_says_why_not() {
+    let front = Front::start().await;
+    let (_, key) = front.issue(json!({ "name": "ana" })).await;
+    // Four turns of 200 KB each way: 1.6 MB of events, over the bus's 1 MiB.
+    for turn in 0..4 {
+        let content = format!("{turn}{}", "x".repeat(200_000));
+        let response = front
+            .call(
+                Method::POST,
+                "/v1/conversations/big/messages",
+                Some(&key),
+                Some(json!({ "content": content })),
+            )
+            .await;
+        assert_eq!(response.status(), StatusCode::ACCEPTED);
+    }
+    let response = front
+        .request(Method::GET, "/v1/conversations/big/events", Some(&key))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(response.status(), StatusCode::OK);
+    let text = read_sse_until(response, |text| {
+        text.matches("event: usage_recorded").count() == 4
+    })
+    .await;
+    let ids: Vec<u64> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("id:"))
+        .map(|v| v.trim().parse().expect("a seq"))
+        .collect();
+    assert_eq!(ids.len(), 1 + 4 * 4, "every event once");
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+
+    // The whole history is one reply over the limit: a coded error at once,
+    // not a wait for the core's timeout.
+    let started = std::time::Instant::now();
+    let (status, body) = front
+        .json(Method::GET, "/v1/conversations/big", Some(&key), None)
+        .await;
+    assert_error(status, &body, StatusCode::INTERNAL_SERVER_ERROR, "internal");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("maximum payload")),
+        "{body}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    front.server.shutdown().await;
+}
+
+#[tokio::test]
 async fn admin_routes_issue_list_revoke_report_audit_and_erase() {
     let front = Front::start().await;
     let (key_id, key) = front.issue(json!({ "name": "ana", "owner": "team" })).await;

@@ -407,9 +407,22 @@ impl Gateway {
             headers.insert("traceparent", traceparent.clone());
         }
         let body = serde_json::to_vec(&body).expect("a JSON value always serializes");
-        if let Err(error) = self.bus.respond(&message, headers, body).await {
-            tracing::warn!(subject = %message.subject, %error, "the reply was not sent");
-        }
+        let error = match self.bus.respond(&message, headers.clone(), body).await {
+            Ok(()) => return,
+            Err(BusError::PayloadTooLarge { size, max }) => {
+                // Say so, rather than leave the caller to its timeout.
+                let error = GatewayError::Internal(format!(
+                    "the reply of {size} bytes is over the bus's maximum payload of {max} bytes"
+                ));
+                let body = serde_json::to_vec(&error.to_json()).expect("JSON serializes");
+                match self.bus.respond(&message, headers, body).await {
+                    Ok(()) => BusError::PayloadTooLarge { size, max },
+                    Err(error) => error,
+                }
+            }
+            Err(error) => error,
+        };
+        tracing::warn!(subject = %message.subject, %error, "the reply was not sent");
     }
 
     async fn serve(

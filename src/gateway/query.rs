@@ -29,6 +29,9 @@ use crate::bus::Message;
 const MAX_LIST: usize = 500;
 /// Most events one `conv.<id>.events` returns.
 const MAX_EVENTS: usize = 5000;
+/// About the most JSON one `conv.<id>.events` page holds (at least one
+/// event): well under the bus's maximum payload, 1 MiB by default.
+const MAX_EVENTS_BYTES: usize = 256 * 1024;
 /// Most audit events one page holds.
 const MAX_AUDIT_PAGE: usize = 1000;
 
@@ -164,12 +167,17 @@ impl Gateway {
                     .await?;
             }
         }
-        let events = page
-            .events
-            .iter()
-            .map(serde_json::to_value)
-            .collect::<Result<Vec<Value>, _>>()
-            .map_err(|e| GatewayError::Internal(format!("an event did not encode: {e}")))?;
+        let mut events = Vec::with_capacity(page.events.len());
+        let mut bytes = 0;
+        for envelope in &page.events {
+            let event = serde_json::to_value(envelope)
+                .map_err(|e| GatewayError::Internal(format!("an event did not encode: {e}")))?;
+            bytes += json_len(&event);
+            if bytes > MAX_EVENTS_BYTES && !events.is_empty() {
+                break;
+            }
+            events.push(event);
+        }
         Ok(
             json!({ "ok": true, "conversation_id": conversation_id, "events": events, "head": head }),
         )
@@ -403,4 +411,21 @@ fn events_page(
         }
     }
     Ok(EventsPage { owner, events })
+}
+
+/// The bytes `value` takes as JSON.
+fn json_len(value: &Value) -> usize {
+    struct Counter(usize);
+    impl std::io::Write for Counter {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut counter = Counter(0);
+    serde_json::to_writer(&mut counter, value).expect("counting cannot fail");
+    counter.0
 }
