@@ -160,6 +160,10 @@ async fn a_tiny_budget_alerts_at_50_80_and_100_percent_once_each_then_refuses_un
         .as_u64()
         .expect("retry_after_ms");
     assert!((1..=86_400_000).contains(&retry), "{refused}");
+    // A resend of the turn that spent it still gets that turn's ack.
+    let resent = send(&bus, &key, "c4", "m4").await;
+    assert_eq!(resent["ok"], json!(true), "{resent}");
+    assert_eq!(resent["duplicate"], json!(true), "{resent}");
     let http = front
         .request(Method::POST, "/v1/conversations/c5/messages", Some(&key))
         .json(&json!({ "content": "still there?" }))

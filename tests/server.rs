@@ -374,6 +374,26 @@ async fn a_key_with_rpm_5_gets_five_acks_then_rate_limited_with_retry_after() {
             .expect("retry_after_ms");
         assert!(retry > 0 && retry <= 60_000, "{refusal}");
     }
+    // A resend of a stored message gets its ack, though the window is full;
+    // an unknown agent is a bad request, not a rate-limited one. Neither
+    // counts as a refusal.
+    let resent = request(
+        &bus,
+        "sb.conv.rl0.send",
+        &key,
+        json!({ "content": "hi", "message_id": "m0" }),
+    )
+    .await;
+    assert_eq!(resent["ok"], json!(true), "{resent}");
+    assert_eq!(resent["duplicate"], json!(true), "{resent}");
+    let unknown = request(
+        &bus,
+        "sb.conv.rl9.send",
+        &key,
+        json!({ "content": "hi", "agent": "nobody" }),
+    )
+    .await;
+    assert_error(&unknown, "invalid_request");
     // Refused sends store no message.
     for m in 5..8 {
         let history = request(&bus, &format!("sb.conv.rl{m}.history"), &key, json!({})).await;

@@ -173,6 +173,16 @@ impl ConversationState {
         pending
     }
 
+    /// The seq of the `message_received` of `message_id` when it is stored;
+    /// `Err(())` when another key than `key_id` started the conversation.
+    #[allow(clippy::result_unit_err)]
+    pub fn stored_message(&self, key_id: &str, message_id: &str) -> Result<Option<u64>, ()> {
+        if self.owner_key.as_ref().is_some_and(|owner| owner != key_id) {
+            return Err(());
+        }
+        Ok(self.turns.get(message_id).map(|turn| turn.message_seq))
+    }
+
     /// Decides what a send does; see the module doc.
     pub fn plan_send(&self, send: &SendCommand) -> SendPlan {
         if self

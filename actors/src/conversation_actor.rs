@@ -173,6 +173,14 @@ pub enum ConversationMsg {
     },
     /// The turns received but not yet ended, oldest first.
     Pending(RpcReplyPort<Result<Vec<PendingTurn>, ConversationError>>),
+    /// The duplicate ack a send of `message_id` by `key_id` would get, if the
+    /// message is stored; nothing is appended. `Forbidden` when another key
+    /// started the conversation.
+    Stored {
+        key_id: String,
+        message_id: String,
+        reply: RpcReplyPort<Result<Option<Ack>, ConversationError>>,
+    },
     /// Erase the conversation's content: append `conversation_erased` (by the
     /// single writer, at the stream's version). Erasing an erased
     /// conversation appends nothing; one nobody started is `NotFound`.
@@ -287,6 +295,27 @@ impl Actor for ConversationActor {
                     tracing::warn!(conversation_id = %state.conversation_id,
                         code = error.code(), %error, "erasing failed");
                 }
+                let _ = reply.send(answer);
+            }
+            ConversationMsg::Stored {
+                key_id,
+                message_id,
+                reply,
+            } => {
+                let conversation_id = state.conversation_id.clone();
+                let answer = state.recovered().await.and_then(|folded| {
+                    match folded.stored_message(&key_id, &message_id) {
+                        Ok(seq) => Ok(seq.map(|seq| Ack {
+                            conversation_id: conversation_id.clone(),
+                            message_id,
+                            seq,
+                            duplicate: true,
+                        })),
+                        Err(()) => Err(ConversationError::Forbidden(format!(
+                            "conversation {conversation_id} was started by another key"
+                        ))),
+                    }
+                });
                 let _ = reply.send(answer);
             }
             ConversationMsg::Pending(reply) => {

@@ -191,6 +191,33 @@ impl ConversationRegistry {
         .await
     }
 
+    /// The duplicate ack a resend of `message_id` by `key_id` gets, if the
+    /// message is stored; see [`ConversationMsg::Stored`].
+    pub async fn stored_ack(
+        &self,
+        conversation_id: &str,
+        key_id: &str,
+        message_id: &str,
+    ) -> Result<Option<Ack>, ConversationError> {
+        validate_conversation_id(conversation_id)?;
+        self.call(
+            conversation_id,
+            (key_id.to_owned(), message_id.to_owned()),
+            |(key_id, message_id), reply| ConversationMsg::Stored {
+                key_id,
+                message_id,
+                reply,
+            },
+            |undelivered| match undelivered {
+                ConversationMsg::Stored {
+                    key_id, message_id, ..
+                } => Some((key_id, message_id)),
+                _ => None,
+            },
+        )
+        .await
+    }
+
     /// The conversation's turns received but not yet ended, oldest first.
     pub async fn pending_turns(
         &self,

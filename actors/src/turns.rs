@@ -265,6 +265,32 @@ impl TurnCoordinator {
         self.inner.budgets.get()
     }
 
+    /// What a send must be refused for before it is admitted (rate limits,
+    /// budgets): `invalid_request` for an agent that is not configured.
+    pub fn check_agent(&self, agent: Option<&str>) -> Result<(), ConversationError> {
+        match agent {
+            Some(agent) if !self.inner.agents.contains_key(agent) => Err(
+                ConversationError::InvalidRequest(format!("unknown agent {agent:?}")),
+            ),
+            _ => Ok(()),
+        }
+    }
+
+    /// The duplicate ack of a message already stored in the conversation,
+    /// so that a resend is answered before it is admitted: it uses no rate
+    /// limit or budget, and is never refused by one.
+    pub async fn stored_ack(
+        &self,
+        conversation_id: &str,
+        key_id: &str,
+        message_id: &str,
+    ) -> Result<Option<Ack>, ConversationError> {
+        self.inner
+            .registry
+            .stored_ack(conversation_id, key_id, message_id)
+            .await
+    }
+
     /// Routes and stores a message, answers once it is durable, and starts
     /// its turn unless the message was stored before (a duplicate ack). An
     /// unknown agent is `invalid_request` and stores nothing.

@@ -461,6 +461,27 @@ impl Gateway {
         let format = BodyFormat::from_content_type(header(&message.headers, "Content-Type"))?;
         let body = SendRequest::decode(&message.payload, format)?;
         let wait = waits_for_reply(&message.headers)?;
+        // A resend of a stored message is answered with its ack before the
+        // budgets and rate limits, which it must neither use nor be refused by.
+        self.coordinator.check_agent(body.agent.as_deref())?;
+        if let Some(message_id) = &body.message_id {
+            let stored = self
+                .coordinator
+                .stored_ack(conversation_id, &caller.record.key_id, message_id)
+                .await;
+            match stored {
+                Ok(Some(ack)) => {
+                    self.note_rate(&caller, meta).await;
+                    return Ok(ack_json(&ack));
+                }
+                Ok(None) => {}
+                Err(ConversationError::Forbidden(reason)) => {
+                    let failure = AuthFailure::forbidden("not_owner", &reason, &caller);
+                    return Err(self.auth.refuse(failure, meta).await);
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
         let limits = &caller.record.limits;
         if let Some(budgets) = self.coordinator.budgets() {
             let record = &caller.record;
@@ -524,8 +545,15 @@ impl Gateway {
                         end = turn_end => end.ok(),
                         _ = stopping.wait_for(|stopping| *stopping) => None,
                     };
+                    // The message is stored: a failure to read the end back
+                    // still answers the ack, never an error a client would
+                    // resend on.
                     if let Some(end) = end {
-                        reply["turn"] = self.stored_events(end)?;
+                        match self.stored_events(end) {
+                            Ok(turn) => reply["turn"] = turn,
+                            Err(error) => tracing::warn!(%conversation_id,
+                                "the turn's end could not be read back: {}", error.message()),
+                        }
                     }
                 }
                 Ok(reply)
