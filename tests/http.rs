@@ -521,6 +521,57 @@ async fn a_conversation_larger_than_a_bus_message_streams_in_pages_and_its_histo
 }
 
 #[tokio::test]
+async fn cors_when_configured_allows_the_headers_the_api_reads_and_exposes_those_it_sets() {
+    let front = Front::start_with(|config| {
+        let mut http = switchboard::http::HttpConfig::new("127.0.0.1:0".parse().expect("addr"));
+        http.cors_origins = vec!["https://app.example".to_owned()];
+        config.http = Some(http);
+    })
+    .await;
+    let preflight = front
+        .client
+        .request(Method::OPTIONS, front.url("/v1/chat/completions"))
+        .header("Origin", "https://app.example")
+        .header("Access-Control-Request-Method", "POST")
+        .header(
+            "Access-Control-Request-Headers",
+            "authorization,content-type,idempotency-key,traceparent,x-conversation-id",
+        )
+        .send()
+        .await
+        .expect("answered");
+    assert!(preflight.status().is_success(), "{}", preflight.status());
+    let allowed = preflight.headers()["access-control-allow-headers"]
+        .to_str()
+        .expect("ascii")
+        .to_lowercase();
+    for name in ["idempotency-key", "traceparent", "x-conversation-id"] {
+        assert!(allowed.contains(name), "{name} in {allowed}");
+    }
+    let (_, key) = front
+        .issue(json!({ "name": "ana", "limits": { "rpm": 10, "tpm": 1000 } }))
+        .await;
+    let response = front
+        .request(Method::GET, "/v1/usage", Some(&key))
+        .header("Origin", "https://app.example")
+        .send()
+        .await
+        .expect("answered");
+    let exposed = response.headers()["access-control-expose-headers"]
+        .to_str()
+        .expect("ascii")
+        .to_lowercase();
+    for name in [
+        "ratelimit-remaining",
+        "x-ratelimit-remaining-requests",
+        "retry-after",
+    ] {
+        assert!(exposed.contains(name), "{name} in {exposed}");
+    }
+    front.server.shutdown().await;
+}
+
+#[tokio::test]
 async fn admin_routes_issue_list_revoke_report_audit_and_erase() {
     let front = Front::start().await;
     let (key_id, key) = front.issue(json!({ "name": "ana", "owner": "team" })).await;
@@ -697,6 +748,31 @@ async fn malformed_input_gets_the_right_status_and_changes_nothing() {
             None,
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid_request",
+        ),
+        // Not UTF-8 once decoded: the JSON error, not axum's plain text.
+        (
+            Method::GET,
+            "/v1/conversations/%FF",
+            Some(&key),
+            None,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+        ),
+        (
+            Method::DELETE,
+            "/admin/keys/%FF%FE",
+            Some(ADMIN_KEY),
+            None,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+        ),
+        (
+            Method::DELETE,
+            "/admin/keys/key_nobody",
+            Some(ADMIN_KEY),
+            None,
+            StatusCode::NOT_FOUND,
+            "not_found",
         ),
         (
             Method::POST,

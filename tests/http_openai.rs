@@ -409,6 +409,12 @@ async fn models_lists_the_agents() {
         "invalid_request_error",
         "model_not_found",
     );
+    let garbled = Front::answer(front.request(Method::GET, "/v1/models/%FF", Some(&key))).await;
+    assert_eq!(garbled.status, StatusCode::BAD_REQUEST, "{}", garbled.body);
+    assert_eq!(
+        garbled.body["error"]["type"],
+        json!("invalid_request_error")
+    );
     let anonymous = Front::answer(front.request(Method::GET, "/v1/models", None)).await;
     assert_openai_error(
         &anonymous,

@@ -194,9 +194,7 @@ impl Gateway {
 fn admin_error(error: KeyAdminError) -> GatewayError {
     match error {
         KeyAdminError::Invalid(message) => GatewayError::InvalidRequest(message),
-        KeyAdminError::UnknownKey(id) => {
-            GatewayError::InvalidRequest(format!("no key with id {id:?}"))
-        }
+        KeyAdminError::UnknownKey(id) => GatewayError::NotFound(format!("no key with id {id:?}")),
         other => {
             tracing::error!(error = %other, "key administration failed");
             GatewayError::Unavailable("the key store cannot be changed right now".into())

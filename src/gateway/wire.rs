@@ -137,6 +137,9 @@ pub enum GatewayError {
     /// A bad subject token or body; the same request will never succeed.
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+    /// What the request names does not exist (a key id).
+    #[error("not found: {0}")]
+    NotFound(String),
     /// The core refused or failed the send.
     #[error(transparent)]
     Conversation(#[from] ConversationError),
@@ -161,6 +164,7 @@ impl GatewayError {
             GatewayError::Unauthorized(_) => "unauthorized",
             GatewayError::Forbidden(_) => "forbidden",
             GatewayError::InvalidRequest(_) => "invalid_request",
+            GatewayError::NotFound(_) => "not_found",
             GatewayError::Conversation(error) => error.code(),
             GatewayError::Admission(error) => error.code(),
             GatewayError::Budget(_) => "budget_exceeded",
@@ -175,6 +179,7 @@ impl GatewayError {
             GatewayError::Unauthorized(m)
             | GatewayError::Forbidden(m)
             | GatewayError::InvalidRequest(m)
+            | GatewayError::NotFound(m)
             | GatewayError::Unavailable(m)
             | GatewayError::Internal(m) => m.clone(),
             GatewayError::Conversation(error) => error.message().to_owned(),

@@ -1,7 +1,7 @@
 //! `/admin/…`: key management, cost reports, the audit trail and erasure,
 //! for the admin key (the core answers 403 to any other).
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use serde::Deserialize;
@@ -14,7 +14,7 @@ use super::openapi::{
     KeyIssued, KeyList, KeyRevoked, KeySpec, NotFound, PayloadTooLarge, Unauthorized, Unavailable,
     UnsupportedMediaType,
 };
-use super::{conversation_id, within, ApiJson, ApiQuery, AppState};
+use super::{conversation_id, within, ApiJson, ApiPath, ApiQuery, AppState};
 
 /// `POST /admin/keys`: 201 with the key, shown this once.
 #[utoipa::path(
@@ -96,6 +96,7 @@ pub struct RevokeQuery {
         (status = 200, description = "Revoked (now, or before: `already`)", body = KeyRevoked),
         (status = 401, response = Unauthorized),
         (status = 403, response = Forbidden),
+        (status = 404, response = NotFound),
         (status = 422, response = Invalid),
         (status = 500, response = Internal),
         (status = 503, response = Unavailable),
@@ -104,7 +105,7 @@ pub struct RevokeQuery {
 pub async fn revoke_key(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Path(key_id): Path<String>,
+    ApiPath(key_id): ApiPath<String>,
     ApiQuery(query): ApiQuery<RevokeQuery>,
 ) -> Result<Response, ApiError> {
     let body = json!({ "key_id": key_id, "reason": query.reason });
@@ -130,6 +131,7 @@ pub async fn revoke_key(
         (status = 400, response = BadRequest),
         (status = 401, response = Unauthorized),
         (status = 403, response = Forbidden),
+        (status = 404, response = NotFound),
         (status = 413, response = PayloadTooLarge),
         (status = 415, response = UnsupportedMediaType),
         (status = 422, response = Invalid),
@@ -140,7 +142,7 @@ pub async fn revoke_key(
 pub async fn update_key(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Path(key_id): Path<String>,
+    ApiPath(key_id): ApiPath<String>,
     ApiJson(body): ApiJson<Value>,
 ) -> Result<Response, ApiError> {
     let Value::Object(mut fields) = body else {
@@ -276,7 +278,7 @@ pub async fn audit(
 pub async fn erase(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     let id = conversation_id(&id)?;
     let subject = format!("admin.conv.{id}.erase");

@@ -4,7 +4,7 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -21,7 +21,7 @@ use super::openapi::{
     Ack, BadRequest, Conflict, ConversationList, Forbidden, History, Internal, Invalid,
     PayloadTooLarge, RateLimited, Unauthorized, Unavailable, UnsupportedMediaType,
 };
-use super::{closed, conversation_id, within, ApiJson, ApiQuery, AppState};
+use super::{closed, conversation_id, within, ApiJson, ApiPath, ApiQuery, AppState};
 use crate::bus::Subscription;
 
 /// The longest a streamed reply is waited for before the stream ends with an
@@ -105,7 +105,7 @@ pub async fn list(
 pub async fn history(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     let id = conversation_id(&id)?;
     let subject = format!("conv.{id}.history");
@@ -146,7 +146,7 @@ pub async fn history(
 pub async fn send(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(body): ApiJson<SendBody>,
 ) -> Result<Response, ApiError> {
     let id = conversation_id(&id)?.to_owned();
@@ -318,7 +318,7 @@ fn stored_event(envelope: &Value) -> Event {
 pub async fn events(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     let id = conversation_id(&id)?.to_owned();
     let after = match headers.get("last-event-id") {

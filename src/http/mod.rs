@@ -219,14 +219,26 @@ pub fn router(config: &HttpConfig, bus: Bus, closing: watch::Receiver<bool>) -> 
                     header::ACCEPT,
                     HeaderName::from_static("x-conversation-id"),
                     HeaderName::from_static("last-event-id"),
+                    HeaderName::from_static("idempotency-key"),
+                    HeaderName::from_static("traceparent"),
                 ])
-                .expose_headers([
-                    HeaderName::from_static("x-conversation-id"),
-                    HeaderName::from_static("ratelimit-limit"),
-                    HeaderName::from_static("ratelimit-remaining"),
-                    HeaderName::from_static("ratelimit-reset"),
-                    header::RETRY_AFTER,
-                ]),
+                .expose_headers(
+                    [
+                        "x-conversation-id",
+                        "ratelimit-limit",
+                        "ratelimit-remaining",
+                        "ratelimit-reset",
+                        "retry-after",
+                        "x-ratelimit-limit-requests",
+                        "x-ratelimit-remaining-requests",
+                        "x-ratelimit-reset-requests",
+                        "x-ratelimit-limit-tokens",
+                        "x-ratelimit-remaining-tokens",
+                        "x-ratelimit-reset-tokens",
+                        "traceparent",
+                    ]
+                    .map(HeaderName::from_static),
+                ),
         );
     }
     app
@@ -332,6 +344,25 @@ where
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
         match axum::extract::Query::<T>::from_request_parts(parts, state).await {
             Ok(axum::extract::Query(value)) => Ok(ApiQuery(value)),
+            Err(rejection) => Err(ApiError::invalid(rejection.body_text())),
+        }
+    }
+}
+
+/// `Path<T>` whose rejections are the API's errors (a segment that is not
+/// UTF-8, say): 422, not axum's plain-text 400.
+pub struct ApiPath<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for ApiPath<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(value)) => Ok(ApiPath(value)),
             Err(rejection) => Err(ApiError::invalid(rejection.body_text())),
         }
     }

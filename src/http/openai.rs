@@ -57,7 +57,7 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -153,9 +153,10 @@ async fn list_models(
 async fn retrieve_model(
     State(state): State<AppState>,
     caller: HeaderMap,
-    Path(model): Path<String>,
+    model: Result<Path<String>, PathRejection>,
 ) -> Result<Response, OpenAiError> {
     let (names, headers) = agents(&state, &caller).await?;
+    let Path(model) = model.map_err(|rejection| OpenAiError::bad_request(rejection.body_text()))?;
     if !names.contains(&model) {
         return Err(OpenAiError::model_not_found(&model));
     }

@@ -31,7 +31,12 @@ impl Front {
         let mut config = ServerConfig::new(dir.path().join("data"));
         config.admin_key = Some(ADMIN_KEY.to_owned());
         configure(&mut config);
-        config.http = Some(HttpConfig::new("127.0.0.1:0".parse().expect("addr")));
+        // On a free port, with whatever else `configure` set.
+        let mut http = HttpConfig::new("127.0.0.1:0".parse().expect("addr"));
+        if let Some(configured) = config.http.take() {
+            http.cors_origins = configured.cors_origins;
+        }
+        config.http = Some(http);
         let server = Server::start(config).await.expect("the server starts");
         let base = format!("http://{}", server.http_addr().expect("HTTP runs"));
         Front {
