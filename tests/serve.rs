@@ -419,6 +419,21 @@ async fn a_nats_restart_under_load_loses_nothing_and_publishes_each_event_once()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lock_file_names_the_command_but_none_of_its_secrets() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let url = nats
+        .url()
+        .replacen("nats://", "nats://sb:hunter2-in-the-url@", 1);
+    let mut serve = ServeProcess::start(&data, &url, &[]);
+    let holder = std::fs::read_to_string(data.join("switchboard.lock")).expect("the lock file");
+    assert!(holder.contains("(switchboard serve)"), "{holder}");
+    assert!(!holder.contains("hunter2"), "{holder}");
+    serve.terminate_cleanly();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_running_turns_and_exits_zero() {
     let nats = NatsServer::start();
     let dir = tempfile::tempdir().expect("temp dir");

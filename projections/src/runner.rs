@@ -374,6 +374,14 @@ impl Projections {
         progress: &mut dyn FnMut(u64),
     ) -> Result<Vec<ViewDifference>, ProjectionError> {
         let scratch_dir = scratch_path();
+        // The views hold conversations' content: readable by this user only.
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&scratch_dir)
+                .map_err(|e| ProjectionError::Storage(sled::Error::Io(e)))?;
+        }
         let scratch = sled::Config::new()
             .path(&scratch_dir)
             .temporary(true)

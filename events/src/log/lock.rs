@@ -61,14 +61,32 @@ impl DirLock {
     /// Records this process as the holder, once the open has succeeded, so a
     /// refused open leaves the previous holder's description in place.
     pub fn claim(&mut self) -> std::io::Result<()> {
-        let args: Vec<String> = std::env::args().collect();
-        let holder = format!("pid {} ({})", std::process::id(), args.join(" "));
+        let holder = format!("pid {} ({})", std::process::id(), command_words());
         self.file.set_len(0)?;
         self.file.rewind()?;
         self.file.write_all(holder.as_bytes())?;
         self.created = false;
         Ok(())
     }
+}
+
+/// The program's name and the words of its command line before the first
+/// flag (`switchboard keys issue`): the rest may hold secrets (a NATS URL's
+/// password, an admin key), and the lock file outlives the process.
+fn command_words() -> String {
+    let mut args = std::env::args();
+    let program = args
+        .next()
+        .map(|program| {
+            std::path::Path::new(&program)
+                .file_name()
+                .map_or(program.clone(), |name| name.to_string_lossy().into_owned())
+        })
+        .unwrap_or_default();
+    std::iter::once(program)
+        .chain(args.take_while(|arg| !arg.starts_with('-')))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 impl Drop for DirLock {
