@@ -238,6 +238,18 @@ async fn a_server_ignoring_stream_true_still_works() {
     assert!(!completion.estimated);
 }
 
+#[tokio::test]
+async fn a_plain_200_carrying_an_error_is_that_error_not_an_empty_reply() {
+    let (result, deltas) = complete_with(Behaviour::PlainJsonError).await;
+    let error = result.expect_err("an error object is no completion");
+    assert!(
+        matches!(&error, ProviderError::Upstream { status: 503, message } if message.contains("overloaded")),
+        "{error:?}"
+    );
+    assert!(error.is_transient());
+    assert!(deltas.is_empty());
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_server_that_never_answers_times_out() {
     let fake = FakeOpenAi::start(Behaviour::Hang).await;

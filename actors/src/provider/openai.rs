@@ -251,13 +251,19 @@ impl OpenAiProvider {
                 quote(&String::from_utf8_lossy(&bytes))
             ))
         })?;
-        let choice = completion.choices.into_iter().next();
-        let (content, finish_reason) = choice
-            .map(|choice| {
-                let content = choice.message.and_then(|m| m.content).unwrap_or_default();
-                (content, choice.finish_reason)
-            })
-            .unwrap_or_default();
+        // Some gateways answer 200 with an error object, as the stream does.
+        if let Some(error) = completion.error {
+            let (status, message) = error.status_and_message();
+            return Err(error_for_status(status, message, None));
+        }
+        let Some(choice) = completion.choices.into_iter().next() else {
+            return Err(ProviderError::Protocol(format!(
+                "a completion without choices: {}",
+                quote(&String::from_utf8_lossy(&bytes))
+            )));
+        };
+        let content = choice.message.and_then(|m| m.content).unwrap_or_default();
+        let finish_reason = choice.finish_reason;
         if !content.is_empty() {
             send_delta(deltas, content.clone()).await;
         }
@@ -390,6 +396,9 @@ impl Reply {
 fn error_for_status(status: u16, message: String, retry_after: Option<Duration>) -> ProviderError {
     match status {
         429 => ProviderError::RateLimited { retry_after },
+        // Request timeout and conflict (a lock timed out): passing, as
+        // OpenAI's own clients treat them.
+        408 | 409 => ProviderError::Upstream { status, message },
         400..=499 => ProviderError::Rejected { status, message },
         _ => ProviderError::Upstream { status, message },
     }
@@ -481,6 +490,8 @@ struct WireCompletion {
     choices: Vec<WireChoice>,
     #[serde(default)]
     usage: Option<WireUsage>,
+    #[serde(default)]
+    error: Option<WireError>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -592,6 +603,12 @@ mod tests {
             error_for_status(429, "x".into(), None),
             ProviderError::RateLimited { retry_after: None }
         ));
+        for transient in [408, 409] {
+            assert!(matches!(
+                error_for_status(transient, "x".into(), None),
+                ProviderError::Upstream { .. }
+            ));
+        }
     }
 
     #[test]

@@ -54,6 +54,9 @@ pub enum Behaviour {
     ErrorInStream,
     /// Ignores `stream: true` and answers one `chat.completion` JSON object.
     PlainJson,
+    /// 200 with a JSON body that holds only OpenAI's error object, as some
+    /// gateways in front of a model server answer.
+    PlainJsonError,
     /// 429 with `retry-after-ms: <ms>` and OpenAI's error JSON.
     RateLimitedMs(u64),
     /// Waits until this many requests have been in flight together (at most
@@ -279,6 +282,10 @@ async fn chat_completions(
             }})));
             sse(stream::iter(frames))
         }
+        Behaviour::PlainJsonError => axum::Json(json!({"error": {
+            "message": "the model is overloaded", "type": "server_error", "code": 503
+        }}))
+        .into_response(),
         Behaviour::PlainJson => {
             let (prompt, completion) = USAGE;
             axum::Json(json!({
