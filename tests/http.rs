@@ -572,6 +572,63 @@ async fn cors_when_configured_allows_the_headers_the_api_reads_and_exposes_those
 }
 
 #[tokio::test]
+async fn a_live_fold_that_fails_makes_the_service_unready_and_refuse_keys() {
+    let front = Front::start().await;
+    let (_, key) = front.issue(json!({ "name": "ana" })).await;
+    let send = || {
+        front.call(
+            Method::POST,
+            "/v1/conversations/c1/messages",
+            Some(&key),
+            Some(json!({ "content": "hi" })),
+        )
+    };
+    assert_eq!(send().await.status(), StatusCode::ACCEPTED);
+    front.history_of(&key, "c1", 2).await;
+    let (status, _) = front.json(Method::GET, "/readyz", None, None).await;
+    assert_eq!(status, StatusCode::OK);
+
+    // The conversation's summary row, garbled under the running fold: the
+    // next message's fold fails.
+    let history = front
+        .server
+        .log()
+        .db()
+        .open_tree("proj.history")
+        .expect("the history tree");
+    history.insert(b"cc1", vec![0xff; 10]).expect("garbled");
+    assert_eq!(send().await.status(), StatusCode::ACCEPTED);
+
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (status, body) = front.json(Method::GET, "/readyz", None, None).await;
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            assert!(
+                body["error"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("projections stopped")),
+                "{body}"
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still ready: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Keys are not checked against a view that no longer changes.
+    let (status, body) = front.json(Method::GET, "/v1/usage", Some(&key), None).await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+    );
+    front.server.shutdown().await;
+}
+
+#[tokio::test]
 async fn admin_routes_issue_list_revoke_report_audit_and_erase() {
     let front = Front::start().await;
     let (key_id, key) = front.issue(json!({ "name": "ana", "owner": "team" })).await;

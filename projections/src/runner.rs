@@ -46,6 +46,8 @@ pub struct Projections {
     /// Woken by a reader waiting for a seq the views have not committed yet,
     /// so [`Projections::run_live`] commits what it has folded at once.
     wanted: Arc<Notify>,
+    /// Why [`Projections::run_live`] stopped with an error, once it has.
+    failure: Arc<std::sync::OnceLock<String>>,
 }
 
 /// A live view that differs from its rebuild.
@@ -106,6 +108,7 @@ impl Projections {
             caught_up: watch::Sender::new(0),
             live_folded: Arc::new(AtomicU64::new(0)),
             wanted: Arc::new(Notify::new()),
+            failure: Arc::new(std::sync::OnceLock::new()),
         };
         projections
             .caught_up
@@ -261,10 +264,27 @@ impl Projections {
     /// [`LIVE_COMMIT_INTERVAL`] — and while it has not, at least every 8192
     /// events. What is folded but not yet committed is folded again after a
     /// crash, like anything after a checkpoint.
+    ///
+    /// An error ends the fold for good; [`Projections::failure`] says why
+    /// from then on, so that readers can refuse instead of serving views
+    /// that no longer change (a revoked key that still passes).
     pub async fn run_live(
         &self,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), ProjectionError> {
+        let result = self.fold_live(shutdown).await;
+        if let Err(error) = &result {
+            let _ = self.failure.set(error.to_string());
+        }
+        result
+    }
+
+    /// Why the live fold stopped, if it stopped with an error.
+    pub fn failure(&self) -> Option<&str> {
+        self.failure.get().map(String::as_str)
+    }
+
+    async fn fold_live(&self, shutdown: impl Future<Output = ()>) -> Result<(), ProjectionError> {
         let mut folding = self.folding(&ProjectionName::ALL, u64::MAX, Staged::new)?;
         let from = folding.iter().map(|f| f.checkpoint).min().unwrap_or(0) + 1;
         let mut subscription = self.log.subscribe(from);

@@ -90,6 +90,12 @@ impl Authenticator {
         scopes: &[Scope],
         meta: &RequestMeta,
     ) -> Result<Caller, GatewayError> {
+        // The keys view stopped changing: a key revoked since would pass.
+        if let Some(why) = self.projections.failure() {
+            return Err(GatewayError::Unavailable(format!(
+                "the projections stopped ({why}); keys cannot be checked"
+            )));
+        }
         let caller = match self.check_key(headers).await {
             Ok(caller) => caller,
             Err(Ok(failure)) => return Err(self.refuse(failure, meta).await),

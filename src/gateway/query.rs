@@ -328,6 +328,11 @@ impl Gateway {
 
     /// `…health`: no key needed; says how far the core is.
     pub(super) async fn health(&self) -> Result<Value, GatewayError> {
+        if let Some(why) = self.projections.failure() {
+            return Err(GatewayError::Unavailable(format!(
+                "the projections stopped: {why}"
+            )));
+        }
         Ok(json!({
             "ok": true,
             "log_head": self.log.head(),
