@@ -164,11 +164,11 @@ impl LocalBus {
             pattern: pattern.to_string(),
             inner: SubscriptionInner::Local(LocalSubscription {
                 receiver,
-                _registration: Registration {
+                registration: Some(Registration {
                     shared: Arc::downgrade(&self.shared),
                     id,
                     literal_key,
-                },
+                }),
             }),
         })
     }
@@ -304,7 +304,16 @@ fn offer(entry: &mut Entry, message: &Message) -> bool {
 #[derive(Debug)]
 pub(super) struct LocalSubscription {
     receiver: mpsc::Receiver<Message>,
-    _registration: Registration,
+    /// `None` once drained.
+    registration: Option<Registration>,
+}
+
+impl LocalSubscription {
+    /// Takes no more messages; those already delivered are still read, then
+    /// the stream ends (the registry held the only sender).
+    pub(super) fn drain(&mut self) {
+        self.registration = None;
+    }
 }
 
 impl Stream for LocalSubscription {

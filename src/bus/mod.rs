@@ -334,6 +334,19 @@ impl Subscription {
         futures::StreamExt::next(self).await
     }
 
+    /// Stops delivery but keeps what was already delivered: the stream
+    /// yields the messages buffered (and, on NATS, those the server sent
+    /// before it took the unsubscribe in), then ends.
+    pub async fn drain(&mut self) -> Result<(), BusError> {
+        match &mut self.inner {
+            SubscriptionInner::Local(subscription) => {
+                subscription.drain();
+                Ok(())
+            }
+            SubscriptionInner::Nats(subscription) => subscription.drain().await,
+        }
+    }
+
     /// Stops delivery. Messages already buffered are discarded.
     pub async fn unsubscribe(self) -> Result<(), BusError> {
         match self.inner {

@@ -288,6 +288,15 @@ pub(super) struct NatsSubscription {
 }
 
 impl NatsSubscription {
+    /// Unsubscribes, leaving the messages already on their way to be read;
+    /// the stream ends after them.
+    pub(super) async fn drain(&mut self) -> Result<(), BusError> {
+        self.subscriber
+            .drain()
+            .await
+            .map_err(|error| disconnected("drain", error))
+    }
+
     pub(super) async fn unsubscribe(mut self) -> Result<(), BusError> {
         self.subscriber
             .unsubscribe()
