@@ -21,7 +21,7 @@ use switchboard_actors::provider::EchoProvider;
 use switchboard_actors::router::Router;
 use switchboard_actors::turns::TurnCoordinator;
 use switchboard_events::apikey::ApiKey;
-use switchboard_events::catalog::{AuthFailed, KeyIssued, KeyRevoked, Limits, Scope};
+use switchboard_events::catalog::{AuthChannel, AuthFailed, KeyIssued, KeyRevoked, Limits, Scope};
 use switchboard_events::{
     Envelope, Event, EventLog, ExpectedVersion, NewEvent, OpenMode, StreamId,
 };
@@ -101,8 +101,8 @@ impl Service {
             }
             Transport::Nats => {
                 let server = NatsServer::start();
-                let service = connect(&server).await;
-                let client = connect(&server).await;
+                let service = connect(&server, Side::Service).await;
+                let client = connect(&server, Side::Application).await;
                 (service, client, Some(server))
             }
         };
@@ -252,10 +252,21 @@ impl Service {
     }
 }
 
-async fn connect(server: &NatsServer) -> Bus {
-    let bus = NatsBus::connect(&server.url())
-        .await
-        .unwrap_or_else(|error| panic!("connect to {}: {error}", server.url()));
+/// Who a connection is: the service (its own inbox prefix, as `serve`
+/// connects) or an application (NATS's default inbox).
+enum Side {
+    Service,
+    Application,
+}
+
+async fn connect(server: &NatsServer, side: Side) -> Bus {
+    let bus = match side {
+        Side::Service => NatsBus::connect(&server.url()).await,
+        Side::Application => {
+            NatsBus::connect_with_options(&server.url(), async_nats::ConnectOptions::new()).await
+        }
+    }
+    .unwrap_or_else(|error| panic!("connect to {}: {error}", server.url()));
     within("the connection", async {
         while !bus.is_connected() {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -509,7 +520,11 @@ async fn bad_keys_are_unauthorized_and_audited(transport: Transport) {
         ),
         (
             "garbage bearer",
-            Headers::new().with("Authorization", "Bearer not-a-real-key-at-all"),
+            // A client claiming to be the HTTP front.
+            Headers::new()
+                .with("Authorization", "Bearer not-a-real-key-at-all")
+                .with("Switchboard-Channel", "http")
+                .with("Switchboard-Remote", "192.0.2.1:4444"),
             "unknown_key",
         ),
         ("unknown", bearer(&unknown), "unknown_key"),
@@ -542,6 +557,19 @@ async fn bad_keys_are_unauthorized_and_audited(transport: Transport) {
         .into_iter()
         .map(|f| f.key_prefix)
         .collect();
+    // Over NATS a client's claim to be the front is not believed; the
+    // embedded bus carries only this process's own requests.
+    let claimed = &service.auth_failures()[2];
+    match transport {
+        Transport::Nats => {
+            assert_eq!(claimed.channel, AuthChannel::Nats, "{claimed:?}");
+            assert_eq!(claimed.remote, None, "{claimed:?}");
+        }
+        Transport::Local => {
+            assert_eq!(claimed.channel, AuthChannel::Http, "{claimed:?}");
+            assert_eq!(claimed.remote.as_deref(), Some("192.0.2.1:4444"));
+        }
+    }
     assert_eq!(prefixes[0], None, "no key, no prefix");
     assert_eq!(prefixes[3], Some(unknown.chars().take(8).collect()));
     assert_eq!(prefixes[4], Some(revoked.chars().take(8).collect()));

@@ -926,6 +926,18 @@ async fn malformed_input_gets_the_right_status_and_changes_nothing() {
         .collect();
     assert!(appended.iter().all(|t| t == "auth_failed"), "{appended:?}");
     assert_eq!(appended.len(), 2);
+    // Recorded as HTTP failures, from the client's address.
+    for envelope in front.server.log().read_from(head + 1) {
+        let switchboard_events::Event::AuthFailed(failed) = envelope.expect("decodes").event else {
+            unreachable!("only auth_failed");
+        };
+        assert_eq!(
+            failed.channel,
+            switchboard_events::catalog::AuthChannel::Http
+        );
+        let remote = failed.remote.expect("the client's address");
+        assert!(remote.starts_with("127.0.0.1:"), "{remote}");
+    }
     let (status, _) = front.json(Method::GET, "/v1/usage", Some(&key), None).await;
     assert_eq!(status, StatusCode::OK);
     front.server.shutdown().await;

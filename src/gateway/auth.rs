@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use switchboard_events::apikey::{hash_key, key_prefix};
-use switchboard_events::catalog::{AuthChannel, AuthFailed, Scope};
+use switchboard_events::catalog::{AuthFailed, Scope};
 use switchboard_events::{Event, EventLog, ExpectedVersion, NewEvent, StreamId};
 use switchboard_projections::{KeyRecord, Projections};
 
@@ -117,10 +117,10 @@ impl Authenticator {
     /// to answer with. A failed append is logged; the refusal stands.
     pub async fn refuse(&self, failure: AuthFailure, meta: &RequestMeta) -> GatewayError {
         let mut event = NewEvent::new(Event::AuthFailed(AuthFailed {
-            channel: AuthChannel::Nats,
+            channel: meta.channel,
             reason: failure.reason.to_owned(),
             key_prefix: failure.key_prefix,
-            remote: None,
+            remote: meta.remote.clone(),
         }));
         event.correlation_id = Some(meta.correlation_id);
         event.traceparent = meta.traceparent.clone();

@@ -55,7 +55,7 @@ use serde_json::Value;
 use switchboard_actors::conversation_actor::{validate_conversation_id, ConversationError};
 use switchboard_actors::rate_limiter::{AdmitError, RateLimiterConfig, RateLimiters};
 use switchboard_actors::turns::{ReplyDelta, SendInput, TurnCoordinator, TurnEnd};
-use switchboard_events::catalog::Scope;
+use switchboard_events::catalog::{AuthChannel, Scope};
 use switchboard_events::EventLog;
 use switchboard_projections::{Conversation, Projections};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -161,16 +161,38 @@ impl Operation {
 pub struct RequestMeta {
     pub correlation_id: Uuid,
     pub traceparent: Option<String>,
+    /// How the request reached the service, and from where (HTTP only), as
+    /// `auth_failed` records them.
+    pub channel: AuthChannel,
+    pub remote: Option<String>,
     reply_headers: std::sync::Mutex<Headers>,
 }
 
+/// Bus headers by which the HTTP front says a request came over HTTP, and
+/// from which address. They are believed only from the service's own
+/// requests (see [`RequestMeta`]).
+pub const CHANNEL_HEADER: &str = "Switchboard-Channel";
+pub const REMOTE_BUS_HEADER: &str = "Switchboard-Remote";
+
 impl RequestMeta {
-    fn new(headers: &Headers) -> Self {
+    /// `from_front`: the request came from this service's own connection
+    /// (the embedded bus, or a reply subject in the service's private inbox,
+    /// which applications cannot read), so its front's headers are believed.
+    fn new(headers: &Headers, from_front: bool) -> Self {
+        let channel = match header(headers, CHANNEL_HEADER) {
+            Some("http") if from_front => AuthChannel::Http,
+            _ => AuthChannel::Nats,
+        };
+        let remote = header(headers, REMOTE_BUS_HEADER)
+            .filter(|remote| channel == AuthChannel::Http && remote.len() <= 64)
+            .map(str::to_owned);
         RequestMeta {
             correlation_id: Uuid::now_v7(),
             traceparent: header(headers, "traceparent")
                 .filter(|value| valid_traceparent(value))
                 .map(str::to_owned),
+            channel,
+            remote,
             reply_headers: std::sync::Mutex::new(Headers::new()),
         }
     }
@@ -359,7 +381,15 @@ impl Gateway {
     /// subject). A panic while serving is answered `internal`, never silence.
     async fn answer(&self, operation: Operation, message: Message) {
         let started = Instant::now();
-        let mut meta = RequestMeta::new(&message.headers);
+        let from_front = match &self.bus {
+            Bus::Local(_) => true,
+            Bus::Nats(_) => message.reply.as_deref().is_some_and(|reply| {
+                reply
+                    .strip_prefix(crate::bus::SERVICE_INBOX_PREFIX)
+                    .is_some_and(|rest| rest.starts_with('.'))
+            }),
+        };
+        let mut meta = RequestMeta::new(&message.headers, from_front);
         let span = tracing::debug_span!(
             "gateway",
             otel.name = %format_args!("{} process", operation.name()),

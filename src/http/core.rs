@@ -10,6 +10,7 @@ use serde_json::Value;
 
 use super::error::ApiError;
 use crate::bus::{Bus, BusError, Headers, Subscription};
+use crate::gateway::{CHANNEL_HEADER, REMOTE_BUS_HEADER};
 
 /// How long the front waits for the core to answer one request.
 pub const CORE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -62,9 +63,18 @@ impl Core {
         timeout: Duration,
     ) -> Result<CoreReply, ApiError> {
         let subject = format!("{}.{subject}", self.prefix);
-        let mut headers = extra.with("Content-Type", "application/json");
+        let mut headers = extra
+            .with("Content-Type", "application/json")
+            .with(CHANNEL_HEADER, "http");
         if let Some(value) = caller.get("authorization").and_then(|v| v.to_str().ok()) {
             headers.insert("Authorization", value);
+        }
+        // Set by the front itself (any client value is replaced).
+        if let Some(remote) = caller
+            .get(super::REMOTE_HEADER)
+            .and_then(|v| v.to_str().ok())
+        {
+            headers.insert(REMOTE_BUS_HEADER, remote);
         }
         // The caller's trace, continued by this request's span when spans are exported.
         let received = caller.get("traceparent").and_then(|v| v.to_str().ok());

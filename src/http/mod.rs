@@ -130,6 +130,7 @@ pub async fn serve(config: HttpConfig, bus: Bus) -> std::io::Result<HttpHandle> 
     let app = router(&config, bus, closing_seen);
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
+        let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(async {
                 let _ = stopped.await;
@@ -400,10 +401,22 @@ pub async fn closed(mut closing: watch::Receiver<bool>) {
 
 /// One span per routed request, continuing the caller's `traceparent`; the
 /// core's requests carry this span's context on (see [`core::Core::request`]).
+/// The request header the front sets to the client's address (any value a
+/// client sent is replaced), which the core records in `auth_failed`.
+pub const REMOTE_HEADER: &str = "switchboard-remote";
+
 async fn trace_request(
-    request: axum::extract::Request,
+    mut request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
+    let remote = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .and_then(|info| HeaderValue::from_str(&info.0.to_string()).ok());
+    match remote {
+        Some(remote) => request.headers_mut().insert(REMOTE_HEADER, remote),
+        None => request.headers_mut().remove(REMOTE_HEADER),
+    };
     let route = request
         .extensions()
         .get::<axum::extract::MatchedPath>()
