@@ -580,6 +580,76 @@ async fn a_rate_limited_key_gets_429_with_retry_after_in_openai_shape() {
     front.server.shutdown().await;
 }
 
+/// A model server that answers every completion 429, in OpenAI's shape.
+async fn always_rate_limited() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let app = axum::Router::new().route(
+        "/v1/chat/completions",
+        axum::routing::post(|| async {
+            (
+                axum::http::StatusCode::TOO_MANY_REQUESTS,
+                axum::Json(json!({ "error": {
+                    "message": "Rate limit reached", "type": "requests", "code": "rate_limit_exceeded"
+                } })),
+            )
+        }),
+    );
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    format!("http://{addr}/v1")
+}
+
+#[tokio::test]
+async fn a_turn_the_model_server_rate_limits_is_a_429_with_retry_after_and_the_keys_figures() {
+    let upstream = always_rate_limited().await;
+    let front = Front::start_with(|config| {
+        config.agents.push(AgentSpec {
+            config: AgentConfig {
+                max_retries: 0,
+                ..AgentConfig::new("busy")
+            },
+            provider: ProviderSpec::OpenAi {
+                base_url: upstream,
+                model: "busy-model".to_owned(),
+                api_key: None,
+            },
+        });
+    })
+    .await;
+    let key = front
+        .issue(json!({ "name": "ana", "limits": { "rpm": 10, "tpm": 100000 } }))
+        .await;
+    let refused = front
+        .complete(Some(&key), Some("busy-1"), chat("busy", "hello"))
+        .await;
+    assert_openai_error(
+        &refused,
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limit_exceeded",
+        "rate_limited",
+    );
+    let retry: u64 = refused.headers["retry-after"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("seconds");
+    assert!((1..=60).contains(&retry), "{retry}");
+    assert_eq!(refused.headers["x-ratelimit-limit-requests"], "10");
+    assert_eq!(conversation_header(&refused.headers), "busy-1");
+
+    // An unknown model still tells the key's figures.
+    let unknown = front
+        .complete(Some(&key), None, chat("nobody", "hello"))
+        .await;
+    assert_eq!(unknown.status, StatusCode::NOT_FOUND, "{}", unknown.body);
+    assert_eq!(unknown.headers["x-ratelimit-limit-requests"], "10");
+    front.server.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_failed_turn_is_a_server_error_or_an_error_chunk() {
     // An agent whose model server refuses connections: a port just freed.

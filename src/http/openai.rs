@@ -40,9 +40,11 @@
 //! `permission_error`; `invalid_request` 400; an unknown model 404
 //! `model_not_found`; `rate_limited` 429 `rate_limit_exceeded` with
 //! `Retry-After`; `budget_exceeded` 429 `insufficient_quota` (OpenAI's "out of
-//! credit"); `unavailable` 503; others 500. A turn that ends `reply_failed`
-//! maps its failure code: `timeout` 504, `rate_limited` (the model server's)
-//! 429, `unavailable` (the agent's circuit is open) 503, `internal` 500, and
+//! credit"; with `Retry-After` when the budget's period ends, none for a
+//! `total` budget, which no wait renews); `unavailable` 503; others 500. A
+//! turn that ends `reply_failed` maps its failure code: `timeout` 504,
+//! `rate_limited` (the model server's, after the agent's retries) 429 with
+//! `Retry-After: 10`, `unavailable` (the agent's circuit is open) 503, `internal` 500, and
 //! the model server's other failures (`upstream`, `connect`, `rejected`, …)
 //! 502, each with the failure code as `code`. Once a stream has begun, an
 //! error is sent as a chunk `{"error":{…}}` followed by `data: [DONE]`, as
@@ -158,7 +160,7 @@ async fn retrieve_model(
     let (names, headers) = agents(&state, &caller).await?;
     let Path(model) = model.map_err(|rejection| OpenAiError::bad_request(rejection.body_text()))?;
     if !names.contains(&model) {
-        return Err(OpenAiError::model_not_found(&model));
+        return Err(OpenAiError::model_not_found(&model).with_headers(&headers));
     }
     Ok((headers, Json(model_object(&model))).into_response())
 }
@@ -214,10 +216,10 @@ async fn chat_completions(
         .as_ref()
         .is_ok_and(|(request, ..)| known(&request.model))
     {
-        let (agents, _) = agents(&state, &caller).await?;
+        let (agents, headers) = agents(&state, &caller).await?;
         if let Ok((request, ..)) = &checked {
             if !agents.contains(&request.model) {
-                return Err(OpenAiError::model_not_found(&request.model));
+                return Err(OpenAiError::model_not_found(&request.model).with_headers(&headers));
             }
         }
     }
@@ -298,7 +300,11 @@ async fn whole_reply(
             TurnFollower::start(state.core.clone(), caller, id, &ack.body, events, true).await
         }
     };
-    let reply = turn.into_reply().await?;
+    // A failed turn still tells the client its rate-limit figures.
+    let reply = turn
+        .into_reply()
+        .await
+        .map_err(|error| error.with_headers(&headers))?;
     Ok((headers, Json(shape.completion(&reply))).into_response())
 }
 

@@ -11,6 +11,9 @@ use super::CONVERSATION_HEADER;
 use crate::http::error::ApiError;
 use crate::http::MAX_BODY_BYTES;
 
+/// The `Retry-After` of a turn the model server rate-limited, in seconds.
+pub(super) const MODEL_RATE_LIMIT_RETRY_AFTER_SECS: u32 = 10;
+
 /// An error in OpenAI's shape, with the headers to send along (rate limits,
 /// `Retry-After`, the conversation id).
 #[derive(Debug)]
@@ -70,7 +73,10 @@ impl OpenAiError {
         error
     }
 
-    /// A turn that ended `reply_failed` with `code`.
+    /// A turn that ended `reply_failed` with `code`. One the model server
+    /// rate-limited (after the agent's own retries) is a 429 with
+    /// [`MODEL_RATE_LIMIT_RETRY_AFTER_SECS`] as its `Retry-After`: the
+    /// server's own wait is not kept with the turn.
     pub(super) fn turn_failed(code: &str, message: &str) -> Self {
         let (status, kind) = match code {
             "timeout" => (StatusCode::GATEWAY_TIMEOUT, "server_error"),
@@ -79,7 +85,26 @@ impl OpenAiError {
             "internal" => (StatusCode::INTERNAL_SERVER_ERROR, "server_error"),
             _ => (StatusCode::BAD_GATEWAY, "server_error"),
         };
-        OpenAiError::new(status, kind, code, format!("the reply failed: {message}"))
+        let mut error =
+            OpenAiError::new(status, kind, code, format!("the reply failed: {message}"));
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            error.headers.insert(
+                axum::http::header::RETRY_AFTER,
+                HeaderValue::from(MODEL_RATE_LIMIT_RETRY_AFTER_SECS),
+            );
+        }
+        error
+    }
+
+    /// Adds `headers` (the ack's rate-limit headers) to the error's, keeping
+    /// the error's own where both have one.
+    pub(super) fn with_headers(mut self, headers: &HeaderMap) -> Self {
+        for (name, value) in headers {
+            if !self.headers.contains_key(name) {
+                self.headers.insert(name.clone(), value.clone());
+            }
+        }
+        self
     }
 
     pub(super) fn timeout() -> Self {
