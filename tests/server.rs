@@ -226,7 +226,7 @@ async fn bad_admin_requests_get_coded_errors_and_change_nothing() {
         (
             "sb.admin.keys.revoke",
             json!({ "key_id": "key_nope" }),
-            "invalid_request",
+            "not_found",
         ),
         ("sb.admin.keys.update", json!({}), "invalid_request"),
     ] {
