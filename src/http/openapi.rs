@@ -283,33 +283,57 @@ impl utoipa::IntoResponses for OpenAiErrors {
                 .schema(Some(Ref::from_schema_name("OpenAiErrorBody")))
                 .build()
         };
+        // (status, description, Retry-After, the key's rate-limit figures:
+        // answers given once the key was checked)
         [
-            ("400", "A parameter is wrong; `param` names it", false),
-            ("401", "`invalid_api_key`", false),
-            ("403", "`permission_error`", false),
-            ("404", "`model_not_found`: no agent by that name", false),
-            ("413", "The body exceeds 256 KiB", false),
+            (
+                "400",
+                "A parameter is wrong; `param` names it",
+                false,
+                false,
+            ),
+            ("401", "`invalid_api_key`", false, false),
+            ("403", "`permission_error`", false, false),
+            (
+                "404",
+                "`model_not_found`: no agent by that name",
+                false,
+                true,
+            ),
+            ("413", "The body exceeds 256 KiB", false, false),
             (
                 "429",
                 "`rate_limit_exceeded` (the key's or the model server's) or `insufficient_quota`",
                 true,
+                true,
             ),
-            ("500", "`server_error`", false),
+            ("500", "`server_error`", false, true),
             (
                 "502",
                 "The model server failed (`upstream`, `connect`, …)",
                 false,
+                true,
             ),
-            ("503", "The core or the agent is unavailable", false),
-            ("504", "No reply in time; it will be in the history", false),
+            ("503", "The core or the agent is unavailable", false, true),
+            (
+                "504",
+                "No reply in time; it will be in the history",
+                false,
+                true,
+            ),
         ]
         .into_iter()
-        .map(|(status, description, retry)| {
+        .map(|(status, description, retry, keyed)| {
             let mut response = ResponseBuilder::new()
                 .description(description)
                 .content("application/json", content());
             if retry {
                 response = response.header(RETRY_AFTER.0, string_header(RETRY_AFTER.1));
+            }
+            if keyed {
+                for (name, description) in RATE_LIMIT.iter().chain(&OPENAI_RATE_LIMIT) {
+                    response = response.header(*name, string_header(description));
+                }
             }
             (status.to_owned(), response.build().into())
         })
