@@ -347,13 +347,23 @@ async fn answer(
     }
     let mut outcome = Ok(());
     for subscription in requests {
-        if let Err(error) = subscription.unsubscribe().await {
-            outcome = outcome.and(Err(error));
+        // Bounded: with NATS away and the client's queue full, the command
+        // would wait for the server, and a stop must not.
+        match tokio::time::timeout(STOP_WAIT, subscription.unsubscribe()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => outcome = outcome.and(Err(error)),
+            Err(_) => {
+                tracing::warn!("unsubscribing the service API timed out");
+                return outcome;
+            }
         }
     }
     outcome?;
     bus.flush().await
 }
+
+/// The longest a stop waits for one unsubscribe.
+const STOP_WAIT: Duration = Duration::from_secs(2);
 
 /// What the instance answers. PING and INFO never change, so they are
 /// encoded once; STATS is encoded per request.

@@ -55,7 +55,7 @@ struct Service {
     client: Bus,
     stop_projections: oneshot::Sender<()>,
     projections_task: JoinHandle<()>,
-    _server: Option<NatsServer>,
+    server: Option<NatsServer>,
 }
 
 impl Service {
@@ -89,7 +89,19 @@ impl Service {
         let (slow, _) = Actor::spawn(None, AgentActor, slow)
             .await
             .expect("the agent starts");
-        let agents = HashMap::from([("echo".to_owned(), echo), ("slow".to_owned(), slow)]);
+        // "chatty": a delta per word, a word every 500 µs.
+        let chatty = Arc::new(Agent::new(
+            AgentConfig::new("chatty"),
+            Arc::new(EchoProvider::with_word_delay(Duration::from_micros(500))),
+        ));
+        let (chatty, _) = Actor::spawn(None, AgentActor, chatty)
+            .await
+            .expect("the agent starts");
+        let agents = HashMap::from([
+            ("echo".to_owned(), echo),
+            ("slow".to_owned(), slow),
+            ("chatty".to_owned(), chatty),
+        ]);
         let router = Router::new(vec![], "echo").expect("valid router");
         let turns =
             TurnCoordinator::new(registry.clone(), router, agents, log.clone()).expect("agents");
@@ -125,7 +137,7 @@ impl Service {
             client,
             stop_projections,
             projections_task,
-            _server: server,
+            server,
         }
     }
 
@@ -502,6 +514,51 @@ async fn every_request_delivered_to_a_stopping_gateway_is_answered(transport: Tr
     assert_eq!(answered + no_responders + lost.len(), 300);
     assert!(answered > 0, "the stop came before any request");
     shutdown.await.expect("the service stops");
+}
+
+/// With NATS away, a turn's reply deltas cannot be published; they must not
+/// hold up the turn (async-nats queues 2048 commands, then a publish waits
+/// for the server).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_turn_ends_on_time_while_nats_is_away() {
+    let mut service = Service::start(Transport::Nats).await;
+    let key = service.issue_key("key_n", &[Scope::Chat]).await;
+    let words = 6000;
+    let body = json!({
+        "content": vec!["w"; words].join(" "),
+        "message_id": "n1",
+        "agent": "chatty",
+    });
+    let reply = service
+        .request(
+            "cn",
+            "send",
+            bearer(&key),
+            serde_json::to_vec(&body).expect("JSON"),
+        )
+        .await;
+    assert_eq!(reply["ok"], json!(true), "{reply}");
+    service.server.as_mut().expect("NATS").stop();
+    // 6000 words at 500 µs: about 3 s of turn; far less than the agent's
+    // 120 s timeout, which a turn held up by its deltas would run into.
+    let ended = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let ended = service.events().into_iter().find_map(|e| match e.event {
+                Event::ReplyCompleted(_) => Some("completed"),
+                Event::ReplyFailed(_) => Some("failed"),
+                _ => None,
+            });
+            if let Some(ended) = ended {
+                return ended;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the turn ends while NATS is away");
+    assert_eq!(ended, "completed");
+    service.server.as_mut().expect("NATS").restart();
+    service.shutdown().await;
 }
 
 async fn bad_keys_are_unauthorized_and_audited(transport: Transport) {

@@ -15,7 +15,9 @@ use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use support::nats::NatsServer;
-use switchboard::bus::{Bus, BusError, Headers, LocalBus, NatsBus, Subscription};
+use switchboard::bus::{
+    Bus, BusError, Headers, LocalBus, NatsBus, Subscription, SERVICE_INBOX_PREFIX,
+};
 use switchboard::service::{register, Endpoint, ServiceHandle, ServiceInfo};
 
 /// No step should come near this; it only keeps a broken run from hanging.
@@ -241,7 +243,7 @@ async fn stats_reflect_recorded_requests(transport: Transport) {
 }
 
 /// `Bus::request` returns only the first reply, so a plain subscription on
-/// the reply inboxes (`_INBOX.>`, on the requesting handle) collects them
+/// the reply inboxes (on the requesting handle) collects them
 /// all. Replies are told from anything else there by their `type`.
 async fn collect_ping_ids(inboxes: &mut Subscription, count: usize) -> BTreeSet<String> {
     let mut ids = BTreeSet::new();
@@ -270,7 +272,12 @@ async fn every_instance_answers_a_ping(transport: Transport) {
     let second = start_service(&second_bus, endpoints()).await;
     assert_ne!(first.id(), second.id(), "each instance has its own id");
 
-    let mut inboxes = client.subscribe("_INBOX.>").await.expect("subscribe");
+    // The service's own connections use a private inbox prefix.
+    let inboxes = match fixture.server {
+        Some(_) => format!("{SERVICE_INBOX_PREFIX}.>"),
+        None => "_INBOX.>".to_owned(),
+    };
+    let mut inboxes = client.subscribe(&inboxes).await.expect("subscribe");
     client.flush().await.expect("flush");
     for subject in ["$SRV.PING", "$SRV.PING.switchboard"] {
         ask(&client, subject).await;

@@ -77,6 +77,9 @@ const DELTA_BUFFER: usize = 64;
 /// How long a read waits for the projections to fold the log's head before
 /// answering `unavailable`.
 const FRESHNESS_WAIT: Duration = Duration::from_secs(5);
+/// The longest a reply delta's publish may wait (NATS away, its queue full)
+/// before the turn's later deltas are dropped instead.
+const DELTA_PUBLISH_WAIT: Duration = Duration::from_secs(1);
 /// How long a stopping gateway reads the requests delivered before its
 /// unsubscribe took effect.
 const DRAIN_WAIT: Duration = Duration::from_secs(2);
@@ -320,8 +323,12 @@ async fn serve(
     }
     gateway.stopping.send_replace(true);
     for subscription in incoming.iter_mut() {
-        if let Err(error) = subscription.get_mut().drain().await {
-            tracing::warn!(%error, "unsubscribing the gateway failed");
+        // Bounded: with NATS away and the client's queue full, the command
+        // would wait for the server.
+        match tokio::time::timeout(DRAIN_WAIT, subscription.get_mut().drain()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::warn!(%error, "unsubscribing the gateway failed"),
+            Err(_) => tracing::warn!("unsubscribing the gateway timed out"),
         }
     }
     // So that, once `stop` returns, no other connection's request reaches us.
@@ -703,10 +710,30 @@ impl Gateway {
             headers.insert("traceparent", traceparent.clone());
         }
         tokio::spawn(async move {
+            // Best effort, and never holding up the turn: with NATS away the
+            // client's queue fills and a publish waits until it is back, so
+            // one that takes too long gives up the deltas still to come (the
+            // stored reply_completed holds the whole reply).
+            let mut giving_up = false;
             while let Some(delta) = received.recv().await {
+                if giving_up {
+                    continue;
+                }
                 let payload = serde_json::to_vec(&delta).expect("a delta always serializes");
-                if let Err(error) = bus.publish(&subject, headers.clone(), payload).await {
-                    tracing::debug!(%subject, %error, "a reply delta was not published");
+                let published = tokio::time::timeout(
+                    DELTA_PUBLISH_WAIT,
+                    bus.publish(&subject, headers.clone(), payload),
+                )
+                .await;
+                match published {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => {
+                        tracing::debug!(%subject, %error, "a reply delta was not published");
+                    }
+                    Err(_) => {
+                        tracing::warn!(%subject, "reply deltas dropped: the bus is not taking them");
+                        giving_up = true;
+                    }
                 }
             }
         });
