@@ -413,19 +413,32 @@ impl TurnCoordinator {
 
     /// [`Self::finish_pending`] for each of `conversation_ids` (at startup,
     /// every conversation the history projection knows), a few at a time;
-    /// returns how many turns were ended. Stops at the first error.
+    /// returns how many turns were ended. A conversation that fails does
+    /// not stop the others: each failure is logged, and the first is
+    /// returned once every conversation was tried (the failed ones are
+    /// looked at again before their next turn).
     pub async fn finish_all_pending(
         &self,
         conversation_ids: impl IntoIterator<Item = String>,
     ) -> Result<usize, ConversationError> {
         let mut finished = futures::stream::iter(conversation_ids)
-            .map(|id| async move { self.finish_pending(&id).await })
+            .map(|id| async move { (self.finish_pending(&id).await, id) })
             .buffer_unordered(RECOVERY_PARALLELISM);
         let mut ended = 0;
-        while let Some(result) = finished.next().await {
-            ended += result?;
+        let mut first_error = None;
+        while let Some((result, conversation_id)) = finished.next().await {
+            match result {
+                Ok(count) => ended += count,
+                Err(error) => {
+                    tracing::warn!(%conversation_id, %error, "its lost turns could not be ended");
+                    first_error.get_or_insert(error);
+                }
+            }
         }
-        Ok(ended)
+        match first_error {
+            Some(error) => Err(error),
+            None => Ok(ended),
+        }
     }
 
     /// The configured agents' names, sorted.

@@ -405,12 +405,20 @@ async fn turns_lost_in_a_crash_are_failed_exactly_once() {
     }
 
     let h = harness_on(dir, log, None).await;
+    // One conversation that cannot be looked at (listed first, it fails at
+    // once) does not keep the others' lost turns open.
+    let failed = h
+        .turns
+        .finish_all_pending(["bad.id".to_owned(), "c1".to_owned(), "c2".to_owned()])
+        .await
+        .expect_err("bad.id cannot be recovered");
+    assert_eq!(failed.code(), "invalid_request", "{failed}");
     let ended = h
         .turns
         .finish_all_pending(["c1".to_owned(), "c2".to_owned()])
         .await
         .expect("recovered");
-    assert_eq!(ended, 2);
+    assert_eq!(ended, 0, "the first pass ended them");
     assert_eq!(h.turns.finish_pending("c1").await.expect("again"), 0);
     let events = h.stream("c1");
     for message_id in ["m1", "m2"] {
