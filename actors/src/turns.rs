@@ -65,8 +65,12 @@ pub const LOST_TURN_MESSAGE: &str =
 const DELTA_BUFFER: usize = 64;
 /// Conversations whose lost turns are finished at once by `finish_all_pending`.
 const RECOVERY_PARALLELISM: usize = 16;
-/// Attempts at storing a turn's end while the conversation is unavailable.
-const END_TURN_ATTEMPTS: u32 = 3;
+/// Attempts at storing a turn's end while the conversation is unavailable
+/// (or its stream keeps changing): 50 ms, then doubling up to 5 s between
+/// them, about 40 s in all, before the turn is left pending for the next
+/// start to fail.
+const END_TURN_ATTEMPTS: u32 = 12;
+const END_TURN_MAX_WAIT: Duration = Duration::from_secs(5);
 /// Conversations whose lost turns the coordinator remembers having finished.
 const MAX_RECOVERED: usize = 100_000;
 
@@ -643,9 +647,10 @@ impl Inner {
         outcome
     }
 
-    /// Hands the turn's end to the conversation's actor, retrying a little
-    /// while the conversation is unavailable (if it still cannot be stored,
-    /// the turn stays pending in the log and a later start fails it).
+    /// Hands the turn's end to the conversation's actor, retrying while the
+    /// conversation is unavailable or conflicted ([`END_TURN_ATTEMPTS`]; if
+    /// it still cannot be stored, the turn stays pending in the log and a
+    /// later start fails it).
     /// `None` when it was not stored; otherwise the seq of its first event,
     /// `Some(None)` when the turn had already ended.
     async fn store_end(
@@ -662,10 +667,13 @@ impl Inner {
                 .await;
             match result {
                 Ok(first) => return Some(first),
-                Err(error @ ConversationError::Unavailable(_)) if attempt < END_TURN_ATTEMPTS => {
+                Err(
+                    error @ (ConversationError::Unavailable(_) | ConversationError::Conflict(_)),
+                ) if attempt < END_TURN_ATTEMPTS && !self.closed.load(Ordering::SeqCst) => {
+                    // (Not while shutting down: the next start fails the turn.)
                     tracing::info!(%conversation_id, %message_id, %error, "retrying the turn's end");
                     tokio::time::sleep(wait).await;
-                    wait *= 4;
+                    wait = (wait * 2).min(END_TURN_MAX_WAIT);
                 }
                 Err(error) => {
                     tracing::error!(%conversation_id, %message_id, code = error.code(), %error,
