@@ -212,6 +212,9 @@ impl Durable {
 pub struct RecordIter {
     inner: StoredRecords,
     durable: Durable,
+    /// The seq the next record must have: the log is gapless, so a record
+    /// missing from the tree is an error, not something to skip.
+    expected: u64,
     _lock: Arc<super::lock::DirLock>,
 }
 
@@ -230,7 +233,25 @@ impl Iterator for RecordIter {
     type Item = Result<Envelope, ReadError>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        Some(self.next_raw()?.and_then(|raw| raw.decode()))
+        let raw = match self.next_raw()? {
+            Ok(raw) => raw,
+            Err(error) => return Some(Err(error)),
+        };
+        if raw.seq != self.expected {
+            let missing = self.expected;
+            // Once: the iteration ends with the error.
+            self.expected = u64::MAX;
+            self.inner.to = 0;
+            return Some(Err(ReadError::Corrupt {
+                seq: missing,
+                detail: format!(
+                    "the record is missing (the next one stored is {}); run `switchboard verify`",
+                    raw.seq
+                ),
+            }));
+        }
+        self.expected = raw.seq + 1;
+        Some(raw.decode())
     }
 }
 
@@ -451,6 +472,7 @@ impl EventLog {
         RecordIter {
             inner: StoredRecords::new(&self.shared.tree, from_seq, to_seq),
             durable: Durable::new(&self.shared.head),
+            expected: from_seq.max(1),
             _lock: self.shared.lock.clone(),
         }
     }
