@@ -643,6 +643,14 @@ fn update_changes_limits_and_budget() {
     fx.sb(&["keys", "update", "key_ffffffffffffffff", "--rpm", "1"])
         .refusal();
     assert_eq!(fx.head(), head, "refused updates append nothing");
+
+    // A revoked key cannot be changed, as over the admin API.
+    fx.sb(&["keys", "revoke", &no_budget]).success();
+    let head = fx.head();
+    let refused = fx.sb(&["keys", "update", &no_budget, "--rpm", "1"]);
+    refused.refusal();
+    assert!(refused.stderr.contains("revoked"), "{refused:?}");
+    assert_eq!(fx.head(), head);
 }
 
 // ---------------------------------------------------------------------------

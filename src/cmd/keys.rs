@@ -119,6 +119,13 @@ pub fn revoke(settings: &Settings, args: RevokeArgs) -> anyhow::Result<ExitCode>
 pub fn update(settings: &Settings, args: UpdateArgs) -> anyhow::Result<ExitCode> {
     let store = datadir::open_caught_up(&settings.data_dir, OpenMode::MustExist)?;
     let record = find(&store, &args.key_id)?;
+    // As the admin API answers.
+    if record.revoked.is_some() {
+        bail!(
+            "key {} is revoked; a revoked key cannot be changed",
+            record.key_id
+        );
+    }
     let given = &args.limits;
     let new_limits = (given.rpm.is_some() || given.tpm.is_some() || given.max_parallel.is_some())
         .then(|| Limits {
