@@ -290,7 +290,7 @@ impl EventLog {
         };
         if marked != (last_seq, last_hash) {
             return Err(corrupt(format!(
-                "the last record (seq {last_seq}) does not match the head marker (seq {}); run `switchboard verify`",
+                "the last record (seq {last_seq}) does not match the head marker (seq {}): the log cannot be opened safely; restore the data dir from a backup (docs/operations.md, Backups)",
                 marked.0
             )));
         }

@@ -36,7 +36,7 @@ pub(super) fn cut_unfinished_group(
         Some((first, last)) if first == head_seq + 1 && last_seq <= last => {}
         _ => {
             return Err(format!(
-            "{past} but are not the group commit that was being written; run `switchboard verify`"
+            "{past} but are not the group commit that was being written: the log cannot be opened safely; restore the data dir from a backup (docs/operations.md, Backups)"
         ))
         }
     }
