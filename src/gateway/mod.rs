@@ -521,9 +521,18 @@ impl Gateway {
         let body = SendRequest::decode(&message.payload, format)?;
         let wait = waits_for_reply(&message.headers)?;
         // A resend of a stored message is answered with its ack before the
-        // budgets and rate limits, which it must neither use nor be refused by.
+        // budgets and rate limits, which it must neither use nor be refused
+        // by. (A key that neither has nor falls under any of them cannot be
+        // refused: the conversation's own dedup answers its resends, and its
+        // sends skip this extra round trip.)
         self.coordinator.check_agent(body.agent.as_deref())?;
-        if let Some(message_id) = &body.message_id {
+        let record = &caller.record;
+        let limited = record.limits.rpm.is_some()
+            || record.limits.tpm.is_some()
+            || record.limits.max_parallel.is_some()
+            || (self.coordinator.budgets().is_some()
+                && (record.budget.is_some() || record.owner.is_some()));
+        if let Some(message_id) = body.message_id.as_ref().filter(|_| limited) {
             let stored = self
                 .coordinator
                 .stored_ack(conversation_id, &caller.record.key_id, message_id)
