@@ -58,8 +58,9 @@ pub struct ServeArgs {
     /// Serve the HTTP API and console on this address (default 127.0.0.1:8080).
     #[arg(long, env = "SWITCHBOARD_HTTP")]
     pub http: Option<std::net::SocketAddr>,
-    /// Run without the HTTP front (NATS clients only).
-    #[arg(long, conflicts_with = "http")]
+    /// Run without the HTTP front (NATS clients only); wins over --http and
+    /// SWITCHBOARD_HTTP (which images set), so a core node needs only this.
+    #[arg(long)]
     pub no_http: bool,
     /// Serve on this NATS server (e.g. nats://127.0.0.1:4222) instead of the embedded bus.
     #[arg(long, env = "SWITCHBOARD_NATS_URL")]

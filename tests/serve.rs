@@ -419,6 +419,22 @@ async fn a_nats_restart_under_load_loses_nothing_and_publishes_each_event_once()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_http_wins_over_an_http_address_from_the_environment() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    // As the image sets it; a core node adds --no-http.
+    let mut serve = ServeProcess::start_with_env(
+        &data,
+        &nats.url(),
+        &["--no-http"],
+        &[("SWITCHBOARD_HTTP", "127.0.0.1:0")],
+    );
+    assert_eq!(serve.ready["http"], Value::Null, "{}", serve.ready);
+    serve.terminate_cleanly();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_lock_file_names_the_command_but_none_of_its_secrets() {
     let nats = NatsServer::start();
     let dir = tempfile::tempdir().expect("temp dir");

@@ -378,20 +378,22 @@ fn log_event(event: &Event, dropped: &AtomicU64) {
 
 /// `url` without its user info (`nats://user:secret@host` → `nats://host`),
 /// for logs and messages: a NATS URL may carry a password.
+/// A list of servers (`nats://u:p@h1,nats://u:p@h2`) is redacted server by
+/// server; a password may hold `/`, so the user info ends at the last `@`.
 pub fn redact_url(url: &str) -> String {
-    match url.split_once("://") {
-        Some((scheme, rest)) => {
-            let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-            let host = authority
+    url.split(',')
+        .map(|server| match server.split_once("://") {
+            Some((scheme, rest)) => {
+                let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+                format!("{scheme}://{host}")
+            }
+            None => server
                 .rsplit_once('@')
-                .map_or(authority, |(_, host)| host);
-            format!("{scheme}://{host}{path}")
-        }
-        None => url
-            .rsplit_once('@')
-            .map_or(url, |(_, host)| host)
-            .to_owned(),
-    }
+                .map_or(server, |(_, host)| host)
+                .to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 #[cfg(test)]
@@ -407,5 +409,10 @@ mod redact_tests {
         assert_eq!(redact_url("nats://tok@nats:4222/x"), "nats://nats:4222/x");
         assert_eq!(redact_url("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
         assert_eq!(redact_url("svc:pw@host:4222"), "host:4222");
+        assert_eq!(
+            redact_url("nats://u:p1@h1:4222,nats://u:p2@h2:4222"),
+            "nats://h1:4222,nats://h2:4222"
+        );
+        assert_eq!(redact_url("nats://u:a/b@h:4222"), "nats://h:4222");
     }
 }
