@@ -338,10 +338,20 @@ async fn the_event_stream_resumes_after_last_event_id() {
 /// Reads an open SSE body until `done` holds for the text so far, or until it
 /// ends; the text read.
 async fn read_sse_until(response: reqwest::Response, done: impl Fn(&str) -> bool) -> String {
-    let mut stream = response.bytes_stream();
     let mut text = String::new();
+    read_until(&mut response.bytes_stream(), &mut text, done).await;
+    text
+}
+
+/// Appends what `stream` sends to `text` until `done` holds for it, or until
+/// the stream ends; panics when nothing comes for [`WAIT`] before then.
+async fn read_until(
+    stream: &mut (impl futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin),
+    text: &mut String,
+    done: impl Fn(&str) -> bool,
+) {
     let deadline = tokio::time::Instant::now() + WAIT;
-    while !done(&text) {
+    while !done(text) {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         let Ok(chunk) = tokio::time::timeout(left, stream.next()).await else {
             panic!("the stream stalled after {text}");
@@ -349,7 +359,6 @@ async fn read_sse_until(response: reqwest::Response, done: impl Fn(&str) -> bool
         let Some(chunk) = chunk else { break };
         text.push_str(&String::from_utf8_lossy(&chunk.expect("bytes")));
     }
-    text
 }
 
 #[tokio::test]
@@ -420,15 +429,14 @@ async fn an_erased_conversations_events_hold_no_content_and_a_revoked_key_stops_
     assert_eq!(events.status(), StatusCode::OK);
     let mut stream = Box::pin(events.bytes_stream());
     let mut text = String::new();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !text.contains("echo: after the erasure") {
-        assert!(tokio::time::Instant::now() < deadline, "only got {text}");
-        let chunk = tokio::time::timeout(WAIT, stream.next())
-            .await
-            .expect("moves")
-            .expect("open");
-        text.push_str(&String::from_utf8_lossy(&chunk.expect("bytes")));
-    }
+    read_until(&mut stream, &mut text, |t| {
+        t.contains("echo: after the erasure")
+    })
+    .await;
+    assert!(
+        text.contains("echo: after the erasure"),
+        "the stream ended: {text}"
+    );
     assert!(!text.contains("secret"), "{text}");
     let before_erasure = text
         .split("event: conversation_erased")
@@ -452,12 +460,7 @@ async fn an_erased_conversations_events_hold_no_content_and_a_revoked_key_stops_
     assert_eq!(revoked.status(), StatusCode::OK);
     assert_eq!(erase().await.status(), StatusCode::OK);
     let mut rest = String::new();
-    while let Some(chunk) = tokio::time::timeout(WAIT, stream.next())
-        .await
-        .expect("the stream ends")
-    {
-        rest.push_str(&String::from_utf8_lossy(&chunk.expect("bytes")));
-    }
+    read_until(&mut stream, &mut rest, |_| false).await;
     assert!(rest.contains("event: error"), "{rest}");
     assert!(rest.contains("\"code\":\"unauthorized\""), "{rest}");
     assert!(!rest.contains("conversation_erased"), "{rest}");

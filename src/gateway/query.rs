@@ -386,18 +386,28 @@ fn events_page(
     request: &EventsRequest,
     limit: usize,
 ) -> Result<EventsPage, ReadError> {
-    let owner = match log.read_stream(stream, 1).next().transpose()? {
+    let owner_of = |first: Option<&Envelope>| match first {
         None => Owner::Nobody,
         Some(Envelope {
             event: Event::ConversationStarted(started),
             ..
-        }) => Owner::Key(started.key_id),
+        }) => Owner::Key(started.key_id.clone()),
         Some(_) => Owner::Unknown,
+    };
+    let from = request.after_version.saturating_add(1);
+    // Read from the start, the page's own first event is the stream's first.
+    let mut owner = if from > 1 {
+        Some(owner_of(
+            log.read_stream(stream, 1).next().transpose()?.as_ref(),
+        ))
+    } else {
+        None
     };
     let mut events = Vec::new();
     let mut last_erasure = 0;
-    for envelope in log.read_stream(stream, request.after_version.saturating_add(1)) {
+    for envelope in log.read_stream(stream, from) {
         let envelope = envelope?;
+        owner.get_or_insert_with(|| owner_of(Some(&envelope)));
         if envelope.seq <= request.after_seq {
             continue;
         }
@@ -415,7 +425,10 @@ fn events_page(
             _ => {}
         }
     }
-    Ok(EventsPage { owner, events })
+    Ok(EventsPage {
+        owner: owner.unwrap_or(Owner::Nobody),
+        events,
+    })
 }
 
 /// The bytes `value` takes as JSON.
