@@ -50,7 +50,8 @@ pub struct HttpBenchArgs {
     /// Seconds each measurement runs.
     #[arg(long, default_value_t = 5.0, value_parser = positive_seconds)]
     pub duration_secs: f64,
-    /// Conversations the sends and streams spread over.
+    /// Conversations each path's sends (and the streams) spread over: the
+    /// NATS baseline and the HTTP sends each have this many of their own.
     #[arg(long, default_value_t = 1000, value_parser = positive_count)]
     pub conversations: usize,
     /// NATS connections the baseline's clients share (as `bench nats`).
@@ -201,7 +202,7 @@ pub fn measure(
         let base = format!("http://{front}");
         show(format!(
             "bench http: {} HTTP/1.1 keep-alive connections (NATS baseline: {} clients over {} \
-             NATS connections); {} s per measurement; {} conversations (echo agent)",
+             NATS connections); {} s per measurement; {} conversations per path (echo agent)",
             args.connections,
             args.connections,
             args.nats_connections,
@@ -346,19 +347,21 @@ async fn measure_all(
     let replies = ReplyCounter::start(url, PREFIX).await?;
 
     // Every conversation's first send spawns its actor: done once, unmeasured.
+    // The NATS baseline and the HTTP sends each get `args.conversations` of
+    // their own (the HTTP sends the second half): a turn's cost grows with
+    // its conversation's history, so sharing them would hand the HTTP sends,
+    // measured second, conversations the baseline had already lengthened.
+    let warmed = 2 * args.conversations;
     phase(
         bar,
-        format!(
-            "warm-up: one send to each of {} conversations",
-            args.conversations
-        ),
+        format!("warm-up: one send to each of {warmed} conversations"),
     );
     let warm = load::drive(
         &buses,
         PREFIX,
         &key,
         args.connections,
-        args.conversations,
+        warmed,
         Until::OnePass,
         "warm",
     )
@@ -372,7 +375,7 @@ async fn measure_all(
     replies.wait_for(acked, REPLY_DRAIN_TIMEOUT).await;
     show(format!(
         "warm-up: one send to each of {} conversations in {:.2} s",
-        thousands(args.conversations as f64),
+        thousands(warmed as f64),
         warm.seconds
     ));
 

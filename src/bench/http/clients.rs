@@ -57,7 +57,9 @@ pub async fn issue_key(base: &str, admin_key: &str) -> anyhow::Result<String> {
         .with_context(|| format!("the key was not issued: {body}"))
 }
 
-/// `POST /v1/conversations/{id}/messages` for `window`; ok is a 202.
+/// `POST /v1/conversations/{id}/messages` for `window`, to `conversations`
+/// conversations from index `conversations` on (those below are the NATS
+/// baseline's); ok is a 202.
 pub async fn sends(
     base: &str,
     key: &str,
@@ -68,7 +70,7 @@ pub async fn sends(
     let headers = keyed(key, None)?;
     let base = base.to_owned();
     let (driven, _) = closed_loop(connections, window, move |http, client, slot, sent| {
-        let id = workload::conversation_id((slot % conversations) as u64);
+        let id = workload::conversation_id((conversations + slot % conversations) as u64);
         let request = http
             .post(format!("{base}/v1/conversations/{id}/messages"))
             .headers(headers.clone())
