@@ -220,13 +220,14 @@ pub fn resolve_serve(global: &GlobalArgs, args: &ServeArgs) -> anyhow::Result<Se
         .map(|route| (route.pattern, route.agent))
         .collect();
     if let Some(max_live) = args.max_live.or(file.conversations.max_live) {
-        config.conversations.max_live = max_live.max(1);
+        config.conversations.max_live = positive(max_live, "max_live")?;
     }
     if let Some(secs) = args
         .idle_passivate_secs
         .or(file.conversations.idle_passivate_secs)
     {
-        config.conversations.idle_passivate = Duration::from_secs(secs.max(1));
+        config.conversations.idle_passivate =
+            Duration::from_secs(positive(secs, "idle_passivate_secs")?);
     }
     if !args.no_http {
         let addr = args
@@ -324,21 +325,40 @@ fn agent(
         config.prices = price;
     }
     if let Some(n) = section.max_concurrency {
-        config.max_concurrency = n.max(1);
+        config.max_concurrency =
+            positive(n, &format!("agent {:?}: max_concurrency", section.name))?;
     }
     if let Some(secs) = section.timeout_secs {
-        config.timeout = Duration::from_secs(secs.max(1));
+        config.timeout = Duration::from_secs(positive(
+            secs,
+            &format!("agent {:?}: timeout_secs", section.name),
+        )?);
     }
     if let Some(n) = section.max_retries {
         config.max_retries = n;
     }
     if let Some(n) = section.circuit_failure_threshold {
-        config.circuit_failure_threshold = n.max(1);
+        config.circuit_failure_threshold = positive(
+            n,
+            &format!("agent {:?}: circuit_failure_threshold", section.name),
+        )?;
     }
     if let Some(secs) = section.circuit_open_secs {
-        config.circuit_open_for = Duration::from_secs(secs.max(1));
+        config.circuit_open_for = Duration::from_secs(positive(
+            secs,
+            &format!("agent {:?}: circuit_open_secs", section.name),
+        )?);
     }
     Ok(AgentSpec { config, provider })
+}
+
+/// `value`, refused when it is 0: a count or a number of seconds that must
+/// be at least 1 (zero would stop the service from doing anything).
+fn positive<T: PartialEq + Default + std::fmt::Display>(value: T, what: &str) -> anyhow::Result<T> {
+    if value == T::default() {
+        bail!("{what} must be at least 1, not 0");
+    }
+    Ok(value)
 }
 
 /// USD per million tokens as integer micro-USD per million tokens, rounded to

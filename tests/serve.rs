@@ -638,6 +638,27 @@ fn a_bad_config_is_refused_before_anything_starts() {
             "[alerts]\nwebhooks = [\"ftp://hooks.example/T0/secret-path\"]\n",
             "webhooks[0]",
         ),
+        ("[conversations]\nmax_live = 0\n", "max_live must be at least 1"),
+        (
+            "[conversations]\nidle_passivate_secs = 0\n",
+            "idle_passivate_secs must be at least 1",
+        ),
+        (
+            "[[agents]]\nname = \"a\"\nprovider = \"echo\"\nmax_concurrency = 0\n",
+            "max_concurrency must be at least 1",
+        ),
+        (
+            "[[agents]]\nname = \"a\"\nprovider = \"echo\"\ntimeout_secs = 0\n",
+            "timeout_secs must be at least 1",
+        ),
+        (
+            "[[agents]]\nname = \"a\"\nprovider = \"echo\"\ncircuit_failure_threshold = 0\n",
+            "circuit_failure_threshold must be at least 1",
+        ),
+        (
+            "[[agents]]\nname = \"a\"\nprovider = \"echo\"\ncircuit_open_secs = 0\n",
+            "circuit_open_secs must be at least 1",
+        ),
     ] {
         let config = dir.path().join("bad.toml");
         std::fs::write(&config, toml).expect("writes");
