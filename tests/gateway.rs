@@ -21,7 +21,10 @@ use switchboard_actors::provider::EchoProvider;
 use switchboard_actors::router::Router;
 use switchboard_actors::turns::TurnCoordinator;
 use switchboard_events::apikey::ApiKey;
-use switchboard_events::catalog::{AuthChannel, AuthFailed, KeyIssued, KeyRevoked, Limits, Scope};
+use switchboard_events::catalog::{
+    AuthChannel, AuthFailed, ConversationStarted, KeyIssued, KeyRevoked, Limits, MessageReceived,
+    Scope,
+};
 use switchboard_events::{
     Envelope, Event, EventLog, ExpectedVersion, NewEvent, OpenMode, StreamId,
 };
@@ -790,6 +793,107 @@ async fn postcard_bodies_work(transport: Transport) {
     service.shutdown().await;
 }
 
+/// A history longer than a bus message can carry (1 MiB) is read in pages,
+/// forwards and backwards; a bad paging request is refused and stores nothing.
+async fn a_long_history_is_read_in_pages(transport: Transport) {
+    let service = Service::start(transport).await;
+    let key = service.issue_key("key_p", &[Scope::Chat]).await;
+    let stream = StreamId::conversation("long").expect("valid id");
+    service
+        .append(
+            stream.clone(),
+            Event::ConversationStarted(ConversationStarted {
+                conversation_id: "long".into(),
+                key_id: "key_p".into(),
+                user: None,
+            }),
+        )
+        .await;
+    let mut ids = Vec::new();
+    for i in 0..40 {
+        let id = format!("m{i:02}");
+        let message = Event::MessageReceived(MessageReceived {
+            conversation_id: "long".into(),
+            message_id: id.clone(),
+            key_id: "key_p".into(),
+            user: None,
+            // 40 × 32 KiB: 1.3 MB of history.
+            content: format!("{id} {}", "x".repeat(32 * 1024)),
+            agent: None,
+        });
+        service.append(stream.clone(), message).await;
+        ids.push(id);
+    }
+    let page = |body: Value| {
+        let service = &service;
+        let key = key.clone();
+        async move {
+            let reply = service
+                .request("long", "history", bearer(&key), body.to_string())
+                .await;
+            assert_eq!(reply["ok"], json!(true), "{body}: {reply}");
+            let messages = reply["messages"].as_array().expect("messages").clone();
+            let seqs: Vec<u64> = messages
+                .iter()
+                .map(|m| m["seq"].as_u64().expect("seq"))
+                .collect();
+            let ids: Vec<String> = messages
+                .iter()
+                .map(|m| m["message_id"].as_str().expect("id").to_owned())
+                .collect();
+            (ids, seqs, reply["has_more"].as_bool().expect("has_more"))
+        }
+    };
+
+    // The first page stops at about 256 KiB; the next ones follow it.
+    let (first, seqs, more) = page(json!({})).await;
+    assert!(more && !first.is_empty() && first.len() < 10, "{first:?}");
+    assert_eq!(first, ids[..first.len()]);
+    let (mut forwards, mut after) = (first, *seqs.last().expect("a message"));
+    loop {
+        let (got, seqs, more) = page(json!({"after_seq": after})).await;
+        forwards.extend(got);
+        if !more {
+            break;
+        }
+        after = *seqs.last().expect("a page with more is not empty");
+    }
+    assert_eq!(forwards, ids);
+
+    // Backwards from the end, three at a time.
+    let (last, seqs, more) = page(json!({"latest": true, "limit": 3})).await;
+    assert!(more);
+    assert_eq!(last, ids[37..]);
+    let (mut backwards, mut before) = (last, seqs[0]);
+    loop {
+        let (got, seqs, more) = page(json!({"before_seq": before, "limit": 3})).await;
+        backwards.splice(0..0, got);
+        if !more {
+            break;
+        }
+        before = seqs[0];
+    }
+    assert_eq!(backwards, ids);
+
+    let head = service.log.head();
+    for (body, needle) in [
+        (r#"{"after_seq":1,"before_seq":9}"#, "direction"),
+        (r#"{"after_seq":1,"latest":true}"#, "direction"),
+        (r#"{"before_seq":9,"latest":true}"#, "give one"),
+        (r#"{"limit":"ten"}"#, "JSON"),
+        (r#"{"after_seq":-1}"#, "JSON"),
+        (r#"{"page":2}"#, "page"),
+        ("{\"after_seq\":", "JSON"),
+    ] {
+        let reply = service.request("long", "history", bearer(&key), body).await;
+        assert_error(&reply, "invalid_request");
+        let message = reply["error"]["message"].as_str().unwrap_or("");
+        assert!(message.contains(needle), "{body}: {reply}");
+    }
+    assert_eq!(service.log.head(), head, "a bad request stores nothing");
+    service.shutdown().await;
+}
+
 async fn history_of_another_keys_conversation_is_forbidden(transport: Transport) {
     let service = Service::start(transport).await;
     let alice = service.issue_key("key_alice", &[Scope::Chat]).await;
@@ -906,5 +1010,6 @@ on_both_buses!(
     bad_input_is_refused_and_stores_nothing,
     postcard_bodies_work,
     history_of_another_keys_conversation_is_forbidden,
+    a_long_history_is_read_in_pages,
     sending_into_another_keys_conversation_is_forbidden,
 );

@@ -64,6 +64,24 @@ pub struct Conversation {
     pub messages: Vec<HistoryMessage>,
 }
 
+/// Where a page of a conversation's history starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageFrom {
+    /// The oldest messages with a seq above this (0: from the first).
+    After(u64),
+    /// The newest messages with a seq below this (`u64::MAX`: the last ones).
+    Before(u64),
+}
+
+/// One page of a conversation's messages, oldest first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryPage {
+    pub summary: ConversationSummary,
+    pub messages: Vec<HistoryMessage>,
+    /// More messages lie beyond the page, in the direction it was read.
+    pub has_more: bool,
+}
+
 fn summary_key(conversation_id: &str) -> Vec<u8> {
     row_key(b'c', &[conversation_id.as_bytes()])
 }
@@ -255,6 +273,79 @@ impl HistoryView {
             );
         }
         Ok(Some(Conversation { summary, messages }))
+    }
+
+    /// One page of a conversation's messages, oldest first, or `None` if it
+    /// never started: at most `limit` of them, from where `from` says, and
+    /// whether more lie beyond the page in that direction. Reads only the
+    /// chunks the page touches, however long the conversation.
+    pub fn page(
+        &self,
+        conversation_id: &str,
+        from: PageFrom,
+        limit: usize,
+    ) -> Result<Option<HistoryPage>, ProjectionError> {
+        let key = summary_key(conversation_id);
+        let Some(summary) = self.tree.get(&key)? else {
+            return Ok(None);
+        };
+        let summary: ConversationSummary = decode_row(NAME, &key, &summary)?;
+        let prefix = messages_prefix(conversation_id);
+        let at = |seq: u64| {
+            let mut key = prefix.clone();
+            key.extend_from_slice(&seq.to_be_bytes());
+            key
+        };
+        let mut messages = Vec::new();
+        let mut has_more = false;
+        match from {
+            PageFrom::After(after) => {
+                let first = at(after.saturating_add(1));
+                // The chunk holding `after + 1` starts at or before it.
+                let start = match self.tree.range(prefix.clone()..=first.clone()).next_back() {
+                    Some(entry) => entry?.0.to_vec(),
+                    None => first,
+                };
+                'chunks: for entry in self.tree.range(start..) {
+                    let (key, chunk) = entry?;
+                    if !key.starts_with(&prefix) {
+                        break;
+                    }
+                    for (message, _) in chunk_messages(&key, &chunk)? {
+                        if message.seq <= after {
+                            continue;
+                        }
+                        if messages.len() == limit {
+                            has_more = true;
+                            break 'chunks;
+                        }
+                        messages.push(message);
+                    }
+                }
+            }
+            PageFrom::Before(before) => {
+                // A chunk starting below `before` may run past it.
+                'chunks: for entry in self.tree.range(prefix.clone()..at(before)).rev() {
+                    let (key, chunk) = entry?;
+                    for (message, _) in chunk_messages(&key, &chunk)?.into_iter().rev() {
+                        if message.seq >= before {
+                            continue;
+                        }
+                        if messages.len() == limit {
+                            has_more = true;
+                            break 'chunks;
+                        }
+                        messages.push(message);
+                    }
+                }
+                messages.reverse();
+            }
+        }
+        Ok(Some(HistoryPage {
+            summary,
+            messages,
+            has_more,
+        }))
     }
 
     /// The conversations a key started, by conversation id, after `after` (paging).

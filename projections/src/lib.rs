@@ -20,7 +20,9 @@ pub mod view;
 
 pub use audit::{AuditPage, AuditQuery, AuditView};
 pub use costs::{CostGroup, CostRow, CostTotals, CostsView, DayRow};
-pub use history::{Conversation, ConversationSummary, HistoryMessage, HistoryView, Role};
+pub use history::{
+    Conversation, ConversationSummary, HistoryMessage, HistoryPage, HistoryView, PageFrom, Role,
+};
 pub use keys::{KeyRecord, KeysView, Revocation};
 pub use runner::{Projections, ViewDifference};
 pub use spend::{SpendIndex, Spender, Spent};

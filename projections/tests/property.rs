@@ -23,7 +23,7 @@ use switchboard_events::{
 };
 use switchboard_projections::{
     AuditQuery, Conversation, ConversationSummary, CostGroup, CostRow, CostTotals, HistoryMessage,
-    KeyRecord, ProjectionName, Projections, Revocation, Role,
+    KeyRecord, PageFrom, ProjectionName, Projections, Revocation, Role,
 };
 
 use common::{assert_dumps_equal, dump, logical_dump, stream_of};
@@ -669,6 +669,49 @@ fn check_history(projections: &Projections, envelopes: &[Envelope]) -> Result<()
                     .expect("an erased conversation has an erasure");
                 prop_assert!(actual.messages.iter().all(|m| m.seq > erased_at));
             }
+        }
+        // The same messages read in pages, forwards and backwards.
+        if let Some(expected) = &expected {
+            for limit in [1, 2, 5] {
+                let mut forwards = Vec::new();
+                let mut from = PageFrom::After(0);
+                loop {
+                    let page = history
+                        .page(conversation, from, limit)
+                        .expect("a page")
+                        .expect("started");
+                    prop_assert!(page.messages.len() <= limit);
+                    prop_assert_eq!(&page.summary, &expected.summary);
+                    forwards.extend(page.messages.iter().cloned());
+                    match page.messages.last() {
+                        Some(last) if page.has_more => from = PageFrom::After(last.seq),
+                        _ => break,
+                    }
+                }
+                prop_assert_eq!(&forwards, &expected.messages, "forwards by {}", limit);
+                let mut backwards = Vec::new();
+                let mut from = PageFrom::Before(u64::MAX);
+                loop {
+                    let page = history
+                        .page(conversation, from, limit)
+                        .expect("a page")
+                        .expect("started");
+                    prop_assert!(page.messages.len() <= limit);
+                    backwards.splice(0..0, page.messages.iter().cloned());
+                    match page.messages.first() {
+                        Some(first) if page.has_more => from = PageFrom::Before(first.seq),
+                        _ => break,
+                    }
+                }
+                prop_assert_eq!(&backwards, &expected.messages, "backwards by {}", limit);
+            }
+        } else {
+            prop_assert_eq!(
+                history
+                    .page(conversation, PageFrom::After(0), 5)
+                    .expect("a page"),
+                None
+            );
         }
         prop_assert_eq!(actual, expected, "conversation {}", conversation);
     }

@@ -31,6 +31,98 @@ fn message_to(conversation: &str, message_id: &str, content: &str, agent: &str) 
 
 // ---------------------------------------------------------------- history
 
+/// A conversation of many chunks, written over several folds and mixed with
+/// another conversation's messages, read in pages from every kind of start.
+#[test]
+fn history_pages_read_a_long_conversation_from_either_end() {
+    let f = Fixture::new();
+    f.append_one(started("long", "k1", None));
+    f.append_one(started("other", "k1", None));
+    let mut seqs = Vec::new();
+    for round in 0..6 {
+        for i in 0..40 {
+            let id = format!("m{round}-{i}");
+            // About 100 bytes each: 40 of them fill a 4 KiB chunk.
+            let content = format!("{id} {}", "x".repeat(90));
+            seqs.push(f.append_one(message("long", &id, "k1", &content)));
+            f.append_one(message("other", &id, "k1", "elsewhere"));
+        }
+        f.fold();
+    }
+    let history = f.projections.history();
+    let whole = history
+        .conversation("long")
+        .expect("read")
+        .expect("started");
+    assert_eq!(
+        whole.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        seqs
+    );
+
+    let page_seqs = |from: history::PageFrom, limit: usize| {
+        let page = history
+            .page("long", from, limit)
+            .expect("read")
+            .expect("started");
+        (
+            page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+            page.has_more,
+        )
+    };
+    use history::PageFrom::{After, Before};
+    assert_eq!(page_seqs(After(0), 7), (seqs[..7].to_vec(), true));
+    assert_eq!(
+        page_seqs(Before(u64::MAX), 7),
+        (seqs[seqs.len() - 7..].to_vec(), true)
+    );
+    // From a message's own seq, and from another conversation's seq next to it.
+    assert_eq!(
+        page_seqs(After(seqs[100]), 3),
+        (seqs[101..104].to_vec(), true)
+    );
+    assert_eq!(
+        page_seqs(After(seqs[100] + 1), 3),
+        (seqs[101..104].to_vec(), true)
+    );
+    assert_eq!(
+        page_seqs(Before(seqs[100]), 3),
+        (seqs[97..100].to_vec(), true)
+    );
+    assert_eq!(
+        page_seqs(Before(seqs[100] + 1), 3),
+        (seqs[98..101].to_vec(), true)
+    );
+    // The ends: exactly the rest is no more; past the ends is empty.
+    assert_eq!(
+        page_seqs(After(seqs[230]), 9),
+        (seqs[231..].to_vec(), false)
+    );
+    assert_eq!(page_seqs(Before(seqs[9]), 9), (seqs[..9].to_vec(), false));
+    assert_eq!(page_seqs(After(*seqs.last().unwrap()), 5), (vec![], false));
+    assert_eq!(page_seqs(Before(seqs[0]), 5), (vec![], false));
+    assert_eq!(page_seqs(After(u64::MAX), 5), (vec![], false));
+    // Every page of 13, both ways, is the whole conversation.
+    for (from, step) in [(After(0), true), (Before(u64::MAX), false)] {
+        let (mut all, mut from) = (Vec::new(), from);
+        loop {
+            let (page, more) = page_seqs(from, 13);
+            assert!(page.len() <= 13);
+            if step {
+                from = After(*page.last().unwrap_or(&u64::MAX));
+                all.extend(page);
+            } else {
+                from = Before(*page.first().unwrap_or(&0));
+                all.splice(0..0, page);
+            }
+            if !more {
+                break;
+            }
+        }
+        assert_eq!(all, seqs);
+    }
+    assert_eq!(history.page("never", After(0), 5).expect("read"), None);
+}
+
 #[test]
 fn history_lists_messages_in_order_with_roles_agents_and_seqs() {
     let f = Fixture::new();

@@ -57,7 +57,7 @@ use switchboard_actors::rate_limiter::{AdmitError, RateLimiterConfig, RateLimite
 use switchboard_actors::turns::{ReplyDelta, SendInput, TurnCoordinator, TurnEnd};
 use switchboard_events::catalog::{AuthChannel, Scope};
 use switchboard_events::EventLog;
-use switchboard_projections::{Conversation, Projections};
+use switchboard_projections::{HistoryPage, PageFrom, Projections};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tracing::Instrument;
@@ -66,7 +66,7 @@ use uuid::Uuid;
 use crate::bus::{Bus, BusError, Headers, Message, Subscription};
 use crate::service::{Endpoint, EndpointStats};
 use auth::{AuthFailure, Authenticator, Caller};
-use wire::{ack_json, history_json, BodyFormat, GatewayError, SendRequest};
+use wire::{ack_json, BodyFormat, GatewayError, SendRequest};
 
 /// The subject prefix of DESIGN §6 when none is configured.
 pub const DEFAULT_PREFIX: &str = "sb";
@@ -640,44 +640,38 @@ impl Gateway {
             .keyed(message, &[Scope::Chat, Scope::Admin], meta)
             .await?;
         let conversation_id = self.conversation_id(&message.subject, "history")?;
-        let Some(conversation) = self
-            .owned_conversation(&caller, conversation_id, meta)
-            .await?
-        else {
-            return Ok(history_json(conversation_id, &[], false));
-        };
-        Ok(history_json(
-            conversation_id,
-            &conversation.messages,
-            conversation.summary.erased,
-        ))
+        let request = query::HistoryRequest::decode(message)?;
+        self.history_page(&caller, conversation_id, request, meta)
+            .await
     }
 
-    /// The conversation from the history view, once the view has folded the
-    /// log's head; `forbidden` (audited) when another key started it and the
-    /// caller is no admin; `None` when nobody started it.
-    async fn owned_conversation(
+    /// A page of a conversation from the history view, once the view has
+    /// folded the log's head; `forbidden` (audited) when another key started
+    /// it and the caller is no admin; `None` when nobody started it.
+    async fn read_history(
         &self,
         caller: &Caller,
         conversation_id: &str,
+        from: PageFrom,
+        limit: usize,
         meta: &RequestMeta,
-    ) -> Result<Option<Conversation>, GatewayError> {
+    ) -> Result<Option<HistoryPage>, GatewayError> {
         self.caught_up().await?;
         let history = self.projections.history();
         let id = conversation_id.to_owned();
-        let conversation = tokio::task::spawn_blocking(move || history.conversation(&id))
+        let page = tokio::task::spawn_blocking(move || history.page(&id, from, limit))
             .await
             .map_err(|e| GatewayError::Internal(format!("history read failed: {e}")))?
             .map_err(|error| {
                 tracing::error!(%error, "cannot read the history projection");
                 GatewayError::Unavailable("the history cannot be read".into())
             })?;
-        if let Some(conversation) = &conversation {
-            if conversation.summary.key_id != caller.record.key_id && !caller.has(Scope::Admin) {
+        if let Some(page) = &page {
+            if page.summary.key_id != caller.record.key_id && !caller.has(Scope::Admin) {
                 return Err(self.refuse_not_owner(caller, meta).await);
             }
         }
-        Ok(conversation)
+        Ok(page)
     }
 
     /// `forbidden`, audited: the conversation was started by another key.

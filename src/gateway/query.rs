@@ -18,10 +18,10 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use switchboard_events::catalog::Scope;
 use switchboard_events::{Envelope, Event, EventLog, ReadError, StreamId};
-use switchboard_projections::{AuditQuery, CostGroup};
+use switchboard_projections::{AuditQuery, CostGroup, HistoryMessage, PageFrom};
 
 use super::auth::Caller;
-use super::wire::{decode_body, BodyFormat, GatewayError};
+use super::wire::{decode_body, history_json, BodyFormat, GatewayError};
 use super::{header, Gateway, RequestMeta};
 use crate::bus::Message;
 
@@ -32,6 +32,10 @@ const MAX_EVENTS: usize = 5000;
 /// About the most JSON one `conv.<id>.events` page holds (at least one
 /// event): well under the bus's maximum payload, 1 MiB by default.
 const MAX_EVENTS_BYTES: usize = 256 * 1024;
+/// Most messages one `conv.<id>.history` page holds.
+const MAX_HISTORY: usize = 1000;
+/// About the most JSON one history page holds (at least one message).
+const MAX_HISTORY_BYTES: usize = 256 * 1024;
 /// Most audit events one page holds.
 const MAX_AUDIT_PAGE: usize = 1000;
 
@@ -42,6 +46,49 @@ struct ListRequest {
     after: Option<String>,
     #[serde(default)]
     limit: Option<usize>,
+}
+
+/// `…conv.<id>.history`: `{"after_seq"?, "before_seq"?, "latest"?, "limit"?}`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct HistoryRequest {
+    /// The oldest messages after this seq (the default, from the first).
+    #[serde(default)]
+    after_seq: Option<u64>,
+    /// The newest messages before this seq.
+    #[serde(default)]
+    before_seq: Option<u64>,
+    /// The newest messages of all.
+    #[serde(default)]
+    latest: bool,
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
+impl HistoryRequest {
+    pub(super) fn decode(message: &Message) -> Result<HistoryRequest, GatewayError> {
+        let request: HistoryRequest = body(message)?;
+        if request.after_seq.is_some() && (request.before_seq.is_some() || request.latest) {
+            return Err(GatewayError::InvalidRequest(
+                "after_seq reads forwards, before_seq and latest backwards: give one direction"
+                    .into(),
+            ));
+        }
+        if request.before_seq.is_some() && request.latest {
+            return Err(GatewayError::InvalidRequest(
+                "before_seq and latest both say where to start: give one".into(),
+            ));
+        }
+        Ok(request)
+    }
+
+    fn from(&self) -> PageFrom {
+        match (self.after_seq, self.before_seq, self.latest) {
+            (_, Some(before), _) => PageFrom::Before(before),
+            (_, None, true) => PageFrom::Before(u64::MAX),
+            (after, None, false) => PageFrom::After(after.unwrap_or(0)),
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -126,6 +173,52 @@ impl Gateway {
         Ok(json!({ "ok": true, "conversations": conversations }))
     }
 
+    /// `…conv.<id>.history`: one page of the conversation's messages, oldest
+    /// first, with `has_more` when more lie beyond it in the direction read;
+    /// an empty page for a conversation nobody started.
+    pub(super) async fn history_page(
+        &self,
+        caller: &Caller,
+        conversation_id: &str,
+        request: HistoryRequest,
+        meta: &RequestMeta,
+    ) -> Result<Value, GatewayError> {
+        let limit = request.limit.unwrap_or(MAX_HISTORY).clamp(1, MAX_HISTORY);
+        let from = request.from();
+        let Some(page) = self
+            .read_history(caller, conversation_id, from, limit, meta)
+            .await?
+        else {
+            return Ok(history_json(conversation_id, &[], false, false));
+        };
+        // Within the byte budget, keep the messages next to where the page
+        // starts: the first ones read forwards, the last ones backwards.
+        let mut kept = 0;
+        let mut bytes = 0;
+        let in_order: Box<dyn Iterator<Item = &HistoryMessage>> = match from {
+            PageFrom::After(_) => Box::new(page.messages.iter()),
+            PageFrom::Before(_) => Box::new(page.messages.iter().rev()),
+        };
+        for message in in_order {
+            bytes += serde_json::to_vec(message).map_or(0, |encoded| encoded.len());
+            if bytes > MAX_HISTORY_BYTES && kept > 0 {
+                break;
+            }
+            kept += 1;
+        }
+        let cut = page.messages.len() - kept;
+        let messages = match from {
+            PageFrom::After(_) => &page.messages[..kept],
+            PageFrom::Before(_) => &page.messages[cut..],
+        };
+        Ok(history_json(
+            conversation_id,
+            messages,
+            page.summary.erased,
+            page.has_more || cut > 0,
+        ))
+    }
+
     /// `…conv.<id>.events`: the conversation's stored events after a seq, for
     /// a live view resuming where it left off. The owner is read from the
     /// stream itself (its `conversation_started`), so a conversation started
@@ -163,7 +256,7 @@ impl Gateway {
             Owner::Nobody => {}
             // Not written by this version: the history view decides.
             Owner::Unknown => {
-                self.owned_conversation(&caller, conversation_id, meta)
+                self.read_history(&caller, conversation_id, PageFrom::After(0), 1, meta)
                     .await?;
             }
         }

@@ -227,14 +227,20 @@ pub fn ack_json(ack: &Ack) -> Value {
     reply
 }
 
-/// `{"ok":true,"conversation_id","messages":[…],"erased"}`; each message is
-/// `{message_id, role, content, agent, at, seq}`.
-pub fn history_json(conversation_id: &str, messages: &[HistoryMessage], erased: bool) -> Value {
+/// `{"ok":true,"conversation_id","messages":[…],"erased","has_more"}`; each
+/// message is `{message_id, role, content, agent, at, seq}`.
+pub fn history_json(
+    conversation_id: &str,
+    messages: &[HistoryMessage],
+    erased: bool,
+    has_more: bool,
+) -> Value {
     json!({
         "ok": true,
         "conversation_id": conversation_id,
         "messages": messages,
         "erased": erased,
+        "has_more": has_more,
     })
 }
 

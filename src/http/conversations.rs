@@ -87,11 +87,36 @@ pub async fn list(
 }
 
 /// `GET /v1/conversations/{id}`: the history.
+/// Which page of a conversation's history: by default the oldest messages.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct HistoryQuery {
+    /// The oldest messages with a seq above this (the next page of one read
+    /// forwards: its last message's seq).
+    after_seq: Option<u64>,
+    /// The newest messages with a seq below this (the page before one read
+    /// backwards: its first message's seq).
+    before_seq: Option<u64>,
+    /// The newest messages of all (`true`), for a view that opens at the end.
+    latest: Option<bool>,
+    /// At most this many messages (default and most 1000; a page also stops
+    /// at about 256 KiB of JSON).
+    limit: Option<usize>,
+}
+
 #[utoipa::path(
     get,
     path = "/v1/conversations/{id}",
     tag = "conversations",
-    params(("id" = String, Path, description = "The conversation: 1–128 of `[A-Za-z0-9_-]`")),
+    description = "One page of the conversation's messages, oldest first. `has_more` \
+        says more lie beyond the page in the direction read: after its last message \
+        when read forwards (the default, or `after_seq`), before its first when read \
+        backwards (`before_seq` or `latest`).",
+    params(
+        ("id" = String, Path, description = "The conversation: 1–128 of `[A-Za-z0-9_-]`"),
+        HistoryQuery,
+    ),
     security(("bearer" = [])),
     responses(
         (status = 200, description = "User messages and completed replies; empty for a conversation nobody started", body = History),
@@ -106,10 +131,25 @@ pub async fn history(
     State(state): State<AppState>,
     headers: HeaderMap,
     ApiPath(id): ApiPath<String>,
+    ApiQuery(query): ApiQuery<HistoryQuery>,
 ) -> Result<Response, ApiError> {
     let id = conversation_id(&id)?;
     let subject = format!("conv.{id}.history");
-    let reply = within(&state, state.core.request(&subject, &headers, &json!({}))).await?;
+    let mut body = serde_json::Map::new();
+    if let Some(after) = query.after_seq {
+        body.insert("after_seq".into(), after.into());
+    }
+    if let Some(before) = query.before_seq {
+        body.insert("before_seq".into(), before.into());
+    }
+    if let Some(latest) = query.latest {
+        body.insert("latest".into(), latest.into());
+    }
+    if let Some(limit) = query.limit {
+        body.insert("limit".into(), limit.into());
+    }
+    let body = Value::Object(body);
+    let reply = within(&state, state.core.request(&subject, &headers, &body)).await?;
     Ok(reply.into_response(StatusCode::OK))
 }
 

@@ -366,6 +366,8 @@ pub struct History {
     pub erased: bool,
     /// User messages and completed replies, in log order.
     pub messages: Vec<HistoryMessage>,
+    /// More messages lie beyond this page in the direction it was read.
+    pub has_more: bool,
 }
 
 #[derive(Serialize, ToSchema)]

@@ -324,6 +324,39 @@ test('a reply is shown while the model is still writing it', async () => {
   });
 });
 
+test('a long conversation opens at its newest messages and loads earlier ones on request', async () => {
+  const id = `long-${Date.now()}`;
+  // 51 turns: 102 messages, more than the thread's page of 100.
+  for (let i = 0; i < 51; i += 1) {
+    await apiCall('POST', `/v1/conversations/${id}/messages`, CHAT_KEY, { content: `turn ${i}` });
+  }
+  for (let tries = 0; ; tries += 1) {
+    const history = await apiGet(`/v1/conversations/${id}?latest=true&limit=1`, CHAT_KEY);
+    if (history.messages[0]?.content === 'echo: turn 50') break;
+    assert.ok(tries < 200, `the last reply never came: ${JSON.stringify(history)}`);
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+  // Sends are acknowledged before their replies, so the order is the log's.
+  const all = (await apiGet(`/v1/conversations/${id}`, CHAT_KEY)).messages.map((m) => m.content);
+  assert.equal(all.length, 102);
+  await withPage('chat-long', DESKTOP, async (page) => {
+    await login(page, CHAT_KEY);
+    await page.evaluate((id) => {
+      location.hash = `#/chat/${id}`;
+    }, id);
+    const earlier = page.locator('#messages-earlier');
+    await earlier.waitFor();
+    assert.equal(await page.locator('#messages .msg').count(), 100);
+    assert.equal(await page.locator('#messages .msg .text').first().textContent(), all[2]);
+    assert.equal(await page.locator('#messages .msg .text').last().textContent(), 'echo: turn 50');
+    await earlier.click();
+    await page.waitForFunction(() => document.querySelectorAll('#messages .msg').length === 102);
+    assert.deepEqual(await page.locator('#messages .msg .text').allTextContents(), all);
+    assert.equal(await page.locator('#messages-earlier').count(), 0, 'nothing earlier is left');
+    await shot(page, 'chat-long');
+  });
+});
+
 test('on a phone-width screen, chat works and nothing scrolls sideways', async () => {
   await withPage('chat-phone', PHONE, async (page) => {
     await login(page, CHAT_KEY);

@@ -5,6 +5,8 @@ import { $, h, when, randomId, notice } from './dom.js';
 import { session, ApiError, api, send, readJson, query, failed } from './api.js';
 
 const CONVERSATION_PAGE = 200;
+// Messages a thread loads at a time.
+const HISTORY_PAGE = 100;
 
 const state = {
   // The open conversation; null for a new one not yet sent to.
@@ -86,15 +88,10 @@ async function openConversation(id) {
   $('messages').replaceChildren(h('li', { class: 'hint', text: 'Loading…' }));
   $('thread-erased').hidden = true;
   try {
-    const history = await api('GET', `/v1/conversations/${encodeURIComponent(id)}`);
+    // The newest messages; earlier ones a page at a time, on request.
+    const history = await api('GET', historyPage(id, { latest: true }));
     if (generation !== session.generation) return;
-    $('messages').replaceChildren(
-      ...(history.messages || []).map((m) => {
-        const bubble = messageBubble(m.role, m.content);
-        bubble.setMeta(m.role === 'assistant' ? m.agent || 'assistant' : 'you', m.at);
-        return bubble.el;
-      }),
-    );
+    $('messages').replaceChildren(...earlierButton(id, history), ...bubbles(history));
     $('thread-erased').hidden = !history.erased;
     scrollToEnd();
   } catch (error) {
@@ -102,6 +99,49 @@ async function openConversation(id) {
     $('messages').replaceChildren();
     failed(error);
   }
+}
+
+function historyPage(id, params) {
+  return `/v1/conversations/${encodeURIComponent(id)}${query({ limit: HISTORY_PAGE, ...params })}`;
+}
+
+function bubbles(history) {
+  return (history.messages || []).map((m) => {
+    const bubble = messageBubble(m.role, m.content);
+    bubble.setMeta(m.role === 'assistant' ? m.agent || 'assistant' : 'you', m.at);
+    return bubble.el;
+  });
+}
+
+/// A button above a page read backwards that has more before it: it loads
+/// the page before, keeping the thread where the reader is.
+function earlierButton(id, history) {
+  const first = (history.messages || [])[0];
+  if (!history.has_more || !first) return [];
+  const item = h('li', { class: 'earlier' });
+  const button = h('button', {
+    type: 'button',
+    class: 'link',
+    id: 'messages-earlier',
+    text: 'Earlier messages',
+    onclick: async () => {
+      const generation = session.generation;
+      button.disabled = true;
+      try {
+        const page = await api('GET', historyPage(id, { before_seq: first.seq }));
+        if (generation !== session.generation || state.conversationId !== id) return;
+        const list = $('messages');
+        const fromBottom = list.scrollHeight - list.scrollTop;
+        item.replaceWith(...earlierButton(id, page), ...bubbles(page));
+        list.scrollTop = list.scrollHeight - fromBottom;
+      } catch (error) {
+        button.disabled = false;
+        failed(error);
+      }
+    },
+  });
+  item.append(button);
+  return [item];
 }
 
 /// One message in the thread, with what a streamed reply needs.
