@@ -123,6 +123,8 @@ struct AgentSection {
     max_retries: Option<u32>,
     circuit_failure_threshold: Option<u32>,
     circuit_open_secs: Option<u64>,
+    /// Earlier messages sent with each turn, at most (0: the message alone).
+    context_messages: Option<usize>,
     /// Echo only: milliseconds between its words, to stream like a model.
     word_delay_ms: Option<u64>,
 }
@@ -337,6 +339,9 @@ fn agent(
     if let Some(n) = section.max_retries {
         config.max_retries = n;
     }
+    if let Some(n) = section.context_messages {
+        config.context_messages = n;
+    }
     if let Some(n) = section.circuit_failure_threshold {
         config.circuit_failure_threshold = positive(
             n,
@@ -399,4 +404,40 @@ fn read(path: &Path) -> anyhow::Result<ConfigFile> {
         let detail = e.message().to_owned();
         anyhow::anyhow!("config file {} is invalid: {detail}", path.display())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::cli::{Cli, Command};
+
+    /// `serve --config <a file holding toml>`, resolved.
+    fn serve_config(toml: &str) -> anyhow::Result<ServerConfig> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("switchboard.toml");
+        std::fs::write(&path, toml).expect("writes");
+        let path = path.to_str().expect("UTF-8 path");
+        let cli = Cli::try_parse_from(["switchboard", "--config", path, "serve"]).expect("parses");
+        let Command::Serve(args) = &cli.command else {
+            panic!("not serve: {:?}", cli.command);
+        };
+        resolve_serve(&cli.global, args)
+    }
+
+    #[test]
+    fn an_agents_context_defaults_to_100_messages_and_may_be_none() {
+        let config = serve_config(
+            "[[agents]]\nname = \"a\"\nprovider = \"echo\"\n\
+             [[agents]]\nname = \"b\"\nprovider = \"echo\"\ncontext_messages = 0\n",
+        )
+        .expect("valid");
+        let context: Vec<usize> = config
+            .agents
+            .iter()
+            .map(|agent| agent.config.context_messages)
+            .collect();
+        assert_eq!(context, [100, 0]);
+    }
 }

@@ -76,6 +76,10 @@ pub struct AgentConfig {
     pub circuit_open_for: Duration,
     /// What the agent's tokens cost.
     pub prices: Price,
+    /// Earlier messages of the conversation sent with each turn, at most:
+    /// the newest whole exchanges (a user message and its reply) that fit,
+    /// then the message answered. 0 sends the message alone.
+    pub context_messages: usize,
 }
 
 impl AgentConfig {
@@ -89,6 +93,9 @@ impl AgentConfig {
     pub const DEFAULT_BACKOFF_BASE: Duration = Duration::from_millis(500);
     /// No wait between attempts longer than this.
     pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(10);
+    /// The last 50 exchanges: a long conversation neither outgrows a model's
+    /// context window nor makes each turn dearer than the one before.
+    pub const DEFAULT_CONTEXT_MESSAGES: usize = 100;
     /// Five transient failures in a row: the server is down, not unlucky.
     pub const DEFAULT_CIRCUIT_FAILURE_THRESHOLD: u32 = 5;
     /// Then leave it alone for half a minute.
@@ -106,6 +113,7 @@ impl AgentConfig {
             circuit_failure_threshold: Self::DEFAULT_CIRCUIT_FAILURE_THRESHOLD,
             circuit_open_for: Self::DEFAULT_CIRCUIT_OPEN_FOR,
             prices: Price::FREE,
+            context_messages: Self::DEFAULT_CONTEXT_MESSAGES,
         }
     }
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ractor::{Actor, ActorRef};
-use serde_json::json;
+use serde_json::{json, Value};
 use switchboard_actors::agent::{Agent, AgentActor, AgentConfig, AgentMsg};
 use switchboard_actors::conversation::{ConversationState, SendCommand, SendPlan};
 use switchboard_actors::conversation_actor::{ConversationRegistry, RegistryConfig};
@@ -356,6 +356,75 @@ async fn the_second_turn_carries_the_first_exchange_as_context() {
         2
     );
     h.shutdown().await;
+}
+
+/// An agent with `context_messages` 2 sends the model the last exchange and
+/// the message; one with 0, the message alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_context_is_the_newest_exchanges_the_agent_allows() {
+    let fake = FakeOpenAi::start(Behaviour::Normal).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = EventLog::open(dir.path(), OpenMode::CreateIfMissing).expect("open");
+    let registry = ConversationRegistry::new(log.clone(), RegistryConfig::default());
+    let mut agents = HashMap::new();
+    for (name, context_messages) in [("short", 2), ("none", 0)] {
+        let provider = OpenAiProvider::new(&fake.base_url(), "gpt-4o-mini", None).expect("valid");
+        let config = AgentConfig {
+            context_messages,
+            ..AgentConfig::new(name)
+        };
+        let (actor, _) = Actor::spawn(
+            None,
+            AgentActor,
+            Arc::new(Agent::new(config, Arc::new(provider))),
+        )
+        .await
+        .expect("the agent starts");
+        agents.insert(name.to_owned(), actor);
+    }
+    let router = Router::new(Vec::new(), "short").expect("valid rules");
+    let turns =
+        TurnCoordinator::new(registry.clone(), router, agents, log.clone()).expect("agents known");
+    for content in ["one", "two", "three"] {
+        turns.send("c1", input(content)).await.expect("acked");
+        turns.wait_idle().await;
+    }
+    let mut last = input("four");
+    last.agent = Some("none".into());
+    turns.send("c1", last).await.expect("acked");
+    turns.wait_idle().await;
+
+    let sent: Vec<Value> = fake
+        .requests()
+        .iter()
+        .map(|r| r.body["messages"].clone())
+        .collect();
+    let reply = REPLY.concat();
+    assert_eq!(
+        sent,
+        vec![
+            json!([{"role": "user", "content": "one"}]),
+            json!([
+                {"role": "user", "content": "one"},
+                {"role": "assistant", "content": reply},
+                {"role": "user", "content": "two"},
+            ]),
+            json!([
+                {"role": "user", "content": "two"},
+                {"role": "assistant", "content": reply},
+                {"role": "user", "content": "three"},
+            ]),
+            json!([{"role": "user", "content": "four"}]),
+        ]
+    );
+    // The conversation itself keeps everything.
+    let replies = stream(&log, "c1")
+        .iter()
+        .filter(|e| matches!(e.event, Event::ReplyCompleted(_)))
+        .count();
+    assert_eq!(replies, 4);
+    turns.drain().await;
+    registry.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,11 +15,19 @@ use super::circuit::{CallPermit, CircuitOpen, CircuitTransition};
 use super::retry::retry_delay;
 use super::{Agent, CircuitAlert, TurnOutcome, TurnRequest};
 use crate::provider::{
-    estimate_usage_blocking, Completion, CompletionRequest, ProviderError, Usage,
+    estimate_usage_blocking, ChatMessage, Completion, CompletionRequest, ProviderError, Usage,
 };
 
 /// Deltas buffered between the provider and the caller's channel.
 const DELTA_BUFFER: usize = 64;
+
+/// Keeps the newest whole exchanges of `history` (earlier user and assistant
+/// messages in pairs, then the message answered) within `max` earlier messages.
+fn trim_context(history: &mut Vec<ChatMessage>, max: usize) {
+    let earlier = history.len().saturating_sub(1);
+    let keep = earlier.min(max - max % 2);
+    history.drain(..earlier - keep);
+}
 
 /// One provider call and what it streamed before it ended.
 struct Attempt {
@@ -67,8 +75,9 @@ impl Agent {
         outcome
     }
 
-    async fn turn(&self, request: TurnRequest) -> TurnOutcome {
+    async fn turn(&self, mut request: TurnRequest) -> TurnOutcome {
         let started = Instant::now();
+        trim_context(&mut request.history, self.config.context_messages);
         let mut retries = 0;
         let mut last_error: Option<ProviderError> = None;
         loop {
