@@ -2,10 +2,12 @@
 //! projections, the actors and the NATS gateway together on one bus (DESIGN
 //! §1, §8), and takes them apart again in an order that loses nothing.
 //!
-//! Start-up: open the log (refusing a dir another process holds), bring the
-//! projections up to its head (a stop signal interrupts that, see
-//! [`Server::start_unless`]), make sure the admin key exists, connect the bus
-//! (NATS, or the embedded bus), start the agents, the conversations and the
+//! Start-up: check the configuration, bind the HTTP address and connect the
+//! bus (NATS, or the embedded bus) — so a mistake, a busy port or an
+//! unreachable NATS is refused before anything is created — then open the log
+//! (refusing a dir another process holds), bring the projections up to its
+//! head (a stop signal interrupts that, see [`Server::start_unless`]), make
+//! sure the admin key exists, start the agents, the conversations and the
 //! gateway, then publish events from the log (the outbox) and end turns an
 //! earlier process left without a reply.
 //!
@@ -231,13 +233,37 @@ impl Server {
             .map(|spec| provider(&spec.provider))
             .collect::<Result<Vec<_>, _>>()?;
 
-        let dir = config.data_dir.clone();
-        crate::metrics::install();
         let budget_config = config
             .budgets
             .clone()
             .validated()
             .map_err(ServerError::Config)?;
+        config
+            .webhooks
+            .check()
+            .map_err(|e| ServerError::Config(format!("the alert webhooks: {e}")))?;
+        let outbox_error = |e: OutboxError| ServerError::Config(format!("the outbox: {e}"));
+        if let Some(pattern) = &config.outbox_jetstream {
+            crate::outbox::jetstream_pattern(pattern).map_err(outbox_error)?;
+        }
+        // Then what lies outside: a busy HTTP address or an unreachable NATS
+        // is refused before the data dir is created or the admin key made.
+        let http_listener = match &config.http {
+            Some(http) => Some(tokio::net::TcpListener::bind(http.addr).await.map_err(
+                |source| ServerError::Http {
+                    addr: http.addr,
+                    source,
+                },
+            )?),
+            None => None,
+        };
+        let bus = match &config.nats_url {
+            Some(url) => Bus::from(connect_nats(url).await?),
+            None => Bus::from(LocalBus::new()),
+        };
+
+        let dir = config.data_dir.clone();
+        crate::metrics::install();
         let (log, projections, spend, clean_stop) = tokio::task::spawn_blocking(move || {
             let log = EventLog::open(&dir, OpenMode::CreateIfMissing)?;
             let clean_stop = take_clean_stop(&log)?;
@@ -302,11 +328,6 @@ impl Server {
             )
         }));
 
-        let bus = match &config.nats_url {
-            Some(url) => Bus::from(connect_nats(url).await?),
-            None => Bus::from(LocalBus::new()),
-        };
-
         let (alerts, alert_stream) = mpsc::unbounded_channel();
         let alerts_task = tokio::spawn(publish_agent_alerts(
             bus.clone(),
@@ -344,23 +365,22 @@ impl Server {
             .await
             .map_err(|e| ServerError::Actor(format!("the service API registration: {e}")))?;
 
-        let http = match &config.http {
-            Some(http) => {
+        let http = match (&config.http, http_listener) {
+            (Some(http), Some(listener)) => {
                 let mut http = http.clone();
                 http.prefix = config.prefix.clone();
                 Some(
-                    crate::http::serve(http.clone(), bus.clone())
-                        .await
-                        .map_err(|source| ServerError::Http {
+                    crate::http::serve_on(listener, http.clone(), bus.clone()).map_err(
+                        |source| ServerError::Http {
                             addr: http.addr,
                             source,
-                        })?,
+                        },
+                    )?,
                 )
             }
-            None => None,
+            _ => None,
         };
 
-        let outbox_error = |e: OutboxError| ServerError::Config(format!("the outbox: {e}"));
         let mut outbox = Outbox::new(log.clone(), bus.clone(), &config.prefix);
         if let Some(pattern) = &config.outbox_jetstream {
             outbox = outbox

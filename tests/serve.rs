@@ -638,6 +638,14 @@ fn a_bad_config_is_refused_before_anything_starts() {
             "[alerts]\nwebhooks = [\"ftp://hooks.example/T0/secret-path\"]\n",
             "webhooks[0]",
         ),
+        (
+            "[alerts]\nwebhooks = [\"https://hooks.example/T0/secret-path\", \"HTTPS://Hooks.Example/T0/secret-path\"]\n",
+            "webhooks[1] repeats webhooks[0]",
+        ),
+        (
+            "[alerts]\nwebhooks = [\"https://:8443/secret-path\"]\n",
+            "webhooks[0]",
+        ),
         ("[conversations]\nmax_live = 0\n", "max_live must be at least 1"),
         (
             "[conversations]\nidle_passivate_secs = 0\n",
@@ -667,6 +675,7 @@ fn a_bad_config_is_refused_before_anything_starts() {
             .arg(&data)
             .arg("--config")
             .arg(&config)
+            .arg("--no-http")
             .env_remove("SWITCHBOARD_NATS_URL")
             .output()
             .expect("runs");
@@ -681,25 +690,48 @@ fn a_bad_config_is_refused_before_anything_starts() {
     }
 }
 
+/// An unreachable NATS server, or an HTTP or metrics address another
+/// process holds, is a clear error at start, before the data dir (and so the
+/// admin key) is created.
 #[test]
-fn an_unreachable_nats_server_is_a_clear_error_at_start() {
+fn an_unreachable_nats_server_or_a_busy_address_is_a_clear_error_at_start() {
     let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
     // A port nothing listens on: bind one, note it, let it go.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())
         .expect("a free port")
         .port();
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
-        .args(["serve", "--data-dir"])
-        .arg(dir.path().join("data"))
-        .arg("--nats-url")
-        .arg(format!("nats://127.0.0.1:{port}"))
-        .env("SWITCHBOARD_ADMIN_KEY", support::serve::ADMIN_KEY)
-        .output()
-        .expect("runs");
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("cannot reach NATS at"), "{stderr}");
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
+    let busy = busy.local_addr().expect("bound").to_string();
+    let nats_url = format!("nats://127.0.0.1:{port}");
+    for (args, needle) in [
+        (
+            vec!["--nats-url", nats_url.as_str()],
+            "cannot reach NATS at",
+        ),
+        (
+            vec!["--http", busy.as_str()],
+            &format!("cannot listen for HTTP on {busy}") as &str,
+        ),
+        (
+            vec!["--no-http", "--metrics-addr", busy.as_str()],
+            &format!("cannot serve metrics on {busy}"),
+        ),
+    ] {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+            .args(["serve", "--data-dir"])
+            .arg(&data)
+            .args(&args)
+            .env_remove("SWITCHBOARD_NATS_URL")
+            .env_remove("SWITCHBOARD_ADMIN_KEY")
+            .output()
+            .expect("runs");
+        assert!(!output.status.success(), "{args:?} started");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+        assert!(!data.exists(), "{args:?} created the data dir");
+    }
 }
 
 /// Events the startup catch-up test writes before `serve` first opens the

@@ -108,6 +108,28 @@ impl std::fmt::Debug for WebhookConfig {
     }
 }
 
+impl WebhookConfig {
+    /// What [`WebhookSink::spawn`] refuses, checked without starting
+    /// anything: so a start can refuse a bad config before it opens the data dir.
+    pub fn check(&self) -> Result<(), WebhookError> {
+        self.checked_targets().map(drop)
+    }
+
+    fn checked_targets(&self) -> Result<Vec<Target>, WebhookError> {
+        let targets = targets(&self.urls)?;
+        if self.timeout.is_zero() {
+            return Err(WebhookError::ZeroTimeout);
+        }
+        if self.backoff_min.is_zero() || self.backoff_min > self.backoff_max {
+            return Err(WebhookError::InvalidBackoff {
+                min: self.backoff_min,
+                max: self.backoff_max,
+            });
+        }
+        Ok(targets)
+    }
+}
+
 /// Why the sink could not start. URLs are named by their position in
 /// [`WebhookConfig::urls`], never shown.
 #[derive(Debug, thiserror::Error)]
@@ -153,16 +175,7 @@ impl WebhookSink {
     /// URL given twice, or a zero timeout or backoff is refused before
     /// anything starts. No URLs: a handle with nothing to stop.
     pub fn spawn(log: EventLog, config: WebhookConfig) -> Result<WebhookHandle, WebhookError> {
-        let targets = targets(&config.urls)?;
-        if config.timeout.is_zero() {
-            return Err(WebhookError::ZeroTimeout);
-        }
-        if config.backoff_min.is_zero() || config.backoff_min > config.backoff_max {
-            return Err(WebhookError::InvalidBackoff {
-                min: config.backoff_min,
-                max: config.backoff_max,
-            });
-        }
+        let targets = config.checked_targets()?;
         let client = Client::builder()
             .timeout(config.timeout)
             .redirect(reqwest::redirect::Policy::none())

@@ -25,6 +25,13 @@ pub fn run(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<ExitCode> {
     let code = runtime.block_on(async move {
         let stop = shutdown_signal()?;
         tokio::pin!(stop);
+        // Bound first, so a busy address is refused before anything is created.
+        let metrics = match metrics_addr {
+            Some(addr) => Some(switchboard::metrics::listen(addr).await.map_err(|e| {
+                anyhow::anyhow!("cannot serve metrics on {addr}: {e}")
+            })?),
+            None => None,
+        };
         // A stop before the server is ready interrupts the start: the
         // projections' catch-up, its long part, commits what it has folded
         // and stops; the rest of a start is short and finishes, and the
@@ -51,12 +58,6 @@ pub fn run(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<ExitCode> {
             }
         };
         let server = started?;
-        let metrics = match metrics_addr {
-            Some(addr) => Some(switchboard::metrics::listen(addr).await.map_err(|e| {
-                anyhow::anyhow!("cannot serve metrics on {addr}: {e}")
-            })?),
-            None => None,
-        };
         let bus = match &config.nats_url {
             Some(url) => switchboard::bus::redact_url(url),
             None => "embedded".to_owned(),

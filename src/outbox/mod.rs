@@ -156,6 +156,15 @@ pub struct Outbox {
     jetstream: Option<subject::Pattern>,
 }
 
+/// The subjects a JetStream stream captures, as [`Outbox::confirm_with_jetstream`]
+/// takes them; checked on its own so a start can refuse a bad one early.
+pub fn jetstream_pattern(pattern: &str) -> Result<subject::Pattern, OutboxError> {
+    subject::Pattern::parse(pattern).map_err(|source| OutboxError::InvalidPattern {
+        pattern: pattern.to_owned(),
+        source,
+    })
+}
+
 impl Outbox {
     /// An outbox publishing `log`'s events on `bus` under `prefix`. Each
     /// batch is checkpointed once a flush says the server has it (and, see
@@ -177,12 +186,7 @@ impl Outbox {
     /// the stream. Every subject matching `pattern` must be captured by a
     /// stream, or the outbox retries forever (and logs why). NATS only.
     pub fn confirm_with_jetstream(mut self, pattern: &str) -> Result<Outbox, OutboxError> {
-        let parsed =
-            subject::Pattern::parse(pattern).map_err(|source| OutboxError::InvalidPattern {
-                pattern: pattern.to_owned(),
-                source,
-            })?;
-        self.jetstream = Some(parsed);
+        self.jetstream = Some(jetstream_pattern(pattern)?);
         Ok(self)
     }
 
