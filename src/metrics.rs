@@ -91,6 +91,14 @@ fn describe() {
         "Events in the log the outbox has not published yet."
     );
     describe_gauge!(
+        "switchboard_webhook_lag_events",
+        "Events in the log an alert webhook has not got through yet (alerts or not)."
+    );
+    describe_counter!(
+        "switchboard_webhook_failures_total",
+        "Alert webhook attempts that failed (non-2xx, connection error or timeout) and will be retried."
+    );
+    describe_gauge!(
         "switchboard_live_actors",
         "Live actors by kind (conversation, rate_limiter, agent)."
     );
@@ -163,6 +171,8 @@ pub struct Sources {
     pub coordinator: switchboard_actors::turns::TurnCoordinator,
     pub agents: usize,
     pub bus: crate::bus::Bus,
+    /// Each alert webhook's label and how far it has got.
+    pub webhooks: Vec<(String, tokio::sync::watch::Receiver<u64>)>,
 }
 
 /// How often the gauges of [`Sources`] are read.
@@ -197,6 +207,10 @@ pub async fn sample(sources: Sources, stop: impl std::future::Future<Output = ()
         }
         let published = *sources.outbox.borrow();
         metrics::gauge!("switchboard_outbox_lag_events").set(head.saturating_sub(published) as f64);
+        for (label, through) in &sources.webhooks {
+            metrics::gauge!("switchboard_webhook_lag_events", "webhook" => label.clone())
+                .set(head.saturating_sub(*through.borrow()) as f64);
+        }
         let live = [
             ("conversation", sources.registry.live_count()),
             ("rate_limiter", sources.limiters.live_count()),

@@ -401,6 +401,7 @@ impl Server {
                 coordinator: coordinator.clone(),
                 agents: agents.len(),
                 bus: bus.clone(),
+                webhooks: webhooks.progress(),
             },
             async {
                 let _ = sampler_stopped.await;

@@ -60,6 +60,8 @@ async fn metrics_after_a_small_load_have_the_values_of_that_load() {
         .port();
     let front = Front::start_with(|config| {
         config.conversations.max_live = 1;
+        // An alert webhook nobody answers: its alerts wait, and it says so.
+        config.webhooks.urls = vec![format!("http://127.0.0.1:{port}/hook")];
         config.agents[0].config.prices = Price::new(1_000_000, 2_000_000);
         config.agents.push(AgentSpec {
             config: AgentConfig {
@@ -119,6 +121,9 @@ async fn metrics_after_a_small_load_have_the_values_of_that_load() {
         let settled = metrics.get("switchboard_turns_in_flight") == Some(&0.0)
             && metrics.get("switchboard_log_head_seq") == Some(&head(&front))
             && metrics.get("switchboard_outbox_lag_events") == Some(&0.0)
+            && metrics.iter().any(|(series, value)| {
+                series.starts_with("switchboard_webhook_failures_total") && *value >= 2.0
+            })
             && metrics.get("switchboard_agent_latency_seconds_count{agent=\"echo\"}") == Some(&2.0);
         if settled {
             break metrics;
@@ -208,6 +213,37 @@ async fn metrics_after_a_small_load_have_the_values_of_that_load() {
         value(&format!("switchboard_budget_remaining_micros{subject}")),
         1_000_000.0 - cost
     );
+    // The webhook: stuck at the first alert (the rate limit), named by
+    // scheme, host and a hash, never by the URL.
+    let webhook = |name: &str| {
+        let series: Vec<(&String, &f64)> = metrics
+            .iter()
+            .filter(|(series, _)| series.starts_with(name))
+            .collect();
+        assert_eq!(series.len(), 1, "{name}: {series:?}");
+        let (series, value) = series[0];
+        assert!(
+            series.contains(&format!("webhook=\"http://127.0.0.1:{port} #")),
+            "{series}"
+        );
+        assert!(
+            !series.contains("/hook"),
+            "the URL's path is a secret: {series}"
+        );
+        *value
+    };
+    let first_alert = front
+        .server
+        .log()
+        .read_from(1)
+        .map(|envelope| envelope.expect("decodes"))
+        .find(|envelope| switchboard::alerts::alert_text(&envelope.event).is_some())
+        .expect("an alert was stored");
+    assert_eq!(
+        webhook("switchboard_webhook_lag_events"),
+        head(&front) - first_alert.seq as f64 + 1.0
+    );
+    assert!(webhook("switchboard_webhook_failures_total") >= 2.0);
     // Bus and disk.
     assert_eq!(value("switchboard_nats_connected"), 1.0);
     assert_eq!(value("switchboard_nats_reconnects_total"), 0.0);

@@ -223,6 +223,7 @@ impl WebhookSink {
         for (target, checkpoint) in targets.into_iter().zip(checkpoints) {
             tracing::info!(webhook = %target.label, checkpoint, head, "webhook sending alerts");
             let (through, delivered) = watch::channel(checkpoint);
+            let label = target.label.clone();
             let deliverer = Deliverer {
                 log: log.clone(),
                 client: client.clone(),
@@ -235,6 +236,7 @@ impl WebhookSink {
                 backoff_max: config.backoff_max,
             };
             deliveries.push(Delivery {
+                label,
                 delivered,
                 task: Some(tokio::spawn(deliverer.run(stopped.clone()))),
             });
@@ -258,6 +260,7 @@ pub struct WebhookHandle {
 
 /// One URL's task and how far it got.
 struct Delivery {
+    label: String,
     delivered: watch::Receiver<u64>,
     task: Option<JoinHandle<()>>,
 }
@@ -270,6 +273,16 @@ impl WebhookHandle {
     /// Panics when `url_index` is not below the number of URLs.
     pub fn delivered_through(&self, url_index: usize) -> u64 {
         *self.deliveries[url_index].delivered.borrow()
+    }
+
+    /// Each URL's label (scheme, host and a short hash of the URL, never the
+    /// URL) and how far it has got, as [`Self::delivered_through`]: for the
+    /// lag gauge.
+    pub fn progress(&self) -> Vec<(String, watch::Receiver<u64>)> {
+        self.deliveries
+            .iter()
+            .map(|delivery| (delivery.label.clone(), delivery.delivered.clone()))
+            .collect()
     }
 
     /// Stops every task at once — a request in flight is abandoned and sent
@@ -498,6 +511,8 @@ impl Deliverer {
                 }
                 Err(failure) => failure,
             };
+            metrics::counter!("switchboard_webhook_failures_total", "webhook" => self.target.label.clone())
+                .increment(1);
             let mut pause_for = backoff;
             match failure {
                 Failure::Status {
