@@ -171,6 +171,8 @@ pub struct Sources {
     pub coordinator: switchboard_actors::turns::TurnCoordinator,
     pub agents: usize,
     pub bus: crate::bus::Bus,
+    /// Budgets, whose gauges turn with their periods.
+    pub budgets: switchboard_actors::budget::Budgets,
     /// Each alert webhook's label and how far it has got.
     pub webhooks: Vec<(String, tokio::sync::watch::Receiver<u64>)>,
 }
@@ -225,6 +227,7 @@ pub async fn sample(sources: Sources, stop: impl std::future::Future<Output = ()
         metrics::gauge!("switchboard_nats_connected")
             .set(f64::from(u8::from(sources.bus.is_connected())));
         if n.is_multiple_of(DISK_EVERY) {
+            sources.budgets.refresh_gauges(chrono::Utc::now());
             let dir = sources.log.dir().to_owned();
             if let Ok(bytes) = tokio::task::spawn_blocking(move || dir_bytes(&dir)).await {
                 metrics::gauge!("switchboard_data_dir_bytes").set(bytes as f64);

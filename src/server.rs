@@ -402,6 +402,7 @@ impl Server {
                 agents: agents.len(),
                 bus: bus.clone(),
                 webhooks: webhooks.progress(),
+                budgets: budgets.clone(),
             },
             async {
                 let _ = sampler_stopped.await;

@@ -289,6 +289,21 @@ impl Budgets {
         }
     }
 
+    /// Sets the budget gauges of every budget checked here to where it stands
+    /// at `now`, and returns those statuses: an idle key's gauges then show
+    /// its new period once the period turns, not the last period's spend.
+    /// Appends nothing.
+    pub fn refresh_gauges(&self, now: DateTime<Utc>) -> Vec<BudgetStatus> {
+        let mut ledgers = self.inner.lock();
+        ledgers
+            .iter_mut()
+            .filter_map(|(spender, ledger)| {
+                let budget = ledger.budget.clone()?;
+                Some(self.inner.status(spender, ledger, &budget, now))
+            })
+            .collect()
+    }
+
     /// Stores the alerts still queued and stops the task appending them.
     pub async fn shutdown(&self) {
         drop(self.inner.alerts.lock().expect("alerts lock").take());
@@ -731,6 +746,35 @@ mod tests {
                 ("exceeded".into(), None),
             ]
         );
+    }
+
+    #[tokio::test]
+    async fn refreshed_gauges_show_a_new_period_without_a_request() {
+        let Fixture {
+            _dir, log, budgets, ..
+        } = fixture();
+        let stream = StreamId::conversation("c1").expect("valid");
+        let seq = log
+            .append(stream, ExpectedVersion::Any, vec![usage(60)])
+            .await
+            .expect("appends")
+            .first()
+            .seq;
+        budgets.charge("key_1", seq, 60);
+        let remaining = |now| {
+            let statuses = budgets.refresh_gauges(now);
+            assert_eq!(statuses.len(), 1, "{statuses:?}");
+            (statuses[0].remaining_micros, statuses[0].period_start)
+        };
+        let now = Utc::now();
+        assert_eq!(remaining(now), (40, period_start(BudgetPeriod::Day, now)));
+        // A day later, with no request since: the whole budget again.
+        let tomorrow = now + chrono::TimeDelta::days(1);
+        assert_eq!(
+            remaining(tomorrow),
+            (100, period_start(BudgetPeriod::Day, tomorrow))
+        );
+        budgets.shutdown().await;
     }
 
     #[tokio::test]
