@@ -347,6 +347,11 @@ impl Server {
         let coordinator = TurnCoordinator::new(registry.clone(), router, agent_refs, log.clone())
             .map_err(|e| ServerError::Config(e.to_string()))?;
         coordinator.charge_to(budgets.clone());
+        let context = config
+            .agents
+            .iter()
+            .map(|spec| spec.config.context_messages);
+        coordinator.keep_context(context.max().unwrap_or(0));
 
         let gateway = NatsGateway::start(
             bus.clone(),

@@ -9,8 +9,16 @@
 //! `1..=v` never changes (the log is append-only), so a cached fold plus the
 //! events after `v` is exactly the fold of the whole stream; an erasure is one
 //! of those events and clears the exchanges as it would from the start.
+//!
+//! A turn sends the model only the newest exchanges (an agent's
+//! `context_messages`), so a fold need not hold more: with
+//! [`ContextReader::keep`] it drops, in batches, answered exchanges older
+//! than the newest `keep` and failed ones, keeping every unanswered one (its
+//! turn is running). A long conversation's fold then weighs what its context
+//! does, and the cache holds every busy conversation instead of thrashing.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use switchboard_events::{Envelope, Event, EventLog, StreamId};
@@ -50,16 +58,78 @@ struct Exchange {
     routed_event: Option<Uuid>,
 }
 
+impl Exchange {
+    /// What it weighs in the cache's byte bound.
+    fn bytes(&self) -> usize {
+        EXCHANGE_OVERHEAD
+            + self.message_id.len()
+            + self.user.len()
+            + self.reply.as_ref().map_or(0, |reply| reply.len())
+    }
+}
+
 /// A stream folded into exchanges up to `version`.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 struct Folded {
     version: u64,
     exchanges: Vec<Exchange>,
     /// Content bytes plus overhead, for the cache's bound.
     bytes: usize,
+    /// The ended exchanges kept: the newest this many (all unended ones stay).
+    keep: usize,
+}
+
+impl Default for Folded {
+    fn default() -> Self {
+        Folded::keeping(usize::MAX)
+    }
 }
 
 impl Folded {
+    fn keeping(keep: usize) -> Self {
+        Folded {
+            version: 0,
+            exchanges: Vec::new(),
+            bytes: 0,
+            keep,
+        }
+    }
+
+    /// Drops, in batches (once the fold holds `keep` plus as many again),
+    /// what no context will hold: answered exchanges older than the newest
+    /// `keep` answered ones, and failed ones. Unended exchanges stay: their
+    /// turns are running. So a long conversation's fold stays as small as its
+    /// context.
+    fn trim(&mut self) {
+        let slack = self.keep.max(16);
+        if self.exchanges.len() <= self.keep.saturating_add(slack) {
+            return;
+        }
+        // The index of the oldest answered exchange kept.
+        let mut answered = 0;
+        let mut oldest_kept = self.exchanges.len();
+        for (i, exchange) in self.exchanges.iter().enumerate().rev() {
+            if answered == self.keep {
+                break;
+            }
+            if exchange.reply.is_some() {
+                answered += 1;
+                oldest_kept = i;
+            }
+        }
+        let mut dropped = 0;
+        let mut i = 0;
+        self.exchanges.retain(|exchange| {
+            let keep = !exchange.ended || (exchange.reply.is_some() && i >= oldest_kept);
+            if !keep {
+                dropped += exchange.bytes();
+            }
+            i += 1;
+            keep
+        });
+        self.bytes -= dropped;
+    }
+
     fn apply(&mut self, envelope: Envelope) {
         self.version = envelope.version;
         let find = |exchanges: &mut Vec<Exchange>, id: &str| -> Option<usize> {
@@ -75,6 +145,7 @@ impl Folded {
                     ended: false,
                     routed_event: None,
                 });
+                self.trim();
             }
             Event::AgentRouted(e) => {
                 if let Some(i) = find(&mut self.exchanges, &e.message_id) {
@@ -103,8 +174,9 @@ impl Folded {
         }
     }
 
-    /// The context of `message_id`: the completed exchanges before it, then
-    /// it; or with `None`, every completed exchange.
+    /// The context of `message_id`: the completed exchanges before it (the
+    /// newest `keep` of them), then it; or with `None`, the newest `keep`
+    /// completed exchanges.
     fn context(
         &self,
         stream: &StreamId,
@@ -126,12 +198,17 @@ impl Folded {
                 (&self.exchanges[..at], Some(&self.exchanges[at]))
             }
         };
-        let mut history = Vec::with_capacity(2 * before.len() + 1);
-        for exchange in before {
-            if let Some(reply) = &exchange.reply {
-                history.push(ChatMessage::user(exchange.user.clone()));
-                history.push(ChatMessage::assistant(reply.clone()));
-            }
+        // The newest `keep` answered exchanges before it.
+        let newest: Vec<(&Arc<str>, &Arc<str>)> = before
+            .iter()
+            .rev()
+            .filter_map(|exchange| Some((&exchange.user, exchange.reply.as_ref()?)))
+            .take(self.keep)
+            .collect();
+        let mut history = Vec::with_capacity(2 * newest.len() + 1);
+        for (user, reply) in newest.into_iter().rev() {
+            history.push(ChatMessage::user(user.clone()));
+            history.push(ChatMessage::assistant(reply.clone()));
         }
         let routed_event = answered.and_then(|exchange| {
             history.push(ChatMessage::user(exchange.user.clone()));
@@ -148,6 +225,8 @@ impl Folded {
 pub(crate) struct ContextReader {
     log: EventLog,
     cache: Mutex<Cache>,
+    /// Ended exchanges a fold keeps ([`ContextReader::keep`]).
+    keep: AtomicUsize,
 }
 
 #[derive(Default)]
@@ -172,11 +251,23 @@ impl ContextReader {
         ContextReader {
             log,
             cache: Mutex::new(Cache::default()),
+            keep: AtomicUsize::new(usize::MAX),
         }
     }
 
-    /// The context of `message_id` (or, with `None`, the whole completed
-    /// history) in the conversation's stream.
+    /// Keeps only the newest `exchanges` ended exchanges of each conversation
+    /// (and every unended one), not its whole history: enough for the longest
+    /// context an agent sends. Applies to folds made from here on; the cache
+    /// starts over.
+    pub(crate) fn keep(&self, exchanges: usize) {
+        self.keep.store(exchanges, Ordering::Relaxed);
+        let mut cache = self.cache.lock().expect("context cache lock");
+        cache.entries.clear();
+        cache.bytes = 0;
+    }
+
+    /// The context of `message_id` (or, with `None`, the completed history)
+    /// in the conversation's stream, as far as [`ContextReader::keep`] says.
     pub(crate) async fn read(
         &self,
         conversation_id: &str,
@@ -194,7 +285,9 @@ impl ContextReader {
             self.weigh(&stream, &cached, bytes);
             return context;
         }
-        let folded = fold_stream(&self.log, &stream, 1, Folded::default(), Folded::apply).await?;
+        let keep = self.keep.load(Ordering::Relaxed);
+        let folded =
+            fold_stream(&self.log, &stream, 1, Folded::keeping(keep), Folded::apply).await?;
         let context = folded.context(&stream, message_id);
         self.remember(stream, folded);
         context
@@ -424,6 +517,64 @@ mod tests {
         assert_eq!(cache.bytes, entry.bytes);
         let folded = entry.folded.lock().expect("fold");
         (entry.bytes, folded.bytes, folded.exchanges.len())
+    }
+
+    /// A reader keeping 3 exchanges holds a long conversation's newest 3
+    /// answered exchanges and its unanswered ones, however it was folded.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_kept_window_holds_the_newest_answers_and_every_running_turn() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let log = EventLog::open(dir.path(), OpenMode::CreateIfMissing).expect("open");
+        // "early" is still running when 200 more come and go, every third failing.
+        append(&log, vec![received("early"), routed("early")]).await;
+        let cached = ContextReader::new(log.clone());
+        cached.keep(3);
+        for i in 0..200 {
+            let id = format!("m{i}");
+            let end = if i % 3 == 2 {
+                failed(&id)
+            } else {
+                completed(&id)
+            };
+            append(&log, vec![received(&id), routed(&id), end]).await;
+            // Folded a turn at a time, as the cache does.
+            cached.read("c1", None).await.expect("context");
+        }
+        append(&log, vec![received("last"), routed("last")]).await;
+        let whole = ContextReader::new(log.clone());
+        whole.keep(3);
+        for reader in [&cached, &whole] {
+            let last = reader.read("c1", Some("last")).await.expect("last");
+            let answers: Vec<ChatMessage> = ["m196", "m198", "m199"]
+                .iter()
+                .flat_map(|id| {
+                    [
+                        ChatMessage::user(format!("question {id}")),
+                        ChatMessage::assistant(format!("answer {id}")),
+                    ]
+                })
+                .chain([ChatMessage::user("question last")])
+                .collect();
+            assert_eq!(last.history, answers);
+            // The running turn from long ago still finds its message.
+            let early = reader.read("c1", Some("early")).await.expect("early");
+            assert_eq!(early.history, [ChatMessage::user("question early")]);
+        }
+        let (counted, weight, exchanges) = weights(&cached);
+        assert_eq!(counted, weight);
+        assert!(exchanges <= 2 + 3 + 16, "{exchanges} exchanges kept");
+        let expected: usize = cached
+            .cache
+            .lock()
+            .expect("cache")
+            .entries
+            .values()
+            .map(|entry| {
+                let folded = entry.folded.lock().expect("fold");
+                folded.exchanges.iter().map(Exchange::bytes).sum::<usize>()
+            })
+            .sum();
+        assert_eq!(weight, expected, "the weight is what is kept");
     }
 
     #[test]

@@ -364,6 +364,15 @@ impl TurnCoordinator {
         Ok(ack)
     }
 
+    /// Keeps, per conversation, only the exchanges the longest context needs:
+    /// `messages` earlier messages (the largest `context_messages` of the
+    /// agents), so a long conversation's cached fold stays small and the
+    /// cache holds every busy conversation. [`Self::context`] then returns
+    /// the newest of them only.
+    pub fn keep_context(&self, messages: usize) {
+        self.inner.contexts.keep(messages.div_ceil(2));
+    }
+
     /// The conversation's chat history as an agent sees it: its completed
     /// exchanges, oldest first (see the module doc).
     pub async fn context(
