@@ -12,8 +12,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
-use switchboard::bus::{subject, Bus, Message, NatsBus, Subscription, NATS_MSG_ID};
-use switchboard::outbox::{routes, Outbox, OutboxHandle};
+use switchboard::bus::{
+    subject, Bus, LocalBus, LocalBusConfig, Message, NatsBus, Subscription, NATS_MSG_ID,
+};
+use switchboard::outbox::{routes, Outbox, OutboxHandle, TRUNCATED_HEADER};
 use switchboard_events::catalog::{
     BudgetExceeded, BudgetPeriod, BudgetScope, ConversationErased, ConversationStarted, KeyRevoked,
     LimitKind, MessageReceived, RateLimited, UsageRecorded,
@@ -296,6 +298,58 @@ async fn stop_publishes_what_is_already_in_the_log() {
     let again = start(&log, &bus);
     assert_eq!(again.published_through(), 50, "stop checkpointed the head");
     again.stop().await;
+}
+
+/// An event over the bus's maximum payload reaches subscribers as a stub
+/// that says so and where it sits in the log; the events around it go out
+/// whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_too_big_for_the_bus_goes_out_as_a_stub() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = open_log(&dir);
+    let bus: Bus = LocalBus::with_config(LocalBusConfig {
+        max_payload: 4096,
+        ..LocalBusConfig::default()
+    })
+    .into();
+    let mut subscription = subscribe(&bus, "sb.evt.conv.big.>").await;
+    let outbox = start(&log, &bus);
+    append(&log, conv("big"), started("big", "key_1")).await;
+    let mut huge = message("big", 1);
+    if let Event::MessageReceived(m) = &mut huge.event {
+        m.content = "x".repeat(10_000);
+    }
+    let huge_seq = append(&log, conv("big"), huge).await;
+    let last = append(&log, conv("big"), message("big", 2)).await;
+    published(&outbox, last).await;
+
+    let envelopes = every_event(&log);
+    for envelope in &envelopes {
+        let received = next(&mut subscription).await;
+        let body: serde_json::Value = serde_json::from_slice(&received.payload).expect("JSON");
+        assert_eq!(body["seq"], serde_json::json!(envelope.seq));
+        assert_eq!(
+            received.headers.get(NATS_MSG_ID),
+            Some(envelope.id.to_string().as_str())
+        );
+        if envelope.seq == huge_seq {
+            assert_eq!(received.headers.get(TRUNCATED_HEADER), Some("true"));
+            assert_eq!(body["truncated"], serde_json::json!(true));
+            assert_eq!(body["data"], serde_json::Value::Null);
+            assert_eq!(body["type"], serde_json::json!("message_received"));
+            assert!(
+                body["size"].as_u64().is_some_and(|size| size > 10_000),
+                "{body}"
+            );
+        } else {
+            assert_eq!(received.headers.get(TRUNCATED_HEADER), None);
+            assert_eq!(
+                body,
+                serde_json::from_str::<serde_json::Value>(&envelope.to_json()).expect("JSON")
+            );
+        }
+    }
+    outbox.stop().await;
 }
 
 #[tokio::test]

@@ -53,6 +53,10 @@
 //! The body is the envelope's wire JSON ([`Envelope::to_json`]) on every
 //! subject; headers are `Nats-Msg-Id`, `Content-Type: application/json` and
 //! the envelope's `traceparent`, when it has one that can be a header value.
+//! An event too big for the server's maximum payload (a huge reply, or a
+//! server configured small) goes out as a stub: `data` null, `"truncated":
+//! true`, `"size"` (what it would have taken), and the header
+//! `Switchboard-Truncated: true`; the log holds it whole.
 //!
 //! # Message ids
 //!
@@ -71,9 +75,11 @@
 //! byte, and the empty id becomes a lone `%`, which nothing else encodes to.
 //! Ids made of `[A-Za-z0-9_-]` (all conversation ids, DESIGN §6) are unchanged.
 //!
-//! A message the bus refuses outright (in practice only one over the server's
-//! maximum payload) can never be published; it is logged with
-//! `tracing::error!` and left out, rather than stalling every later event.
+//! An event over the server's maximum payload goes out as a stub (see
+//! above). A message the bus refuses outright otherwise (a subject or header
+//! it cannot carry, or a stub still too big) can never be published; it is
+//! logged with `tracing::error!` and left out, rather than stalling every
+//! later event.
 
 mod route;
 
@@ -94,6 +100,9 @@ pub use route::{routes, subject_token, subjects, Route};
 pub const TREE: &str = "outbox";
 /// The checkpoint's key: the last published seq, u64 big-endian.
 const CHECKPOINT_KEY: &[u8] = b"checkpoint";
+/// Set (`true`) on the stub published for an event over the bus's maximum
+/// payload ([`route::stub_payload`]).
+pub const TRUNCATED_HEADER: &str = "Switchboard-Truncated";
 /// Events published between two flushes at most.
 const BATCH: usize = 1024;
 /// How long after a batch's first event its confirmation (a flush, then the
@@ -478,22 +487,27 @@ impl Publisher {
         let payload = Bytes::from(route::payload(envelope));
         for route in routes(&self.prefix, envelope) {
             let headers = headers(envelope, &route.msg_id);
-            let published = match &self.jetstream {
-                Some((jetstream, pattern)) if pattern.matches(&route.subject) => {
-                    match self.stream_message(&route.subject, headers, &payload) {
-                        Ok(message) => {
-                            let subject = route.subject.clone();
-                            acks.push(jetstream.send_publish(subject, message).await?);
-                            Ok(())
-                        }
-                        Err(refused) => Err(refused),
-                    }
+            let mut published = self
+                .publish_one(&route.subject, headers.clone(), &payload, acks)
+                .await?;
+            if let Err(BusError::PayloadTooLarge { size, .. }) = published {
+                // Too big for NATS: subscribers hear of it all the same, and
+                // where to read it whole.
+                let stub = Bytes::from(route::stub_payload(envelope, size));
+                let headers = headers.with(TRUNCATED_HEADER, "true");
+                published = self
+                    .publish_one(&route.subject, headers, &stub, acks)
+                    .await?;
+                if published.is_ok() {
+                    tracing::warn!(
+                        seq = envelope.seq,
+                        id = %envelope.id,
+                        subject = route.subject,
+                        size,
+                        "event over the bus's maximum payload published without its data"
+                    );
                 }
-                _ => {
-                    let payload = payload.clone();
-                    self.bus.publish(&route.subject, headers, payload).await
-                }
-            };
+            }
             match published {
                 Ok(()) => {}
                 Err(
@@ -511,6 +525,31 @@ impl Publisher {
             }
         }
         Ok(envelope.seq)
+    }
+
+    /// Publishes one message of an event: through JetStream when a stream
+    /// confirms its subject (its acknowledgment joins `acks`), else on the
+    /// bus. The inner result is the bus's answer about this message; the
+    /// outer error is a JetStream failure that stops the batch.
+    async fn publish_one(
+        &self,
+        subject: &str,
+        headers: Headers,
+        payload: &Bytes,
+        acks: &mut Vec<Ack>,
+    ) -> Result<Result<(), BusError>, Failure> {
+        Ok(match &self.jetstream {
+            Some((jetstream, pattern)) if pattern.matches(subject) => {
+                match self.stream_message(subject, headers, payload) {
+                    Ok(message) => {
+                        acks.push(jetstream.send_publish(subject.to_owned(), message).await?);
+                        Ok(())
+                    }
+                    Err(refused) => Err(refused),
+                }
+            }
+            _ => self.bus.publish(subject, headers, payload.clone()).await,
+        })
     }
 
     /// The checks [`Bus::publish`] makes, for a message that goes through

@@ -169,6 +169,20 @@ pub(super) fn payload(envelope: &Envelope) -> Vec<u8> {
     serde_json::to_vec(&value).expect("a JSON value serializes")
 }
 
+/// The body published for `envelope` when its [`payload`] (`size` bytes
+/// with headers) is over the bus's maximum: the envelope's wire JSON with
+/// `data` null, `"truncated": true` and that `size`. A subscriber reads the
+/// event whole from the log by its seq (`conv.<id>.events`, `switchboard log`).
+pub(super) fn stub_payload(envelope: &Envelope, size: usize) -> Vec<u8> {
+    let mut value = serde_json::to_value(envelope).expect("an envelope serializes");
+    if let Some(object) = value.as_object_mut() {
+        object.insert("data".to_owned(), serde_json::Value::Null);
+        object.insert("truncated".to_owned(), serde_json::Value::Bool(true));
+        object.insert("size".to_owned(), size.into());
+    }
+    serde_json::to_vec(&value).expect("a JSON value serializes")
+}
+
 /// The headers of one message for `envelope`.
 pub(super) fn headers(envelope: &Envelope, msg_id: &str) -> Headers {
     let mut headers = Headers::new()
