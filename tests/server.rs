@@ -675,3 +675,82 @@ async fn a_turn_left_open_after_a_clean_stop_is_still_ended_at_the_next_start() 
     }
     server.shutdown().await;
 }
+
+/// Under load, every `reply_delta` of a turn reaches a subscriber before the
+/// turn's `reply_completed` (which the outbox publishes from the log).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_delta_comes_after_its_turns_end() {
+    use switchboard::server::{AgentSpec, ProviderSpec};
+    use switchboard_actors::agent::AgentConfig;
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut config = config(dir.path());
+    config.agents.push(AgentSpec {
+        config: AgentConfig::new("paced"),
+        provider: ProviderSpec::Echo {
+            word_delay: Duration::from_micros(200),
+        },
+    });
+    let server = start(config).await;
+    let bus = server.bus().clone();
+    let issued = request(
+        &bus,
+        "sb.admin.keys.issue",
+        ADMIN_KEY,
+        json!({ "name": "o" }),
+    )
+    .await;
+    let key = issued["key"].as_str().expect("key").to_owned();
+    let mut events = bus.subscribe("sb.evt.conv.*.>").await.expect("subscribes");
+
+    let content = vec!["word"; 200].join(" ");
+    let turns = 120;
+    let mut sends = tokio::task::JoinSet::new();
+    for i in 0..turns {
+        let bus = bus.clone();
+        let headers = Headers::new().with("Authorization", format!("Bearer {key}"));
+        let agent = if i % 2 == 0 { "echo" } else { "paced" };
+        let body = json!({ "content": content, "message_id": format!("o{i}"), "agent": agent });
+        sends.spawn(async move {
+            let subject = format!("sb.conv.o{}.send", i % 12);
+            let body = serde_json::to_vec(&body).expect("JSON");
+            bus.request(&subject, headers, body, WAIT)
+                .await
+                .expect("acked")
+        });
+    }
+    while let Some(sent) = sends.join_next().await {
+        sent.expect("the send task");
+    }
+    let mut ended = std::collections::HashMap::new();
+    let mut late = Vec::new();
+    while ended.len() < turns {
+        let message = tokio::time::timeout(WAIT, events.recv())
+            .await
+            .expect("every turn ends")
+            .expect("open");
+        let kind = message.subject.rsplit('.').next().unwrap_or("").to_owned();
+        let body: Value = serde_json::from_slice(&message.payload).expect("JSON");
+        let message_id = match kind.as_str() {
+            "reply_delta" => body["message_id"].as_str(),
+            "reply_completed" | "reply_failed" => body["data"]["message_id"].as_str(),
+            _ => None,
+        };
+        let Some(message_id) = message_id.map(str::to_owned) else {
+            continue;
+        };
+        if kind == "reply_delta" {
+            if ended.contains_key(&message_id) {
+                late.push(message_id);
+            }
+        } else {
+            ended.insert(message_id, kind);
+        }
+    }
+    assert!(late.is_empty(), "deltas after their turn's end: {late:?}");
+    assert!(
+        ended.values().all(|kind| kind == "reply_completed"),
+        "{ended:?}"
+    );
+    server.shutdown().await;
+}

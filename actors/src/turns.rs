@@ -90,6 +90,12 @@ pub struct SendInput {
     /// Where to stream the reply's pieces. Drain it while the turn runs (a full
     /// channel holds the model back); dropping the receiver is fine.
     pub deltas: Option<mpsc::Sender<ReplyDelta>>,
+    /// Completed (or dropped) by the caller once it has handed on every delta
+    /// (after `deltas` closes). The turn's end is stored only after that, or
+    /// after [`DELTAS_HANDED_ON_WAIT`]: so where the caller publishes deltas
+    /// on the bus that later carries the stored end (the outbox), no delta
+    /// comes after `reply_completed`.
+    pub deltas_handed_on: Option<oneshot::Receiver<()>>,
     /// The rate limiter's admission: held until the turn ends, then finished
     /// with the turn's tokens (dropped at once when no turn starts).
     pub permit: Option<Permit>,
@@ -227,9 +233,14 @@ struct TurnJob {
     correlation_id: Option<Uuid>,
     traceparent: Option<String>,
     deltas: Option<mpsc::Sender<ReplyDelta>>,
+    deltas_handed_on: Option<oneshot::Receiver<()>>,
     permit: Option<Permit>,
     ended: Option<oneshot::Sender<TurnEnd>>,
 }
+
+/// The longest a turn's end waits for its caller to hand on its deltas
+/// ([`SendInput::deltas_handed_on`]) before it is stored all the same.
+pub const DELTAS_HANDED_ON_WAIT: Duration = Duration::from_secs(2);
 
 impl TurnCoordinator {
     /// A coordinator sending through `registry`, routing with `router` to
@@ -344,6 +355,7 @@ impl TurnCoordinator {
                 correlation_id: input.correlation_id,
                 traceparent: input.traceparent,
                 deltas: input.deltas,
+                deltas_handed_on: input.deltas_handed_on,
                 permit: input.permit,
                 ended: input.ended,
             };
@@ -558,6 +570,7 @@ impl Inner {
             correlation_id,
             traceparent,
             deltas,
+            deltas_handed_on,
             permit,
             ended,
         } = job;
@@ -589,6 +602,11 @@ impl Inner {
                 _ => None,
             });
         let events = outcome.events.len();
+        // The relay has closed `deltas`; once the caller has handed them on,
+        // the end may follow them.
+        if let Some(handed_on) = deltas_handed_on {
+            let _ = tokio::time::timeout(DELTAS_HANDED_ON_WAIT, handed_on).await;
+        }
         let stored = self.store_end(&conversation_id, &message_id, outcome).await;
         if let (Some(Some(first)), Some((offset, usage))) = (stored, &usage) {
             record_usage(usage);

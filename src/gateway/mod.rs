@@ -590,6 +590,7 @@ impl Gateway {
             }
         };
         let (ended, turn_end) = wait.then(oneshot::channel).unzip();
+        let (deltas, handed_on) = self.publish_deltas(conversation_id, meta);
         let input = SendInput {
             message_id: body.message_id,
             key_id: caller.record.key_id.clone(),
@@ -598,7 +599,8 @@ impl Gateway {
             agent: body.agent,
             correlation_id: Some(meta.correlation_id),
             traceparent: meta.traceparent.clone(),
-            deltas: Some(self.publish_deltas(conversation_id, meta)),
+            deltas: Some(deltas),
+            deltas_handed_on: Some(handed_on),
             permit: Some(permit),
             ended,
         };
@@ -700,12 +702,16 @@ impl Gateway {
     /// A channel whose [`ReplyDelta`]s are published, in order, on
     /// `{prefix}.evt.conv.<id>.reply_delta` as they come (live only: deltas
     /// are not stored, so one published while NATS is away is gone — the
-    /// stored `reply_completed` holds the whole reply).
+    /// stored `reply_completed` holds the whole reply); and the signal that
+    /// all of them are with the bus once the channel closes, which the turn
+    /// waits for before storing its end, so the outbox publishes the end
+    /// after them.
     fn publish_deltas(
         &self,
         conversation_id: &str,
         meta: &RequestMeta,
-    ) -> mpsc::Sender<ReplyDelta> {
+    ) -> (mpsc::Sender<ReplyDelta>, oneshot::Receiver<()>) {
+        let (handed_on, handed_on_seen) = oneshot::channel();
         let (deltas, mut received) = mpsc::channel::<ReplyDelta>(DELTA_BUFFER);
         let bus = self.bus.clone();
         let subject = format!("{}.evt.conv.{conversation_id}.reply_delta", self.prefix);
@@ -714,7 +720,8 @@ impl Gateway {
             headers.insert("traceparent", traceparent.clone());
         }
         tokio::spawn(async move {
-            // Best effort, and never holding up the turn: with NATS away the
+            // Best effort, holding up only the storing of the turn's end, and
+            // that for at most DELTAS_HANDED_ON_WAIT: with NATS away the
             // client's queue fills and a publish waits until it is back, so
             // one that takes too long gives up the deltas still to come (the
             // stored reply_completed holds the whole reply).
@@ -740,8 +747,11 @@ impl Gateway {
                     }
                 }
             }
+            // Every delta is with the bus: the turn's end may be stored (and
+            // so published after them).
+            let _ = handed_on.send(());
         });
-        deltas
+        (deltas, handed_on_seen)
     }
 
     /// The stored events of a turn's end, as the outbox publishes them. Read
