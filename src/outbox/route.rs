@@ -171,8 +171,8 @@ pub(super) fn payload(envelope: &Envelope) -> Vec<u8> {
 
 /// The body published for `envelope` when its [`payload`] (`size` bytes
 /// with headers) is over the bus's maximum: the envelope's wire JSON with
-/// `data` null, `"truncated": true` and that `size`. A subscriber reads the
-/// event whole from the log by its seq (`conv.<id>.events`, `switchboard log`).
+/// `data` null, `"truncated": true` and that `size`. The log holds the event
+/// whole (`switchboard log --from <seq>`).
 pub(super) fn stub_payload(envelope: &Envelope, size: usize) -> Vec<u8> {
     let mut value = serde_json::to_value(envelope).expect("an envelope serializes");
     if let Some(object) = value.as_object_mut() {
