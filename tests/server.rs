@@ -24,6 +24,18 @@ fn config(dir: &std::path::Path) -> ServerConfig {
     config
 }
 
+/// A key named `name`, issued with the admin key.
+async fn issue_key(bus: &Bus, name: &str) -> String {
+    let issued = request(
+        bus,
+        "sb.admin.keys.issue",
+        ADMIN_KEY,
+        json!({ "name": name }),
+    )
+    .await;
+    issued["key"].as_str().expect("key").to_owned()
+}
+
 #[track_caller]
 fn assert_error(reply: &Value, code: &str) {
     assert_eq!(reply["ok"], json!(false), "{reply}");
@@ -253,14 +265,7 @@ async fn a_small_live_cap_bounds_the_actors_and_keeps_every_history() {
     config.conversations.max_live = 10;
     let server = start(config).await;
     let bus = server.bus().clone();
-    let issued = request(
-        &bus,
-        "sb.admin.keys.issue",
-        ADMIN_KEY,
-        json!({ "name": "many" }),
-    )
-    .await;
-    let key = issued["key"].as_str().expect("key").to_owned();
+    let key = issue_key(&bus, "many").await;
 
     // One conversation at a time, each turn finished before the next: the
     // cap holds exactly (the actor spawned for a new conversation passivates
@@ -468,14 +473,7 @@ async fn the_service_answers_srv_ping_info_and_stats_with_request_counts() {
         ]
     );
 
-    let issued = request(
-        &bus,
-        "sb.admin.keys.issue",
-        ADMIN_KEY,
-        json!({ "name": "n" }),
-    )
-    .await;
-    let key = issued["key"].as_str().expect("key").to_owned();
+    let key = issue_key(&bus, "n").await;
     for m in 0..3 {
         let body = json!({ "content": "hi", "message_id": format!("m{m}") });
         let ack = request(&bus, "sb.conv.st.send", &key, body).await;
@@ -509,14 +507,7 @@ async fn a_traceparent_travels_to_the_ack_the_deltas_and_the_published_events() 
     let dir = tempfile::tempdir().expect("temp dir");
     let server = start(config(dir.path())).await;
     let bus = server.bus().clone();
-    let issued = request(
-        &bus,
-        "sb.admin.keys.issue",
-        ADMIN_KEY,
-        json!({ "name": "t" }),
-    )
-    .await;
-    let key = issued["key"].as_str().expect("key").to_owned();
+    let key = issue_key(&bus, "t").await;
     let mut published = bus.subscribe("sb.evt.conv.tp.>").await.expect("subscribes");
 
     let headers = Headers::new()
@@ -693,14 +684,7 @@ async fn no_delta_comes_after_its_turns_end() {
     });
     let server = start(config).await;
     let bus = server.bus().clone();
-    let issued = request(
-        &bus,
-        "sb.admin.keys.issue",
-        ADMIN_KEY,
-        json!({ "name": "o" }),
-    )
-    .await;
-    let key = issued["key"].as_str().expect("key").to_owned();
+    let key = issue_key(&bus, "o").await;
     let mut events = bus.subscribe("sb.evt.conv.*.>").await.expect("subscribes");
 
     let content = vec!["word"; 200].join(" ");
