@@ -2,7 +2,7 @@
 //! projections, the actors and the NATS gateway together on one bus (DESIGN
 //! §1, §8), and takes them apart again in an order that loses nothing.
 //!
-//! Start-up: check the configuration, bind the HTTP address and connect the
+//! Start-up: check the configuration, try the HTTP address and connect the
 //! bus (NATS, or the embedded bus) — so a mistake, a busy port or an
 //! unreachable NATS is refused before anything is created — then open the log
 //! (refusing a dir another process holds), bring the projections up to its
@@ -248,15 +248,15 @@ impl Server {
         }
         // Then what lies outside: a busy HTTP address or an unreachable NATS
         // is refused before the data dir is created or the admin key made.
-        let http_listener = match &config.http {
-            Some(http) => Some(tokio::net::TcpListener::bind(http.addr).await.map_err(
-                |source| ServerError::Http {
-                    addr: http.addr,
-                    source,
-                },
-            )?),
-            None => None,
-        };
+        // The address is only tried here and bound again once the server is
+        // ready: a connection made during a long start-up is refused, not
+        // left waiting unanswered.
+        if let Some(http) = &config.http {
+            std::net::TcpListener::bind(http.addr).map_err(|source| ServerError::Http {
+                addr: http.addr,
+                source,
+            })?;
+        }
         let bus = match &config.nats_url {
             Some(url) => Bus::from(connect_nats(url).await?),
             None => Bus::from(LocalBus::new()),
@@ -370,20 +370,20 @@ impl Server {
             .await
             .map_err(|e| ServerError::Actor(format!("the service API registration: {e}")))?;
 
-        let http = match (&config.http, http_listener) {
-            (Some(http), Some(listener)) => {
+        let http = match &config.http {
+            Some(http) => {
                 let mut http = http.clone();
                 http.prefix = config.prefix.clone();
                 Some(
-                    crate::http::serve_on(listener, http.clone(), bus.clone()).map_err(
-                        |source| ServerError::Http {
+                    crate::http::serve(http.clone(), bus.clone())
+                        .await
+                        .map_err(|source| ServerError::Http {
                             addr: http.addr,
                             source,
-                        },
-                    )?,
+                        })?,
                 )
             }
-            _ => None,
+            None => None,
         };
 
         let mut outbox = Outbox::new(log.clone(), bus.clone(), &config.prefix);

@@ -200,7 +200,7 @@ impl Gateway {
             PageFrom::Before(_) => Box::new(page.messages.iter().rev()),
         };
         for message in in_order {
-            bytes += serde_json::to_vec(message).map_or(0, |encoded| encoded.len());
+            bytes += json_len(message);
             if bytes > MAX_HISTORY_BYTES && kept > 0 {
                 break;
             }
@@ -525,7 +525,7 @@ fn events_page(
 }
 
 /// The bytes `value` takes as JSON.
-fn json_len(value: &Value) -> usize {
+fn json_len(value: &impl serde::Serialize) -> usize {
     struct Counter(usize);
     impl std::io::Write for Counter {
         fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {

@@ -125,16 +125,6 @@ impl HttpHandle {
 /// Binds `config.addr` and serves the API on `bus` until shutdown.
 pub async fn serve(config: HttpConfig, bus: Bus) -> std::io::Result<HttpHandle> {
     let listener = TcpListener::bind(config.addr).await?;
-    serve_on(listener, config, bus)
-}
-
-/// [`serve`] on a listener bound already (so a start can find the address
-/// busy before it creates anything); `config.addr` is not used.
-pub fn serve_on(
-    listener: TcpListener,
-    config: HttpConfig,
-    bus: Bus,
-) -> std::io::Result<HttpHandle> {
     let addr = listener.local_addr()?;
     let (closing, closing_seen) = watch::channel(false);
     let app = router(&config, bus, closing_seen);
