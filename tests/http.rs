@@ -504,27 +504,24 @@ async fn a_conversation_larger_than_a_bus_message_streams_and_reads_in_pages() {
 
     // The history comes in pages under the bus's limit: here one 200 KB
     // message a page, forwards from the start and backwards from the end.
-    let page = |query: String| {
-        let front = &front;
-        let key = key.clone();
+    let history = |query: String| {
+        let (front, key) = (&front, key.clone());
         async move {
-            let (status, body) = front
-                .json(
-                    Method::GET,
-                    &format!("/v1/conversations/big{query}"),
-                    Some(&key),
-                    None,
-                )
-                .await;
-            assert_eq!(status, StatusCode::OK, "{query}: {body}");
-            let seqs: Vec<u64> = body["messages"]
-                .as_array()
-                .expect("messages")
-                .iter()
-                .map(|m| m["seq"].as_u64().expect("seq"))
-                .collect();
-            (seqs, body["has_more"] == json!(true))
+            let path = format!("/v1/conversations/big{query}");
+            front.json(Method::GET, &path, Some(&key), None).await
         }
+    };
+    let history = &history;
+    let page = |query: String| async move {
+        let (status, body) = history(query.clone()).await;
+        assert_eq!(status, StatusCode::OK, "{query}: {body}");
+        let seqs: Vec<u64> = body["messages"]
+            .as_array()
+            .expect("messages")
+            .iter()
+            .map(|m| m["seq"].as_u64().expect("seq"))
+            .collect();
+        (seqs, body["has_more"] == json!(true))
     };
     let mut forwards = Vec::new();
     let mut query = String::new();
@@ -550,14 +547,7 @@ async fn a_conversation_larger_than_a_bus_message_streams_and_reads_in_pages() {
         "?after_seq=1&before_seq=9",
         "?latest=yes",
     ] {
-        let (status, body) = front
-            .json(
-                Method::GET,
-                &format!("/v1/conversations/big{query}"),
-                Some(&key),
-                None,
-            )
-            .await;
+        let (status, body) = history(query.to_owned()).await;
         assert_error(
             status,
             &body,

@@ -137,14 +137,15 @@ impl Folded {
         };
         match envelope.event {
             Event::MessageReceived(e) => {
-                self.bytes += EXCHANGE_OVERHEAD + e.message_id.len() + e.content.len();
-                self.exchanges.push(Exchange {
+                let exchange = Exchange {
                     message_id: e.message_id.into(),
                     user: e.content.into(),
                     reply: None,
                     ended: false,
                     routed_event: None,
-                });
+                };
+                self.bytes += exchange.bytes();
+                self.exchanges.push(exchange);
                 self.trim();
             }
             Event::AgentRouted(e) => {

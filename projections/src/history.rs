@@ -276,7 +276,9 @@ impl HistoryView {
     }
 
     /// One page of a conversation's messages, oldest first, or `None` if it
-    /// never started: at most `limit` of them, from where `from` says, and
+    /// never started: from where `from` says, at most `limit` of them, and no
+    /// more once `fits` says a message no longer fits (it is asked of each
+    /// message in reading order; the first is taken whatever it says), with
     /// whether more lie beyond the page in that direction. Reads only the
     /// chunks the page touches, however long the conversation.
     pub fn page(
@@ -284,6 +286,7 @@ impl HistoryView {
         conversation_id: &str,
         from: PageFrom,
         limit: usize,
+        mut fits: impl FnMut(&HistoryMessage) -> bool,
     ) -> Result<Option<HistoryPage>, ProjectionError> {
         let key = summary_key(conversation_id);
         let Some(summary) = self.tree.get(&key)? else {
@@ -295,6 +298,15 @@ impl HistoryView {
             let mut key = prefix.clone();
             key.extend_from_slice(&seq.to_be_bytes());
             key
+        };
+        // Takes `message` onto the page, or says (false) the page is full.
+        let mut take = |messages: &mut Vec<HistoryMessage>, message: HistoryMessage| {
+            let fitting = fits(&message);
+            if messages.len() == limit || (!fitting && !messages.is_empty()) {
+                return false;
+            }
+            messages.push(message);
+            true
         };
         let mut messages = Vec::new();
         let mut has_more = false;
@@ -312,14 +324,10 @@ impl HistoryView {
                         break;
                     }
                     for (message, _) in chunk_messages(&key, &chunk)? {
-                        if message.seq <= after {
-                            continue;
-                        }
-                        if messages.len() == limit {
+                        if message.seq > after && !take(&mut messages, message) {
                             has_more = true;
                             break 'chunks;
                         }
-                        messages.push(message);
                     }
                 }
             }
@@ -328,14 +336,10 @@ impl HistoryView {
                 'chunks: for entry in self.tree.range(prefix.clone()..at(before)).rev() {
                     let (key, chunk) = entry?;
                     for (message, _) in chunk_messages(&key, &chunk)?.into_iter().rev() {
-                        if message.seq >= before {
-                            continue;
-                        }
-                        if messages.len() == limit {
+                        if message.seq < before && !take(&mut messages, message) {
                             has_more = true;
                             break 'chunks;
                         }
-                        messages.push(message);
                     }
                 }
                 messages.reverse();

@@ -12,8 +12,8 @@ use switchboard_events::catalog::{
 };
 use switchboard_events::{Envelope, Event};
 use switchboard_projections::{
-    history, AuditQuery, CostGroup, CostRow, CostTotals, ProjectionError, ProjectionName,
-    Revocation, Role,
+    history, AuditQuery, CostGroup, CostRow, CostTotals, HistoryMessage, ProjectionError,
+    ProjectionName, Revocation, Role,
 };
 
 use common::*;
@@ -59,9 +59,16 @@ fn history_pages_read_a_long_conversation_from_either_end() {
         seqs
     );
 
-    let page_seqs = |from: history::PageFrom, limit: usize| {
+    // A page's seqs and has_more, within `units` (each message weighs one,
+    // the first is taken whatever the budget).
+    let budgeted = |from: history::PageFrom, limit: usize, mut units: usize| {
+        let fits = move |_: &HistoryMessage| {
+            let fits = units > 0;
+            units = units.saturating_sub(1);
+            fits
+        };
         let page = history
-            .page("long", from, limit)
+            .page("long", from, limit, fits)
             .expect("read")
             .expect("started");
         (
@@ -69,6 +76,7 @@ fn history_pages_read_a_long_conversation_from_either_end() {
             page.has_more,
         )
     };
+    let page_seqs = |from, limit| budgeted(from, limit, usize::MAX);
     use history::PageFrom::{After, Before};
     assert_eq!(page_seqs(After(0), 7), (seqs[..7].to_vec(), true));
     assert_eq!(
@@ -102,25 +110,22 @@ fn history_pages_read_a_long_conversation_from_either_end() {
     assert_eq!(page_seqs(Before(seqs[0]), 5), (vec![], false));
     assert_eq!(page_seqs(After(u64::MAX), 5), (vec![], false));
     // Every page of 13, both ways, is the whole conversation.
-    for (from, step) in [(After(0), true), (Before(u64::MAX), false)] {
-        let (mut all, mut from) = (Vec::new(), from);
-        loop {
-            let (page, more) = page_seqs(from, 13);
-            assert!(page.len() <= 13);
-            if step {
-                from = After(*page.last().unwrap_or(&u64::MAX));
-                all.extend(page);
-            } else {
-                from = Before(*page.first().unwrap_or(&0));
-                all.splice(0..0, page);
-            }
-            if !more {
-                break;
-            }
-        }
-        assert_eq!(all, seqs);
+    for from in [After(0), Before(u64::MAX)] {
+        let (messages, largest) = read_in_pages(&history, "long", from, 13);
+        assert!(largest <= 13);
+        assert_eq!(messages.iter().map(|m| m.seq).collect::<Vec<_>>(), seqs);
     }
-    assert_eq!(history.page("never", After(0), 5).expect("read"), None);
+    // A page stops where the caller's budget says, but takes its first
+    // message whatever the budget.
+    assert_eq!(budgeted(After(0), 100, 5), (seqs[..5].to_vec(), true));
+    assert_eq!(
+        budgeted(Before(u64::MAX), 100, 0),
+        (seqs[seqs.len() - 1..].to_vec(), true)
+    );
+    assert_eq!(
+        history.page("never", After(0), 5, |_| true).expect("read"),
+        None
+    );
 }
 
 #[test]

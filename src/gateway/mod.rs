@@ -57,7 +57,7 @@ use switchboard_actors::rate_limiter::{AdmitError, RateLimiterConfig, RateLimite
 use switchboard_actors::turns::{ReplyDelta, SendInput, TurnCoordinator, TurnEnd};
 use switchboard_events::catalog::{AuthChannel, Scope};
 use switchboard_events::EventLog;
-use switchboard_projections::{HistoryPage, PageFrom, Projections};
+use switchboard_projections::{HistoryMessage, HistoryPage, PageFrom, Projections};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tracing::Instrument;
@@ -647,21 +647,24 @@ impl Gateway {
             .await
     }
 
-    /// A page of a conversation from the history view, once the view has
-    /// folded the log's head; `forbidden` (audited) when another key started
-    /// it and the caller is no admin; `None` when nobody started it.
+    /// A page of a conversation from the history view (see
+    /// [`switchboard_projections::HistoryView::page`]; `fits` is its budget),
+    /// once the view has folded the log's head; `forbidden` (audited) when
+    /// another key started it and the caller is no admin; `None` when nobody
+    /// started it.
     async fn read_history(
         &self,
         caller: &Caller,
         conversation_id: &str,
         from: PageFrom,
         limit: usize,
+        fits: impl FnMut(&HistoryMessage) -> bool + Send + 'static,
         meta: &RequestMeta,
     ) -> Result<Option<HistoryPage>, GatewayError> {
         self.caught_up().await?;
         let history = self.projections.history();
         let id = conversation_id.to_owned();
-        let page = tokio::task::spawn_blocking(move || history.page(&id, from, limit))
+        let page = tokio::task::spawn_blocking(move || history.page(&id, from, limit, fits))
             .await
             .map_err(|e| GatewayError::Internal(format!("history read failed: {e}")))?
             .map_err(|error| {

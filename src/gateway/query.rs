@@ -82,7 +82,8 @@ impl HistoryRequest {
         Ok(request)
     }
 
-    fn from(&self) -> PageFrom {
+    /// Where the page starts.
+    fn start(&self) -> PageFrom {
         match (self.after_seq, self.before_seq, self.latest) {
             (_, Some(before), _) => PageFrom::Before(before),
             (_, None, true) => PageFrom::Before(u64::MAX),
@@ -184,39 +185,24 @@ impl Gateway {
         meta: &RequestMeta,
     ) -> Result<Value, GatewayError> {
         let limit = request.limit.unwrap_or(MAX_HISTORY).clamp(1, MAX_HISTORY);
-        let from = request.from();
-        let Some(page) = self
-            .read_history(caller, conversation_id, from, limit, meta)
-            .await?
-        else {
-            return Ok(history_json(conversation_id, &[], false, false));
-        };
-        // Within the byte budget, keep the messages next to where the page
-        // starts: the first ones read forwards, the last ones backwards.
-        let mut kept = 0;
+        // A page's messages as JSON stay within MAX_HISTORY_BYTES.
         let mut bytes = 0;
-        let in_order: Box<dyn Iterator<Item = &HistoryMessage>> = match from {
-            PageFrom::After(_) => Box::new(page.messages.iter()),
-            PageFrom::Before(_) => Box::new(page.messages.iter().rev()),
-        };
-        for message in in_order {
+        let fits = move |message: &HistoryMessage| {
             bytes += json_len(message);
-            if bytes > MAX_HISTORY_BYTES && kept > 0 {
-                break;
-            }
-            kept += 1;
-        }
-        let cut = page.messages.len() - kept;
-        let messages = match from {
-            PageFrom::After(_) => &page.messages[..kept],
-            PageFrom::Before(_) => &page.messages[cut..],
+            bytes <= MAX_HISTORY_BYTES
         };
-        Ok(history_json(
-            conversation_id,
-            messages,
-            page.summary.erased,
-            page.has_more || cut > 0,
-        ))
+        let page = self
+            .read_history(caller, conversation_id, request.start(), limit, fits, meta)
+            .await?;
+        Ok(match page {
+            Some(page) => history_json(
+                conversation_id,
+                &page.messages,
+                page.summary.erased,
+                page.has_more,
+            ),
+            None => history_json(conversation_id, &[], false, false),
+        })
     }
 
     /// `…conv.<id>.events`: the conversation's stored events after a seq, for
@@ -256,7 +242,8 @@ impl Gateway {
             Owner::Nobody => {}
             // Not written by this version: the history view decides.
             Owner::Unknown => {
-                self.read_history(&caller, conversation_id, PageFrom::After(0), 1, meta)
+                let any = |_: &HistoryMessage| true;
+                self.read_history(&caller, conversation_id, PageFrom::After(0), 1, any, meta)
                     .await?;
             }
         }

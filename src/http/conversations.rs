@@ -9,7 +9,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -88,20 +88,25 @@ pub async fn list(
 
 /// `GET /v1/conversations/{id}`: the history.
 /// Which page of a conversation's history: by default the oldest messages.
-#[derive(Debug, Deserialize, IntoParams)]
+/// Passed on as the `conv.<id>.history` body, fields left out as given.
+#[derive(Debug, Deserialize, Serialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct HistoryQuery {
     /// The oldest messages with a seq above this (the next page of one read
     /// forwards: its last message's seq).
+    #[serde(skip_serializing_if = "Option::is_none")]
     after_seq: Option<u64>,
     /// The newest messages with a seq below this (the page before one read
     /// backwards: its first message's seq).
+    #[serde(skip_serializing_if = "Option::is_none")]
     before_seq: Option<u64>,
     /// The newest messages of all (`true`), for a view that opens at the end.
+    #[serde(skip_serializing_if = "Option::is_none")]
     latest: Option<bool>,
     /// At most this many messages (default and most 1000; a page also stops
     /// at about 256 KiB of JSON).
+    #[serde(skip_serializing_if = "Option::is_none")]
     limit: Option<usize>,
 }
 
@@ -135,20 +140,7 @@ pub async fn history(
 ) -> Result<Response, ApiError> {
     let id = conversation_id(&id)?;
     let subject = format!("conv.{id}.history");
-    let mut body = serde_json::Map::new();
-    if let Some(after) = query.after_seq {
-        body.insert("after_seq".into(), after.into());
-    }
-    if let Some(before) = query.before_seq {
-        body.insert("before_seq".into(), before.into());
-    }
-    if let Some(latest) = query.latest {
-        body.insert("latest".into(), latest.into());
-    }
-    if let Some(limit) = query.limit {
-        body.insert("limit".into(), limit.into());
-    }
-    let body = Value::Object(body);
+    let body = serde_json::to_value(&query).expect("a query serializes");
     let reply = within(&state, state.core.request(&subject, &headers, &body)).await?;
     Ok(reply.into_response(StatusCode::OK))
 }

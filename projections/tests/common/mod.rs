@@ -15,7 +15,9 @@ use switchboard_events::catalog::{
 use switchboard_events::{
     Envelope, Event, EventLog, ExpectedVersion, NewEvent, OpenMode, StreamId,
 };
-use switchboard_projections::{Conversation, ProjectionName, Projections};
+use switchboard_projections::{
+    Conversation, HistoryMessage, HistoryView, PageFrom, ProjectionName, Projections,
+};
 
 /// Every row of every view, by projection name.
 pub type Dump = BTreeMap<&'static str, Vec<(Vec<u8>, Vec<u8>)>>;
@@ -357,4 +359,42 @@ pub fn admin_action(action: &str, target: &str) -> Event {
         action: action.into(),
         target: target.into(),
     })
+}
+
+/// A started conversation read whole in pages of `limit`, from where `from`
+/// says (`After(0)`: forwards from the first; `Before(u64::MAX)`: backwards
+/// from the last), each next page starting where `has_more` says; the
+/// messages in order, and the largest page.
+pub fn read_in_pages(
+    history: &HistoryView,
+    conversation: &str,
+    mut from: PageFrom,
+    limit: usize,
+) -> (Vec<HistoryMessage>, usize) {
+    let (mut all, mut largest) = (Vec::new(), 0);
+    loop {
+        let page = history
+            .page(conversation, from, limit, |_| true)
+            .expect("a page")
+            .expect("started");
+        largest = largest.max(page.messages.len());
+        let (first, last) = match (page.messages.first(), page.messages.last()) {
+            (Some(first), Some(last)) => (first.seq, last.seq),
+            _ => return (all, largest),
+        };
+        let more = page.has_more;
+        match from {
+            PageFrom::After(_) => {
+                from = PageFrom::After(last);
+                all.extend(page.messages);
+            }
+            PageFrom::Before(_) => {
+                from = PageFrom::Before(first);
+                all.splice(0..0, page.messages);
+            }
+        }
+        if !more {
+            return (all, largest);
+        }
+    }
 }
