@@ -486,15 +486,19 @@ impl Publisher {
     async fn publish(&self, envelope: &Envelope, acks: &mut Vec<Ack>) -> Result<u64, Failure> {
         let payload = Bytes::from(route::payload(envelope));
         for route in routes(&self.prefix, envelope) {
-            let headers = headers(envelope, &route.msg_id);
             let mut published = self
-                .publish_one(&route.subject, headers.clone(), &payload, acks)
+                .publish_one(
+                    &route.subject,
+                    headers(envelope, &route.msg_id),
+                    &payload,
+                    acks,
+                )
                 .await?;
             if let Err(BusError::PayloadTooLarge { size, .. }) = published {
                 // Too big for NATS: subscribers hear of it all the same, and
                 // where to read it whole.
                 let stub = Bytes::from(route::stub_payload(envelope, size));
-                let headers = headers.with(TRUNCATED_HEADER, "true");
+                let headers = headers(envelope, &route.msg_id).with(TRUNCATED_HEADER, "true");
                 published = self
                     .publish_one(&route.subject, headers, &stub, acks)
                     .await?;
