@@ -17,7 +17,9 @@ use crate::ProjectionName;
 /// each batch to two folds through bounded channels of a few batches: history
 /// (the most rows) on this thread, the other projections on a second scoped
 /// thread. Commits write no sled batch (see `Staged::commit`), so nothing
-/// stops the reader or the other fold while one commits. Each projection
+/// stops the reader or the other fold while one commits. This thread's fold,
+/// the busiest, hands each batch it is done with back to the reading thread,
+/// which frees what it allocated faster than another thread can. Each projection
 /// commits its own checkpoint; after an error in one fold the others may
 /// stand further on. `progress` gets the seqs this thread folds.
 ///
@@ -46,17 +48,26 @@ pub(super) fn fold_range(
     }
     std::thread::scope(|scope| {
         let (to_here, here_batches) = mpsc::sync_channel(READ_AHEAD_BATCHES);
+        let (done_here, done) = mpsc::channel();
         let mut folds = vec![to_here];
         let mut folding_there = None;
         if !there.is_empty() {
             let (to_there, there_batches) = mpsc::sync_channel(READ_AHEAD_BATCHES);
             folds.push(to_there);
-            folding_there = Some(
-                scope.spawn(move || fold_batches(&mut there, there_batches, &mut |_| {}, None)),
-            );
+            folding_there =
+                Some(scope.spawn(move || {
+                    fold_batches(&mut there, there_batches, None, &mut |_| {}, None)
+                }));
         }
-        let reading = scope.spawn(move || read_batches(log, from + 1, to, folds));
-        let folded_here = fold_batches(&mut here, here_batches, progress, interrupt);
+        let reading = scope.spawn(move || read_batches(log, from + 1, to, folds, done));
+        let folded_here = fold_batches(
+            &mut here,
+            here_batches,
+            Some(&done_here),
+            progress,
+            interrupt,
+        );
+        drop(done_here);
         // A fold error comes first: the reading thread is ahead of the folds,
         // and stops without an error of its own when a fold has failed.
         folded_here
@@ -78,18 +89,27 @@ const READ_BATCH_EVENTS: usize = 4096;
 /// Batches the reading thread may be ahead of the fold.
 const READ_AHEAD_BATCHES: usize = 2;
 
-/// Reads and decodes `from..=to` and sends it to each fold in batches. Stops
-/// early, without an error, when a fold has stopped (its receiver is gone);
-/// a record that fails to read ends the run with its error, after the records
-/// before it have been sent.
+/// Decoded envelopes, shared by the folds.
+type Batch = Arc<Vec<Envelope>>;
+
+/// Reads and decodes `from..=to` and sends it to each fold in batches, and
+/// drops the batches a fold hands back through `done`. Stops early, without
+/// an error, when a fold has stopped (its receiver is gone); a record that
+/// fails to read ends the run with its error, after the records before it
+/// have been sent.
 fn read_batches(
     log: &EventLog,
     from: u64,
     to: u64,
-    folds: Vec<mpsc::SyncSender<Arc<Vec<Envelope>>>>,
+    folds: Vec<mpsc::SyncSender<Batch>>,
+    done: mpsc::Receiver<Batch>,
 ) -> Result<(), ProjectionError> {
     let mut records = log.read_range(from, to);
     loop {
+        // The last holder of a batch frees its envelopes.
+        for batch in done.try_iter() {
+            drop(batch);
+        }
         let mut batch = Vec::with_capacity(READ_BATCH_EVENTS);
         let mut failed = None;
         for record in records.by_ref().take(READ_BATCH_EVENTS) {
@@ -119,12 +139,14 @@ fn read_batches(
 
 /// Folds every batch received into `folding`, committing every
 /// [`COMMIT_EVERY_EVENTS`] events, and calls `progress` with each folded seq.
+/// Hands each folded batch to `done`, if given, to be dropped there.
 /// Returns when the reading thread is done; the last commit is the caller's.
 /// When `interrupt` is set, commits after the batch it is on and returns
 /// [`ProjectionError::Interrupted`].
 fn fold_batches(
     folding: &mut [&mut Folding],
-    batches: mpsc::Receiver<Arc<Vec<Envelope>>>,
+    batches: mpsc::Receiver<Batch>,
+    done: Option<&mpsc::Sender<Batch>>,
     progress: &mut dyn FnMut(u64),
     interrupt: Option<&AtomicBool>,
 ) -> Result<(), ProjectionError> {
@@ -153,6 +175,10 @@ fn fold_batches(
             progress(envelope.seq);
         }
         folded = batch.last().map(|envelope| envelope.seq);
+        if let Some(done) = done {
+            // Once the reading thread is gone, dropped here.
+            let _ = done.send(batch);
+        }
     }
     Ok(())
 }

@@ -35,8 +35,28 @@ unsafe impl Send for AlignedBuf {}
 #[allow(unsafe_code)]
 unsafe impl Sync for AlignedBuf {}
 
+// switchboard: IO buffers written and dropped are kept, a few of them, and
+// handed out again instead of allocating a fresh one per segment. A fresh
+// allocation of a segment's size comes from memory the allocator has
+// returned to the system, so filling it faults in and zeroes every page of
+// it: a quarter of the CPU time of a projection rebuild, which writes
+// gigabytes through these buffers. A buffer's bytes were never initialized
+// by `alloc` either, so a reused one is no different to sled.
+static SPARE_BUFS: std::sync::Mutex<Vec<AlignedBuf>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// IO buffers kept for reuse: a few segments' worth (2 MiB at the default
+/// segment size), the most a database seals while earlier ones are written.
+const MAX_SPARE_BUFS: usize = 4;
+
 impl AlignedBuf {
     fn new(len: usize) -> AlignedBuf {
+        if let Ok(mut spare) = SPARE_BUFS.lock() {
+            if let Some(at) = spare.iter().position(|buf| buf.1 == len) {
+                return spare.swap_remove(at);
+            }
+        }
+
         let layout = Layout::from_size_align(len, 8192).unwrap();
         let ptr = unsafe { alloc(layout) };
 
@@ -48,6 +68,16 @@ impl AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
+        if self.0.is_null() {
+            return;
+        }
+        if let Ok(mut spare) = SPARE_BUFS.lock() {
+            if spare.len() < MAX_SPARE_BUFS {
+                let ptr = std::mem::replace(&mut self.0, std::ptr::null_mut());
+                spare.push(AlignedBuf(ptr, self.1));
+                return;
+            }
+        }
         let layout = Layout::from_size_align(self.1, 8192).unwrap();
         unsafe {
             dealloc(self.0, layout);
