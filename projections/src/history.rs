@@ -1,22 +1,28 @@
 //! history: each conversation's ordered messages, and the conversations of each key.
 //!
 //! Rows: `c` conv → [`ConversationSummary`]; `m` conv 0 seq → a chunk of the
-//! conversation's messages, the first at `seq`; `k` key 0 conv → () for listing
-//! a key's conversations. Erasure deletes every message row, so an erased
-//! conversation holds no content.
+//! conversation's message seqs, the first `seq`; `k` key 0 conv → () for
+//! listing a key's conversations. Erasure deletes every message row, so an
+//! erased conversation has no messages.
 //!
-//! A chunk is the postcard encodings of one or more [`HistoryMessage`]s, one
-//! after another, oldest first. The messages a fold stages for a conversation
-//! before its commit go into one chunk (up to [`CHUNK_BYTES`]), so a replay
-//! writes a row per conversation and commit, not per message; a committed
-//! chunk is never written again. Where the chunks end depends on when the fold
-//! committed, so two views of the same log compare equal message by message
-//! ([`rows`]), not row by row. A row of a single message is the layout from
-//! before chunks, so older views read as they are.
+//! The view holds where each message is in the log, not the message: a
+//! message is its `message_received` or `reply_completed` event, read from
+//! the log when a page is read ([`HistoryView::page`]). The log holds every
+//! message already; a second copy in the view made a replay write four times
+//! the conversations' text through sled.
+//!
+//! A chunk is the seqs of one or more messages, u64 big-endian, oldest
+//! first. The messages a fold stages for a conversation before its commit go
+//! into one chunk (up to [`CHUNK_MESSAGES`]), so a replay writes a row per
+//! conversation and commit, not per message; a committed chunk is never
+//! written again. Where the chunks end depends on when the fold committed, so
+//! two views of the same log compare equal message by message ([`rows`]),
+//! not row by row. Views of layout 1, which held the messages themselves, are
+//! folded again (`ProjectionName::layout`).
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use switchboard_events::{time, Envelope, Event};
+use switchboard_events::{time, Envelope, Event, EventLog};
 
 use crate::view::{decode_row, row_key, ProjectionError, Staged};
 use crate::RowResult;
@@ -95,7 +101,7 @@ fn key_index(key_id: &str, conversation_id: &str) -> Vec<u8> {
 }
 
 pub fn apply(view: &mut Staged, envelope: &Envelope) -> Result<(), ProjectionError> {
-    let (conversation_id, message) = match &envelope.event {
+    let conversation_id = match &envelope.event {
         Event::ConversationStarted(e) => {
             let key = summary_key(&e.conversation_id);
             if view.get_mut::<ConversationSummary>(&key)?.is_none() {
@@ -115,28 +121,8 @@ pub fn apply(view: &mut Staged, envelope: &Envelope) -> Result<(), ProjectionErr
             }
             return Ok(());
         }
-        Event::MessageReceived(e) => (
-            &e.conversation_id,
-            MessageFields {
-                message_id: &e.message_id,
-                role: Role::User,
-                content: &e.content,
-                agent: e.agent.as_deref(),
-                at: envelope.at,
-                seq: envelope.seq,
-            },
-        ),
-        Event::ReplyCompleted(e) => (
-            &e.conversation_id,
-            MessageFields {
-                message_id: &e.message_id,
-                role: Role::Assistant,
-                content: &e.content,
-                agent: Some(&e.agent),
-                at: envelope.at,
-                seq: envelope.seq,
-            },
-        ),
+        Event::MessageReceived(e) => &e.conversation_id,
+        Event::ReplyCompleted(e) => &e.conversation_id,
         Event::ConversationErased(e) => {
             view.delete_prefix(&messages_prefix(&e.conversation_id))?;
             let key = summary_key(&e.conversation_id);
@@ -154,73 +140,41 @@ pub fn apply(view: &mut Staged, envelope: &Envelope) -> Result<(), ProjectionErr
         summary.last_at = envelope.at;
     }
     let prefix = messages_prefix(conversation_id);
+    let seq = envelope.seq.to_be_bytes();
     match view.last_staged_mut(&prefix) {
-        Some(chunk) if chunk.len() < CHUNK_BYTES => message.encode_onto(chunk),
+        Some(chunk) if chunk.len() < CHUNK_MESSAGES * SEQ_BYTES => chunk.extend_from_slice(&seq),
         _ => {
             let mut row = prefix;
-            row.extend_from_slice(&envelope.seq.to_be_bytes());
-            let mut chunk = Vec::new();
-            message.encode_onto(&mut chunk);
-            view.put_encoded(row, chunk);
+            row.extend_from_slice(&seq);
+            view.put_encoded(row, seq.to_vec());
         }
     }
     Ok(())
 }
 
-/// A [`HistoryMessage`] borrowing its text from the event, encoded exactly
-/// as one: a fold writes messages without copying them first.
-#[derive(Serialize)]
-struct MessageFields<'a> {
-    message_id: &'a str,
-    role: Role,
-    content: &'a str,
-    agent: Option<&'a str>,
-    #[serde(with = "time::serde_at")]
-    at: DateTime<Utc>,
-    seq: u64,
+/// The most messages one chunk row holds.
+pub const CHUNK_MESSAGES: usize = 256;
+
+const SEQ_BYTES: usize = 8;
+
+/// The seqs of a chunk row, oldest first.
+fn chunk_seqs(key: &[u8], chunk: &[u8]) -> Result<Vec<u64>, ProjectionError> {
+    if chunk.is_empty() || !chunk.len().is_multiple_of(SEQ_BYTES) {
+        return Err(ProjectionError::CorruptRow {
+            projection: NAME,
+            key: String::from_utf8_lossy(key).into_owned(),
+            detail: format!("a chunk of {} bytes is not a list of seqs", chunk.len()),
+        });
+    }
+    Ok(chunk
+        .chunks_exact(SEQ_BYTES)
+        .map(|seq| u64::from_be_bytes(seq.try_into().expect("8 bytes")))
+        .collect())
 }
 
-impl MessageFields<'_> {
-    /// Appends the message's encoding to `chunk`.
-    fn encode_onto(&self, chunk: &mut Vec<u8>) {
-        *chunk = postcard::to_extend(self, std::mem::take(chunk))
-            .expect("history messages always serialize");
-    }
-}
-
-/// A staged chunk takes more messages while it is shorter than this. sled
-/// writes a node of a tree (up to 17 rows) as one item, and an item over
-/// 128 KiB as a file of its own: rows of a few KiB keep nodes below that,
-/// however long the conversations.
-pub const CHUNK_BYTES: usize = 4 * 1024;
-
-/// The messages of the chunk stored at `key`, oldest first, each with its
-/// encoding.
-fn chunk_messages<'a>(
-    key: &[u8],
-    mut chunk: &'a [u8],
-) -> Result<Vec<(HistoryMessage, &'a [u8])>, ProjectionError> {
-    let corrupt = |detail: String| ProjectionError::CorruptRow {
-        projection: NAME,
-        key: String::from_utf8_lossy(key).into_owned(),
-        detail,
-    };
-    if chunk.is_empty() {
-        return Err(corrupt("a message row without a message".to_owned()));
-    }
-    let mut messages = Vec::new();
-    while !chunk.is_empty() {
-        let (message, rest) = postcard::take_from_bytes::<HistoryMessage>(chunk)
-            .map_err(|e| corrupt(e.to_string()))?;
-        messages.push((message, &chunk[..chunk.len() - rest.len()]));
-        chunk = rest;
-    }
-    Ok(messages)
-}
-
-/// The rows of a history tree as two views of the same log share them: every
-/// row as stored, but each message chunk as one row a message, keyed
-/// `m` conv 0 seq, in key order.
+/// Every row of `tree` in key order, one row per message (its conversation
+/// and seq → its seq) instead of its chunk: what two views of the same log
+/// share, wherever their folds' commits ended the chunks.
 pub fn rows(tree: &sled::Tree) -> impl Iterator<Item = RowResult> + '_ {
     tree.iter().flat_map(|entry| {
         let expanded = entry
@@ -230,12 +184,12 @@ pub fn rows(tree: &sled::Tree) -> impl Iterator<Item = RowResult> + '_ {
                     return Ok(vec![(key.to_vec(), value.to_vec())]);
                 }
                 let conversation = &key[..key.len() - 8];
-                Ok(chunk_messages(&key, &value)?
+                Ok(chunk_seqs(&key, &value)?
                     .into_iter()
-                    .map(|(message, encoded)| {
+                    .map(|seq| {
                         let mut row = conversation.to_vec();
-                        row.extend_from_slice(&message.seq.to_be_bytes());
-                        (row, encoded.to_vec())
+                        row.extend_from_slice(&seq.to_be_bytes());
+                        (row, seq.to_be_bytes().to_vec())
                     })
                     .collect())
             });
@@ -246,10 +200,11 @@ pub fn rows(tree: &sled::Tree) -> impl Iterator<Item = RowResult> + '_ {
     })
 }
 
-/// Read access to the history view.
+/// Read access to the history view, with the log its messages are read from.
 #[derive(Clone)]
 pub struct HistoryView {
     pub(crate) tree: sled::Tree,
+    pub(crate) log: EventLog,
 }
 
 impl HistoryView {
@@ -266,13 +221,67 @@ impl HistoryView {
         let mut messages = Vec::new();
         for entry in self.tree.scan_prefix(messages_prefix(conversation_id)) {
             let (key, chunk) = entry?;
-            messages.extend(
-                chunk_messages(&key, &chunk)?
-                    .into_iter()
-                    .map(|(message, _)| message),
-            );
+            for seq in chunk_seqs(&key, &chunk)? {
+                messages.push(self.message(conversation_id, &key, seq)?);
+            }
         }
         Ok(Some(Conversation { summary, messages }))
+    }
+
+    /// The message at `seq` of the log, which chunk row `key` of
+    /// `conversation_id` names.
+    fn message(
+        &self,
+        conversation_id: &str,
+        key: &[u8],
+        seq: u64,
+    ) -> Result<HistoryMessage, ProjectionError> {
+        let corrupt = |detail: String| ProjectionError::CorruptRow {
+            projection: NAME,
+            key: String::from_utf8_lossy(key).into_owned(),
+            detail,
+        };
+        let Some(envelope) = self.log.get(seq)? else {
+            return Err(corrupt(format!(
+                "names seq {seq}, which the log does not hold"
+            )));
+        };
+        let (conversation, message) = match envelope.event {
+            Event::MessageReceived(e) => (
+                e.conversation_id,
+                HistoryMessage {
+                    message_id: e.message_id,
+                    role: Role::User,
+                    content: e.content,
+                    agent: e.agent,
+                    at: envelope.at,
+                    seq,
+                },
+            ),
+            Event::ReplyCompleted(e) => (
+                e.conversation_id,
+                HistoryMessage {
+                    message_id: e.message_id,
+                    role: Role::Assistant,
+                    content: e.content,
+                    agent: Some(e.agent),
+                    at: envelope.at,
+                    seq,
+                },
+            ),
+            other => {
+                return Err(corrupt(format!(
+                    "names seq {seq}, a {} event, not a message",
+                    other.type_name()
+                )))
+            }
+        };
+        if conversation != conversation_id {
+            return Err(corrupt(format!(
+                "names seq {seq}, a message of conversation {conversation:?}"
+            )));
+        }
+        Ok(message)
     }
 
     /// One page of a conversation's messages, oldest first, or `None` if it
@@ -280,7 +289,8 @@ impl HistoryView {
     /// more once `fits` says a message no longer fits (it is asked of each
     /// message in reading order; the first is taken whatever it says), with
     /// whether more lie beyond the page in that direction. Reads only the
-    /// chunks the page touches, however long the conversation.
+    /// chunks the page touches, and from the log only the messages it takes
+    /// (and the one that did not fit).
     pub fn page(
         &self,
         conversation_id: &str,
@@ -299,14 +309,21 @@ impl HistoryView {
             key.extend_from_slice(&seq.to_be_bytes());
             key
         };
-        // Takes `message` onto the page, or says (false) the page is full.
-        let mut take = |messages: &mut Vec<HistoryMessage>, message: HistoryMessage| {
-            let fitting = fits(&message);
-            if messages.len() == limit || (!fitting && !messages.is_empty()) {
-                return false;
+        // Takes the message at `seq` onto the page, or says (false) the page
+        // is full.
+        let mut take = |messages: &mut Vec<HistoryMessage>,
+                        key: &[u8],
+                        seq: u64|
+         -> Result<bool, ProjectionError> {
+            if messages.len() == limit {
+                return Ok(false);
+            }
+            let message = self.message(conversation_id, key, seq)?;
+            if !fits(&message) && !messages.is_empty() {
+                return Ok(false);
             }
             messages.push(message);
-            true
+            Ok(true)
         };
         let mut messages = Vec::new();
         let mut has_more = false;
@@ -323,8 +340,8 @@ impl HistoryView {
                     if !key.starts_with(&prefix) {
                         break;
                     }
-                    for (message, _) in chunk_messages(&key, &chunk)? {
-                        if message.seq > after && !take(&mut messages, message) {
+                    for seq in chunk_seqs(&key, &chunk)? {
+                        if seq > after && !take(&mut messages, &key, seq)? {
                             has_more = true;
                             break 'chunks;
                         }
@@ -335,8 +352,8 @@ impl HistoryView {
                 // A chunk starting below `before` may run past it.
                 'chunks: for entry in self.tree.range(prefix.clone()..at(before)).rev() {
                     let (key, chunk) = entry?;
-                    for (message, _) in chunk_messages(&key, &chunk)?.into_iter().rev() {
-                        if message.seq < before && !take(&mut messages, message) {
+                    for seq in chunk_seqs(&key, &chunk)?.into_iter().rev() {
+                        if seq < before && !take(&mut messages, &key, seq)? {
                             has_more = true;
                             break 'chunks;
                         }
@@ -381,37 +398,5 @@ impl HistoryView {
             }
         }
         Ok(out)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn message_fields_encode_as_the_history_message_they_borrow_from() {
-        let at = time::now();
-        for agent in [None, Some("echo")] {
-            let message = HistoryMessage {
-                message_id: "m-1".into(),
-                role: Role::Assistant,
-                content: "some words, and then ünïcode".into(),
-                agent: agent.map(str::to_owned),
-                at,
-                seq: 300,
-            };
-            let fields = MessageFields {
-                message_id: &message.message_id,
-                role: message.role,
-                content: &message.content,
-                agent: message.agent.as_deref(),
-                at,
-                seq: message.seq,
-            };
-            let mut chunk = vec![7];
-            fields.encode_onto(&mut chunk);
-            assert_eq!(chunk[0], 7, "appended after what the chunk held");
-            assert_eq!(chunk[1..], postcard::to_stdvec(&message).expect("encodes"));
-        }
     }
 }

@@ -70,11 +70,22 @@ impl ProjectionName {
         }
     }
 
+    /// How this projection lays out its rows: a view stored with another
+    /// layout is folded again ([`view::ensure_layout`]). History's layout 2
+    /// holds messages' seqs, not their content.
+    pub fn layout(self) -> u8 {
+        match self {
+            ProjectionName::History => 2,
+            ProjectionName::Audit | ProjectionName::Costs | ProjectionName::Keys => 1,
+        }
+    }
+
     /// The rows of this projection's `tree` as two views of the same log
     /// share them, in key order: what [`Projections::verify`] compares. Rows
-    /// as stored, except history's message chunks ([`history::rows`]).
+    /// as stored, except history's message chunks ([`history::rows`]) and
+    /// the layout marker, which a scratch view does not have.
     pub fn rows(self, tree: &sled::Tree) -> Box<dyn Iterator<Item = RowResult> + '_> {
-        match self {
+        let rows: Box<dyn Iterator<Item = RowResult> + '_> = match self {
             ProjectionName::History => Box::new(history::rows(tree)),
             ProjectionName::Audit | ProjectionName::Costs | ProjectionName::Keys => {
                 Box::new(tree.iter().map(|entry| {
@@ -82,7 +93,8 @@ impl ProjectionName {
                     Ok((key.to_vec(), value.to_vec()))
                 }))
             }
-        }
+        };
+        Box::new(rows.filter(|row| !matches!(row, Ok((key, _)) if key == view::LAYOUT_KEY)))
     }
 
     pub fn tree_name(self) -> String {

@@ -99,6 +99,7 @@ impl Projections {
             .map(|name| {
                 let tree = log.db().open_tree(name.tree_name())?;
                 view::recover(name.as_str(), &tree)?;
+                view::ensure_layout(name.as_str(), &tree, name.layout())?;
                 Ok((name, tree))
             })
             .collect::<Result<Vec<_>, ProjectionError>>()?;
@@ -128,6 +129,7 @@ impl Projections {
     pub fn history(&self) -> HistoryView {
         HistoryView {
             tree: self.tree(ProjectionName::History).clone(),
+            log: self.log.clone(),
         }
     }
 

@@ -19,6 +19,11 @@ const REDO_PREFIX: &[u8] = b"!redo";
 /// [`finish_rebuild`] removes last; it exists only while a view is rebuilt.
 const REBUILDING_KEY: &[u8] = b"!rebuilding";
 
+/// The key of a view's layout version (one byte), when its rows are not laid
+/// out as the first version of the view had them. [`ensure_layout`] drops a
+/// view of another layout, which is then folded again from seq 1.
+pub const LAYOUT_KEY: &[u8] = b"!layout";
+
 /// A redo row holds writes until it is at least this long: rows of a few KiB
 /// keep sled's nodes small (see the log's `CHUNK_BYTES`).
 const REDO_ROW_BYTES: usize = 4096;
@@ -353,16 +358,57 @@ pub fn finish_rebuild(tree: &sled::Tree) -> Result<(), ProjectionError> {
     Ok(())
 }
 
-/// Removes every row but the rebuild marker, reading them from the tree as
-/// it goes (a view may hold millions of rows).
+/// Removes every row but the rebuild and layout markers, reading them from
+/// the tree as it goes (a view may hold millions of rows).
 fn clear_rows(tree: &sled::Tree) -> Result<(), ProjectionError> {
     for key in tree.iter().keys() {
         let key = key?;
-        if key != REBUILDING_KEY {
+        if key != REBUILDING_KEY && key != LAYOUT_KEY {
             tree.remove(key)?;
         }
     }
     Ok(())
+}
+
+/// Makes `tree` a view of `layout`: a view whose rows are laid out otherwise
+/// (written by an older switchboard) is dropped, as a rebuild would begin,
+/// and folds again from seq 1. A view with no layout marker is of layout 1.
+/// Returns whether it dropped the view. Call it after [`recover`].
+pub fn ensure_layout(
+    projection: &'static str,
+    tree: &sled::Tree,
+    layout: u8,
+) -> Result<bool, ProjectionError> {
+    let stored = match tree.get(LAYOUT_KEY)? {
+        None => 1,
+        Some(bytes) => match *bytes {
+            [layout] => layout,
+            _ => {
+                return Err(ProjectionError::CorruptRow {
+                    projection,
+                    key: "!layout".to_owned(),
+                    detail: "not 1 byte".to_owned(),
+                })
+            }
+        },
+    };
+    if stored == layout {
+        return Ok(false);
+    }
+    let folded = checkpoint(tree)? > 0;
+    // Marked first, so that a crash midway is finished by `recover`.
+    start_rebuild(tree)?;
+    finish_rebuild(tree)?;
+    tree.insert(LAYOUT_KEY, &[layout])?;
+    if folded {
+        tracing::warn!(
+            projection,
+            from = stored,
+            to = layout,
+            "dropped a view of an older layout; it folds again from seq 1"
+        );
+    }
+    Ok(folded)
 }
 
 /// Finishes what a crash interrupted: a rebuild ([`start_rebuild`]: every

@@ -42,7 +42,7 @@ fn history_pages_read_a_long_conversation_from_either_end() {
     for round in 0..6 {
         for i in 0..40 {
             let id = format!("m{round}-{i}");
-            // About 100 bytes each: 40 of them fill a 4 KiB chunk.
+            // Each fold's 40 messages start a chunk of their own.
             let content = format!("{id} {}", "x".repeat(90));
             seqs.push(f.append_one(message("long", &id, "k1", &content)));
             f.append_one(message("other", &id, "k1", "elsewhere"));
@@ -290,10 +290,11 @@ fn messages_folded_together_share_rows_and_read_back_in_order() {
         f.fold();
     }
     assert_eq!(message_rows(&f, "c1"), 3);
-    // Folded in one commit: 40 messages of a quarter chunk take ten rows, as
-    // a row takes messages while it is under a chunk's size.
-    let long = "x".repeat(history::CHUNK_BYTES / 4);
-    for n in 3..43 {
+    // Folded in one commit: twice a chunk's messages take two rows, as a row
+    // takes messages until it holds a chunk's worth.
+    let long = "x".repeat(1000);
+    let many = 2 * history::CHUNK_MESSAGES;
+    for n in 3..3 + many {
         seqs.push(f.append_one(message("c1", &format!("m{n}"), "k1", &long)));
     }
     // Another conversation's messages in between stay out of c1's rows.
@@ -301,40 +302,160 @@ fn messages_folded_together_share_rows_and_read_back_in_order() {
         started("c2", "k1", None),
         message("c2", "x1", "k1", "other"),
     ]);
-    seqs.push(f.append_one(reply("c1", "m42", "echo", "done")));
+    let last = format!("m{}", 2 + many);
+    seqs.push(f.append_one(reply("c1", &last, "echo", "done")));
     f.fold();
-    // The reply starts an eleventh: the tenth row is full.
-    assert_eq!(message_rows(&f, "c1"), 3 + 11);
+    // The reply starts a third: the second row is full.
+    assert_eq!(message_rows(&f, "c1"), 3 + 3);
 
     let read = |f: &Fixture| {
         let c1 = f.conversation("c1");
-        assert_eq!(c1.summary.messages, 44);
+        assert_eq!(c1.summary.messages, 4 + many as u64);
         c1.messages
             .iter()
-            .map(|m| (m.seq, m.message_id.clone(), m.content.len()))
+            .map(|m| (m.seq, m.message_id.clone(), m.role, m.content.len()))
             .collect::<Vec<_>>()
     };
     let before = read(&f);
     assert_eq!(before.iter().map(|m| m.0).collect::<Vec<_>>(), seqs);
-    assert_eq!(before[2], (seqs[2], "m2".to_owned(), 5));
+    assert_eq!(before[2], (seqs[2], "m2".to_owned(), Role::User, 5));
+    assert_eq!(before[3], (seqs[3], "m3".to_owned(), Role::User, 1000));
     assert_eq!(
-        before[3],
-        (seqs[3], "m3".to_owned(), history::CHUNK_BYTES / 4)
+        before[3 + many],
+        (seqs[3 + many], last.clone(), Role::Assistant, 4)
     );
-    assert_eq!(before[43], (seqs[43], "m42".to_owned(), 4));
 
     // A replay folds all of them in one commit: fewer rows (the three short
-    // messages share the first with four long ones), the same messages, and
-    // verify compares them message by message.
+    // messages share the first with the first long ones), the same messages,
+    // and verify compares them message by message.
     f.assert_verifies();
     let live = logical_dump(&f.log);
     f.projections
         .replay(Some(ProjectionName::History), &mut |_| {})
         .expect("replay history");
-    assert_eq!(message_rows(&f, "c1"), 11);
+    assert_eq!(message_rows(&f, "c1"), 3);
     assert_eq!(read(&f), before);
     assert_dumps_equal(&live, &logical_dump(&f.log), "replayed history");
     f.assert_verifies();
+}
+
+/// A history view of layout 1 (messages held in the view, no layout marker),
+/// as an older switchboard left it, is dropped when the projections open and
+/// folded again from the log; the other views stay as they were.
+#[test]
+fn a_history_view_of_the_older_layout_is_folded_again() {
+    let f = Fixture::new();
+    let seqs = f.append(vec![
+        started("c1", "k1", None),
+        message("c1", "m1", "k1", "hello"),
+        reply("c1", "m1", "echo", "echo: hello"),
+    ]);
+    f.fold();
+    let history = f
+        .log
+        .db()
+        .open_tree(ProjectionName::History.tree_name())
+        .expect("the history tree");
+    // Layout 1: one row per message holding the message, no marker.
+    let message_row = |seq: u64| {
+        let mut key = b"mc1\0".to_vec();
+        key.extend_from_slice(&seq.to_be_bytes());
+        key
+    };
+    for seq in &seqs[1..] {
+        history.remove(message_row(*seq)).expect("remove a row");
+    }
+    history
+        .insert(message_row(seqs[1]), &b"\x02m1\x00\x05hello\x00"[..])
+        .expect("write a layout 1 row");
+    history
+        .remove(switchboard_projections::view::LAYOUT_KEY)
+        .expect("remove the marker");
+    let audit_at = f
+        .projections
+        .checkpoint(ProjectionName::Audit)
+        .expect("checkpoint");
+    drop(history);
+
+    let f = f.reopen();
+    assert_eq!(
+        f.projections
+            .checkpoint(ProjectionName::History)
+            .expect("checkpoint"),
+        0,
+        "the old view is dropped"
+    );
+    assert_eq!(
+        f.projections
+            .checkpoint(ProjectionName::Audit)
+            .expect("checkpoint"),
+        audit_at,
+        "the other views stay"
+    );
+    f.fold();
+    let c1 = f.conversation("c1");
+    let messages: Vec<(u64, &str)> = c1
+        .messages
+        .iter()
+        .map(|m| (m.seq, m.content.as_str()))
+        .collect();
+    assert_eq!(messages, [(seqs[1], "hello"), (seqs[2], "echo: hello")]);
+    f.assert_verifies();
+    // Opened again, the view of the current layout stays.
+    let f = f.reopen();
+    assert_eq!(
+        f.projections
+            .checkpoint(ProjectionName::History)
+            .expect("checkpoint"),
+        f.log.head()
+    );
+}
+
+/// A chunk naming a seq that is not one of its conversation's messages is a
+/// corrupt row, named in the error, not a panic or a wrong message.
+#[test]
+fn a_chunk_naming_no_message_of_its_conversation_is_a_corrupt_row() {
+    let f = Fixture::new();
+    let seqs = f.append(vec![
+        started("c1", "k1", None),
+        message("c1", "m1", "k1", "hello"),
+    ]);
+    let other = f.append(vec![
+        started("c2", "k1", None),
+        message("c2", "m1", "k1", "elsewhere"),
+    ]);
+    f.fold();
+    let history = f
+        .log
+        .db()
+        .open_tree(ProjectionName::History.tree_name())
+        .expect("the history tree");
+    let mut key = b"mc1\0".to_vec();
+    key.extend_from_slice(&seqs[1].to_be_bytes());
+    for (chunk, says) in [
+        (seqs[0].to_be_bytes().to_vec(), "conversation_started event"),
+        (other[1].to_be_bytes().to_vec(), "conversation \"c2\""),
+        (1_000u64.to_be_bytes().to_vec(), "does not hold"),
+        (vec![1, 2, 3], "not a list of seqs"),
+    ] {
+        history.insert(&key, chunk).expect("corrupt the chunk");
+        let error = f
+            .projections
+            .history()
+            .page("c1", history::PageFrom::After(0), 10, |_| true)
+            .expect_err("a corrupt chunk");
+        assert!(
+            matches!(
+                &error,
+                ProjectionError::CorruptRow {
+                    projection: "history",
+                    ..
+                }
+            ),
+            "{error}"
+        );
+        assert!(error.to_string().contains(says), "{error}");
+    }
 }
 
 #[test]
