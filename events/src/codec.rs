@@ -46,11 +46,12 @@ struct RecordV1Ref<'a> {
     event: &'a Event,
 }
 
-/// Format version 1, owned for decoding. Must serialize exactly like [`RecordV1Ref`].
+/// Format version 1, owned for decoding (but for the stream id, which
+/// [`StreamId::parse`] copies). Must serialize exactly like [`RecordV1Ref`].
 #[derive(Deserialize)]
-struct RecordV1 {
+struct RecordV1<'a> {
     id: Uuid,
-    stream: String,
+    stream: &'a str,
     version: u64,
     #[serde(with = "time::serde_at")]
     at: DateTime<Utc>,
@@ -82,14 +83,14 @@ pub fn decode(seq: u64, bytes: &[u8]) -> Result<Envelope, DecodeError> {
     let (&format, body) = bytes.split_first().ok_or(DecodeError::Empty)?;
     match format {
         1 => {
-            let (record, rest): (RecordV1, _) = postcard::take_from_bytes(body)?;
+            let (record, rest): (RecordV1<'_>, _) = postcard::take_from_bytes(body)?;
             if !rest.is_empty() {
                 return Err(DecodeError::TrailingBytes(rest.len()));
             }
             Ok(Envelope {
                 seq,
                 id: record.id,
-                stream: StreamId::parse(&record.stream)?,
+                stream: StreamId::parse(record.stream)?,
                 version: record.version,
                 at: record.at,
                 correlation_id: record.correlation_id,
