@@ -125,6 +125,9 @@ struct AgentSection {
     circuit_open_secs: Option<u64>,
     /// Earlier messages sent with each turn, at most (0: the message alone).
     context_messages: Option<usize>,
+    /// Tokens of earlier messages sent with each turn, at most (0: the
+    /// message alone; unset: no cap but `context_messages`).
+    context_tokens: Option<u64>,
     /// Echo only: milliseconds between its words, to stream like a model.
     word_delay_ms: Option<u64>,
 }
@@ -342,6 +345,9 @@ fn agent(
     if let Some(n) = section.context_messages {
         config.context_messages = n;
     }
+    if let Some(n) = section.context_tokens {
+        config.context_tokens = Some(n);
+    }
     if let Some(n) = section.circuit_failure_threshold {
         config.circuit_failure_threshold = positive(
             n,
@@ -439,5 +445,28 @@ mod tests {
             .map(|agent| agent.config.context_messages)
             .collect();
         assert_eq!(context, [100, 0]);
+    }
+
+    #[test]
+    fn an_agents_context_has_no_token_cap_unless_given() {
+        let config = serve_config(
+            "[[agents]]\nname = \"a\"\nprovider = \"echo\"\n\
+             [[agents]]\nname = \"b\"\nprovider = \"echo\"\ncontext_tokens = 4000\n\
+             [[agents]]\nname = \"c\"\nprovider = \"echo\"\ncontext_tokens = 0\n",
+        )
+        .expect("valid");
+        let tokens: Vec<Option<u64>> = config
+            .agents
+            .iter()
+            .map(|agent| agent.config.context_tokens)
+            .collect();
+        assert_eq!(tokens, [None, Some(4000), Some(0)]);
+        let refused =
+            serve_config("[[agents]]\nname = \"a\"\nprovider = \"echo\"\ncontext_tokens = -1\n")
+                .expect_err("a negative cap");
+        assert!(
+            refused.to_string().contains("integer `-1`, expected u64"),
+            "{refused:#}"
+        );
     }
 }

@@ -80,6 +80,11 @@ pub struct AgentConfig {
     /// the newest whole exchanges (a user message and its reply) that fit,
     /// then the message answered. 0 sends the message alone.
     pub context_messages: usize,
+    /// At most this many tokens of earlier messages (counted as
+    /// [`crate::provider::estimate_usage`] counts a prompt's) sent with each
+    /// turn: of the exchanges `context_messages` allows, the newest whole ones
+    /// that fit. `None`: no cap but `context_messages`.
+    pub context_tokens: Option<u64>,
 }
 
 impl AgentConfig {
@@ -114,6 +119,7 @@ impl AgentConfig {
             circuit_open_for: Self::DEFAULT_CIRCUIT_OPEN_FOR,
             prices: Price::FREE,
             context_messages: Self::DEFAULT_CONTEXT_MESSAGES,
+            context_tokens: None,
         }
     }
 }

@@ -13,7 +13,9 @@ use serde_json::{json, Value};
 use switchboard_actors::agent::{Agent, AgentActor, AgentConfig, AgentMsg};
 use switchboard_actors::conversation::{ConversationState, SendCommand, SendPlan};
 use switchboard_actors::conversation_actor::{ConversationRegistry, RegistryConfig};
-use switchboard_actors::provider::{EchoProvider, OpenAiProvider, Provider};
+use switchboard_actors::provider::{
+    estimate_usage, ChatMessage, EchoProvider, OpenAiProvider, Provider, Role,
+};
 use switchboard_actors::router::Router;
 use switchboard_actors::turns::{SendInput, TurnCoordinator, LOST_TURN_CODE};
 use switchboard_events::{Envelope, Event, EventLog, OpenMode, StreamId};
@@ -423,6 +425,80 @@ async fn the_context_is_the_newest_exchanges_the_agent_allows() {
         .filter(|e| matches!(e.event, Event::ReplyCompleted(_)))
         .count();
     assert_eq!(replies, 4);
+    turns.drain().await;
+    registry.shutdown().await;
+}
+
+/// `context_tokens` trims further than `context_messages`: of the allowed
+/// exchanges, the newest whole ones whose tokens fit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_context_is_the_newest_exchanges_within_the_agents_tokens() {
+    let fake = FakeOpenAi::start(Behaviour::Normal).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = EventLog::open(dir.path(), OpenMode::CreateIfMissing).expect("open");
+    let registry = ConversationRegistry::new(log.clone(), RegistryConfig::default());
+    let model = "gpt-4o-mini";
+    let reply = REPLY.concat();
+    // What an exchange's two messages cost, as the agent counts them.
+    let exchange = |user: &str| {
+        let messages = [
+            ChatMessage::new(Role::User, user),
+            ChatMessage::new(Role::Assistant, reply.as_str()),
+        ];
+        estimate_usage(model, &messages, "").prompt_tokens - 3
+    };
+    // Room for the newest of two exchanges, not for both.
+    let tight = exchange("one") + exchange("two") - 1;
+    let mut agents = HashMap::new();
+    for (name, context_tokens) in [("tight", tight), ("zero", 0)] {
+        let provider = OpenAiProvider::new(&fake.base_url(), model, None).expect("valid");
+        let config = AgentConfig {
+            context_tokens: Some(context_tokens),
+            ..AgentConfig::new(name)
+        };
+        let (actor, _) = Actor::spawn(
+            None,
+            AgentActor,
+            Arc::new(Agent::new(config, Arc::new(provider))),
+        )
+        .await
+        .expect("the agent starts");
+        agents.insert(name.to_owned(), actor);
+    }
+    let router = Router::new(Vec::new(), "tight").expect("valid rules");
+    let turns =
+        TurnCoordinator::new(registry.clone(), router, agents, log.clone()).expect("agents known");
+    for content in ["one", "two", "three"] {
+        turns.send("c1", input(content)).await.expect("acked");
+        turns.wait_idle().await;
+    }
+    let mut last = input("four");
+    last.agent = Some("zero".into());
+    turns.send("c1", last).await.expect("acked");
+    turns.wait_idle().await;
+
+    let sent: Vec<Value> = fake
+        .requests()
+        .iter()
+        .map(|r| r.body["messages"].clone())
+        .collect();
+    assert_eq!(
+        sent,
+        vec![
+            json!([{"role": "user", "content": "one"}]),
+            json!([
+                {"role": "user", "content": "one"},
+                {"role": "assistant", "content": reply},
+                {"role": "user", "content": "two"},
+            ]),
+            json!([
+                {"role": "user", "content": "two"},
+                {"role": "assistant", "content": reply},
+                {"role": "user", "content": "three"},
+            ]),
+            json!([{"role": "user", "content": "four"}]),
+        ]
+    );
     turns.drain().await;
     registry.shutdown().await;
 }

@@ -281,16 +281,43 @@ pub trait Provider: Send + Sync + fmt::Debug {
 /// milliseconds); call it off the async threads (`spawn_blocking`) when that matters.
 pub fn estimate_usage(model: &str, messages: &[ChatMessage], completion: &str) -> Usage {
     let bpe = encoding_for(model);
-    let count = |text: &str| bpe.encode_with_special_tokens(text).len() as u64;
     let prompt_tokens = messages
         .iter()
-        .map(|message| 3 + count(message.role.as_str()) + count(&message.content))
+        .map(|message| message_tokens(bpe, message))
         .sum::<u64>()
         + 3;
     Usage {
         prompt_tokens,
-        completion_tokens: count(completion),
+        completion_tokens: bpe.encode_with_special_tokens(completion).len() as u64,
     }
+}
+
+/// What one message of a prompt costs: 3 tokens of framing, its role and its
+/// content.
+fn message_tokens(bpe: &tiktoken_rs::CoreBPE, message: &ChatMessage) -> u64 {
+    let count = |text: &str| bpe.encode_with_special_tokens(text).len() as u64;
+    3 + count(message.role.as_str()) + count(&message.content)
+}
+
+/// Keeps, of the earlier messages of `context` (whole exchanges: a user
+/// message and its reply, oldest first, then the message answered), the
+/// newest exchanges whose messages take at most `max_tokens` tokens, counted
+/// as [`estimate_usage`] counts them. Blocking, as it is.
+pub fn trim_to_tokens(model: &str, context: &mut Vec<ChatMessage>, max_tokens: u64) {
+    let earlier = context.len().saturating_sub(1);
+    let bpe = encoding_for(model);
+    let mut kept = 0;
+    let mut tokens = 0u64;
+    while kept + 2 <= earlier {
+        let exchange = &context[earlier - kept - 2..earlier - kept];
+        let cost: u64 = exchange.iter().map(|m| message_tokens(bpe, m)).sum();
+        if tokens.saturating_add(cost) > max_tokens {
+            break;
+        }
+        tokens += cost;
+        kept += 2;
+    }
+    context.drain(..earlier - kept);
 }
 
 /// [`estimate_usage`] on a blocking thread, so loading the tables or encoding a
@@ -319,4 +346,45 @@ fn encoding_for(model: &str) -> &'static tiktoken_rs::CoreBPE {
 /// (the reply is still completed and stored).
 pub(crate) async fn send_delta(deltas: &mpsc::Sender<String>, delta: String) {
     let _ = deltas.send(delta).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exchange(n: usize) -> [ChatMessage; 2] {
+        [
+            ChatMessage::user(format!("question {n}: {}", "why ".repeat(n))),
+            ChatMessage::assistant(format!("answer {n}")),
+        ]
+    }
+
+    /// The earlier messages' cost, as `trim_to_tokens` counts it.
+    fn cost(messages: &[ChatMessage]) -> u64 {
+        estimate_usage("gpt-4o", messages, "").prompt_tokens - 3
+    }
+
+    #[test]
+    fn trimming_to_tokens_keeps_the_newest_whole_exchanges_that_fit() {
+        let mut context: Vec<ChatMessage> = (1..=3).flat_map(exchange).collect();
+        context.push(ChatMessage::user("now"));
+        let newest = cost(&exchange(3));
+        let two = newest + cost(&exchange(2));
+        for (max, kept) in [
+            (0, 0),
+            (newest - 1, 0),
+            (newest, 2),
+            (two - 1, 2),
+            (two, 4),
+            (u64::MAX, 6),
+        ] {
+            let mut trimmed = context.clone();
+            trim_to_tokens("gpt-4o", &mut trimmed, max);
+            assert_eq!(trimmed, context[6 - kept..], "at most {max} tokens");
+        }
+        // The message answered alone stays whatever the cap.
+        let mut alone = vec![ChatMessage::user("now")];
+        trim_to_tokens("gpt-4o", &mut alone, 0);
+        assert_eq!(alone, [ChatMessage::user("now")]);
+    }
 }
