@@ -360,21 +360,23 @@ async fn the_second_turn_carries_the_first_exchange_as_context() {
     h.shutdown().await;
 }
 
-/// An agent with `context_messages` 2 sends the model the last exchange and
-/// the message; one with 0, the message alone.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_context_is_the_newest_exchanges_the_agent_allows() {
+/// An agent's name, and what it changes of the default config.
+type NamedConfig<'a> = (&'a str, fn(&mut AgentConfig));
+
+/// What the fake OpenAI server (as `model`) is sent when a conversation says
+/// "one", "two" and "three" to the first of two agents, then "four" to the
+/// second (each agent's defaults changed by its function); and how many
+/// replies the conversation holds then.
+async fn contexts_sent(model: &str, agents: [NamedConfig<'_>; 2]) -> (Vec<Value>, usize) {
     let fake = FakeOpenAi::start(Behaviour::Normal).await;
     let dir = tempfile::tempdir().expect("temp dir");
     let log = EventLog::open(dir.path(), OpenMode::CreateIfMissing).expect("open");
     let registry = ConversationRegistry::new(log.clone(), RegistryConfig::default());
-    let mut agents = HashMap::new();
-    for (name, context_messages) in [("short", 2), ("none", 0)] {
-        let provider = OpenAiProvider::new(&fake.base_url(), "gpt-4o-mini", None).expect("valid");
-        let config = AgentConfig {
-            context_messages,
-            ..AgentConfig::new(name)
-        };
+    let mut actors = HashMap::new();
+    for (name, configure) in agents {
+        let provider = OpenAiProvider::new(&fake.base_url(), model, None).expect("valid");
+        let mut config = AgentConfig::new(name);
+        configure(&mut config);
         let (actor, _) = Actor::spawn(
             None,
             AgentActor,
@@ -382,125 +384,96 @@ async fn the_context_is_the_newest_exchanges_the_agent_allows() {
         )
         .await
         .expect("the agent starts");
-        agents.insert(name.to_owned(), actor);
+        actors.insert(name.to_owned(), actor);
     }
-    let router = Router::new(Vec::new(), "short").expect("valid rules");
+    let router = Router::new(Vec::new(), agents[0].0).expect("valid rules");
     let turns =
-        TurnCoordinator::new(registry.clone(), router, agents, log.clone()).expect("agents known");
+        TurnCoordinator::new(registry.clone(), router, actors, log.clone()).expect("agents known");
     for content in ["one", "two", "three"] {
         turns.send("c1", input(content)).await.expect("acked");
         turns.wait_idle().await;
     }
     let mut last = input("four");
-    last.agent = Some("none".into());
+    last.agent = Some(agents[1].0.into());
     turns.send("c1", last).await.expect("acked");
     turns.wait_idle().await;
 
-    let sent: Vec<Value> = fake
+    let sent = fake
         .requests()
         .iter()
         .map(|r| r.body["messages"].clone())
         .collect();
-    let reply = REPLY.concat();
-    assert_eq!(
-        sent,
-        vec![
-            json!([{"role": "user", "content": "one"}]),
-            json!([
-                {"role": "user", "content": "one"},
-                {"role": "assistant", "content": reply},
-                {"role": "user", "content": "two"},
-            ]),
-            json!([
-                {"role": "user", "content": "two"},
-                {"role": "assistant", "content": reply},
-                {"role": "user", "content": "three"},
-            ]),
-            json!([{"role": "user", "content": "four"}]),
-        ]
-    );
-    // The conversation itself keeps everything.
     let replies = stream(&log, "c1")
         .iter()
         .filter(|e| matches!(e.event, Event::ReplyCompleted(_)))
         .count();
-    assert_eq!(replies, 4);
     turns.drain().await;
     registry.shutdown().await;
+    (sent, replies)
+}
+
+/// The four requests of [`contexts_sent`] when the first agent keeps the
+/// newest exchange and the second none.
+fn newest_exchange_then_none() -> Vec<Value> {
+    let reply = REPLY.concat();
+    vec![
+        json!([{"role": "user", "content": "one"}]),
+        json!([
+            {"role": "user", "content": "one"},
+            {"role": "assistant", "content": reply},
+            {"role": "user", "content": "two"},
+        ]),
+        json!([
+            {"role": "user", "content": "two"},
+            {"role": "assistant", "content": reply},
+            {"role": "user", "content": "three"},
+        ]),
+        json!([{"role": "user", "content": "four"}]),
+    ]
+}
+
+/// An agent with `context_messages` 2 sends the model the last exchange and
+/// the message; one with 0, the message alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_context_is_the_newest_exchanges_the_agent_allows() {
+    let (sent, replies) = contexts_sent(
+        "gpt-4o-mini",
+        [
+            ("short", |config| config.context_messages = 2),
+            ("none", |config| config.context_messages = 0),
+        ],
+    )
+    .await;
+    assert_eq!(sent, newest_exchange_then_none());
+    // The conversation itself keeps everything.
+    assert_eq!(replies, 4);
 }
 
 /// `context_tokens` trims further than `context_messages`: of the allowed
 /// exchanges, the newest whole ones whose tokens fit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_context_is_the_newest_exchanges_within_the_agents_tokens() {
-    let fake = FakeOpenAi::start(Behaviour::Normal).await;
-    let dir = tempfile::tempdir().expect("temp dir");
-    let log = EventLog::open(dir.path(), OpenMode::CreateIfMissing).expect("open");
-    let registry = ConversationRegistry::new(log.clone(), RegistryConfig::default());
-    let model = "gpt-4o-mini";
-    let reply = REPLY.concat();
+    const MODEL: &str = "gpt-4o-mini";
     // What an exchange's two messages cost, as the agent counts them.
-    let exchange = |user: &str| {
+    fn exchange(user: &str) -> u64 {
         let messages = [
             ChatMessage::new(Role::User, user),
-            ChatMessage::new(Role::Assistant, reply.as_str()),
+            ChatMessage::new(Role::Assistant, REPLY.concat()),
         ];
-        estimate_usage(model, &messages, "").prompt_tokens - 3
-    };
-    // Room for the newest of two exchanges, not for both.
-    let tight = exchange("one") + exchange("two") - 1;
-    let mut agents = HashMap::new();
-    for (name, context_tokens) in [("tight", tight), ("zero", 0)] {
-        let provider = OpenAiProvider::new(&fake.base_url(), model, None).expect("valid");
-        let config = AgentConfig {
-            context_tokens: Some(context_tokens),
-            ..AgentConfig::new(name)
-        };
-        let (actor, _) = Actor::spawn(
-            None,
-            AgentActor,
-            Arc::new(Agent::new(config, Arc::new(provider))),
-        )
-        .await
-        .expect("the agent starts");
-        agents.insert(name.to_owned(), actor);
+        estimate_usage(MODEL, &messages, "").prompt_tokens - 3
     }
-    let router = Router::new(Vec::new(), "tight").expect("valid rules");
-    let turns =
-        TurnCoordinator::new(registry.clone(), router, agents, log.clone()).expect("agents known");
-    for content in ["one", "two", "three"] {
-        turns.send("c1", input(content)).await.expect("acked");
-        turns.wait_idle().await;
-    }
-    let mut last = input("four");
-    last.agent = Some("zero".into());
-    turns.send("c1", last).await.expect("acked");
-    turns.wait_idle().await;
-
-    let sent: Vec<Value> = fake
-        .requests()
-        .iter()
-        .map(|r| r.body["messages"].clone())
-        .collect();
-    assert_eq!(
-        sent,
-        vec![
-            json!([{"role": "user", "content": "one"}]),
-            json!([
-                {"role": "user", "content": "one"},
-                {"role": "assistant", "content": reply},
-                {"role": "user", "content": "two"},
-            ]),
-            json!([
-                {"role": "user", "content": "two"},
-                {"role": "assistant", "content": reply},
-                {"role": "user", "content": "three"},
-            ]),
-            json!([{"role": "user", "content": "four"}]),
-        ]
-    );
-    turns.drain().await;
-    registry.shutdown().await;
+    let (sent, _) = contexts_sent(
+        MODEL,
+        [
+            // Room for the newest of two exchanges, not for both.
+            ("tight", |config| {
+                config.context_tokens = Some(exchange("one") + exchange("two") - 1)
+            }),
+            ("zero", |config| config.context_tokens = Some(0)),
+        ],
+    )
+    .await;
+    assert_eq!(sent, newest_exchange_then_none());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -270,12 +270,23 @@ fn message_rows(f: &Fixture, conversation: &str) -> usize {
     let mut prefix = vec![b'm'];
     prefix.extend_from_slice(conversation.as_bytes());
     prefix.push(0);
+    history_tree(f).scan_prefix(prefix).count()
+}
+
+fn history_tree(f: &Fixture) -> sled::Tree {
     f.log
         .db()
         .open_tree(ProjectionName::History.tree_name())
         .expect("the history tree")
-        .scan_prefix(prefix)
-        .count()
+}
+
+/// The key of a history row of `conversation`'s messages from `seq` on.
+fn message_row(conversation: &str, seq: u64) -> Vec<u8> {
+    let mut key = vec![b'm'];
+    key.extend_from_slice(conversation.as_bytes());
+    key.push(0);
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
 }
 
 #[test]
@@ -351,22 +362,15 @@ fn a_history_view_of_the_older_layout_is_folded_again() {
         reply("c1", "m1", "echo", "echo: hello"),
     ]);
     f.fold();
-    let history = f
-        .log
-        .db()
-        .open_tree(ProjectionName::History.tree_name())
-        .expect("the history tree");
+    let history = history_tree(&f);
     // Layout 1: one row per message holding the message, no marker.
-    let message_row = |seq: u64| {
-        let mut key = b"mc1\0".to_vec();
-        key.extend_from_slice(&seq.to_be_bytes());
-        key
-    };
     for seq in &seqs[1..] {
-        history.remove(message_row(*seq)).expect("remove a row");
+        history
+            .remove(message_row("c1", *seq))
+            .expect("remove a row");
     }
     history
-        .insert(message_row(seqs[1]), &b"\x02m1\x00\x05hello\x00"[..])
+        .insert(message_row("c1", seqs[1]), &b"\x02m1\x00\x05hello\x00"[..])
         .expect("write a layout 1 row");
     history
         .remove(switchboard_projections::view::LAYOUT_KEY)
@@ -425,13 +429,8 @@ fn a_chunk_naming_no_message_of_its_conversation_is_a_corrupt_row() {
         message("c2", "m1", "k1", "elsewhere"),
     ]);
     f.fold();
-    let history = f
-        .log
-        .db()
-        .open_tree(ProjectionName::History.tree_name())
-        .expect("the history tree");
-    let mut key = b"mc1\0".to_vec();
-    key.extend_from_slice(&seqs[1].to_be_bytes());
+    let history = history_tree(&f);
+    let key = message_row("c1", seqs[1]);
     for (chunk, says) in [
         (seqs[0].to_be_bytes().to_vec(), "conversation_started event"),
         (other[1].to_be_bytes().to_vec(), "conversation \"c2\""),
