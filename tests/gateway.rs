@@ -504,13 +504,19 @@ async fn every_request_delivered_to_a_stopping_gateway_is_answered(transport: Tr
         }
     }
     // Before the drain, a stop lost about half of them (108 to 155 of 300 in
-    // three of four runs). On NATS, async-nats forgets a drained subscription
-    // one round trip early (see the gateway's `serve`), so requests the
-    // server routed in that window are still lost: 0 or 1 on an idle
-    // machine, 7 beside a concurrent build. The embedded bus loses none.
+    // three of four runs). Then async-nats forgot a drained subscription once
+    // its UNSUB was written, a round trip early, and requests the server
+    // routed in that window were dropped unread: up to 254 of 300 beside two
+    // busy cores, when the requests came in just as the gateway stopped. The
+    // vendored async-nats keeps the subscription until the server has
+    // answered a PING sent after the UNSUB; the gateway then reads all 300.
+    // Under the same load 1 or 2 replies of 300 still do not arrive, with
+    // upstream async-nats too, after the gateway has answered every request
+    // (counted in a diagnostic run); why is not known yet, so NATS gets a
+    // small allowance.
     let tolerated = match transport {
         Transport::Local => 0,
-        Transport::Nats => 30,
+        Transport::Nats => 5,
     };
     assert!(
         lost.len() <= tolerated,

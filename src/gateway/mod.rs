@@ -337,11 +337,10 @@ async fn serve(
     }
     // Requests delivered before the unsubscribe took effect are answered,
     // not dropped: nobody else will (core NATS does not redeliver). On NATS
-    // one window stays: async-nats forgets a drained subscription once its
-    // UNSUB is written, not once the server has answered a PING after it,
-    // so a request the server routed here in that round trip is lost (the
-    // caller times out; tests/gateway.rs saw 0 or 1 of 300 sent during the
-    // stop on an idle machine, 7 on a loaded one).
+    // the drained subscription ends once the server has answered a PING sent
+    // after its UNSUB, so every request routed here before the UNSUB comes
+    // out of it first (vendored async-nats; upstream ends it a round trip
+    // early and loses those requests: vendor/README.md).
     loop {
         match tokio::time::timeout(DRAIN_WAIT, incoming.next()).await {
             Ok(Some((operation, message))) => {
