@@ -67,7 +67,6 @@ pub(super) fn fold_range(
             progress,
             interrupt,
         );
-        drop(done_here);
         // A fold error comes first: the reading thread is ahead of the folds,
         // and stops without an error of its own when a fold has failed.
         folded_here
