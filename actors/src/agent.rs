@@ -80,8 +80,8 @@ pub struct AgentConfig {
     /// the newest whole exchanges (a user message and its reply) that fit,
     /// then the message answered. 0 sends the message alone.
     pub context_messages: usize,
-    /// At most this many tokens of earlier messages (counted as
-    /// [`crate::provider::estimate_usage`] counts a prompt's) sent with each
+    /// At most this many tokens of earlier messages (counted by
+    /// [`crate::provider::messages_tokens`], as usage is estimated) sent with each
     /// turn: of the exchanges `context_messages` allows, the newest whole ones
     /// that fit. `None`: no cap but `context_messages`.
     pub context_tokens: Option<u64>,

@@ -14,7 +14,7 @@ use switchboard_actors::agent::{Agent, AgentActor, AgentConfig, AgentMsg};
 use switchboard_actors::conversation::{ConversationState, SendCommand, SendPlan};
 use switchboard_actors::conversation_actor::{ConversationRegistry, RegistryConfig};
 use switchboard_actors::provider::{
-    estimate_usage, ChatMessage, EchoProvider, OpenAiProvider, Provider, Role,
+    messages_tokens, ChatMessage, EchoProvider, OpenAiProvider, Provider, Role,
 };
 use switchboard_actors::router::Router;
 use switchboard_actors::turns::{SendInput, TurnCoordinator, LOST_TURN_CODE};
@@ -460,7 +460,7 @@ async fn the_context_is_the_newest_exchanges_within_the_agents_tokens() {
             ChatMessage::new(Role::User, user),
             ChatMessage::new(Role::Assistant, REPLY.concat()),
         ];
-        estimate_usage(MODEL, &messages, "").prompt_tokens - 3
+        messages_tokens(MODEL, &messages)
     }
     let (sent, _) = contexts_sent(
         MODEL,

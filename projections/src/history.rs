@@ -160,16 +160,24 @@ const SEQ_BYTES: usize = 8;
 /// The seqs of a chunk row, oldest first.
 fn chunk_seqs(key: &[u8], chunk: &[u8]) -> Result<Vec<u64>, ProjectionError> {
     if chunk.is_empty() || !chunk.len().is_multiple_of(SEQ_BYTES) {
-        return Err(ProjectionError::CorruptRow {
-            projection: NAME,
-            key: String::from_utf8_lossy(key).into_owned(),
-            detail: format!("a chunk of {} bytes is not a list of seqs", chunk.len()),
-        });
+        return Err(corrupt(
+            key,
+            format!("a chunk of {} bytes is not a list of seqs", chunk.len()),
+        ));
     }
     Ok(chunk
         .chunks_exact(SEQ_BYTES)
         .map(|seq| u64::from_be_bytes(seq.try_into().expect("8 bytes")))
         .collect())
+}
+
+/// A message row `key` that says something the log does not bear out.
+fn corrupt(key: &[u8], detail: String) -> ProjectionError {
+    ProjectionError::CorruptRow {
+        projection: NAME,
+        key: String::from_utf8_lossy(key).into_owned(),
+        detail,
+    }
 }
 
 /// Every row of `tree` in key order, one row per message (its conversation
@@ -236,11 +244,7 @@ impl HistoryView {
         key: &[u8],
         seq: u64,
     ) -> Result<HistoryMessage, ProjectionError> {
-        let corrupt = |detail: String| ProjectionError::CorruptRow {
-            projection: NAME,
-            key: String::from_utf8_lossy(key).into_owned(),
-            detail,
-        };
+        let corrupt = |detail: String| corrupt(key, detail);
         let Some(envelope) = self.log.get(seq)? else {
             return Err(corrupt(format!(
                 "names seq {seq}, which the log does not hold"

@@ -15,7 +15,8 @@ use super::circuit::{CallPermit, CircuitOpen, CircuitTransition};
 use super::retry::retry_delay;
 use super::{Agent, CircuitAlert, TurnOutcome, TurnRequest};
 use crate::provider::{
-    estimate_usage_blocking, ChatMessage, Completion, CompletionRequest, ProviderError, Usage,
+    estimate_usage_blocking, trim_to_tokens_blocking, ChatMessage, Completion, CompletionRequest,
+    ProviderError, Usage,
 };
 
 /// Deltas buffered between the provider and the caller's channel.
@@ -36,28 +37,6 @@ struct Attempt {
 }
 
 impl Agent {
-    /// [`crate::provider::trim_to_tokens`] on a blocking thread: counting a
-    /// long context's tokens takes milliseconds.
-    async fn trim_to_tokens(
-        &self,
-        mut context: Vec<ChatMessage>,
-        max_tokens: u64,
-    ) -> Vec<ChatMessage> {
-        if context.len() < 3 {
-            return context;
-        }
-        let model = self.provider.model().to_owned();
-        let trimmed = tokio::task::spawn_blocking(move || {
-            crate::provider::trim_to_tokens(&model, &mut context, max_tokens);
-            context
-        })
-        .await;
-        match trimmed {
-            Ok(context) => context,
-            Err(join) => std::panic::resume_unwind(join.into_panic()),
-        }
-    }
-
     /// Run one turn to its end. Always returns an outcome: a panic inside the
     /// provider becomes `reply_failed` with code `internal`.
     pub async fn run_turn(&self, request: TurnRequest) -> TurnOutcome {
@@ -101,7 +80,8 @@ impl Agent {
         let started = Instant::now();
         trim_context(&mut request.history, self.config.context_messages);
         if let Some(max_tokens) = self.config.context_tokens {
-            request.history = self.trim_to_tokens(request.history, max_tokens).await;
+            let model = self.provider.model().to_owned();
+            request.history = trim_to_tokens_blocking(model, request.history, max_tokens).await;
         }
         let mut retries = 0;
         let mut last_error: Option<ProviderError> = None;

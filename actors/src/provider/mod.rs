@@ -280,37 +280,36 @@ pub trait Provider: Send + Sync + fmt::Debug {
 /// nothing is fetched at run time. The first call loads the tables (tens of
 /// milliseconds); call it off the async threads (`spawn_blocking`) when that matters.
 pub fn estimate_usage(model: &str, messages: &[ChatMessage], completion: &str) -> Usage {
-    let bpe = encoding_for(model);
-    let prompt_tokens = messages
-        .iter()
-        .map(|message| message_tokens(bpe, message))
-        .sum::<u64>()
-        + 3;
     Usage {
-        prompt_tokens,
-        completion_tokens: bpe.encode_with_special_tokens(completion).len() as u64,
+        // The reply is primed with 3 tokens.
+        prompt_tokens: messages_tokens(model, messages) + 3,
+        completion_tokens: encoding_for(model)
+            .encode_with_special_tokens(completion)
+            .len() as u64,
     }
 }
 
-/// What one message of a prompt costs: 3 tokens of framing, its role and its
-/// content.
-fn message_tokens(bpe: &tiktoken_rs::CoreBPE, message: &ChatMessage) -> u64 {
+/// What `messages` cost in a prompt, as [`estimate_usage`] counts them: for
+/// each, 3 tokens of framing, its role and its content.
+pub fn messages_tokens(model: &str, messages: &[ChatMessage]) -> u64 {
+    let bpe = encoding_for(model);
     let count = |text: &str| bpe.encode_with_special_tokens(text).len() as u64;
-    3 + count(message.role.as_str()) + count(&message.content)
+    messages
+        .iter()
+        .map(|message| 3 + count(message.role.as_str()) + count(&message.content))
+        .sum()
 }
 
 /// Keeps, of the earlier messages of `context` (whole exchanges: a user
 /// message and its reply, oldest first, then the message answered), the
-/// newest exchanges whose messages take at most `max_tokens` tokens, counted
-/// as [`estimate_usage`] counts them. Blocking, as it is.
+/// newest exchanges whose messages take at most `max_tokens` tokens
+/// ([`messages_tokens`]). Blocking, as [`estimate_usage`] is.
 pub fn trim_to_tokens(model: &str, context: &mut Vec<ChatMessage>, max_tokens: u64) {
     let earlier = context.len().saturating_sub(1);
-    let bpe = encoding_for(model);
     let mut kept = 0;
     let mut tokens = 0u64;
     while kept + 2 <= earlier {
-        let exchange = &context[earlier - kept - 2..earlier - kept];
-        let cost: u64 = exchange.iter().map(|m| message_tokens(bpe, m)).sum();
+        let cost = messages_tokens(model, &context[earlier - kept - 2..earlier - kept]);
         if tokens.saturating_add(cost) > max_tokens {
             break;
         }
@@ -320,18 +319,40 @@ pub fn trim_to_tokens(model: &str, context: &mut Vec<ChatMessage>, max_tokens: u
     context.drain(..earlier - kept);
 }
 
-/// [`estimate_usage`] on a blocking thread, so loading the tables or encoding a
-/// long history does not stall the actors sharing this async thread.
+/// Runs `count` on a blocking thread, so loading the tokenizer's tables or
+/// encoding a long history does not stall the actors sharing this async
+/// thread; its panic goes on here.
+async fn counting<T: Send + 'static>(count: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(count).await {
+        Ok(counted) => counted,
+        Err(join) => std::panic::resume_unwind(join.into_panic()),
+    }
+}
+
+/// [`estimate_usage`] on a blocking thread.
 pub(crate) async fn estimate_usage_blocking(
     model: String,
     messages: Vec<ChatMessage>,
     completion: String,
 ) -> Usage {
-    match tokio::task::spawn_blocking(move || estimate_usage(&model, &messages, &completion)).await
-    {
-        Ok(usage) => usage,
-        Err(join) => std::panic::resume_unwind(join.into_panic()),
+    counting(move || estimate_usage(&model, &messages, &completion)).await
+}
+
+/// [`trim_to_tokens`] on a blocking thread, unless `context` holds no whole
+/// exchange to trim.
+pub(crate) async fn trim_to_tokens_blocking(
+    model: String,
+    mut context: Vec<ChatMessage>,
+    max_tokens: u64,
+) -> Vec<ChatMessage> {
+    if context.len() < 3 {
+        return context;
     }
+    counting(move || {
+        trim_to_tokens(&model, &mut context, max_tokens);
+        context
+    })
+    .await
 }
 
 fn encoding_for(model: &str) -> &'static tiktoken_rs::CoreBPE {
@@ -359,9 +380,8 @@ mod tests {
         ]
     }
 
-    /// The earlier messages' cost, as `trim_to_tokens` counts it.
     fn cost(messages: &[ChatMessage]) -> u64 {
-        estimate_usage("gpt-4o", messages, "").prompt_tokens - 3
+        messages_tokens("gpt-4o", messages)
     }
 
     #[test]
