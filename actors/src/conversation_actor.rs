@@ -46,10 +46,12 @@ use switchboard_events::{
     AppendError, Appended, Event, EventLog, ExpectedVersion, NewEvent, StreamId,
 };
 use tokio::sync::Notify;
+use uuid::Uuid;
 
 use crate::conversation::{ConversationState, SendCommand, SendPlan, TurnOutcome};
 pub use crate::conversation_registry::{ConversationRegistry, RegistryConfig};
 use crate::stream_read::fold_stream;
+use crate::turn_context::ContextReader;
 
 /// The acknowledgment of a send: the message is durably stored at `seq` (the
 /// seq of its `message_received`). `duplicate`: it was stored by an earlier send
@@ -142,6 +144,8 @@ pub struct ConversationActor;
 pub struct ConversationArgs {
     pub conversation_id: String,
     pub log: EventLog,
+    /// Where the actor folds what it appends, for the turns' contexts.
+    pub(crate) contexts: Option<Arc<ContextReader>>,
     /// Held for the actor's lifetime so the registry knows when it is gone.
     pub(crate) alive: Option<AliveToken>,
 }
@@ -151,6 +155,7 @@ impl ConversationArgs {
         ConversationArgs {
             conversation_id: conversation_id.into(),
             log,
+            contexts: None,
             alive: None,
         }
     }
@@ -213,6 +218,7 @@ pub struct ConversationActorState {
     conversation_id: String,
     stream: StreamId,
     log: EventLog,
+    contexts: Option<Arc<ContextReader>>,
     /// `None` until recovered: a failed recovery is retried by the next command,
     /// so a passing storage error costs answers, not the actor.
     folded: Option<ConversationState>,
@@ -235,6 +241,7 @@ impl Actor for ConversationActor {
             conversation_id: args.conversation_id,
             stream,
             log: args.log,
+            contexts: args.contexts,
             folded: None,
             _alive: args.alive,
         };
@@ -359,14 +366,22 @@ impl ConversationActorState {
         Ok(self.folded.as_mut().expect("recovered just above"))
     }
 
-    /// Folds this actor's own append from what it appended and the positions the
-    /// log gave it, without reading the events back. The append expected the
-    /// stream at the state's version, so nothing can lie between.
-    fn fold_own(&mut self, appended: &Appended, events: &[Event]) {
+    /// Folds this actor's own append from what it appended (`events`, with
+    /// their `ids`) and the positions the log gave it, without reading the
+    /// events back — into its state and the turns' contexts. The append
+    /// expected the stream at the state's version, so nothing can lie between.
+    fn fold_own(&mut self, appended: &Appended, ids: &[Uuid], events: &[Event]) {
         if let Some(folded) = self.folded.as_mut() {
             for (position, event) in appended.positions.iter().zip(events) {
                 folded.apply_event(position.seq, position.version, event);
             }
+        }
+        if let Some(contexts) = self.contexts.as_ref().filter(|_| !appended.deduplicated) {
+            let folded = appended.positions.iter().zip(ids).zip(events);
+            contexts.appended(
+                &self.stream,
+                folded.map(|((position, id), event)| (position.version, *id, event)),
+            );
         }
     }
 
@@ -412,6 +427,7 @@ impl ConversationActorState {
                     ConversationError::Internal("a send plan without message_received".into())
                 })?;
             let appending: Vec<Event> = events.iter().map(|e| e.event.clone()).collect();
+            let ids: Vec<Uuid> = events.iter().map(|e| e.id).collect();
             match self.log.append(self.stream.clone(), expected, events).await {
                 Ok(appended) => {
                     let seq = appended
@@ -421,7 +437,7 @@ impl ConversationActorState {
                         .ok_or_else(|| {
                             ConversationError::Internal("the log returned too few positions".into())
                         })?;
-                    self.fold_own(&appended, &appending);
+                    self.fold_own(&appended, &ids, &appending);
                     return Ok(self.ack(command, seq, appended.deduplicated));
                 }
                 Err(AppendError::Conflict { actual, .. }) if retries > 0 => {
@@ -467,8 +483,9 @@ impl ConversationActorState {
                 .await
             {
                 Ok(appended) => {
+                    let ids: Vec<Uuid> = events.iter().map(|e| e.id).collect();
                     let appending: Vec<Event> = events.into_iter().map(|e| e.event).collect();
-                    self.fold_own(&appended, &appending);
+                    self.fold_own(&appended, &ids, &appending);
                     return Ok(Some(appended.first().seq));
                 }
                 Err(AppendError::Conflict { actual, .. }) if retries > 0 => {
@@ -501,17 +518,15 @@ impl ConversationActorState {
                 conversation_id,
                 by: by.to_owned(),
             });
+            let erasure = NewEvent::new(event.clone());
+            let id = erasure.id;
             match self
                 .log
-                .append(
-                    self.stream.clone(),
-                    expected,
-                    vec![NewEvent::new(event.clone())],
-                )
+                .append(self.stream.clone(), expected, vec![erasure])
                 .await
             {
                 Ok(appended) => {
-                    self.fold_own(&appended, std::slice::from_ref(&event));
+                    self.fold_own(&appended, &[id], std::slice::from_ref(&event));
                     return Ok(Erased {
                         seq: Some(appended.first().seq),
                     });

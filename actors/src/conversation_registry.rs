@@ -25,6 +25,7 @@ use crate::conversation_actor::{
     validate_conversation_id, Ack, Alive, AliveToken, ConversationActor, ConversationArgs,
     ConversationError, ConversationMsg, Erased, PendingTurn,
 };
+use crate::turn_context::ContextReader;
 
 /// Limits of the [`ConversationRegistry`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +66,8 @@ pub struct ConversationRegistry {
 struct Inner {
     log: EventLog,
     config: RegistryConfig,
+    /// Turn contexts, which the actors fold their own appends into.
+    contexts: Arc<ContextReader>,
     live: Mutex<Live>,
     /// Signalled whenever a command finishes, for `shutdown` to wait on.
     checked_in: Notify,
@@ -93,6 +96,7 @@ impl ConversationRegistry {
     /// the idle sweep, which ends with the registry.
     pub fn new(log: EventLog, config: RegistryConfig) -> Self {
         let inner = Arc::new(Inner {
+            contexts: Arc::new(ContextReader::new(log.clone())),
             log,
             config,
             live: Mutex::new(Live::default()),
@@ -315,6 +319,11 @@ impl ConversationRegistry {
         }
     }
 
+    /// The turn contexts its actors fold their appends into.
+    pub(crate) fn contexts(&self) -> &Arc<ContextReader> {
+        &self.inner.contexts
+    }
+
     #[cfg(test)]
     pub(crate) fn actor(&self, conversation_id: &str) -> Option<ActorRef<ConversationMsg>> {
         self.inner
@@ -403,6 +412,7 @@ impl Inner {
         let args = ConversationArgs {
             conversation_id: conversation_id.to_owned(),
             log: self.log.clone(),
+            contexts: Some(self.contexts.clone()),
             alive: Some(AliveToken::new(&self.alive)),
         };
         // Instant: the mailbox exists at once and queues commands while the

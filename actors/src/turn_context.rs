@@ -10,6 +10,13 @@
 //! events after `v` is exactly the fold of the whole stream; an erasure is one
 //! of those events and clears the exchanges as it would from the start.
 //!
+//! Most turns read nothing at all. A conversation's actor, the single writer
+//! of its stream, folds each append it made durable into the cached fold
+//! ([`ContextReader::appended`]), where it continues the fold; a turn whose
+//! message is in the fold with its `agent_routed` has every event up to it
+//! there. Only a fold that missed an append (evicted meanwhile, or cached by
+//! a read racing the append) catches up from the log.
+//!
 //! A turn sends the model only the newest exchanges (an agent's
 //! `context_messages`), so a fold need not hold more: with
 //! [`ContextReader::keep`] it drops, in batches, answered exchanges older
@@ -131,15 +138,20 @@ impl Folded {
     }
 
     fn apply(&mut self, envelope: Envelope) {
-        self.version = envelope.version;
+        self.apply_event(envelope.version, envelope.id, &envelope.event);
+    }
+
+    /// Folds the event at `version`, whose envelope has `id`.
+    fn apply_event(&mut self, version: u64, id: Uuid, event: &Event) {
+        self.version = version;
         let find = |exchanges: &mut Vec<Exchange>, id: &str| -> Option<usize> {
             exchanges.iter().rposition(|x| &*x.message_id == id)
         };
-        match envelope.event {
+        match event {
             Event::MessageReceived(e) => {
                 let exchange = Exchange {
-                    message_id: e.message_id.into(),
-                    user: e.content.into(),
+                    message_id: e.message_id.as_str().into(),
+                    user: e.content.as_str().into(),
                     reply: None,
                     ended: false,
                     routed_event: None,
@@ -150,7 +162,7 @@ impl Folded {
             }
             Event::AgentRouted(e) => {
                 if let Some(i) = find(&mut self.exchanges, &e.message_id) {
-                    self.exchanges[i].routed_event = Some(envelope.id);
+                    self.exchanges[i].routed_event = Some(id);
                 }
             }
             Event::ReplyCompleted(e) => {
@@ -158,7 +170,7 @@ impl Folded {
                     if !self.exchanges[i].ended {
                         self.bytes += e.content.len();
                         self.exchanges[i].ended = true;
-                        self.exchanges[i].reply = Some(e.content.into());
+                        self.exchanges[i].reply = Some(e.content.as_str().into());
                     }
                 }
             }
@@ -173,6 +185,15 @@ impl Folded {
             }
             _ => {}
         }
+    }
+
+    /// Whether `message_id` is folded with its `agent_routed`: then every
+    /// event up to that one is, and its context needs nothing read.
+    fn holds_routed(&self, message_id: &str) -> bool {
+        self.exchanges
+            .iter()
+            .rev()
+            .any(|exchange| &*exchange.message_id == message_id && exchange.routed_event.is_some())
     }
 
     /// The context of `message_id`: the completed exchanges before it (the
@@ -228,6 +249,9 @@ pub(crate) struct ContextReader {
     cache: Mutex<Cache>,
     /// Ended exchanges a fold keeps ([`ContextReader::keep`]).
     keep: AtomicUsize,
+    /// Reads of the log, for the tests.
+    #[cfg(test)]
+    reads: AtomicUsize,
 }
 
 #[derive(Default)]
@@ -253,6 +277,8 @@ impl ContextReader {
             log,
             cache: Mutex::new(Cache::default()),
             keep: AtomicUsize::new(usize::MAX),
+            #[cfg(test)]
+            reads: AtomicUsize::new(0),
         }
     }
 
@@ -277,9 +303,17 @@ impl ContextReader {
         let stream = StreamId::conversation(conversation_id)
             .map_err(|e| ConversationError::InvalidRequest(e.to_string()))?;
         if let Some(cached) = self.cached(&stream) {
-            // A few events since the last turn: read them here.
             let mut folded = cached.lock().expect("cached fold lock");
-            let folding = fold_after(&self.log, &stream, &mut folded);
+            // A turn's message came through the writer, which folded it in
+            // ([`ContextReader::appended`]); otherwise the few events since
+            // the fold are read here.
+            let current = message_id.is_some_and(|id| folded.holds_routed(id));
+            let folding = if current {
+                Ok(())
+            } else {
+                self.counted_read();
+                fold_after(&self.log, &stream, &mut folded)
+            };
             let bytes = folded.bytes;
             let context = folding.and_then(|()| folded.context(&stream, message_id));
             drop(folded);
@@ -287,11 +321,57 @@ impl ContextReader {
             return context;
         }
         let keep = self.keep.load(Ordering::Relaxed);
+        self.counted_read();
         let folded =
             fold_stream(&self.log, &stream, 1, Folded::keeping(keep), Folded::apply).await?;
         let context = folded.context(&stream, message_id);
         self.remember(stream, folded);
         context
+    }
+
+    /// Folds events the conversation's single writer has just appended (and
+    /// made durable), each as `(version, id, event)` in order, into the
+    /// cached fold, so that the next turn need not read them back. They are
+    /// folded only where they continue the fold: a fold already past them has
+    /// them, and one behind them (an event it missed) is left for
+    /// [`ContextReader::read`] to catch up from the log. A conversation's
+    /// first events start its fold.
+    pub(crate) fn appended<'a>(
+        &self,
+        stream: &StreamId,
+        events: impl IntoIterator<Item = (u64, Uuid, &'a Event)>,
+    ) {
+        let mut events = events.into_iter().peekable();
+        let Some(&(first, _, _)) = events.peek() else {
+            return;
+        };
+        let Some(cached) = self.cached(stream) else {
+            if first == 1 {
+                let mut folded = Folded::keeping(self.keep.load(Ordering::Relaxed));
+                for (version, id, event) in events {
+                    folded.apply_event(version, id, event);
+                }
+                self.remember(stream.clone(), folded);
+            }
+            return;
+        };
+        let mut folded = cached.lock().expect("cached fold lock");
+        for (version, id, event) in events {
+            if version == folded.version + 1 {
+                folded.apply_event(version, id, event);
+            } else if version > folded.version {
+                break;
+            }
+        }
+        let bytes = folded.bytes;
+        drop(folded);
+        self.weigh(stream, &cached, bytes);
+    }
+
+    /// Counts a read of the log, in the tests.
+    fn counted_read(&self) {
+        #[cfg(test)]
+        self.reads.fetch_add(1, Ordering::Relaxed);
     }
 
     fn cached(&self, stream: &StreamId) -> Option<Arc<Mutex<Folded>>> {
@@ -490,15 +570,13 @@ mod tests {
             ]
         );
 
-        // An erasure read from the tail forgets everything before it.
-        append(
-            &log,
-            vec![Event::ConversationErased(ConversationErased {
-                conversation_id: "c1".into(),
-                by: "admin".into(),
-            })],
-        )
-        .await;
+        // An erasure (which comes through the writer) forgets everything
+        // before it.
+        let erasure = Event::ConversationErased(ConversationErased {
+            conversation_id: "c1".into(),
+            by: "admin".into(),
+        });
+        append_through(&reader, &log, vec![erasure]).await;
         let gone = reader.read("c1", Some("m1")).await.expect_err("erased");
         assert_eq!(gone.code(), "invalid_request");
         append(&log, vec![received("m5")]).await;
@@ -507,6 +585,81 @@ mod tests {
         assert!(after.history.is_empty(), "m5 is not answered yet");
         let (counted, weight, exchanges) = weights(&reader);
         assert_eq!((counted, exchanges), (weight, 1));
+    }
+
+    /// Appends `events` to c1 and hands them to `reader` as its writer does.
+    async fn append_through(reader: &ContextReader, log: &EventLog, events: Vec<Event>) {
+        let stream = StreamId::conversation("c1").expect("valid");
+        let new: Vec<NewEvent> = events.iter().cloned().map(NewEvent::new).collect();
+        let ids: Vec<Uuid> = new.iter().map(|e| e.id).collect();
+        let appended = log
+            .append(stream.clone(), ExpectedVersion::Any, new)
+            .await
+            .expect("appended");
+        let versions = appended.positions.iter().map(|p| p.version);
+        reader.appended(
+            &stream,
+            versions
+                .zip(ids)
+                .zip(&events)
+                .map(|((v, id), e)| (v, id, e)),
+        );
+    }
+
+    fn reads(reader: &ContextReader) -> usize {
+        reader.reads.load(Ordering::Relaxed)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn what_the_writer_folds_in_spares_the_turns_a_read_and_agrees_with_one() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let log = EventLog::open(dir.path(), OpenMode::CreateIfMissing).expect("open");
+        let reader = ContextReader::new(log.clone());
+
+        // A new conversation's first events start its fold; each turn then
+        // finds its message there and reads nothing.
+        append_through(&reader, &log, vec![received("m1"), routed("m1")]).await;
+        let m1 = reader.read("c1", Some("m1")).await.expect("m1");
+        assert_eq!(m1, uncached(&log, Some("m1")).await);
+        append_through(&reader, &log, vec![received("m2"), routed("m2")]).await;
+        append_through(&reader, &log, vec![completed("m1")]).await;
+        append_through(&reader, &log, vec![received("m3"), routed("m3")]).await;
+        for id in ["m2", "m3"] {
+            let context = reader.read("c1", Some(id)).await.expect("context");
+            assert_eq!(context, uncached(&log, Some(id)).await, "{id}");
+        }
+        assert_eq!(reads(&reader), 0);
+        let (counted, weight, exchanges) = weights(&reader);
+        assert_eq!((counted, exchanges), (weight, 3));
+
+        // An append the fold missed leaves it behind: later ones are not
+        // folded past the gap, and the next turn reads the rest from the log.
+        append(&log, vec![completed("m2")]).await;
+        append_through(&reader, &log, vec![received("m4"), routed("m4")]).await;
+        let m4 = reader.read("c1", Some("m4")).await.expect("m4");
+        assert_eq!(m4, uncached(&log, Some("m4")).await);
+        assert_eq!(m4.history.len(), 5, "m1 and m2 answered, then m4");
+        assert_eq!(reads(&reader), 1);
+
+        // Events a read already folded are not folded twice.
+        append(&log, vec![completed("m3")]).await;
+        reader.read("c1", None).await.expect("all");
+        let stream = StreamId::conversation("c1").expect("valid");
+        let replay = Event::ReplyCompleted(ReplyCompleted {
+            content: "not this one".into(),
+            ..match completed("m3") {
+                Event::ReplyCompleted(e) => e,
+                _ => unreachable!(),
+            }
+        });
+        reader.appended(&stream, [(7, Uuid::now_v7(), &replay)]);
+        let all = reader.read("c1", None).await.expect("all");
+        assert_eq!(all, uncached(&log, None).await);
+
+        // A conversation met past its start is not folded from the middle.
+        let other = StreamId::conversation("c2").expect("valid");
+        reader.appended(&other, [(3, Uuid::now_v7(), &received("x"))]);
+        assert!(reader.cached(&other).is_none());
     }
 
     /// The weight the cache counts for `reader`'s one cached fold, the

@@ -16,8 +16,9 @@
 //! `assistant` message, then the message being answered. Failed turns and
 //! turns still running are left out (the model sees strictly alternating
 //! roles), as is everything before a `conversation_erased`. A bounded cache
-//! of each conversation's fold ([`crate::turn_context`]) makes a turn read only
-//! the events appended since the previous one.
+//! of each conversation's fold ([`crate::turn_context`]), which the
+//! conversation's actor keeps up with its own appends, spares most turns any
+//! read.
 //!
 //! **Turns lost in a restart.** A turn runs in memory; if the process dies
 //! between the ack and the reply, the stream keeps a message with no end. The
@@ -160,8 +161,9 @@ struct Inner {
     registry: ConversationRegistry,
     router: Router,
     agents: HashMap<String, ActorRef<AgentMsg>>,
-    /// Reads each turn's context from the log (through its cache).
-    contexts: ContextReader,
+    /// Reads each turn's context from the log (through its cache, which the
+    /// conversations' actors keep up with their appends).
+    contexts: Arc<ContextReader>,
     /// Conversations whose lost turns were (or are being) finished; forgotten
     /// wholesale past `max_recovered`, which only costs a second look.
     recovered: Mutex<HashMap<String, Arc<OnceCell<()>>>>,
@@ -255,11 +257,11 @@ impl TurnCoordinator {
         router.check(|name| agents.contains_key(name))?;
         Ok(TurnCoordinator {
             inner: Arc::new(Inner {
+                contexts: registry.contexts().clone(),
                 registry,
                 router,
                 agents,
                 started_at: log.head(),
-                contexts: ContextReader::new(log),
                 recovered: Mutex::new(HashMap::new()),
                 max_recovered: AtomicUsize::new(MAX_RECOVERED),
                 in_flight: InFlight::default(),

@@ -115,11 +115,10 @@ pub fn echo_usage(messages: &[ChatMessage], completion: &str) -> Usage {
 /// The words of `text` as `text.split_whitespace().count()` counts them.
 /// ASCII text (nearly all of it) is counted as word starts — a non-space
 /// byte after a space — in blocks of 255 byte pairs whose sums fit a `u8`,
-/// which the compiler vectorizes: every turn counts the whole history again.
+/// which the compiler vectorizes, noting on the way whether any byte is not
+/// ASCII (then it counts again, the slow way): every turn counts the whole
+/// history again.
 fn count_words(text: &str) -> u64 {
-    if !text.is_ascii() {
-        return text.split_whitespace().count() as u64;
-    }
     // What `char::is_whitespace` takes for whitespace in ASCII.
     let space = |b: u8| matches!(b, b' ' | b'\t' | b'\n' | 0x0b | 0x0c | b'\r');
     let bytes = text.as_bytes();
@@ -127,12 +126,19 @@ fn count_words(text: &str) -> u64 {
         return 0;
     };
     let mut words = u64::from(!space(first));
+    let mut high = first;
     for (before, after) in bytes.chunks(255).zip(bytes[1..].chunks(255)) {
-        let starts = before
+        let (starts, bits) = before
             .iter()
             .zip(after)
-            .fold(0u8, |sum, (&b, &a)| sum + u8::from(space(b) & !space(a)));
+            .fold((0u8, 0u8), |(sum, bits), (&b, &a)| {
+                (sum + u8::from(space(b) & !space(a)), bits | a)
+            });
         words += u64::from(starts);
+        high |= bits;
+    }
+    if !high.is_ascii() {
+        return text.split_whitespace().count() as u64;
     }
     words
 }
