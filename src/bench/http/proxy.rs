@@ -29,7 +29,7 @@ use super::clients::{client, cut, CONTENT};
 use super::PROXY_AGENT;
 use crate::bench::log::rate;
 use crate::bench::nats::load::Percentiles;
-use crate::bench::nats::requests::CpuMark;
+use crate::bench::nats::requests::{CpuMark, CpuSpent};
 use crate::bench::nats::{phase, CpuPerRequest};
 use crate::bench::thousands;
 
@@ -149,7 +149,10 @@ pub struct PacedFigures {
     pub cpu: CpuPerRequest,
 }
 
-/// Both sides at `offered` requests per second, each after a warm-up.
+/// Both sides at `offered` requests per second, each after a warm-up, taking
+/// turns in `rounds` slices of `window`, so that a slow spell of a shared
+/// machine falls on both; each side's figures pool its slices.
+#[allow(clippy::too_many_arguments)]
 pub async fn measure(
     base: &str,
     key: &str,
@@ -157,28 +160,52 @@ pub async fn measure(
     nats_pid: u32,
     offered: usize,
     window: Duration,
+    rounds: u32,
     bar: &indicatif::ProgressBar,
 ) -> anyhow::Result<super::ProxyRun> {
-    let direct = Side::direct(upstream)?;
-    let proxied = Side::proxied(base, key)?;
-    let mut measured = Vec::new();
-    for side in [direct, proxied] {
+    let sides = [Side::direct(upstream)?, Side::proxied(base, key)?];
+    for side in &sides {
         phase(bar, format!("{} at {offered}/s: settling", side.name));
         super::settle().await;
         phase(bar, format!("{} at {offered}/s: warm-up", side.name));
-        paced(&side, offered, WARM_UP).await;
-        phase(bar, format!("{} at {offered}/s", side.name));
-        let cpu = CpuMark::now(nats_pid);
-        let mut figures = paced(&side, offered, window).await;
-        figures.cpu = cpu.per_request(nats_pid, figures.ok);
-        measured.push(figures);
+        paced(side, offered, WARM_UP).await;
     }
-    let proxied = measured.pop().expect("two sides were measured");
-    let direct = measured.pop().expect("two sides were measured");
+    let slice = window / rounds;
+    let mut pooled: [Option<Paced>; 2] = [None, None];
+    let mut round_added_p99_ms = Vec::new();
+    for round in 1..=rounds {
+        let mut p99_ms = [0.0; 2];
+        for (i, (side, pool)) in sides.iter().zip(&mut pooled).enumerate() {
+            phase(
+                bar,
+                format!(
+                    "{} at {offered}/s, round {round} of {rounds}: settling",
+                    side.name
+                ),
+            );
+            super::settle().await;
+            phase(
+                bar,
+                format!("{} at {offered}/s, round {round} of {rounds}", side.name),
+            );
+            let cpu = CpuMark::now(nats_pid);
+            let mut measured = paced(side, offered, slice).await;
+            measured.cpu = cpu.spent(nats_pid);
+            p99_ms[i] = Percentiles::of(&mut measured.latencies).p99_ms;
+            match pool {
+                Some(pool) => pool.absorb(measured),
+                None => *pool = Some(measured),
+            }
+        }
+        round_added_p99_ms.push(p99_ms[1] - p99_ms[0]);
+    }
+    let [direct, proxied] = pooled.map(|pool| pool.expect("every round measures both sides"));
+    let (direct, proxied) = (direct.figures(offered), proxied.figures(offered));
     Ok(super::ProxyRun {
         offered_per_sec: offered,
         added_p50_ms: proxied.latency.p50_ms - direct.latency.p50_ms,
         added_p99_ms: proxied.latency.p99_ms - direct.latency.p99_ms,
+        round_added_p99_ms,
         direct,
         proxied,
     })
@@ -284,9 +311,60 @@ impl Side {
     }
 }
 
+/// What [`paced`] saw of one side: counts, latencies, and the time the
+/// requests took from the first tick to the last answer, summed over the
+/// windows it pools.
+struct Paced {
+    sent: u64,
+    skipped: u64,
+    ok: u64,
+    failed: u64,
+    first_failure: Option<String>,
+    sending: Duration,
+    answering: Duration,
+    /// Of the answered requests, in nanoseconds.
+    latencies: Vec<u64>,
+    cpu: CpuSpent,
+}
+
+impl Paced {
+    fn absorb(&mut self, other: Paced) {
+        self.sent += other.sent;
+        self.skipped += other.skipped;
+        self.ok += other.ok;
+        self.failed += other.failed;
+        if self.first_failure.is_none() {
+            self.first_failure = other.first_failure;
+        }
+        self.sending += other.sending;
+        self.answering += other.answering;
+        self.latencies.extend(other.latencies);
+        self.cpu.add(other.cpu);
+    }
+
+    fn figures(mut self, offered: usize) -> PacedFigures {
+        let done_per_sec = rate(self.ok, self.answering.as_secs_f64());
+        PacedFigures {
+            sent: self.sent,
+            skipped: self.skipped,
+            ok: self.ok,
+            failed: self.failed,
+            sent_per_sec: rate(self.sent, self.sending.as_secs_f64()),
+            done_per_sec,
+            latency: Percentiles::of(&mut self.latencies),
+            sustained: self.skipped == 0
+                && self.failed == 0
+                && self.ok == self.sent
+                && done_per_sec >= offered as f64 * SUSTAINED_SHARE,
+            cpu: self.cpu.per_request(self.ok),
+            first_failure: self.first_failure,
+        }
+    }
+}
+
 /// Offers `side` one request per tick at `offered`/s for `window`, then waits
 /// for the answers still out.
-async fn paced(side: &Side, offered: usize, window: Duration) -> PacedFigures {
+async fn paced(side: &Side, offered: usize, window: Duration) -> Paced {
     let period = Duration::from_secs_f64(1.0 / offered as f64);
     let mut ticks = tokio::time::interval(period);
     ticks.set_missed_tick_behavior(MissedTickBehavior::Burst);
@@ -318,21 +396,19 @@ async fn paced(side: &Side, offered: usize, window: Duration) -> PacedFigures {
             drop(permit);
         });
     }
-    let sent_for = started.elapsed();
+    let sending = started.elapsed();
     drop(answers);
-    let mut figures = PacedFigures {
+    let mut paced = Paced {
         sent,
         skipped,
         ok: 0,
         failed: 0,
         first_failure: None,
-        sent_per_sec: rate(sent, sent_for.as_secs_f64()),
-        done_per_sec: 0.0,
-        latency: Percentiles::default(),
-        sustained: false,
-        cpu: CpuPerRequest::default(),
+        sending,
+        answering: Duration::ZERO,
+        latencies: Vec::with_capacity(sent as usize),
+        cpu: CpuSpent::default(),
     };
-    let mut latencies = Vec::with_capacity(sent as usize);
     let mut last = started;
     let tail = tokio::time::sleep(TAIL_TIMEOUT);
     tokio::pin!(tail);
@@ -347,20 +423,15 @@ async fn paced(side: &Side, offered: usize, window: Duration) -> PacedFigures {
         last = last.max(at);
         match outcome {
             Ok(()) => {
-                figures.ok += 1;
-                latencies.push(took.as_nanos() as u64);
+                paced.ok += 1;
+                paced.latencies.push(took.as_nanos() as u64);
             }
             Err(why) => {
-                figures.failed += 1;
-                figures.first_failure.get_or_insert(why);
+                paced.failed += 1;
+                paced.first_failure.get_or_insert(why);
             }
         }
     }
-    figures.done_per_sec = rate(figures.ok, (last - started).as_secs_f64());
-    figures.latency = Percentiles::of(&mut latencies);
-    figures.sustained = figures.skipped == 0
-        && figures.failed == 0
-        && figures.ok == figures.sent
-        && figures.done_per_sec >= offered as f64 * SUSTAINED_SHARE;
-    figures
+    paced.answering = last - started;
+    paced
 }

@@ -298,12 +298,12 @@ pub(crate) struct CpuSpent {
 }
 
 impl CpuSpent {
-    fn add(&mut self, more: CpuSpent) {
+    pub(crate) fn add(&mut self, more: CpuSpent) {
         self.this_process += more.this_process;
         self.nats_server += more.nats_server;
     }
 
-    fn per_request(self, requests: u64) -> CpuPerRequest {
+    pub(crate) fn per_request(self, requests: u64) -> CpuPerRequest {
         let per = |seconds: f64| share(seconds * 1e6, requests as f64);
         CpuPerRequest {
             this_process_us: per(self.this_process),
