@@ -359,6 +359,11 @@ async fn serve(
             tracing::error!(%error, "a gateway request task failed");
         }
     }
+    // The last answers may still be queued in the client: once `stop`
+    // returns, the connection may be closed, and they would be lost with it.
+    if let Err(error) = gateway.bus.flush().await {
+        tracing::warn!(%error, "flushing the gateway's last answers failed");
+    }
     // Stores the refusals not yet reported.
     gateway.limiters.shutdown().await;
 }
