@@ -102,13 +102,14 @@ impl Folded {
         }
     }
 
-    /// Drops, in batches (once the fold holds `keep` plus as many again),
-    /// what no context will hold: answered exchanges older than the newest
-    /// `keep` answered ones, and failed ones. Unended exchanges stay: their
-    /// turns are running. So a long conversation's fold stays as small as its
-    /// context.
+    /// Drops, in batches (once the fold holds a quarter more than `keep`, 16
+    /// at least), what no context will hold: answered exchanges older than
+    /// the newest `keep` answered ones, and failed ones. Unended exchanges
+    /// stay: their turns are running. So a long conversation's fold stays
+    /// about as small as its context, and the cache holds as many busy
+    /// conversations as it can.
     fn trim(&mut self) {
-        let slack = self.keep.max(16);
+        let slack = (self.keep / 4).max(16);
         if self.exchanges.len() <= self.keep.saturating_add(slack) {
             return;
         }
