@@ -156,8 +156,8 @@ pub struct ProxyRun {
     pub proxied: PacedFigures,
     /// Of the pooled rounds.
     pub added_p50_ms: f64,
+    /// The median of the rounds' own, [`Self::round_added_p99_ms`].
     pub added_p99_ms: f64,
-    /// Each round's own, for the spread.
     pub round_added_p99_ms: Vec<f64>,
 }
 
@@ -502,7 +502,7 @@ async fn measure_all(
             .map(|ms| format!("{ms:+.3}"))
             .collect();
         show(format!(
-            "  {:>8} added: p50 {:+.3} ms, p99 {:+.3} ms (p99 by round: {} ms)",
+            "  {:>8} added: p50 {:+.3} ms, p99 {:+.3} ms (median of the rounds: {} ms)",
             "",
             run.added_p50_ms,
             run.added_p99_ms,
