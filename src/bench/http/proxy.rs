@@ -173,7 +173,7 @@ pub async fn measure(
         paced(side, offered, WARM_UP).await;
     }
     let slice = window / rounds;
-    let mut pooled: [Option<Paced>; 2] = [None, None];
+    let mut pooled = [Paced::default(), Paced::default()];
     let mut round_added_p99_ms = Vec::new();
     for round in 1..=rounds {
         let mut p99_ms = [0.0; 2];
@@ -194,15 +194,11 @@ pub async fn measure(
             let mut measured = paced(side, offered, slice).await;
             measured.cpu = cpu.spent(nats_pid);
             p99_ms[i] = Percentiles::of(&mut measured.latencies).p99_ms;
-            match pool {
-                Some(pool) => pool.absorb(measured),
-                None => *pool = Some(measured),
-            }
+            pool.absorb(measured);
         }
         round_added_p99_ms.push(p99_ms[1] - p99_ms[0]);
     }
-    let [direct, proxied] = pooled.map(|pool| pool.expect("every round measures both sides"));
-    let (direct, proxied) = (direct.figures(offered), proxied.figures(offered));
+    let [direct, proxied] = pooled.map(|pool| pool.figures(offered));
     Ok(super::ProxyRun {
         offered_per_sec: offered,
         added_p50_ms: proxied.latency.p50_ms - direct.latency.p50_ms,
@@ -319,6 +315,7 @@ impl Side {
 /// What [`paced`] saw of one side: counts, latencies, and the time the
 /// requests took from the first tick to the last answer, summed over the
 /// windows it pools.
+#[derive(Default)]
 struct Paced {
     sent: u64,
     skipped: u64,
