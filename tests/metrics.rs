@@ -180,6 +180,16 @@ async fn metrics_after_a_small_load_have_the_values_of_that_load() {
     assert_eq!(value("switchboard_live_actors{kind=\"rate_limiter\"}"), 1.0);
     assert!(value("switchboard_live_actors{kind=\"conversation\"}") <= 2.0);
     assert!(value("switchboard_passivations_total{reason=\"capacity\"}") >= 1.0);
+    // Each turn found its context in the fold its conversation's actor keeps:
+    // no read of the log.
+    assert_eq!(
+        value("switchboard_turn_context_reads_total{from=\"cache\"}"),
+        3.0
+    );
+    assert!(
+        !metrics.contains_key("switchboard_turn_context_reads_total{from=\"log_whole\"}"),
+        "{metrics:#?}"
+    );
     assert_eq!(
         value(&format!(
             "switchboard_rate_limit_refusals_total{{key_id=\"{key_id}\",limit=\"rpm\"}}"

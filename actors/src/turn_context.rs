@@ -310,8 +310,12 @@ impl ContextReader {
             // the fold are read here.
             let current = message_id.is_some_and(|id| folded.holds_routed(id));
             let folding = if current {
+                metrics::counter!("switchboard_turn_context_reads_total", "from" => "cache")
+                    .increment(1);
                 Ok(())
             } else {
+                metrics::counter!("switchboard_turn_context_reads_total", "from" => "log_tail")
+                    .increment(1);
                 self.counted_read();
                 fold_after(&self.log, &stream, &mut folded)
             };
@@ -322,6 +326,8 @@ impl ContextReader {
             return context;
         }
         let keep = self.keep.load(Ordering::Relaxed);
+        metrics::counter!("switchboard_turn_context_reads_total", "from" => "log_whole")
+            .increment(1);
         self.counted_read();
         let folded =
             fold_stream(&self.log, &stream, 1, Folded::keeping(keep), Folded::apply).await?;
