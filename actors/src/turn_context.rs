@@ -244,6 +244,17 @@ impl Folded {
     }
 }
 
+/// Where [`ContextReader::read`] found a context.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ContextFrom {
+    /// The cached fold, kept up by the conversation's actor: nothing read.
+    Cache,
+    /// The cached fold and the events after it, read from the log.
+    LogTail,
+    /// The whole stream, read from the log.
+    LogWhole,
+}
+
 /// Reads turn contexts from the log, through the cache; see the module doc.
 pub(crate) struct ContextReader {
     log: EventLog,
@@ -310,13 +321,10 @@ impl ContextReader {
             // the fold are read here.
             let current = message_id.is_some_and(|id| folded.holds_routed(id));
             let folding = if current {
-                metrics::counter!("switchboard_turn_context_reads_total", "from" => "cache")
-                    .increment(1);
+                self.counted(ContextFrom::Cache);
                 Ok(())
             } else {
-                metrics::counter!("switchboard_turn_context_reads_total", "from" => "log_tail")
-                    .increment(1);
-                self.counted_read();
+                self.counted(ContextFrom::LogTail);
                 fold_after(&self.log, &stream, &mut folded)
             };
             let bytes = folded.bytes;
@@ -326,9 +334,7 @@ impl ContextReader {
             return context;
         }
         let keep = self.keep.load(Ordering::Relaxed);
-        metrics::counter!("switchboard_turn_context_reads_total", "from" => "log_whole")
-            .increment(1);
-        self.counted_read();
+        self.counted(ContextFrom::LogWhole);
         let folded =
             fold_stream(&self.log, &stream, 1, Folded::keeping(keep), Folded::apply).await?;
         let context = folded.context(&stream, message_id);
@@ -375,10 +381,19 @@ impl ContextReader {
         self.weigh(stream, &cached, bytes);
     }
 
-    /// Counts a read of the log, in the tests.
-    fn counted_read(&self) {
+    /// Counts where a context came from (`switchboard_turn_context_reads_total`),
+    /// and, in the tests, the reads of the log.
+    fn counted(&self, from: ContextFrom) {
+        let label = match from {
+            ContextFrom::Cache => "cache",
+            ContextFrom::LogTail => "log_tail",
+            ContextFrom::LogWhole => "log_whole",
+        };
+        metrics::counter!("switchboard_turn_context_reads_total", "from" => label).increment(1);
         #[cfg(test)]
-        self.reads.fetch_add(1, Ordering::Relaxed);
+        if from != ContextFrom::Cache {
+            self.reads.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     fn cached(&self, stream: &StreamId) -> Option<Arc<Mutex<Folded>>> {
