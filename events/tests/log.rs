@@ -1048,14 +1048,27 @@ fn records_of_one_group_share_rows_and_every_read_finds_each_of_them() {
     assert_eq!(stream_events(&log, &stream, 60).len(), 12);
 }
 
-/// The stream index entries of `stream` in the log in `dir`, read with sled
-/// directly: each entry's first version and its value's length.
+/// The stream index entries of `stream` in the closed log in `dir`, read
+/// with sled directly: each entry's first version and its value's length.
 fn stream_entries(dir: &Path, stream: &str) -> Vec<(u64, usize)> {
+    entries_of(dump(dir), stream)
+}
+
+/// [`stream_entries`] in the tree of the open `log`.
+fn stream_entries_open(log: &EventLog, stream: &str) -> Vec<(u64, usize)> {
+    let tree = log.db().open_tree("log").expect("the log tree");
+    let rows = tree.iter().map(|entry| {
+        let (key, value) = entry.expect("read an entry");
+        (key.to_vec(), value.to_vec())
+    });
+    entries_of(rows.collect(), stream)
+}
+
+fn entries_of(rows: Vec<(Vec<u8>, Vec<u8>)>, stream: &str) -> Vec<(u64, usize)> {
     let mut prefix = vec![b's'];
     prefix.extend_from_slice(stream.as_bytes());
     prefix.push(0);
-    dump(dir)
-        .into_iter()
+    rows.into_iter()
         .filter(|(key, _)| key.starts_with(&prefix))
         .map(|(key, value)| {
             let version = u64::from_be_bytes(key[prefix.len()..].try_into().expect("8 bytes"));
@@ -1064,11 +1077,12 @@ fn stream_entries(dir: &Path, stream: &str) -> Vec<(u64, usize)> {
         .collect()
 }
 
-/// The events of one append share one stream index entry (a single seq for
-/// one event, as every entry was before, or first seq and count); stream
-/// reads start anywhere inside one.
+/// A stream's appends share one stream index entry (first seq and count of
+/// each, 16 bytes apiece; a single seq for one event, as every entry was
+/// before), written into the tree after their flush, and at the latest when
+/// the log closes; stream reads start anywhere inside one, before and after.
 #[test]
-fn an_appends_events_share_one_stream_entry_and_reads_start_inside_it() {
+fn a_streams_appends_share_one_stream_entry_and_reads_start_inside_it() {
     let dir = TempDir::new().expect("temp dir");
     let stream = conv("runs");
     let written = {
@@ -1083,16 +1097,25 @@ fn an_appends_events_share_one_stream_entry_and_reads_start_inside_it() {
             )
             .expect("append elsewhere");
         }
-        stream_events(&log, &stream, 1)
+        let written = stream_events(&log, &stream, 1);
+        // Not in the tree yet: read from what the log holds back.
+        assert_eq!(stream_entries_open(&log, "conv/runs"), []);
+        for from in 0..=17u64 {
+            let skip = from.saturating_sub(1).min(16) as usize;
+            let read = stream_events(&log, &stream, from);
+            assert_eq!(
+                read,
+                written[skip..],
+                "read_stream(runs, {from}) while open"
+            );
+        }
+        written
     };
     assert_eq!(written.len(), 16);
     let contents: Vec<_> = written.iter().map(content_of).collect();
     let expected: Vec<_> = (1..17).map(|n| format!("message number {n:06}")).collect();
     assert_eq!(contents, expected);
-    assert_eq!(
-        stream_entries(dir.path(), "conv/runs"),
-        [(1, 16), (11, 8), (12, 16)]
-    );
+    assert_eq!(stream_entries(dir.path(), "conv/runs"), [(1, 3 * 16)]);
 
     let log = open(dir.path());
     for from in 0..=17u64 {
@@ -1105,6 +1128,74 @@ fn an_appends_events_share_one_stream_entry_and_reads_start_inside_it() {
     log.append_blocking(stream.clone(), ExpectedVersion::Exact(16), messages(17..19))
         .expect("append at the version after the entries");
     assert_eq!(stream_events(&log, &stream, 16).len(), 3);
+}
+
+/// What a crash leaves of the stream index: entries written since the last
+/// flush lost, and the `mindexed` marker no further than the first record
+/// without an entry. Opening the log writes an entry for each record past
+/// the marker that no entry covers: reads, versions and `verify` agree with
+/// the records, and no event is counted twice.
+#[test]
+fn stream_index_entries_a_crash_lost_are_written_again_at_open() {
+    let dir = TempDir::new().expect("temp dir");
+    let (a, b) = (conv("a"), conv("b"));
+    let written: Vec<(StreamId, Vec<Envelope>)> = {
+        let log = open(dir.path());
+        for n in 0..40u64 {
+            let stream = if n % 4 == 0 { &b } else { &a };
+            log.append_blocking(
+                stream.clone(),
+                ExpectedVersion::Any,
+                messages(n * 2 + 1..n * 2 + 3),
+            )
+            .expect("append");
+        }
+        // a's first 16 appends filled an entry; the rest waited for the close.
+        assert_eq!(stream_entries_open(&log, "conv/a"), [(1, 16 * 16)]);
+        assert_eq!(stream_entries_open(&log, "conv/b"), []);
+        [a.clone(), b.clone()]
+            .map(|stream| (stream.clone(), stream_events(&log, &stream, 1)))
+            .into()
+    };
+    assert_eq!(written[0].1.len() + written[1].1.len(), 80);
+    assert_eq!(
+        stream_entries(dir.path(), "conv/a"),
+        [(1, 256), (33, 14 * 16)]
+    );
+    assert_eq!(stream_entries(dir.path(), "conv/b"), [(1, 10 * 16)]);
+    tamper(dir.path(), |tree| {
+        for (stream, version) in [("conv/a", 33u64), ("conv/b", 1)] {
+            let mut key = format!("s{stream}\0").into_bytes();
+            key.extend_from_slice(&version.to_be_bytes());
+            tree.remove(key)
+                .expect("remove")
+                .expect("the entry was there");
+        }
+        // b's first record, seq 1, lost its entry: the marker stays before it.
+        tree.insert(b"mindexed", &0u64.to_be_bytes())
+            .expect("insert");
+    });
+
+    let log = open(dir.path());
+    for (stream, events) in &written {
+        assert_eq!(&stream_events(&log, stream, 1), events, "{stream}");
+        assert_eq!(stream_events(&log, stream, 10), events[9..], "{stream}");
+        let version = log.stream_version(stream).expect("version");
+        assert_eq!(version, events.len() as u64, "{stream}");
+    }
+    assert_eq!(log.verify_chain(|_| {}).expect("verifies").records, 80);
+    // a's entry of 16 appends covered its first 32 records: none for them.
+    let a_entries = stream_entries_open(&log, "conv/a");
+    assert_eq!(a_entries.len(), 1 + 28, "{a_entries:?}");
+    assert_eq!(a_entries[..2], [(1, 256), (33, 8)]);
+    assert_eq!(stream_entries_open(&log, "conv/b").len(), 20);
+    log.append_blocking(a.clone(), ExpectedVersion::Exact(60), messages(81..83))
+        .expect("append after the repair");
+    assert_eq!(stream_events(&log, &a, 60).len(), 3);
+    drop(log);
+    let log = open(dir.path());
+    assert_eq!(log.verify_chain(|_| {}).expect("verifies").records, 82);
+    assert_eq!(log.stream_version(&a).expect("version"), 62);
 }
 
 // ---- reopening --------------------------------------------------------------

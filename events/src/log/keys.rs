@@ -5,10 +5,13 @@
 //! |---|---|
 //! | `r` seq | one record: chain hash (32 bytes) ‖ encoded record |
 //! | `r` first seq ‖ last seq | the records `first..=last` of one group commit, each as chain hash ‖ length (u32, little-endian) ‖ encoded record |
-//! | `s` stream `0x00` version | seq: one event; or first seq ‖ count: the `count` events of one append, from `version` and `seq` on |
+//! | `s` stream `0x00` version | seq: one event; or, for each of one or more consecutive appends of the stream, first seq ‖ count: its `count` events, the first entry's from `version` on |
 //! | `i` event id (16 bytes) | seq: an id that is not time-ordered (not UUID v7), or any id in logs written before `t` rows |
 //! | `t` milliseconds (the first 6 bytes of a v7 id) ‖ group's first seq | the v7 ids of one group commit created in that millisecond: each as the id's other 10 bytes ‖ seq |
-//! | `m` name | log metadata: `mformat` marker, `mhead` last seq ‖ hash, `mgroup` first seq ‖ last seq |
+//! | `m` name | log metadata: `mformat` marker, `mhead` last seq ‖ hash, `mgroup` first seq ‖ last seq, `mindexed` seq |
+//!
+//! The `s` entries of a group are written after its flush (see
+//! [`super::stream_index`]); `mindexed` is the seq up to which they all are.
 
 use uuid::Uuid;
 
@@ -59,6 +62,11 @@ pub fn parse_group(value: &[u8]) -> Option<(u64, u64)> {
     let last = u64::from_be_bytes(value.get(8..16)?.try_into().ok()?);
     Some((first, last))
 }
+
+/// Every record up to this seq (u64, big-endian) has its stream index entry
+/// in the tree; the entries of the records after it are written again at
+/// open. A log without it was written with each group's entries in the group.
+pub const INDEXED_KEY: &[u8] = b"mindexed";
 
 /// Marks a sled tree as a switchboard log; checked at open.
 pub const FORMAT_KEY: &[u8] = b"mformat";
@@ -167,25 +175,35 @@ pub fn seq_value(value: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(value.try_into().ok()?))
 }
 
-/// The value of a stream index entry for `count` events of one append, the
-/// first of them at `first_seq`: a single seq for one event.
-pub fn stream_run_value(first_seq: u64, count: u64) -> Vec<u8> {
-    let mut value = first_seq.to_be_bytes().to_vec();
-    if count > 1 {
+/// The value of a stream index entry: for each of its appends, in version
+/// order, the first seq and the number of events; a single seq for one
+/// event.
+pub fn stream_runs_value(runs: &[(u64, u64)]) -> Vec<u8> {
+    if let [(seq, 1)] = runs {
+        return seq.to_be_bytes().to_vec();
+    }
+    let mut value = Vec::with_capacity(runs.len() * 16);
+    for (first_seq, count) in runs {
+        value.extend_from_slice(&first_seq.to_be_bytes());
         value.extend_from_slice(&count.to_be_bytes());
     }
     value
 }
 
-/// The first seq and the number of events of a stream index entry.
-pub fn stream_run(value: &[u8]) -> Option<(u64, u64)> {
-    match value.len() {
-        8 => Some((seq_value(value)?, 1)),
-        16 => {
-            let first = seq_value(&value[..8])?;
-            let count = seq_value(&value[8..])?;
-            (count > 1).then_some((first, count))
-        }
-        _ => None,
+/// The appends of a stream index entry: first seq and number of events of
+/// each, at least one.
+pub fn stream_runs(value: &[u8]) -> Option<Vec<(u64, u64)>> {
+    if value.len() == 8 {
+        return Some(vec![(seq_value(value)?, 1)]);
     }
+    if value.is_empty() || !value.len().is_multiple_of(16) {
+        return None;
+    }
+    value
+        .chunks_exact(16)
+        .map(|run| {
+            let count = seq_value(&run[8..])?;
+            (count >= 1).then_some((seq_value(&run[..8])?, count))
+        })
+        .collect()
 }

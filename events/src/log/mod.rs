@@ -11,6 +11,7 @@ mod keys;
 mod lock;
 mod read;
 mod repair;
+mod stream_index;
 mod tail;
 mod verify;
 mod writer;
@@ -142,6 +143,8 @@ struct Shared {
     head: watch::Receiver<u64>,
     /// The newest durable records, decoded, for live followers.
     tail: Arc<tail::Tail>,
+    /// Stream index entries not in the tree yet.
+    unindexed: Arc<stream_index::Unindexed>,
     db: sled::Db,
     tree: sled::Tree,
     /// The data dir's lock. Readers that outlive the log (subscriptions,
@@ -295,6 +298,7 @@ impl EventLog {
             )));
         }
 
+        let indexed = stream_index::catch_up(&tree, last_seq).map_err(corrupt)?;
         let newest_v7 = writer::newest_v7_id(&tree).map_err(|e| corrupt(e.to_string()))?;
         let mut lock = lock;
         lock.claim().map_err(|source| OpenError::Io {
@@ -304,12 +308,19 @@ impl EventLog {
         let (head_tx, head_rx) = watch::channel(last_seq);
         let (appends_tx, appends_rx) = mpsc::channel(8192);
         let tail = Arc::new(tail::Tail::default());
+        let unindexed = Arc::new(stream_index::Unindexed::new(indexed));
         let writer = Arc::new(Mutex::new(writer::Writer {
             tree: tree.clone(),
             next_seq: last_seq + 1,
             last_hash,
             versions: Default::default(),
-            durable: Arc::new(writer::Durability::new(db.clone(), head_tx, tail.clone())),
+            durable: Arc::new(writer::Durability::new(
+                db.clone(),
+                tree.clone(),
+                unindexed.clone(),
+                head_tx,
+                tail.clone(),
+            )),
             newest_v7,
         }));
         let thread_writer = writer.clone();
@@ -328,6 +339,7 @@ impl EventLog {
                 writer_thread: Mutex::new(Some(handle)),
                 head: head_rx,
                 tail,
+                unindexed,
                 db,
                 tree,
                 lock: Arc::new(lock),
@@ -400,7 +412,12 @@ impl EventLog {
 
     /// The current version of a stream (0 when it has no events).
     pub fn stream_version(&self, stream: &StreamId) -> Result<u64, ReadError> {
-        writer::stream_version_through(&self.shared.tree, stream, self.head())
+        writer::stream_version_through(
+            &self.shared.tree,
+            &self.shared.unindexed,
+            stream,
+            self.head(),
+        )
     }
 
     /// The data dir this log lives in.

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use uuid::Uuid;
 
+use super::stream_index::Run;
 use super::{keys, EventLog};
 use crate::codec::{self, DecodeError};
 use crate::envelope::{Envelope, StreamId};
@@ -261,7 +262,14 @@ pub struct StreamIter {
     tree: sled::Tree,
     tail: Arc<super::tail::Tail>,
     index: sled::Iter,
-    from_version: u64,
+    /// The appends of the entry read last, still to read.
+    appends: VecDeque<Run>,
+    /// The stream's appends not in the tree's index when the read began,
+    /// read after `index`: they follow its entries (or repeat the last ones).
+    unindexed: VecDeque<Run>,
+    /// The version of the next event to read: an entry's events before it
+    /// are skipped.
+    next_version: u64,
     /// The entry being read: its next seq and how many of its events are left.
     run: (u64, u64),
     /// The records of the row read last: an append's events share rows.
@@ -277,20 +285,36 @@ impl Iterator for StreamIter {
 
     fn next(&mut self) -> Option<Self::Item> {
         while self.run.1 == 0 {
-            let entry = match self.queued.pop_front() {
-                Some(entry) => entry,
-                None => self.index.next()?.map_err(ReadError::from),
+            let append = match self.appends.pop_front() {
+                Some(append) => append,
+                None => {
+                    let stored = match self.queued.pop_front() {
+                        Some(entry) => Some(entry),
+                        None => self
+                            .index
+                            .next()
+                            .map(|entry| entry.map_err(ReadError::from)),
+                    };
+                    match stored
+                        .map(|entry| entry.and_then(|(key, value)| StreamEntry::parse(key, value)))
+                    {
+                        Some(Ok(entry)) => {
+                            self.appends.extend(entry.appends());
+                            continue;
+                        }
+                        Some(Err(e)) => return Some(Err(e)),
+                        None => self.unindexed.pop_front()?,
+                    }
+                }
             };
-            let entry = match entry.and_then(|(key, value)| StreamEntry::parse(key, value)) {
-                Ok(entry) => entry,
-                Err(e) => return Some(Err(e)),
-            };
-            // The entry holding `from_version` may start before it.
+            // The append holding the start may begin before it, and one
+            // written into the tree since the read began comes twice.
             let skip = self
-                .from_version
-                .saturating_sub(entry.first_version)
-                .min(entry.count);
-            self.run = (entry.first_seq.saturating_add(skip), entry.count - skip);
+                .next_version
+                .saturating_sub(append.first_version)
+                .min(append.count);
+            self.run = (append.first_seq.saturating_add(skip), append.count - skip);
+            self.next_version = self.next_version.max(append.end_version());
         }
         let seq = self.run.0;
         // Versions grow with seqs: past the head, the rest is not durable yet.
@@ -314,14 +338,14 @@ pub(super) struct StreamEntry {
     pub key: sled::IVec,
     pub value: sled::IVec,
     pub first_version: u64,
-    pub first_seq: u64,
-    pub count: u64,
+    /// Its appends' first seq and number of events, in version order.
+    pub runs: Vec<(u64, u64)>,
 }
 
 impl StreamEntry {
     fn parse(key: sled::IVec, value: sled::IVec) -> Result<StreamEntry, ReadError> {
-        let Some((first_version, (first_seq, count))) =
-            keys::stream_entry_version(&key).zip(keys::stream_run(&value))
+        let Some((first_version, runs)) =
+            keys::stream_entry_version(&key).zip(keys::stream_runs(&value))
         else {
             return Err(ReadError::Corrupt {
                 seq: 0,
@@ -332,19 +356,51 @@ impl StreamEntry {
             key,
             value,
             first_version,
-            first_seq,
-            count,
+            runs,
         })
+    }
+
+    /// The seq of its first event.
+    pub fn first_seq(&self) -> u64 {
+        self.runs[0].0
+    }
+
+    /// Its appends as runs, with their versions.
+    pub fn appends(&self) -> impl Iterator<Item = Run> + '_ {
+        let mut version = self.first_version;
+        self.runs.iter().map(move |&(first_seq, count)| {
+            let run = Run {
+                first_version: version,
+                first_seq,
+                count,
+            };
+            version = version.saturating_add(count);
+            run
+        })
+    }
+
+    /// The number of events it stands for.
+    pub fn count(&self) -> u64 {
+        self.runs
+            .iter()
+            .fold(0u64, |sum, (_, count)| sum.saturating_add(*count))
     }
 
     /// The version of the entry's last event.
     pub fn last_version(&self) -> u64 {
-        self.first_version.saturating_add(self.count - 1)
+        self.first_version.saturating_add(self.count() - 1)
     }
 
-    /// Whether the entry's events include the one at `version`.
+    /// Whether its events include the one at `version`.
     pub fn holds(&self, version: u64) -> bool {
-        (self.first_version..self.first_version.saturating_add(self.count)).contains(&version)
+        self.first_version <= version && version <= self.last_version()
+    }
+
+    /// The seq of its event at `version`, if it has that event.
+    pub fn seq_of(&self, version: u64) -> Option<u64> {
+        self.appends()
+            .find(|run| run.first_version <= version && version < run.end_version())
+            .and_then(|run| run.first_seq.checked_add(version - run.first_version))
     }
 }
 
@@ -479,6 +535,8 @@ impl EventLog {
 
     /// The events of `stream` from `from_version` on, in order.
     pub fn read_stream(&self, stream: &StreamId, from_version: u64) -> StreamIter {
+        // Before the tree: an entry leaves `unindexed` once it is there.
+        let unindexed = self.shared.unindexed.of(stream).into();
         let tree = &self.shared.tree;
         let end = {
             let mut end = keys::stream_prefix(stream);
@@ -503,7 +561,9 @@ impl EventLog {
             tree: tree.clone(),
             tail: self.shared.tail.clone(),
             index,
-            from_version,
+            appends: VecDeque::new(),
+            unindexed,
+            next_version: from_version,
             run: (0, 0),
             row: Vec::new(),
             durable: Durable::new(&self.shared.head),

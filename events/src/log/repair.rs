@@ -85,13 +85,15 @@ pub(super) fn cut_unfinished_group(
                 head_seq + 1,
             ));
         }
-        // An append's stream entry is keyed by its first event's version.
+        // Logs written before stream index entries waited for the flush
+        // have the cut group's: an append's entry is keyed by its first
+        // event's version.
         let stream = keys::stream_entry(&envelope.stream, envelope.version);
         let starts_here = tree
             .get(&stream)
             .map_err(|e| e.to_string())?
-            .and_then(|value| keys::stream_run(&value))
-            .is_some_and(|(first, _)| first == *seq);
+            .and_then(|value| keys::stream_runs(&value))
+            .is_some_and(|runs| runs[0].0 == *seq);
         if starts_here {
             tree.remove(stream).map_err(|e| e.to_string())?;
         }

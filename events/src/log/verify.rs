@@ -46,6 +46,11 @@ impl EventLog {
         let tree = &self.shared.tree;
         // Appends may go on while this runs: check the log up to where it stood.
         let head = self.head();
+        // The stream index entries of the last groups may not be in the tree yet.
+        self.shared
+            .unindexed
+            .write_through(tree, head)
+            .map_err(ReadError::from)?;
         let mut previous = [0u8; 32];
         let mut expected = 1u64;
         let mut records = self.read_range(1, head);
@@ -79,12 +84,9 @@ impl EventLog {
                     read::stream_entry_holding(tree, &envelope.stream, envelope.version)?
                         .map(|entry| (envelope.stream.clone(), entry));
             }
-            let points_here = stream_entry.as_ref().is_some_and(|(_, entry)| {
-                entry
-                    .first_seq
-                    .checked_add(envelope.version - entry.first_version)
-                    == Some(raw.seq)
-            });
+            let points_here = stream_entry
+                .as_ref()
+                .is_some_and(|(_, entry)| entry.seq_of(envelope.version) == Some(raw.seq));
             if !points_here {
                 return Err(index_detail("the stream index does not point at it"));
             }
@@ -153,12 +155,16 @@ impl EventLog {
 }
 
 /// Events the stream index has entries for, up to `head`: an entry stands
-/// for the events of one append.
+/// for the events of one or more appends.
 fn stream_entries(tree: &sled::Tree, head: u64) -> Result<u64, ChainBreak> {
     let mut entries = 0u64;
     for entry in tree.scan_prefix([keys::STREAM]) {
         let (_, value) = entry.map_err(ReadError::from)?;
-        if let Some((_, count)) = keys::stream_run(&value).filter(|&(first, _)| first <= head) {
+        for (_, count) in keys::stream_runs(&value)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|&(first, _)| first <= head)
+        {
             entries = entries.saturating_add(count);
         }
     }

@@ -32,6 +32,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
 
+use super::stream_index::{Run, Unindexed};
 use super::tail::Tail;
 use super::{keys, AppendError, Appended, ExpectedVersion, Position, ReadError};
 use crate::codec;
@@ -200,6 +201,8 @@ struct Overlay {
     rows: Rows,
     /// The group's v7 ids and their seqs, for its `t` rows.
     timed_ids: Vec<(Uuid, u64)>,
+    /// The group's stream index entries, one per append.
+    runs: Vec<(StreamId, Run)>,
 }
 
 impl Overlay {
@@ -226,6 +229,8 @@ struct Written {
     last_seq: Option<u64>,
     /// Its new records, in seq order, with their encoded lengths.
     records: Vec<(Arc<Envelope>, usize)>,
+    /// Its stream index entries, written into the tree once it is durable.
+    runs: Vec<(StreamId, Run)>,
     answers: Vec<(Reply, Result<Appended, AppendError>)>,
 }
 
@@ -233,6 +238,9 @@ struct Written {
 /// publishing them to followers and answering their appenders.
 pub struct Durability {
     db: sled::Db,
+    tree: sled::Tree,
+    /// Stream index entries of written groups, until they are in the tree.
+    pub unindexed: Arc<Unindexed>,
     /// The durable head, published after each flush.
     head: watch::Sender<u64>,
     /// Where each group's records go once durable, for live followers.
@@ -249,9 +257,17 @@ pub struct Durability {
 }
 
 impl Durability {
-    pub fn new(db: sled::Db, head: watch::Sender<u64>, tail: Arc<Tail>) -> Self {
+    pub fn new(
+        db: sled::Db,
+        tree: sled::Tree,
+        unindexed: Arc<Unindexed>,
+        head: watch::Sender<u64>,
+        tail: Arc<Tail>,
+    ) -> Self {
         Durability {
             db,
+            tree,
+            unindexed,
             head,
             tail,
             failed: OnceLock::new(),
@@ -268,6 +284,7 @@ impl Durability {
         let appends = groups.iter().map(|group| group.answers.len()).sum();
         self.last_appends.store(appends, Ordering::Relaxed);
         let mut took = None;
+        let mut groups = groups;
         let flushed = match self.failed.get() {
             Some(reason) => Err(reason.clone()),
             None if groups.iter().all(|group| group.last_seq.is_none()) => Ok(()),
@@ -285,7 +302,17 @@ impl Durability {
             }
         };
         match flushed {
-            Ok(()) => self.answer(groups),
+            Ok(()) => {
+                let runs: Vec<_> = groups
+                    .iter_mut()
+                    .flat_map(|group| std::mem::take(&mut group.runs))
+                    .collect();
+                let through = groups.iter().filter_map(|group| group.last_seq).max();
+                self.answer(groups);
+                if let Some(through) = through {
+                    self.index(&runs, through);
+                }
+            }
             Err(reason) => {
                 // Deduplicated answers may name events of these very groups,
                 // so no success among them can be trusted.
@@ -295,6 +322,34 @@ impl Durability {
             }
         }
         took
+    }
+
+    /// Writes the stream index entries of flushed groups, up to seq
+    /// `through`, into the tree: after the answers, off the appenders' path.
+    /// Calls are in seq order: every group is made durable by one call at a
+    /// time (the flusher, or a lone appender when it is idle), in order.
+    fn index(&self, runs: &[(StreamId, Run)], through: u64) {
+        if let Err(error) = self.unindexed.index(&self.tree, runs, through) {
+            let reason = format!("event log write failed: {error}");
+            tracing::error!(%reason, "event log refuses further appends until restart");
+            let _ = self.failed.set(reason);
+        }
+    }
+
+    /// When the log closes, every group flushed: writes the stream index
+    /// entries still held back, so that the next open has none to write.
+    fn close(&self) {
+        if self.failed.get().is_some() {
+            return;
+        }
+        let head = *self.head.borrow();
+        let indexed = self
+            .unindexed
+            .index_all(&self.tree, head)
+            .and_then(|()| self.db.flush().map(drop));
+        if let Err(error) = indexed {
+            tracing::warn!(%error, "cannot write the stream index at close; the next open writes it");
+        }
     }
 
     /// Publishes flushed groups to followers, then answers their appenders.
@@ -464,6 +519,7 @@ pub fn run(writer: Arc<Shared>, mut requests: mpsc::Receiver<AppendRequest>) {
         // Closing the channel lets the flusher finish what it has and stop.
         drop(to_flush);
     });
+    durable.close();
 }
 
 /// Writes, flushes and answers `request` on the caller's thread when the log
@@ -551,6 +607,7 @@ impl Writer {
                 tracing::error!(%reason, "event log refuses further appends until restart");
                 let _ = self.durable.failed.set(reason);
             }
+            self.durable.unindexed.add(&overlay.runs);
             metrics::histogram!("switchboard_log_batch_size").record(appends as f64);
             if self.versions.len() + overlay.versions.len() > MAX_CACHED_STREAMS {
                 self.versions.clear();
@@ -560,6 +617,7 @@ impl Writer {
         Some(Written {
             last_seq: wrote.then(|| self.next_seq - 1),
             records: overlay.records,
+            runs: overlay.runs,
             answers,
         })
     }
@@ -599,7 +657,7 @@ impl Writer {
 
         let actual = match overlay.versions.get(stream).or(self.versions.get(stream)) {
             Some(version) => *version,
-            None => stream_version(&self.tree, stream)
+            None => stream_version(&self.tree, &self.durable.unindexed, stream)
                 .map_err(|e| AppendError::Storage(e.to_string()))?,
         };
         if let ExpectedVersion::Exact(expected_version) = expected {
@@ -648,11 +706,16 @@ impl Writer {
             self.next_seq += 1;
             positions.push(position);
         }
-        // One stream index entry for the whole append, after its last record.
-        overlay.rows.index(
-            keys::stream_entry(stream, actual + 1),
-            keys::stream_run_value(positions[0].seq, positions.len() as u64),
-        );
+        // One stream index entry for the whole append, written after the
+        // group's flush (see `stream_index`).
+        overlay.runs.push((
+            stream.clone(),
+            Run {
+                first_version: actual + 1,
+                first_seq: positions[0].seq,
+                count: positions.len() as u64,
+            },
+        ));
         overlay
             .versions
             .insert(stream.clone(), actual + positions.len() as u64);
@@ -755,21 +818,30 @@ pub fn chain_hash(previous: &[u8; 32], record: &[u8]) -> [u8; 32] {
 }
 
 /// The current version of a stream according to its index (0 when it has none).
-pub fn stream_version(tree: &sled::Tree, stream: &StreamId) -> Result<u64, ReadError> {
-    stream_version_through(tree, stream, u64::MAX)
+pub fn stream_version(
+    tree: &sled::Tree,
+    unindexed: &Unindexed,
+    stream: &StreamId,
+) -> Result<u64, ReadError> {
+    stream_version_through(tree, unindexed, stream, u64::MAX)
 }
 
 /// The version of `stream` counting only events at or before seq `head`.
 pub fn stream_version_through(
     tree: &sled::Tree,
+    unindexed: &Unindexed,
     stream: &StreamId,
     head: u64,
 ) -> Result<u64, ReadError> {
+    // Entries not in the tree yet are the stream's newest.
+    if let Some(version) = unindexed.last_version(stream, head) {
+        return Ok(version);
+    }
     // Entries past the head belong to a group still being written: a few at
     // most. An entry's events are one append's, so all in one group.
     for entry in super::read::stream_entries_backwards(tree, stream) {
         let entry = entry?;
-        if entry.first_seq <= head {
+        if entry.first_seq() <= head {
             return Ok(entry.last_version());
         }
     }
