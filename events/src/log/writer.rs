@@ -18,6 +18,9 @@
 //! its append on its own thread ([`append_alone`]). The writer's state sits
 //! behind a mutex for that, taken once per group.
 //!
+//! A group's stream index entries are not among its writes: whoever made it
+//! durable writes them after answering it (see [`super::stream_index`]).
+//!
 //! If a write or flush fails the log stops accepting appends (every later
 //! append fails with `Storage`, and so does every group not yet flushed):
 //! after a failed fsync the state on disk is unknown, and the only honest
@@ -280,11 +283,10 @@ impl Durability {
     /// Flushes `groups` (unless none of them wrote), then publishes and
     /// answers them; after a failure, fails them. Returns how long the flush
     /// took, if there was one.
-    fn make_durable(&self, groups: Vec<Written>) -> Option<Duration> {
+    fn make_durable(&self, mut groups: Vec<Written>) -> Option<Duration> {
         let appends = groups.iter().map(|group| group.answers.len()).sum();
         self.last_appends.store(appends, Ordering::Relaxed);
         let mut took = None;
-        let mut groups = groups;
         let flushed = match self.failed.get() {
             Some(reason) => Err(reason.clone()),
             None if groups.iter().all(|group| group.last_seq.is_none()) => Ok(()),
