@@ -23,7 +23,7 @@
 //! counts them), and opening the log writes an entry for each record past
 //! it that none covers ([`catch_up`]).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Mutex, MutexGuard};
 
 use super::read::{self, StoredRecords};
@@ -68,6 +68,11 @@ struct Pending {
 #[derive(Default)]
 pub struct Unindexed {
     pending: Mutex<Pending>,
+    /// Held while entries are copied out and written into the tree, so that
+    /// `verify`'s writes and the log's never interleave: either could
+    /// otherwise put back a shorter entry over a longer one under the same
+    /// key, after the runs it lacks have left `pending`.
+    writing: Mutex<()>,
 }
 
 impl Unindexed {
@@ -85,6 +90,7 @@ impl Unindexed {
                 marked,
                 ..Pending::default()
             }),
+            writing: Mutex::new(()),
         }
     }
 
@@ -130,31 +136,23 @@ impl Unindexed {
         flushed: &[(StreamId, Run)],
         durable: u64,
     ) -> sled::Result<()> {
-        let due = {
+        let due: HashSet<StreamId> = {
             let pending = self.lock();
-            let mut due: Vec<StreamId> = Vec::new();
-            for (stream, _) in flushed {
-                let full = pending.runs.get(stream).is_some_and(|runs| {
+            let full = flushed.iter().map(|(stream, _)| stream).filter(|stream| {
+                pending.runs.get(*stream).is_some_and(|runs| {
                     runs.len() >= RUNS_PER_ENTRY && runs[RUNS_PER_ENTRY - 1].first_seq <= durable
-                });
-                if full && !due.contains(stream) {
-                    due.push(stream.clone());
-                }
-            }
+                })
+            });
             let old = durable.saturating_sub(MAX_LAG_RECORDS);
-            for stream in pending.oldest.range(..=old).map(|(_, stream)| stream) {
-                if !due.contains(stream) {
-                    due.push(stream.clone());
-                }
-            }
-            due
+            let aged = pending.oldest.range(..=old).map(|(_, stream)| stream);
+            full.chain(aged).cloned().collect()
         };
         self.write(tree, due, durable)
     }
 
     /// Writes every run up to seq `durable` (the log is closing).
     pub fn index_all(&self, tree: &sled::Tree, durable: u64) -> sled::Result<()> {
-        let streams = self.lock().runs.keys().cloned().collect();
+        let streams: Vec<StreamId> = self.lock().runs.keys().cloned().collect();
         self.write(tree, streams, durable)
     }
 
@@ -162,7 +160,16 @@ impl Unindexed {
     /// the marker to the last seq before every run left, and forgets the
     /// runs written. Only one call at a time: the log makes groups durable
     /// one call at a time.
-    fn write(&self, tree: &sled::Tree, streams: Vec<StreamId>, durable: u64) -> sled::Result<()> {
+    fn write(
+        &self,
+        tree: &sled::Tree,
+        streams: impl IntoIterator<Item = StreamId>,
+        durable: u64,
+    ) -> sled::Result<()> {
+        let _writing = self
+            .writing
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         // Copied out, then written, then removed: a reader that looks here
         // first and in the tree next finds each run in one or the other.
         let entries: Vec<(StreamId, Vec<Run>)> = {
@@ -220,6 +227,10 @@ impl Unindexed {
     /// of the tree's index (`verify`). They stay here until written in their
     /// turn, under the same keys, with as many runs or more.
     pub fn write_through(&self, tree: &sled::Tree, head: u64) -> sled::Result<()> {
+        let _writing = self
+            .writing
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let entries: Vec<(StreamId, Vec<Run>)> = self
             .lock()
             .runs
