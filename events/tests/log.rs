@@ -1198,6 +1198,36 @@ fn stream_index_entries_a_crash_lost_are_written_again_at_open() {
     assert_eq!(log.stream_version(&a).expect("version"), 62);
 }
 
+/// A record past the `mindexed` marker that does not decode, after a crash:
+/// the open that would write the stream index entries the crash lost fails,
+/// names the record, and changes nothing.
+#[test]
+fn a_record_that_does_not_decode_past_the_index_marker_fails_the_open_and_changes_nothing() {
+    let dir = TempDir::new().expect("temp dir");
+    closed_log_of_fifty(dir.path());
+    tamper(dir.path(), |tree| {
+        let keys: Vec<_> = tree.scan_prefix(b"s").map(|e| e.expect("read").0).collect();
+        for key in keys {
+            tree.remove(key).expect("remove");
+        }
+        tree.insert(b"mindexed", &0u64.to_be_bytes())
+            .expect("insert");
+        let key = record_key(20);
+        let mut value = tree.get(&key).expect("get").expect("record 20").to_vec();
+        value.truncate(40);
+        tree.insert(&key, value).expect("insert");
+    });
+    let before = dump(dir.path());
+    match EventLog::open(dir.path(), OpenMode::MustExist) {
+        Err(OpenError::Corrupt { detail, .. }) => {
+            assert!(detail.contains("record 20 does not decode"), "{detail}");
+        }
+        Err(other) => panic!("expected a corrupt log, got {other}"),
+        Ok(_) => panic!("the log opened with an undecodable record to index"),
+    }
+    assert_eq!(dump(dir.path()), before, "the refused open changed the log");
+}
+
 // ---- reopening --------------------------------------------------------------
 
 #[test]

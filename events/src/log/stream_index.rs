@@ -262,6 +262,9 @@ fn insert(tree: &sled::Tree, stream: &StreamId, runs: &[Run]) -> sled::Result<()
 /// after the `mindexed` marker, up to `head`, that no entry covers, and moves
 /// the marker to `head`. Returns `head`. A log without the marker was written
 /// with every entry in its group commit: it is indexed up to `head`.
+///
+/// Every record is read and decoded before anything is written: a record
+/// that does not decode fails the open and changes nothing.
 pub fn catch_up(tree: &sled::Tree, head: u64) -> Result<u64, String> {
     let marker = tree
         .get(keys::INDEXED_KEY)
@@ -271,7 +274,7 @@ pub fn catch_up(tree: &sled::Tree, head: u64) -> Result<u64, String> {
         })
         .transpose()?;
     if let Some(indexed) = marker.filter(|&indexed| indexed < head) {
-        let mut written = 0u64;
+        let mut lost = Vec::new();
         for raw in StoredRecords::new(tree, indexed + 1, head) {
             let envelope = raw
                 .and_then(|raw| raw.decode())
@@ -285,14 +288,16 @@ pub fn catch_up(tree: &sled::Tree, head: u64) -> Result<u64, String> {
                     first_seq: envelope.seq,
                     count: 1,
                 };
-                insert(tree, &envelope.stream, &[run]).map_err(|e| e.to_string())?;
-                written += 1;
+                lost.push((envelope.stream, run));
             }
+        }
+        for (stream, run) in &lost {
+            insert(tree, stream, &[*run]).map_err(|e| e.to_string())?;
         }
         tracing::info!(
             from = indexed + 1,
             head,
-            written,
+            written = lost.len(),
             "wrote the stream index entries a crash lost"
         );
     }
