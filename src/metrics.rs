@@ -108,6 +108,10 @@ fn describe() {
     );
     describe_gauge!("switchboard_turns_in_flight", "Agent turns running now.");
     describe_counter!(
+        "switchboard_turn_context_reads_total",
+        "Turn contexts by where they came from (cache, log_tail, log_whole)."
+    );
+    describe_counter!(
         "switchboard_passivations_total",
         "Conversation actors stopped, by reason (idle, capacity)."
     );

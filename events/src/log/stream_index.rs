@@ -17,7 +17,8 @@
 //! - then the `mindexed` marker: every record up to it has its entry in the
 //!   tree.
 //!
-//! A closed log has written all of them ([`Unindexed::index_all`]). After a
+//! A closed log has written all of them ([`Unindexed::index_all`]), and so
+//! has `verify` before it reads the tree's index. After a
 //! crash the marker lags at most about [`MAX_LAG_RECORDS`] records (sled
 //! recovers a prefix of the writes, and entries go in before the marker that
 //! counts them), and opening the log writes an entry for each record past
@@ -65,13 +66,13 @@ struct Pending {
 }
 
 /// Stream index entries written by the writer and not in the tree yet.
-#[derive(Default)]
 pub struct Unindexed {
     pending: Mutex<Pending>,
-    /// Held while entries are copied out and written into the tree, so that
-    /// `verify`'s writes and the log's never interleave: either could
-    /// otherwise put back a shorter entry over a longer one under the same
-    /// key, after the runs it lacks have left `pending`.
+    /// Held while entries are copied out, written into the tree and
+    /// forgotten, so that two writes (`verify`'s and the log's) never
+    /// interleave: one could otherwise put back a shorter entry over a
+    /// longer one under the same key, after the runs it lacks had left
+    /// `pending`.
     writing: Mutex<()>,
 }
 
@@ -101,11 +102,14 @@ impl Unindexed {
             runs: map, oldest, ..
         } = &mut *pending;
         for (stream, run) in runs {
-            let stream_runs = map.entry(stream.clone()).or_default();
-            if stream_runs.is_empty() {
-                oldest.insert(run.first_seq, stream.clone());
+            // A stream in the map has runs: one without is removed.
+            match map.get_mut(stream) {
+                Some(stream_runs) => stream_runs.push(*run),
+                None => {
+                    oldest.insert(run.first_seq, stream.clone());
+                    map.insert(stream.clone(), vec![*run]);
+                }
             }
-            stream_runs.push(*run);
         }
     }
 
@@ -150,7 +154,8 @@ impl Unindexed {
         self.write(tree, due, durable)
     }
 
-    /// Writes every run up to seq `durable` (the log is closing).
+    /// Writes every run up to seq `durable`: when the log closes, and for a
+    /// reader of the tree's index (`verify`).
     pub fn index_all(&self, tree: &sled::Tree, durable: u64) -> sled::Result<()> {
         let streams: Vec<StreamId> = self.lock().runs.keys().cloned().collect();
         self.write(tree, streams, durable)
@@ -158,8 +163,7 @@ impl Unindexed {
 
     /// Writes the entries of `streams`' runs up to seq `durable`, then moves
     /// the marker to the last seq before every run left, and forgets the
-    /// runs written. Only one call at a time: the log makes groups durable
-    /// one call at a time.
+    /// runs written; one call at a time.
     fn write(
         &self,
         tree: &sled::Tree,
@@ -219,30 +223,6 @@ impl Unindexed {
         if indexed > *marked {
             tree.insert(keys::INDEXED_KEY, &indexed.to_be_bytes())?;
             *marked = indexed;
-        }
-        Ok(())
-    }
-
-    /// Writes every run at or before seq `head` into the tree, for a reader
-    /// of the tree's index (`verify`). They stay here until written in their
-    /// turn, under the same keys, with as many runs or more.
-    pub fn write_through(&self, tree: &sled::Tree, head: u64) -> sled::Result<()> {
-        let _writing = self
-            .writing
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let entries: Vec<(StreamId, Vec<Run>)> = self
-            .lock()
-            .runs
-            .iter()
-            .map(|(stream, runs)| {
-                let durable = runs.iter().take_while(|run| run.first_seq <= head);
-                (stream.clone(), durable.copied().collect::<Vec<_>>())
-            })
-            .filter(|(_, runs)| !runs.is_empty())
-            .collect();
-        for (stream, runs) in &entries {
-            insert(tree, stream, runs)?;
         }
         Ok(())
     }

@@ -49,7 +49,7 @@ impl EventLog {
         // The stream index entries of the last groups may not be in the tree yet.
         self.shared
             .unindexed
-            .write_through(tree, head)
+            .index_all(tree, head)
             .map_err(ReadError::from)?;
         let mut previous = [0u8; 32];
         let mut expected = 1u64;

@@ -839,8 +839,9 @@ pub fn stream_version_through(
     if let Some(version) = unindexed.last_version(stream, head) {
         return Ok(version);
     }
-    // Entries past the head belong to a group still being written: a few at
-    // most. An entry's events are one append's, so all in one group.
+    // Logs written before entries waited for the flush have entries of the
+    // group still being written past the head: a few at most, one append's
+    // each, so all in one group.
     for entry in super::read::stream_entries_backwards(tree, stream) {
         let entry = entry?;
         if entry.first_seq() <= head {
