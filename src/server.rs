@@ -41,7 +41,7 @@ use tokio::task::JoinHandle;
 use crate::alerts::{WebhookConfig, WebhookHandle, WebhookSink};
 use crate::bus::{Bus, Headers, LocalBus, NatsBus};
 use crate::gateway::{GatewayHandle, NatsGateway};
-use crate::http::{HttpConfig, HttpHandle};
+use crate::http::{FrontBuses, HttpConfig, HttpHandle};
 use crate::keys::{self, AdminBootstrap};
 use crate::outbox::{Outbox, OutboxError, OutboxHandle};
 use crate::service::{self, ServiceHandle, ServiceInfo};
@@ -353,8 +353,16 @@ impl Server {
             .map(|spec| spec.config.context_messages);
         coordinator.keep_context(context.max().unwrap_or(0));
 
-        let gateway = NatsGateway::start(
+        // An HTTP front beside a gateway on NATS sends its requests over an
+        // in-process bus the gateway serves too; its streams still follow
+        // the events on NATS, where the outbox publishes them.
+        let front = match (&config.http, &bus) {
+            (Some(_), Bus::Nats(_)) => Some(Bus::from(LocalBus::new())),
+            _ => None,
+        };
+        let gateway = NatsGateway::start_with_front(
             bus.clone(),
+            front.clone(),
             &config.prefix,
             coordinator.clone(),
             projections.clone(),
@@ -375,12 +383,18 @@ impl Server {
                 let mut http = http.clone();
                 http.prefix = config.prefix.clone();
                 Some(
-                    crate::http::serve(http.clone(), bus.clone())
-                        .await
-                        .map_err(|source| ServerError::Http {
-                            addr: http.addr,
-                            source,
-                        })?,
+                    crate::http::serve(
+                        http.clone(),
+                        FrontBuses {
+                            requests: front.unwrap_or_else(|| bus.clone()),
+                            events: bus.clone(),
+                        },
+                    )
+                    .await
+                    .map_err(|source| ServerError::Http {
+                        addr: http.addr,
+                        source,
+                    })?,
                 )
             }
             None => None,

@@ -848,3 +848,143 @@ fn sigterm_during_the_startup_catch_up_stops_it_cleanly_and_the_next_start_goes_
     serve.terminate_cleanly();
     assert_verifies(&data);
 }
+
+/// The HTTP front runs beside the core: its requests take the in-process bus,
+/// so none of them crosses NATS (a plain subscriber to every request subject
+/// sees only the NATS client's), and it keeps storing messages while NATS is
+/// away, when `/readyz` says the bus is not connected. What it stored then
+/// reaches NATS once the server is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_front_beside_the_core_skips_nats_and_stores_messages_while_nats_is_away() {
+    let mut nats = NatsServer::start();
+    let url = nats.url();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    // Keeps what is published for the conversation written while NATS is
+    // away, across the restart (the store survives it).
+    let observer = async_nats::connect(&url).await.expect("connects");
+    let js = jetstream::new(observer.clone());
+    js.create_stream(jetstream::stream::Config {
+        name: "AWAY".into(),
+        subjects: vec!["sb.evt.conv.while-away.>".into()],
+        ..Default::default()
+    })
+    .await
+    .expect("the stream is created");
+    let mut serve = ServeProcess::start(&data, &url, &[]);
+    let client = Client::connect(&url).await;
+    let (_, key) = client.issue_key(json!({ "name": "front" })).await;
+    let base = format!(
+        "http://{}",
+        serve.ready["http"].as_str().expect("HTTP runs")
+    );
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .expect("client");
+    let send = |conversation: &str, message_id: &str| {
+        http.post(format!("{base}/v1/conversations/{conversation}/messages"))
+            .bearer_auth(&key)
+            .json(&json!({ "content": "hi", "message_id": message_id }))
+            .send()
+    };
+
+    // Every request on the prefix, as a plain (not queue) subscriber gets it.
+    let mut requests = observer.subscribe("sb.>").await.expect("subscribes");
+    observer.flush().await.expect("flushed");
+
+    let sent = send("over-http", "h1").await.expect("answered");
+    assert_eq!(sent.status(), reqwest::StatusCode::ACCEPTED);
+    let ack: Value = sent.json().await.expect("JSON");
+    assert_eq!(ack["ok"], json!(true), "{ack}");
+    let nats_ack = client
+        .send(&key, "over-nats", "hi", "n1")
+        .await
+        .expect("acked");
+    assert_eq!(nats_ack["ok"], json!(true), "{nats_ack}");
+    // The NATS send's own request comes through; the HTTP send's stored
+    // events do too (the outbox publishes them), but no request of its.
+    let mut subjects = Vec::new();
+    let deadline = Instant::now() + PHASE;
+    while !subjects
+        .iter()
+        .any(|s: &String| s == "sb.conv.over-nats.send")
+        || !subjects
+            .iter()
+            .any(|s| s.starts_with("sb.evt.conv.over-http."))
+    {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let message = tokio::time::timeout(left, futures::StreamExt::next(&mut requests))
+            .await
+            .unwrap_or_else(|_| panic!("seen so far: {subjects:?}"))
+            .expect("the subscription lasts");
+        subjects.push(message.subject.to_string());
+    }
+    let crossed: Vec<_> = subjects
+        .iter()
+        .filter(|s| s.starts_with("sb.conv.over-http.") || s.contains(".admin."))
+        .collect();
+    assert!(
+        crossed.is_empty(),
+        "HTTP requests crossed NATS: {crossed:?}"
+    );
+
+    // NATS away: the front still stores messages, and says the bus is down.
+    nats.stop();
+    let deadline = Instant::now() + PHASE;
+    let ready = loop {
+        let ready = http
+            .get(format!("{base}/readyz"))
+            .send()
+            .await
+            .expect("answered");
+        if ready.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE {
+            break ready.json::<Value>().await.expect("JSON");
+        }
+        assert!(Instant::now() < deadline, "still ready with NATS stopped");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        ready["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("bus is not connected")),
+        "{ready}"
+    );
+    let sent = send("while-away", "w1").await.expect("answered");
+    assert_eq!(sent.status(), reqwest::StatusCode::ACCEPTED);
+    let away_ack: Value = sent.json().await.expect("JSON");
+
+    // Back: ready again, and the message stored meanwhile is published.
+    nats.restart();
+    let deadline = Instant::now() + PHASE;
+    while http
+        .get(format!("{base}/readyz"))
+        .send()
+        .await
+        .expect("answered")
+        .status()
+        != reqwest::StatusCode::OK
+    {
+        assert!(Instant::now() < deadline, "not ready after NATS came back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let stream = js.get_stream("AWAY").await.expect("the stream is kept");
+    let deadline = Instant::now() + PHASE;
+    loop {
+        let published = stream
+            .get_last_raw_message_by_subject("sb.evt.conv.while-away.message_received")
+            .await;
+        if let Ok(message) = published {
+            let event: Value = serde_json::from_slice(&message.payload).expect("JSON");
+            assert_eq!(event["seq"], away_ack["seq"], "{event} for {away_ack}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "never published");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let history = client.history(&key, "while-away").await;
+    assert_eq!(history["messages"][0]["content"], json!("hi"), "{history}");
+
+    serve.terminate_cleanly();
+    assert_verifies(&data);
+}

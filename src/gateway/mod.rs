@@ -25,6 +25,11 @@
 //! account and prefix, or conversations split across logs. Each request runs
 //! in its own task, so a slow send never holds up the others.
 //!
+//! An HTTP front in the gateway's own process need not take the trip
+//! through NATS: [`NatsGateway::start_with_front`] also serves the same
+//! subjects on the front's in-process bus, and answers each request on the
+//! bus it came from. Replies' deltas and alerts still go out on the main bus.
+//!
 //! ```no_run
 //! # use switchboard::bus::{Bus, LocalBus};
 //! # use switchboard::gateway::{NatsGateway, DEFAULT_PREFIX};
@@ -225,11 +230,32 @@ impl NatsGateway {
         projections: Projections,
         log: EventLog,
     ) -> Result<GatewayHandle, BusError> {
+        Self::start_with_front(bus, None, prefix, coordinator, projections, log).await
+    }
+
+    /// [`NatsGateway::start`], also serving the same subjects on `front`:
+    /// the in-process bus of an HTTP front running beside the gateway, whose
+    /// requests then skip NATS (two hops and two encodings each way). Only
+    /// this process reaches `front`, so its requests' front headers are
+    /// believed. Its requests count in the same endpoint statistics.
+    pub async fn start_with_front(
+        bus: Bus,
+        front: Option<Bus>,
+        prefix: &str,
+        coordinator: TurnCoordinator,
+        projections: Projections,
+        log: EventLog,
+    ) -> Result<GatewayHandle, BusError> {
         let mut subscriptions = Vec::new();
         let mut endpoints = Vec::new();
         for operation in Operation::ALL {
             let subject = format!("{prefix}.{}", operation.pattern());
-            subscriptions.push((operation, bus.queue_subscribe(&subject, QUEUE_GROUP).await?));
+            let subscription = bus.queue_subscribe(&subject, QUEUE_GROUP).await?;
+            subscriptions.push((operation, Via::Bus, subscription));
+            if let Some(front) = &front {
+                let subscription = front.queue_subscribe(&subject, QUEUE_GROUP).await?;
+                subscriptions.push((operation, Via::Front, subscription));
+            }
             endpoints.push(Endpoint::new(operation.name(), subject, QUEUE_GROUP));
         }
         bus.flush().await?;
@@ -240,6 +266,7 @@ impl NatsGateway {
                 .map(|endpoint| endpoint.stats.clone())
                 .collect(),
             bus,
+            front,
             subject_start: format!("{prefix}.conv."),
             admin_keys_start: format!("{prefix}.admin.keys."),
             prefix: prefix.to_owned(),
@@ -298,16 +325,15 @@ impl GatewayHandle {
 /// and waits for the running ones.
 async fn serve(
     gateway: Arc<Gateway>,
-    subscriptions: Vec<(Operation, Subscription)>,
+    subscriptions: Vec<(Operation, Via, Subscription)>,
     mut stop: oneshot::Receiver<()>,
 ) {
-    let mut incoming =
-        futures::stream::select_all(subscriptions.into_iter().map(|(operation, subscription)| {
-            subscription.map(move |message| (operation, message))
-        }));
+    let mut incoming = futures::stream::select_all(subscriptions.into_iter().map(
+        |(operation, via, subscription)| subscription.map(move |message| (operation, via, message)),
+    ));
     let mut in_flight = JoinSet::new();
     loop {
-        let (operation, message) = tokio::select! {
+        let (operation, via, message) = tokio::select! {
             _ = &mut stop => break,
             Some(request) = incoming.next() => request,
             Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
@@ -319,7 +345,7 @@ async fn serve(
             else => break,
         };
         let gateway = gateway.clone();
-        in_flight.spawn(async move { gateway.answer(operation, message).await });
+        in_flight.spawn(async move { gateway.answer(operation, via, message).await });
     }
     gateway.stopping.send_replace(true);
     for subscription in incoming.iter_mut() {
@@ -335,6 +361,7 @@ async fn serve(
     if let Err(error) = gateway.bus.flush().await {
         tracing::warn!(%error, "flushing the gateway's unsubscribe failed");
     }
+    // (The front's bus is in-process: its unsubscribe took effect at once.)
     // Requests delivered before the unsubscribe took effect are answered,
     // not dropped: nobody else will (core NATS does not redeliver). On NATS
     // the drained subscription ends once the server has answered a PING sent
@@ -343,9 +370,9 @@ async fn serve(
     // early and loses those requests: vendor/README.md).
     loop {
         match tokio::time::timeout(DRAIN_WAIT, incoming.next()).await {
-            Ok(Some((operation, message))) => {
+            Ok(Some((operation, via, message))) => {
                 let gateway = gateway.clone();
-                in_flight.spawn(async move { gateway.answer(operation, message).await });
+                in_flight.spawn(async move { gateway.answer(operation, via, message).await });
             }
             Ok(None) => break,
             Err(_) => {
@@ -368,8 +395,21 @@ async fn serve(
     gateway.limiters.shutdown().await;
 }
 
+/// Which bus a request came in on, and so is answered on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Via {
+    /// The main bus: NATS, or the embedded bus of a process without NATS.
+    Bus,
+    /// The in-process bus of the HTTP front beside the gateway.
+    Front,
+}
+
 struct Gateway {
+    /// Where requests come from anywhere, and where deltas are published.
     bus: Bus,
+    /// The HTTP front's in-process bus, when the front runs beside a
+    /// gateway on NATS ([`NatsGateway::start_with_front`]).
+    front: Option<Bus>,
     /// Request statistics per [`Operation`], in the order of `Operation::ALL`.
     stats: Vec<Arc<EndpointStats>>,
     /// `{prefix}.conv.`: what precedes the conversation id in a subject.
@@ -391,9 +431,13 @@ struct Gateway {
 impl Gateway {
     /// Serves one request and publishes the answer (when it has a reply
     /// subject). A panic while serving is answered `internal`, never silence.
-    async fn answer(&self, operation: Operation, message: Message) {
+    async fn answer(&self, operation: Operation, via: Via, message: Message) {
         let started = Instant::now();
-        let from_front = match &self.bus {
+        let bus = match (via, &self.front) {
+            (Via::Front, Some(front)) => front,
+            _ => &self.bus,
+        };
+        let from_front = match bus {
             Bus::Local(_) => true,
             Bus::Nats(_) => message.reply.as_deref().is_some_and(|reply| {
                 reply
@@ -471,7 +515,7 @@ impl Gateway {
             headers.insert("traceparent", traceparent.clone());
         }
         let body = serde_json::to_vec(&body).expect("a JSON value always serializes");
-        let error = match self.bus.respond(&message, headers.clone(), body).await {
+        let error = match bus.respond(&message, headers.clone(), body).await {
             Ok(()) => return,
             Err(BusError::PayloadTooLarge { size, max }) => {
                 // Say so, rather than leave the caller to its timeout.
@@ -479,7 +523,7 @@ impl Gateway {
                     "the reply of {size} bytes is over the bus's maximum payload of {max} bytes"
                 ));
                 let body = serde_json::to_vec(&error.to_json()).expect("JSON serializes");
-                match self.bus.respond(&message, headers, body).await {
+                match bus.respond(&message, headers, body).await {
                     Ok(()) => BusError::PayloadTooLarge { size, max },
                     Err(error) => error,
                 }

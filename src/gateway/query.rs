@@ -408,6 +408,12 @@ impl Gateway {
 
     /// `…health`: no key needed; says how far the core is.
     pub(super) async fn health(&self) -> Result<Value, GatewayError> {
+        // Asked over the front's own bus, the answer does not show it.
+        if !self.bus.is_connected() {
+            return Err(GatewayError::Unavailable(
+                "the bus is not connected: events wait in the log until it is back".into(),
+            ));
+        }
         if let Some(why) = self.projections.failure() {
             return Err(GatewayError::Unavailable(format!(
                 "the projections stopped: {why}"

@@ -15,10 +15,14 @@ use crate::gateway::{CHANNEL_HEADER, REMOTE_BUS_HEADER};
 /// How long the front waits for the core to answer one request.
 pub const CORE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A bus and the subject prefix of the core behind it. Cheap to clone.
+/// The buses and the subject prefix of the core behind them. Cheap to clone.
 #[derive(Clone)]
 pub struct Core {
+    /// Where requests go: the core's in-process bus when the core runs in
+    /// this process, else the bus the core serves.
     pub bus: Bus,
+    /// Where the core's events are published (and subscribed to).
+    pub events: Bus,
     pub prefix: String,
 }
 
@@ -119,11 +123,11 @@ impl Core {
     pub async fn subscribe(&self, pattern: &str) -> Result<Subscription, ApiError> {
         let pattern = format!("{}.{pattern}", self.prefix);
         let subscription = self
-            .bus
+            .events
             .subscribe(&pattern)
             .await
             .map_err(|error| ApiError::from_bus(&error))?;
-        self.bus
+        self.events
             .flush()
             .await
             .map_err(|error: BusError| ApiError::from_bus(&error))?;

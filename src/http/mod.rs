@@ -123,11 +123,11 @@ impl HttpHandle {
 }
 
 /// Binds `config.addr` and serves the API on `bus` until shutdown.
-pub async fn serve(config: HttpConfig, bus: Bus) -> std::io::Result<HttpHandle> {
+pub async fn serve(config: HttpConfig, buses: FrontBuses) -> std::io::Result<HttpHandle> {
     let listener = TcpListener::bind(config.addr).await?;
     let addr = listener.local_addr()?;
     let (closing, closing_seen) = watch::channel(false);
-    let app = router(&config, bus, closing_seen);
+    let app = router(&config, buses, closing_seen);
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
@@ -149,12 +149,25 @@ pub async fn serve(config: HttpConfig, bus: Bus) -> std::io::Result<HttpHandle> 
     })
 }
 
+/// The buses the front uses.
+#[derive(Clone)]
+pub struct FrontBuses {
+    /// Where its requests go: the core's in-process bus when the core runs
+    /// in this process ([`crate::gateway::NatsGateway::start_with_front`]),
+    /// otherwise the bus the core serves.
+    pub requests: Bus,
+    /// Where the core's events are published, for the streams that follow
+    /// them.
+    pub events: Bus,
+}
+
 /// The routes and layers; public for tests that drive it without a socket.
 /// Open event streams end when `closing` turns true.
-pub fn router(config: &HttpConfig, bus: Bus, closing: watch::Receiver<bool>) -> Router {
+pub fn router(config: &HttpConfig, buses: FrontBuses, closing: watch::Receiver<bool>) -> Router {
     let state = AppState {
         core: core::Core {
-            bus,
+            bus: buses.requests,
+            events: buses.events,
             prefix: config.prefix.clone(),
         },
         request_timeout: config.request_timeout,
