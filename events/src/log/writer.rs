@@ -16,7 +16,10 @@
 //! the writer thread flushes itself ([`Writer::is_lone`]), and when the log
 //! is idle a lone appender skips the queue and writes, flushes and answers
 //! its append on its own thread ([`append_alone`]). The writer's state sits
-//! behind a mutex for that, taken once per group.
+//! behind a mutex for that, taken once per group. A lone group is published
+//! (tail, head, answers) after that mutex is let go, under a second one that
+//! keeps groups published in the order they were flushed
+//! ([`Durability::make_lone_durable`]).
 //!
 //! A group's stream index entries are not among its writes: whoever made it
 //! durable writes them after answering it (see [`super::stream_index`]).
@@ -257,6 +260,11 @@ pub struct Durability {
     taken: AtomicBool,
     /// The appends the last flush answered.
     last_appends: AtomicUsize,
+    /// Held while flushed groups are published (tail, head, answers, stream
+    /// index), so they are published in the order they were flushed. A lone
+    /// append takes it before it lets go of the writer's state, so the next
+    /// group can be written and flushed while this one is published.
+    publishing: Mutex<()>,
 }
 
 impl Durability {
@@ -277,13 +285,42 @@ impl Durability {
             in_flight: AtomicUsize::new(0),
             taken: AtomicBool::new(false),
             last_appends: AtomicUsize::new(1),
+            publishing: Mutex::new(()),
         }
     }
 
     /// Flushes `groups` (unless none of them wrote), then publishes and
     /// answers them; after a failure, fails them. Returns how long the flush
     /// took, if there was one.
-    fn make_durable(&self, mut groups: Vec<Written>) -> Option<Duration> {
+    fn make_durable(&self, groups: Vec<Written>) -> Option<Duration> {
+        let (flushed, took) = self.flush(&groups);
+        self.publish(groups, flushed, self.publishing());
+        took
+    }
+
+    /// [`Durability::make_durable`] for the group of a lone append, written
+    /// under the writer's `state`: flushes it, then lets go of `state` before
+    /// publishing it. Waking its followers and its appender can take longer
+    /// than the flush on a busy machine (the woken thread may take the CPU);
+    /// the next append need not wait for that to be written and flushed.
+    fn make_lone_durable<T>(&self, written: Written, state: MutexGuard<'_, T>) {
+        let groups = vec![written];
+        let (flushed, _) = self.flush(&groups);
+        let order = self.publishing();
+        drop(state);
+        self.publish(groups, flushed, order);
+    }
+
+    fn publishing(&self) -> MutexGuard<'_, ()> {
+        // Holds no data a panic could leave half-changed.
+        self.publishing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Flushes `groups` unless none of them wrote or the log has failed;
+    /// returns the outcome and how long the flush took, if there was one.
+    fn flush(&self, groups: &[Written]) -> (Result<(), String>, Option<Duration>) {
         let appends = groups.iter().map(|group| group.answers.len()).sum();
         self.last_appends.store(appends, Ordering::Relaxed);
         let mut took = None;
@@ -303,6 +340,18 @@ impl Durability {
                 })
             }
         };
+        (flushed, took)
+    }
+
+    /// Publishes flushed groups (`order` held, see [`Durability::publishing`]):
+    /// to the tail and the head, then answers their appenders and writes
+    /// their stream index entries; after a failed flush, fails them.
+    fn publish(
+        &self,
+        mut groups: Vec<Written>,
+        flushed: Result<(), String>,
+        order: MutexGuard<'_, ()>,
+    ) {
         match flushed {
             Ok(()) => {
                 let runs: Vec<_> = groups
@@ -323,13 +372,13 @@ impl Durability {
                 }
             }
         }
-        took
+        drop(order);
     }
 
     /// Writes the stream index entries of flushed groups, up to seq
     /// `through`, into the tree: after the answers, off the appenders' path.
-    /// Calls are in seq order: every group is made durable by one call at a
-    /// time (the flusher, or a lone appender when it is idle), in order.
+    /// Calls are in seq order: groups are published one at a time, in the
+    /// order they were flushed (under `publishing`).
     fn index(&self, runs: &[(StreamId, Run)], through: u64) {
         if let Err(error) = self.unindexed.index(&self.tree, runs, through) {
             let reason = format!("event log write failed: {error}");
@@ -506,7 +555,7 @@ pub fn run(writer: Arc<Shared>, mut requests: mpsc::Receiver<AppendRequest>) {
                 continue;
             };
             if state.is_lone(&written, &requests) {
-                durable.make_durable(vec![written]);
+                durable.make_lone_durable(written, state);
                 continue;
             }
             // Under the lock, so that a lone appender sees the group.
@@ -544,7 +593,8 @@ pub fn append_alone(
         _ => return Err(request),
     };
     if let Some(written) = state.commit(vec![request]) {
-        state.durable.make_durable(vec![written]);
+        let durable = state.durable.clone();
+        durable.make_lone_durable(written, state);
     }
     Ok(())
 }
@@ -920,5 +970,33 @@ mod tests {
             2,
             "the refused requests wrote nothing"
         );
+    }
+
+    #[test]
+    fn a_lone_group_is_published_only_after_the_group_flushed_before_it() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let log = EventLog::open(dir.path(), OpenMode::CreateIfMissing).expect("open the log");
+        let writer = &log.shared.writer;
+        let queue = log.sender().expect("an open log");
+        let durable = writer.lock().expect("the writer's state").durable.clone();
+
+        // A group flushed earlier is still being published (its followers
+        // being woken) when a lone append writes and flushes the next one.
+        let earlier = durable.publishing();
+        let (lone, mut answer) = request(1);
+        std::thread::scope(|scope| {
+            let appending = scope.spawn(|| append_alone(writer, &queue, lone).is_ok());
+            std::thread::sleep(Duration::from_millis(100));
+            assert!(
+                matches!(answer.try_recv(), Err(oneshot::error::TryRecvError::Empty)),
+                "answered before the group flushed before it was published"
+            );
+            assert_eq!(log.head(), 0, "published before the earlier group");
+            drop(earlier);
+            assert!(appending.join().expect("the appender"), "taken alone");
+        });
+        let appended = answer.try_recv().expect("answered").expect("appended");
+        assert_eq!(appended.first().seq, 1);
+        assert_eq!(log.head(), 1);
     }
 }
