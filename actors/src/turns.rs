@@ -225,6 +225,44 @@ impl Drop for TurnGuard {
     }
 }
 
+/// A stored message's turn, not started yet (see
+/// [`TurnCoordinator::send_unstarted`]): [`NextTurn::start`] or a drop starts
+/// it. Empty for a duplicate, whose turn started with the first send.
+#[must_use = "the turn starts when this is started or dropped"]
+pub struct NextTurn(Option<(TurnGuard, TurnJob)>);
+
+impl NextTurn {
+    /// Starts the turn in its own task (now rather than at the drop).
+    pub fn start(self) {}
+}
+
+impl std::fmt::Debug for NextTurn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let job = self.0.as_ref().map(|(_, job)| &job.message_id);
+        f.debug_tuple("NextTurn").field(&job).finish()
+    }
+}
+
+impl Drop for NextTurn {
+    fn drop(&mut self) {
+        let Some((guard, job)) = self.0.take() else {
+            return;
+        };
+        let task = guard.task;
+        let inner = guard.inner.clone();
+        // Registered under the lock the guard's drop takes, so a turn that
+        // ends at once still finds (and removes) its entry.
+        let mut tasks = inner.in_flight.tasks.lock().expect("tasks lock");
+        let handle = tokio::spawn(async move {
+            let mut guard = guard;
+            let inner = guard.inner.clone();
+            guard.ended = inner.run_turn(job).await;
+            drop(guard);
+        });
+        tasks.insert(task, handle.abort_handle());
+    }
+}
+
 /// What a turn task needs once the message is stored.
 struct TurnJob {
     conversation_id: String,
@@ -316,6 +354,20 @@ impl TurnCoordinator {
         conversation_id: &str,
         input: SendInput,
     ) -> Result<Ack, ConversationError> {
+        let (ack, turn) = self.send_unstarted(conversation_id, input).await?;
+        turn.start();
+        Ok(ack)
+    }
+
+    /// [`TurnCoordinator::send`], but the turn starts only when the returned
+    /// [`NextTurn`] is started or dropped (within the runtime): a caller that
+    /// answers the ack first gets it on its way before the turn competes for
+    /// the CPU. The turn counts as in flight from now.
+    pub async fn send_unstarted(
+        &self,
+        conversation_id: &str,
+        input: SendInput,
+    ) -> Result<(Ack, NextTurn), ConversationError> {
         validate_conversation_id(conversation_id)?;
         if self.inner.closed.load(Ordering::SeqCst) {
             return Err(ConversationError::Unavailable(
@@ -347,35 +399,25 @@ impl TurnCoordinator {
             traceparent: input.traceparent.clone(),
         };
         let ack = self.inner.registry.send(conversation_id, command).await?;
-        if !ack.duplicate {
-            let job = TurnJob {
-                conversation_id: conversation_id.to_owned(),
-                message_id,
-                key_id: input.key_id,
-                user: input.user,
-                agent: routed.agent,
-                correlation_id: input.correlation_id,
-                traceparent: input.traceparent,
-                deltas: input.deltas,
-                deltas_handed_on: input.deltas_handed_on,
-                permit: input.permit,
-                ended: input.ended,
-            };
-            // Counted before the task exists, so `wait_idle` cannot miss it.
-            let guard = TurnGuard::new(&self.inner);
-            let task = guard.task;
-            // Registered under the lock the guard's drop takes, so a turn
-            // that ends at once still finds (and removes) its entry.
-            let mut tasks = self.inner.in_flight.tasks.lock().expect("tasks lock");
-            let handle = tokio::spawn(async move {
-                let mut guard = guard;
-                let inner = guard.inner.clone();
-                guard.ended = inner.run_turn(job).await;
-                drop(guard);
-            });
-            tasks.insert(task, handle.abort_handle());
+        if ack.duplicate {
+            return Ok((ack, NextTurn(None)));
         }
-        Ok(ack)
+        let job = TurnJob {
+            conversation_id: conversation_id.to_owned(),
+            message_id,
+            key_id: input.key_id,
+            user: input.user,
+            agent: routed.agent,
+            correlation_id: input.correlation_id,
+            traceparent: input.traceparent,
+            deltas: input.deltas,
+            deltas_handed_on: input.deltas_handed_on,
+            permit: input.permit,
+            ended: input.ended,
+        };
+        // Counted before the task exists, so `wait_idle` cannot miss it.
+        let guard = TurnGuard::new(&self.inner);
+        Ok((ack, NextTurn(Some((guard, job)))))
     }
 
     /// Keeps, per conversation, only the exchanges the longest context needs:

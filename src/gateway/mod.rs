@@ -59,7 +59,7 @@ use futures::{FutureExt, StreamExt};
 use serde_json::Value;
 use switchboard_actors::conversation_actor::{validate_conversation_id, ConversationError};
 use switchboard_actors::rate_limiter::{AdmitError, RateLimiterConfig, RateLimiters};
-use switchboard_actors::turns::{ReplyDelta, SendInput, TurnCoordinator, TurnEnd};
+use switchboard_actors::turns::{NextTurn, ReplyDelta, SendInput, TurnCoordinator, TurnEnd};
 use switchboard_events::catalog::{AuthChannel, Scope};
 use switchboard_events::EventLog;
 use switchboard_projections::{HistoryMessage, HistoryPage, PageFrom, Projections};
@@ -174,6 +174,9 @@ pub struct RequestMeta {
     pub channel: AuthChannel,
     pub remote: Option<String>,
     reply_headers: std::sync::Mutex<Headers>,
+    /// The turn of a send answered with its ack alone: it starts when this
+    /// is dropped, after the answer is on its way.
+    turn: std::sync::Mutex<Option<NextTurn>>,
 }
 
 /// Bus headers by which the HTTP front says a request came over HTTP, and
@@ -202,6 +205,7 @@ impl RequestMeta {
             channel,
             remote,
             reply_headers: std::sync::Mutex::new(Headers::new()),
+            turn: std::sync::Mutex::new(None),
         }
     }
 
@@ -652,13 +656,23 @@ impl Gateway {
             permit: Some(permit),
             ended,
         };
-        match self.coordinator.send(conversation_id, input).await {
-            Ok(ack) => {
+        match self
+            .coordinator
+            .send_unstarted(conversation_id, input)
+            .await
+        {
+            Ok((ack, turn)) => {
                 let mut reply = ack_json(&ack);
+                let Some(turn_end) = turn_end else {
+                    // Started once the ack is answered.
+                    *meta.turn.lock().expect("turn lock") = Some(turn);
+                    return Ok(reply);
+                };
+                turn.start();
                 // No end comes for a duplicate, nor for a turn whose end was
                 // not stored, nor once the gateway stops: then the answer is
                 // the ack alone.
-                if let (Some(turn_end), false) = (turn_end, ack.duplicate) {
+                if !ack.duplicate {
                     let mut stopping = self.stopping.subscribe();
                     let end = tokio::select! {
                         end = turn_end => end.ok(),
