@@ -11,9 +11,13 @@
 //! start at zero with the process, as Prometheus expects: `increase()` and
 //! `rate()` handle restarts, and the costs projection keeps the all-time sums.
 
-use std::sync::OnceLock;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use switchboard_actors::budget::{BudgetStatus, Budgets};
+use switchboard_projections::Projections;
 
 /// Histogram buckets of latencies, in seconds: 0.5 ms to 60 s.
 const SECONDS_BUCKETS: &[f64] = &[
@@ -24,6 +28,49 @@ const SECONDS_BUCKETS: &[f64] = &[
 const SIZE_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0];
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// The budgets [`render`] shows, with the keys views that say which keys
+/// are active, each under the id of its [`ShownBudgets`].
+static BUDGETS: Mutex<Vec<(u64, Budgets, Projections)>> = Mutex::new(Vec::new());
+static NEXT_SHOWN: AtomicU64 = AtomicU64::new(0);
+
+/// The budget gauges are not kept by the recorder, which cannot drop a
+/// series: [`render`] writes them from the budgets as they stand, so those
+/// of a revoked or expired key leave the metrics (and rules on them, such as
+/// "a budget nearly spent", stop firing for it).
+const BUDGET_GAUGES: [(&str, &str); 2] = [
+    (
+        "switchboard_budget_micros",
+        "A budget per period, in micro-USD, by scope and subject.",
+    ),
+    (
+        "switchboard_budget_remaining_micros",
+        "What is left of a budget this period, in micro-USD, by scope and subject.",
+    ),
+];
+
+/// Shows `budgets` (the active keys' ones, as `projections`' keys view
+/// lists them, and the users' checked here) in [`render`] until dropped.
+pub struct ShownBudgets(u64);
+
+pub fn show_budgets(budgets: Budgets, projections: Projections) -> ShownBudgets {
+    let id = NEXT_SHOWN.fetch_add(1, Ordering::Relaxed);
+    lock_budgets().push((id, budgets, projections));
+    ShownBudgets(id)
+}
+
+impl Drop for ShownBudgets {
+    fn drop(&mut self) {
+        lock_budgets().retain(|(id, ..)| *id != self.0);
+    }
+}
+
+fn lock_budgets() -> std::sync::MutexGuard<'static, Vec<(u64, Budgets, Projections)>> {
+    // A list of handles: nothing a panic could leave half-changed.
+    BUDGETS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 /// Installs the Prometheus recorder, once per process. Returns false when
 /// another recorder was installed first (the metrics then go to it, and
@@ -47,13 +94,65 @@ pub fn install() -> bool {
         .is_some()
 }
 
-/// Everything recorded so far, in the Prometheus text format.
+/// Everything recorded so far, in the Prometheus text format, and the
+/// budget gauges as the budgets stand now (a scan of the keys view and the
+/// spend of the last moments: a scrape's worth of work).
 pub fn render() -> String {
-    HANDLE
-        .get()
-        .and_then(Option::as_ref)
-        .map(PrometheusHandle::render)
-        .unwrap_or_default()
+    let Some(handle) = HANDLE.get().and_then(Option::as_ref) else {
+        return String::new();
+    };
+    let mut text = handle.render();
+    let shown: Vec<(Budgets, Projections)> = lock_budgets()
+        .iter()
+        .map(|(_, budgets, projections)| (budgets.clone(), projections.clone()))
+        .collect();
+    let now = chrono::Utc::now();
+    let mut statuses = Vec::new();
+    for (budgets, projections) in shown {
+        match projections.keys().list() {
+            Ok(keys) => {
+                let active = keys.iter().filter(|record| record.is_active(now));
+                let keys = active.map(|record| (record.key_id.as_str(), record.budget.as_ref()));
+                statuses.extend(budgets.statuses(keys, now));
+            }
+            Err(error) => tracing::warn!(%error, "the budget gauges cannot list the keys"),
+        }
+    }
+    write_budget_gauges(&mut text, statuses);
+    text
+}
+
+/// The [`BUDGET_GAUGES`] of `statuses`, in the text format.
+fn write_budget_gauges(text: &mut String, mut statuses: Vec<BudgetStatus>) {
+    if statuses.is_empty() {
+        return;
+    }
+    statuses
+        .sort_by(|a, b| (a.scope.as_str(), &a.subject_id).cmp(&(b.scope.as_str(), &b.subject_id)));
+    for (name, help) in BUDGET_GAUGES {
+        let _ = writeln!(text, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for status in &statuses {
+            let value = match name {
+                "switchboard_budget_micros" => status.budget_micros,
+                _ => status.remaining_micros,
+            };
+            let _ = writeln!(
+                text,
+                "{name}{{scope=\"{}\",subject=\"{}\"}} {value}",
+                status.scope.as_str(),
+                label_value(&status.subject_id)
+            );
+        }
+        text.push('\n');
+    }
+}
+
+/// A label value escaped as the text format wants it.
+fn label_value(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 fn describe() {
@@ -144,14 +243,6 @@ fn describe() {
         "Tokens of stored turns, by model and direction (input, output)."
     );
     describe_gauge!(
-        "switchboard_budget_remaining_micros",
-        "What is left of a budget this period, in micro-USD, by scope and subject."
-    );
-    describe_gauge!(
-        "switchboard_budget_micros",
-        "A budget per period, in micro-USD, by scope and subject."
-    );
-    describe_gauge!(
         "switchboard_nats_connected",
         "1 while the bus reaches the NATS server (always 1 on the embedded bus)."
     );
@@ -175,8 +266,6 @@ pub struct Sources {
     pub coordinator: switchboard_actors::turns::TurnCoordinator,
     pub agents: usize,
     pub bus: crate::bus::Bus,
-    /// Budgets, whose gauges turn with their periods.
-    pub budgets: switchboard_actors::budget::Budgets,
     /// Each alert webhook's label and how far it has got.
     pub webhooks: Vec<(String, tokio::sync::watch::Receiver<u64>)>,
 }
@@ -231,7 +320,6 @@ pub async fn sample(sources: Sources, stop: impl std::future::Future<Output = ()
         metrics::gauge!("switchboard_nats_connected")
             .set(f64::from(u8::from(sources.bus.is_connected())));
         if n.is_multiple_of(DISK_EVERY) {
-            sources.budgets.refresh_gauges(chrono::Utc::now());
             let dir = sources.log.dir().to_owned();
             if let Ok(bytes) = tokio::task::spawn_blocking(move || dir_bytes(&dir)).await {
                 metrics::gauge!("switchboard_data_dir_bytes").set(bytes as f64);

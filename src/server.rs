@@ -191,6 +191,8 @@ pub struct Server {
     webhooks: WebhookHandle,
     stop_sampler: oneshot::Sender<()>,
     sampler_task: JoinHandle<()>,
+    /// Keeps the budget gauges in `/metrics` until the server stops.
+    shown_budgets: crate::metrics::ShownBudgets,
     admin: AdminBootstrap,
     stop_projections: oneshot::Sender<()>,
     projections_task: JoinHandle<()>,
@@ -410,6 +412,7 @@ impl Server {
         let webhooks = WebhookSink::spawn(log.clone(), config.webhooks.clone())
             .map_err(|e| ServerError::Config(format!("the alert webhooks: {e}")))?;
         let (stop_sampler, sampler_stopped) = oneshot::channel::<()>();
+        let shown_budgets = crate::metrics::show_budgets(budgets.clone(), projections.clone());
         let sampler_task = tokio::spawn(crate::metrics::sample(
             crate::metrics::Sources {
                 log: log.clone(),
@@ -421,7 +424,6 @@ impl Server {
                 agents: agents.len(),
                 bus: bus.clone(),
                 webhooks: webhooks.progress(),
-                budgets: budgets.clone(),
             },
             async {
                 let _ = sampler_stopped.await;
@@ -449,6 +451,7 @@ impl Server {
             webhooks,
             stop_sampler,
             sampler_task,
+            shown_budgets,
             admin,
             stop_projections,
             projections_task,
@@ -496,6 +499,7 @@ impl Server {
         }
         let _ = self.stop_sampler.send(());
         let _ = self.sampler_task.await;
+        drop(self.shown_budgets);
         if let Err(error) = self.service.stop().await {
             tracing::warn!(%error, "leaving the service API failed");
         }

@@ -267,3 +267,85 @@ async fn metrics_after_a_small_load_have_the_values_of_that_load() {
     );
     front.server.shutdown().await;
 }
+
+/// The budget gauges follow the keys: an active key's budget shows before
+/// any request (at its whole amount), a changed budget shows at once, and a
+/// revoked key's figures leave the metrics, so no rule keeps firing on them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn budget_gauges_follow_the_active_keys_and_their_budgets() {
+    let front = Front::start().await;
+    let issue = |name: &'static str, micros: u64| {
+        post(
+            &front,
+            "/admin/keys",
+            ADMIN_KEY,
+            json!({ "name": name, "budget": { "micros": micros, "period": "day" } }),
+        )
+    };
+    let (status, spent) = issue("spent", 500_000).await;
+    assert_eq!(status, StatusCode::CREATED, "{spent}");
+    let (status, kept) = issue("kept", 1_000_000).await;
+    assert_eq!(status, StatusCode::CREATED, "{kept}");
+    let series = |name: &str, issued: &Value| {
+        let key_id = issued["key_id"].as_str().expect("key_id");
+        format!("{name}{{scope=\"key\",subject=\"{key_id}\"}}")
+    };
+    let budget_of = |issued: &Value| series("switchboard_budget_micros", issued);
+    let remaining_of = |issued: &Value| series("switchboard_budget_remaining_micros", issued);
+
+    let metrics = scrape(&front).await;
+    assert_eq!(metrics.get(&budget_of(&spent)), Some(&500_000.0));
+    assert_eq!(metrics.get(&remaining_of(&spent)), Some(&500_000.0));
+    assert_eq!(metrics.get(&budget_of(&kept)), Some(&1_000_000.0));
+
+    let kept_id = kept["key_id"].as_str().expect("key_id");
+    let changed = front
+        .request(
+            Method::PATCH,
+            &format!("/admin/keys/{kept_id}"),
+            Some(ADMIN_KEY),
+        )
+        .json(&json!({ "budget": { "micros": 2_000_000, "period": "day" } }))
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(changed.status(), StatusCode::OK);
+    let spent_id = spent["key_id"].as_str().expect("key_id");
+    let revoked = front
+        .request(
+            Method::DELETE,
+            &format!("/admin/keys/{spent_id}"),
+            Some(ADMIN_KEY),
+        )
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(revoked.status(), StatusCode::OK);
+
+    let answer = front
+        .request(Method::GET, "/metrics", None)
+        .send()
+        .await
+        .expect("answers");
+    let text = answer.text().await.expect("text");
+    let metrics = samples(&text);
+    assert_eq!(metrics.get(&budget_of(&kept)), Some(&2_000_000.0));
+    assert_eq!(metrics.get(&remaining_of(&kept)), Some(&2_000_000.0));
+    assert_eq!(
+        metrics.get(&budget_of(&spent)),
+        None,
+        "a revoked key's budget"
+    );
+    assert_eq!(metrics.get(&remaining_of(&spent)), None);
+    for family in [
+        "switchboard_budget_micros",
+        "switchboard_budget_remaining_micros",
+    ] {
+        let declared = text
+            .lines()
+            .filter(|line| *line == format!("# TYPE {family} gauge"))
+            .count();
+        assert_eq!(declared, 1, "{family} declared once");
+    }
+    front.server.shutdown().await;
+}

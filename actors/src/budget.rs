@@ -289,12 +289,32 @@ impl Budgets {
         }
     }
 
-    /// Sets the budget gauges of every budget checked here to where it stands
-    /// at `now`, and returns those statuses: an idle key's gauges then show
-    /// its new period once the period turns, not the last period's spend.
-    /// Appends nothing.
-    pub fn refresh_gauges(&self, now: DateTime<Utc>) -> Vec<BudgetStatus> {
+    /// Where every budget stands at `now`, for the metrics: the budget of
+    /// each key in `keys` (the active keys: id and budget), and each user
+    /// budget checked here. A key not in `keys` (revoked or expired) or
+    /// without a budget there has none here from now on, so its figures leave
+    /// the metrics (and its spend raises no more alerts); a key's changed
+    /// budget shows at once. Appends nothing.
+    pub fn statuses<'a>(
+        &self,
+        keys: impl IntoIterator<Item = (&'a str, Option<&'a Budget>)>,
+        now: DateTime<Utc>,
+    ) -> Vec<BudgetStatus> {
+        let mut budgets: HashMap<&str, &Budget> = keys
+            .into_iter()
+            .filter_map(|(key_id, budget)| Some((key_id, budget?)))
+            .collect();
+        self.inner.catch_up();
         let mut ledgers = self.inner.lock();
+        for (spender, ledger) in ledgers.iter_mut() {
+            if spender.scope == BudgetScope::Key {
+                let budget = budgets.remove(spender.id.as_str());
+                ledger.budget = budget.cloned();
+            }
+        }
+        for (key_id, budget) in budgets {
+            ledgers.entry(Spender::key(key_id)).or_default().budget = Some(budget.clone());
+        }
         ledgers
             .iter_mut()
             .filter_map(|(spender, ledger)| {
@@ -378,12 +398,6 @@ impl Inner {
             .sum();
         let spent = indexed.micros.saturating_add(pending);
         let remaining = budget.micros.saturating_sub(spent);
-        let labels = [
-            ("scope", spender.scope.as_str().to_owned()),
-            ("subject", spender.id.clone()),
-        ];
-        metrics::gauge!("switchboard_budget_remaining_micros", &labels).set(remaining as f64);
-        metrics::gauge!("switchboard_budget_micros", &labels).set(budget.micros as f64);
         BudgetStatus {
             scope: spender.scope,
             subject_id: spender.id.clone(),
@@ -749,9 +763,13 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn refreshed_gauges_show_a_new_period_without_a_request() {
+    async fn statuses_show_a_new_period_without_a_request() {
         let Fixture {
-            _dir, log, budgets, ..
+            _dir,
+            log,
+            budgets,
+            budget,
+            ..
         } = fixture();
         let stream = StreamId::conversation("c1").expect("valid");
         let seq = log
@@ -762,7 +780,7 @@ mod tests {
             .seq;
         budgets.charge("key_1", seq, 60);
         let remaining = |now| {
-            let statuses = budgets.refresh_gauges(now);
+            let statuses = budgets.statuses([("key_1", Some(&budget))], now);
             assert_eq!(statuses.len(), 1, "{statuses:?}");
             (statuses[0].remaining_micros, statuses[0].period_start)
         };
@@ -774,6 +792,43 @@ mod tests {
             remaining(tomorrow),
             (100, period_start(BudgetPeriod::Day, tomorrow))
         );
+        budgets.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn statuses_follow_the_active_keys_and_their_budgets() {
+        let Fixture {
+            _dir,
+            budgets,
+            budget,
+            ..
+        } = fixture();
+        let now = Utc::now();
+        let shown = |statuses: Vec<BudgetStatus>| -> Vec<(String, u64)> {
+            statuses
+                .into_iter()
+                .map(|status| (status.subject_id, status.budget_micros))
+                .collect()
+        };
+        assert_eq!(
+            shown(budgets.statuses([("key_1", Some(&budget))], now)),
+            vec![("key_1".to_owned(), 100)]
+        );
+        // A key never checked here shows at once; a changed budget too.
+        let raised = Budget {
+            micros: 250,
+            ..budget.clone()
+        };
+        let mut both =
+            shown(budgets.statuses([("key_1", Some(&raised)), ("key_2", Some(&budget))], now));
+        both.sort();
+        assert_eq!(
+            both,
+            vec![("key_1".to_owned(), 250), ("key_2".to_owned(), 100)]
+        );
+        // key_1 revoked (no longer active), key_2 without a budget: gone.
+        assert_eq!(shown(budgets.statuses([("key_2", None)], now)), vec![]);
+        assert_eq!(shown(budgets.statuses([], now)), vec![]);
         budgets.shutdown().await;
     }
 
