@@ -3,7 +3,8 @@
 //! (`switchboard_cost_micros_total{model}` when a turn's usage is stored,
 //! `switchboard_ack_latency_seconds` when a send is acknowledged), gauges of
 //! state are sampled every second ([`sample`]), and `GET /metrics` renders
-//! them. Labels are bounded: operations, outcomes, agents, models, keys —
+//! them, with the budget gauges written as the budgets stand then
+//! ([`show_budgets`]). Labels are bounded: operations, outcomes, agents, models, keys —
 //! never conversations.
 //!
 //! One recorder per process, installed by the first [`install`]; later calls
