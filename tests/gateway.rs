@@ -1000,6 +1000,39 @@ async fn sending_into_another_keys_conversation_is_forbidden(transport: Transpor
     service.shutdown().await;
 }
 
+/// A send published with no reply subject is stored all the same, and its
+/// turn (which starts once the request is done with) runs: the history gets
+/// its reply.
+async fn a_send_without_a_reply_subject_is_stored_and_its_turn_runs(transport: Transport) {
+    let service = Service::start(transport).await;
+    let key = service.issue_key("key_a", &[Scope::Chat]).await;
+    let body = serde_json::to_vec(&json!({"content": "no answer wanted", "message_id": "m1"}))
+        .expect("JSON");
+    service
+        .client
+        .publish(
+            "sb.conv.quiet.send",
+            bearer(&key).with("Content-Type", "application/json"),
+            body,
+        )
+        .await
+        .expect("published");
+    service.client.flush().await.expect("flushed");
+    let history = history_with(&service, "quiet", &key, 2).await;
+    let messages = history["messages"].as_array().expect("messages");
+    assert_eq!(
+        messages[0]["content"],
+        json!("no answer wanted"),
+        "{history}"
+    );
+    assert_eq!(
+        messages[1]["content"],
+        json!("echo: no answer wanted"),
+        "{history}"
+    );
+    service.shutdown().await;
+}
+
 /// Each scenario as two tests: embedded bus and real NATS.
 macro_rules! on_both_buses {
     ($($scenario:ident),* $(,)?) => {
@@ -1033,4 +1066,5 @@ on_both_buses!(
     history_of_another_keys_conversation_is_forbidden,
     a_long_history_is_read_in_pages,
     sending_into_another_keys_conversation_is_forbidden,
+    a_send_without_a_reply_subject_is_stored_and_its_turn_runs,
 );
