@@ -39,14 +39,17 @@ static NEXT_SHOWN: AtomicU64 = AtomicU64::new(0);
 /// series: [`render`] writes them from the budgets as they stand, so those
 /// of a revoked or expired key leave the metrics (and rules on them, such as
 /// "a budget nearly spent", stop firing for it).
-const BUDGET_GAUGES: [(&str, &str); 2] = [
+type BudgetGauge = (&'static str, &'static str, fn(&BudgetStatus) -> u64);
+const BUDGET_GAUGES: [BudgetGauge; 2] = [
     (
         "switchboard_budget_micros",
         "A budget per period, in micro-USD, by scope and subject.",
+        |status| status.budget_micros,
     ),
     (
         "switchboard_budget_remaining_micros",
         "What is left of a budget this period, in micro-USD, by scope and subject.",
+        |status| status.remaining_micros,
     ),
 ];
 
@@ -130,18 +133,15 @@ fn write_budget_gauges(text: &mut String, mut statuses: Vec<BudgetStatus>) {
     }
     statuses
         .sort_by(|a, b| (a.scope.as_str(), &a.subject_id).cmp(&(b.scope.as_str(), &b.subject_id)));
-    for (name, help) in BUDGET_GAUGES {
+    for (name, help, value) in BUDGET_GAUGES {
         let _ = writeln!(text, "# HELP {name} {help}\n# TYPE {name} gauge");
         for status in &statuses {
-            let value = match name {
-                "switchboard_budget_micros" => status.budget_micros,
-                _ => status.remaining_micros,
-            };
             let _ = writeln!(
                 text,
-                "{name}{{scope=\"{}\",subject=\"{}\"}} {value}",
+                "{name}{{scope=\"{}\",subject=\"{}\"}} {}",
                 status.scope.as_str(),
-                label_value(&status.subject_id)
+                label_value(&status.subject_id),
+                value(status)
             );
         }
         text.push('\n');

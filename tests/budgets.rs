@@ -642,3 +642,123 @@ async fn a_users_budget_counts_every_key_they_own_and_refuses_all_of_them() {
     assert_eq!(exceeded["data"]["subject_id"], json!("ana@example.com"));
     server.shutdown().await;
 }
+
+/// The budget gauges follow the keys: an active key's budget shows before
+/// any request (at its whole amount), a changed budget shows at once, and a
+/// revoked key's figures leave the metrics (also once a send checked it), so
+/// no rule keeps firing on them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn budget_gauges_follow_the_active_keys_and_their_budgets() {
+    let front = Front::start().await;
+    let post = |path: String, key: String, body: Value| {
+        let request = front.request(Method::POST, &path, Some(&key)).json(&body);
+        async move {
+            let answer = request.send().await.expect("answers");
+            let status = answer.status();
+            (status, answer.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let scrape = || async {
+        let answer = front
+            .request(Method::GET, "/metrics", None)
+            .send()
+            .await
+            .expect("answers");
+        assert_eq!(answer.status(), StatusCode::OK);
+        answer.text().await.expect("text")
+    };
+    // The value of each series in a scrape: `name{labels}` → value.
+    let samples = |text: &str| -> std::collections::HashMap<String, f64> {
+        text.lines()
+            .filter(|line| !line.starts_with('#') && !line.trim().is_empty())
+            .filter_map(|line| {
+                let (series, value) = line.rsplit_once(' ')?;
+                Some((series.to_owned(), value.parse().ok()?))
+            })
+            .collect()
+    };
+    let issue = |name: &'static str, micros: u64| {
+        post(
+            "/admin/keys".to_owned(),
+            ADMIN_KEY.to_owned(),
+            json!({ "name": name, "budget": { "micros": micros, "period": "day" } }),
+        )
+    };
+    let (status, spent) = issue("spent", 500_000).await;
+    assert_eq!(status, StatusCode::CREATED, "{spent}");
+    let (status, kept) = issue("kept", 1_000_000).await;
+    assert_eq!(status, StatusCode::CREATED, "{kept}");
+    let series = |name: &str, issued: &Value| {
+        let key_id = issued["key_id"].as_str().expect("key_id");
+        format!("{name}{{scope=\"key\",subject=\"{key_id}\"}}")
+    };
+    let budget_of = |issued: &Value| series("switchboard_budget_micros", issued);
+    let remaining_of = |issued: &Value| series("switchboard_budget_remaining_micros", issued);
+
+    let metrics = samples(&scrape().await);
+    assert_eq!(metrics.get(&budget_of(&spent)), Some(&500_000.0));
+    assert_eq!(metrics.get(&remaining_of(&spent)), Some(&500_000.0));
+    assert_eq!(metrics.get(&budget_of(&kept)), Some(&1_000_000.0));
+
+    // A send checks the key against its budget, so the core holds it too.
+    let spent_key = spent["key"].as_str().expect("key");
+    let (status, ack) = post(
+        "/v1/conversations/budgeted/messages".to_owned(),
+        spent_key.to_owned(),
+        json!({ "content": "checked against the budget" }),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{ack}");
+
+    let kept_id = kept["key_id"].as_str().expect("key_id");
+    let changed = front
+        .request(
+            Method::PATCH,
+            &format!("/admin/keys/{kept_id}"),
+            Some(ADMIN_KEY),
+        )
+        .json(&json!({ "budget": { "micros": 2_000_000, "period": "day" } }))
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(changed.status(), StatusCode::OK);
+    let spent_id = spent["key_id"].as_str().expect("key_id");
+    let revoked = front
+        .request(
+            Method::DELETE,
+            &format!("/admin/keys/{spent_id}"),
+            Some(ADMIN_KEY),
+        )
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(revoked.status(), StatusCode::OK);
+
+    let text = scrape().await;
+    let metrics = samples(&text);
+    assert_eq!(metrics.get(&budget_of(&kept)), Some(&2_000_000.0));
+    assert_eq!(metrics.get(&remaining_of(&kept)), Some(&2_000_000.0));
+    assert_eq!(
+        metrics.get(&budget_of(&spent)),
+        None,
+        "a revoked key's budget"
+    );
+    assert_eq!(metrics.get(&remaining_of(&spent)), None);
+    let kept_series = budget_of(&kept);
+    let kept_lines = text
+        .lines()
+        .filter(|line| line.starts_with(&format!("{kept_series} ")))
+        .count();
+    assert_eq!(kept_lines, 1, "one series per budget");
+    for family in [
+        "switchboard_budget_micros",
+        "switchboard_budget_remaining_micros",
+    ] {
+        let declared = text
+            .lines()
+            .filter(|line| *line == format!("# TYPE {family} gauge"))
+            .count();
+        assert_eq!(declared, 1, "{family} declared once");
+    }
+    front.server.shutdown().await;
+}

@@ -290,38 +290,32 @@ impl Budgets {
     }
 
     /// Where every budget stands at `now`, for the metrics: the budget of
-    /// each key in `keys` (the active keys: id and budget), and each user
-    /// budget checked here. A key not in `keys` (revoked or expired) or
-    /// without a budget there has none here from now on, so its figures leave
-    /// the metrics (and its spend raises no more alerts); a key's changed
-    /// budget shows at once. Appends nothing.
+    /// each key in `keys` (the active keys: id and budget, as the keys view
+    /// has them now), and each user budget checked here. A key not in `keys`
+    /// (revoked or expired) or without a budget there shows nothing; a key
+    /// never checked here shows its whole budget. Changes nothing but the
+    /// trimming of charges the index has folded. Appends nothing.
     pub fn statuses<'a>(
         &self,
         keys: impl IntoIterator<Item = (&'a str, Option<&'a Budget>)>,
         now: DateTime<Utc>,
     ) -> Vec<BudgetStatus> {
-        let mut budgets: HashMap<&str, &Budget> = keys
-            .into_iter()
-            .filter_map(|(key_id, budget)| Some((key_id, budget?)))
-            .collect();
         self.inner.catch_up();
         let mut ledgers = self.inner.lock();
+        let mut statuses = Vec::new();
+        for (key_id, budget) in keys {
+            let Some(budget) = budget else { continue };
+            let spender = Spender::key(key_id);
+            let mut unchecked = Ledger::default();
+            let ledger = ledgers.get_mut(&spender).unwrap_or(&mut unchecked);
+            statuses.push(self.inner.status(&spender, ledger, budget, now));
+        }
         for (spender, ledger) in ledgers.iter_mut() {
-            if spender.scope == BudgetScope::Key {
-                let budget = budgets.remove(spender.id.as_str());
-                ledger.budget = budget.cloned();
+            if let (BudgetScope::User, Some(budget)) = (spender.scope, ledger.budget.clone()) {
+                statuses.push(self.inner.status(spender, ledger, &budget, now));
             }
         }
-        for (key_id, budget) in budgets {
-            ledgers.entry(Spender::key(key_id)).or_default().budget = Some(budget.clone());
-        }
-        ledgers
-            .iter_mut()
-            .filter_map(|(spender, ledger)| {
-                let budget = ledger.budget.clone()?;
-                Some(self.inner.status(spender, ledger, &budget, now))
-            })
-            .collect()
+        statuses
     }
 
     /// Stores the alerts still queued and stops the task appending them.

@@ -20,7 +20,7 @@ pub const CORE_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct Core {
     /// Where requests go: the core's in-process bus when the core runs in
     /// this process, else the bus the core serves.
-    pub bus: Bus,
+    pub requests: Bus,
     /// Where the core's events are published (and subscribed to).
     pub events: Bus,
     pub prefix: String,
@@ -88,7 +88,7 @@ impl Core {
         }
         let payload = serde_json::to_vec(body).expect("a JSON value serializes");
         let reply = self
-            .bus
+            .requests
             .request(&subject, headers, payload, timeout)
             .await
             .map_err(|error| ApiError::from_bus(&error))?;

@@ -166,7 +166,7 @@ pub struct FrontBuses {
 pub fn router(config: &HttpConfig, buses: FrontBuses, closing: watch::Receiver<bool>) -> Router {
     let state = AppState {
         core: core::Core {
-            bus: buses.requests,
+            requests: buses.requests,
             events: buses.events,
             prefix: config.prefix.clone(),
         },

@@ -986,6 +986,23 @@ mod tests {
         let (lone, mut answer) = request(1);
         std::thread::scope(|scope| {
             let appending = scope.spawn(|| append_alone(writer, &queue, lone).is_ok());
+            // Written (its head marker is in the tree), then flushed: held
+            // a while longer, it must still be neither answered nor published.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let written = || {
+                let marker = log.shared.tree.get(keys::HEAD_KEY).expect("reads");
+                marker
+                    .and_then(|value| keys::parse_head(&value))
+                    .map(|(seq, _)| seq)
+                    == Some(1)
+            };
+            while !written() {
+                assert!(
+                    Instant::now() < deadline,
+                    "the lone group was never written"
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
             std::thread::sleep(Duration::from_millis(100));
             assert!(
                 matches!(answer.try_recv(), Err(oneshot::error::TryRecvError::Empty)),
