@@ -388,6 +388,7 @@ impl Server {
                     crate::http::serve(
                         http.clone(),
                         FrontBuses {
+                            beside: front.is_some(),
                             requests: front.unwrap_or_else(|| bus.clone()),
                             events: bus.clone(),
                         },

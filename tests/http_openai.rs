@@ -5,7 +5,10 @@
 mod support;
 
 use support::front::{Front, ADMIN_KEY, WAIT};
+use support::nats::NatsServer;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -693,5 +696,139 @@ async fn a_failed_turn_is_a_server_error_or_an_error_chunk() {
     assert_eq!(error["error"]["type"], json!("server_error"), "{error}");
     assert_eq!(error["error"]["code"], json!("connect"), "{error}");
     assert_eq!(lines[1], "[DONE]");
+    front.server.shutdown().await;
+}
+
+/// A model server that holds every completion until `gate` has a permit
+/// for it, then streams [`HELD_REPLY`] in OpenAI's wire format; `received`
+/// counts the completions it was asked for.
+async fn held_upstream() -> (String, Arc<tokio::sync::Semaphore>, Arc<AtomicUsize>) {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let received = Arc::new(AtomicUsize::new(0));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (held, counted) = (gate.clone(), received.clone());
+    let app = axum::Router::new().route(
+        "/v1/chat/completions",
+        axum::routing::post(move || {
+            let (gate, received) = (held.clone(), counted.clone());
+            async move {
+                received.fetch_add(1, Ordering::SeqCst);
+                gate.acquire().await.expect("the gate stays open").forget();
+                let chunk = |delta: Value, finish: Value| {
+                    json!({ "id": "chatcmpl-held", "object": "chat.completion.chunk",
+                        "created": 0, "model": "held-model",
+                        "choices": [{ "index": 0, "delta": delta, "finish_reason": finish }] })
+                };
+                let usage = json!({ "id": "chatcmpl-held", "object": "chat.completion.chunk",
+                    "created": 0, "model": "held-model", "choices": [],
+                    "usage": { "prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5 } });
+                let body: String = [
+                    chunk(
+                        json!({ "role": "assistant", "content": HELD_REPLY }),
+                        Value::Null,
+                    ),
+                    chunk(json!({}), json!("stop")),
+                    usage,
+                ]
+                .iter()
+                .map(|chunk| format!("data: {chunk}\n\n"))
+                .chain(["data: [DONE]\n\n".to_owned()])
+                .collect();
+                ([("content-type", "text/event-stream")], body)
+            }
+        }),
+    );
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (format!("http://{addr}/v1"), gate, received)
+}
+
+const HELD_REPLY: &str = "held back, then said";
+
+/// Beside a core on NATS the front follows a streamed reply on the core's
+/// in-process bus, where the core publishes the deltas and the end of the
+/// sends that ask for it. A resend's first send may not have asked (it was
+/// not streamed): its stream must still end, from the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beside_a_core_on_nats_a_streamed_resend_ends_though_its_first_send_was_not_streamed() {
+    let nats = NatsServer::start();
+    let (upstream, gate, received) = held_upstream().await;
+    let front = Front::start_with(|config| {
+        config.nats_url = Some(nats.url());
+        config.agents.push(AgentSpec {
+            config: AgentConfig::new("held"),
+            provider: ProviderSpec::OpenAi {
+                base_url: upstream,
+                model: "held-model".to_owned(),
+                api_key: None,
+            },
+        });
+    })
+    .await;
+    let key = front.issue(json!({ "name": "ana" })).await;
+    let message = json!({ "content": "hello", "message_id": "m1", "agent": "held" });
+    let send_message = |stream: bool| {
+        let request = front
+            .request(Method::POST, "/v1/conversations/held/messages", Some(&key))
+            .json(&message);
+        match stream {
+            true => request.header("Accept", "text/event-stream"),
+            false => request,
+        }
+    };
+    let complete = |stream: bool| {
+        let mut body = chat("held", "hello");
+        body["stream"] = json!(stream);
+        front
+            .request(Method::POST, COMPLETIONS, Some(&key))
+            .header("X-Conversation-Id", "held-chat")
+            .header("Idempotency-Key", "c1")
+            .json(&body)
+    };
+
+    // The first sends, not streamed; the model server holds both turns.
+    let sent = send_message(false).send().await.expect("answered");
+    assert_eq!(sent.status(), StatusCode::ACCEPTED);
+    let first_completion = tokio::spawn(Front::answer(complete(false)));
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while received.load(Ordering::SeqCst) < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the turns never reached the model"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Their resends, streamed while the turns run; then the turns go on.
+    let resent_message = send_message(true).send().await.expect("answered");
+    assert_eq!(resent_message.status(), StatusCode::OK);
+    let resent_completion = complete(true).send().await.expect("answered");
+    assert_eq!(resent_completion.status(), StatusCode::OK);
+    gate.add_permits(2);
+
+    let streamed = tokio::time::timeout(WAIT, resent_message.text())
+        .await
+        .expect("the resent message's stream ends")
+        .expect("a body");
+    assert!(streamed.contains(r#""duplicate":true"#), "{streamed}");
+    assert!(streamed.contains("event: reply_completed"), "{streamed}");
+    assert!(streamed.contains(HELD_REPLY), "{streamed}");
+    let mut lines = data_lines(resent_completion).await;
+    assert_eq!(lines.pop().as_deref(), Some("[DONE]"), "{lines:?}");
+    let chunks: Vec<Value> = lines
+        .iter()
+        .map(|line| serde_json::from_str(line).expect("a JSON chunk"))
+        .collect();
+    assert_eq!(streamed_text(&chunks), HELD_REPLY);
+    let first = first_completion.await.expect("the first completion");
+    assert_eq!(first.status, StatusCode::OK, "{}", first.body);
+    assert_eq!(
+        first.body["choices"][0]["message"]["content"],
+        json!(HELD_REPLY)
+    );
     front.server.shutdown().await;
 }

@@ -953,6 +953,48 @@ async fn the_http_front_beside_the_core_skips_nats_and_stores_messages_while_nat
     let sent = send("while-away", "w1").await.expect("answered");
     assert_eq!(sent.status(), reqwest::StatusCode::ACCEPTED);
     let away_ack: Value = sent.json().await.expect("JSON");
+    // Streamed replies too: the front follows them on the core's in-process
+    // bus, not on NATS.
+    let streamed = http
+        .post(format!("{base}/v1/conversations/streamed-away/messages"))
+        .bearer_auth(&key)
+        .header("Accept", "text/event-stream")
+        .json(&json!({ "content": "still here", "message_id": "s1" }))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(streamed.status(), reqwest::StatusCode::OK);
+    let streamed = streamed.text().await.expect("the stream ends");
+    for expected in [
+        "event: ack",
+        "event: reply_delta",
+        "event: reply_completed",
+        "echo: still here",
+    ] {
+        assert!(streamed.contains(expected), "no {expected:?} in {streamed}");
+    }
+    let completion = http
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&json!({ "model": "echo", "stream": true,
+            "messages": [{ "role": "user", "content": "and streaming" }] }))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(completion.status(), reqwest::StatusCode::OK);
+    let completion = completion.text().await.expect("the stream ends");
+    let text: String = completion
+        .lines()
+        .filter_map(|line| line.strip_prefix("data: "))
+        .filter_map(|data| serde_json::from_str::<Value>(data).ok())
+        .filter_map(|chunk| {
+            chunk["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect();
+    assert_eq!(text, "echo: and streaming", "{completion}");
+    assert!(completion.ends_with("data: [DONE]\n\n"), "{completion}");
 
     // Back: ready again, and the message stored meanwhile is published.
     nats.restart();

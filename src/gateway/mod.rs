@@ -61,7 +61,7 @@ use switchboard_actors::conversation_actor::{validate_conversation_id, Conversat
 use switchboard_actors::rate_limiter::{AdmitError, RateLimiterConfig, RateLimiters};
 use switchboard_actors::turns::{NextTurn, ReplyDelta, SendInput, TurnCoordinator, TurnEnd};
 use switchboard_events::catalog::{AuthChannel, Scope};
-use switchboard_events::EventLog;
+use switchboard_events::{Envelope, EventLog, ReadError};
 use switchboard_projections::{HistoryMessage, HistoryPage, PageFrom, Projections};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
@@ -177,6 +177,10 @@ pub struct RequestMeta {
     /// The turn of a send answered with its ack alone: it starts when this
     /// is dropped, after the answer is on its way.
     turn: std::sync::Mutex<Option<NextTurn>>,
+    /// The HTTP front's in-process bus, when the request came over it: a
+    /// send that asks to be followed there ([`FOLLOW_HEADER`]) has its
+    /// reply's deltas and stored end published there too.
+    front: Option<Bus>,
 }
 
 /// Bus headers by which the HTTP front says a request came over HTTP, and
@@ -206,6 +210,7 @@ impl RequestMeta {
             remote,
             reply_headers: std::sync::Mutex::new(Headers::new()),
             turn: std::sync::Mutex::new(None),
+            front: None,
         }
     }
 
@@ -450,6 +455,9 @@ impl Gateway {
             }),
         };
         let mut meta = RequestMeta::new(&message.headers, from_front);
+        if matches!(via, Via::Front) {
+            meta.front = self.front.clone();
+        }
         let span = tracing::debug_span!(
             "gateway",
             otel.name = %format_args!("{} process", operation.name()),
@@ -573,6 +581,12 @@ impl Gateway {
         let format = BodyFormat::from_content_type(header(&message.headers, "Content-Type"))?;
         let body = SendRequest::decode(&message.payload, format)?;
         let wait = waits_for_reply(&message.headers)?;
+        // Only the front beside the gateway follows a reply on its own bus;
+        // elsewhere the deltas and the outbox's events are on the main bus.
+        let follow = meta
+            .front
+            .clone()
+            .filter(|_| follows_reply(&message.headers));
         // A resend of a stored message is answered with its ack before the
         // budgets and rate limits, which it must neither use nor be refused
         // by. (A key that neither has nor falls under any of them cannot be
@@ -641,8 +655,8 @@ impl Gateway {
                 return Err(error.into());
             }
         };
-        let (ended, turn_end) = wait.then(oneshot::channel).unzip();
-        let (deltas, handed_on) = self.publish_deltas(conversation_id, meta);
+        let (ended, turn_end) = (wait || follow.is_some()).then(oneshot::channel).unzip();
+        let (deltas, handed_on) = self.publish_deltas(conversation_id, meta, follow.clone());
         let input = SendInput {
             message_id: body.message_id,
             key_id: caller.record.key_id.clone(),
@@ -663,6 +677,13 @@ impl Gateway {
         {
             Ok((ack, turn)) => {
                 let mut reply = ack_json(&ack);
+                let turn_end = match (turn_end, follow) {
+                    (Some(turn_end), Some(front)) if !wait => {
+                        self.publish_end(conversation_id, front, turn_end);
+                        None
+                    }
+                    (turn_end, _) => turn_end,
+                };
                 let Some(turn_end) = turn_end else {
                     // Started once the ack is answered.
                     *meta.turn.lock().expect("turn lock") = Some(turn);
@@ -770,11 +791,13 @@ impl Gateway {
     /// stored `reply_completed` holds the whole reply); and the signal that
     /// all of them are with the bus once the channel closes, which the turn
     /// waits for before storing its end, so the outbox publishes the end
-    /// after them.
+    /// after them. A followed send's deltas go to the `front` bus first,
+    /// which takes them whether NATS is there or not.
     fn publish_deltas(
         &self,
         conversation_id: &str,
         meta: &RequestMeta,
+        front: Option<Bus>,
     ) -> (mpsc::Sender<ReplyDelta>, oneshot::Receiver<()>) {
         let (handed_on, handed_on_seen) = oneshot::channel();
         let (deltas, mut received) = mpsc::channel::<ReplyDelta>(DELTA_BUFFER);
@@ -796,6 +819,14 @@ impl Gateway {
                     continue;
                 }
                 let payload = serde_json::to_vec(&delta).expect("a delta always serializes");
+                if let Some(front) = &front {
+                    if let Err(error) = front
+                        .publish(&subject, headers.clone(), payload.clone())
+                        .await
+                    {
+                        tracing::debug!(%subject, %error, "a reply delta was not published to the front");
+                    }
+                }
                 let published = tokio::time::timeout(
                     DELTA_PUBLISH_WAIT,
                     bus.publish(&subject, headers.clone(), payload),
@@ -822,16 +853,53 @@ impl Gateway {
     /// The stored events of a turn's end, as the outbox publishes them. Read
     /// in place: two or three records just written, so in sled's cache.
     fn stored_events(&self, end: TurnEnd) -> Result<Value, GatewayError> {
-        let last = end.first_seq + end.events as u64 - 1;
-        self.log
-            .read_range(end.first_seq, last)
-            .map(|e| e.map(|e| serde_json::to_value(e).expect("envelopes serialize")))
-            .collect::<Result<Vec<Value>, _>>()
-            .map(Value::Array)
+        stored_end(&self.log, end)
+            .map(|envelopes| {
+                let values = envelopes.iter().map(serde_json::to_value);
+                Value::Array(values.map(|v| v.expect("envelopes serialize")).collect())
+            })
             .map_err(|error| {
                 tracing::error!(%error, "cannot read a stored turn's end");
                 GatewayError::Unavailable("the turn's end cannot be read".into())
             })
+    }
+
+    /// Once a followed send's turn has ended (`turn_end`), publishes its
+    /// stored end on the front's bus, on the subjects the outbox uses on
+    /// the main bus. The front's stream ends with it, NATS or not.
+    fn publish_end(&self, conversation_id: &str, front: Bus, turn_end: oneshot::Receiver<TurnEnd>) {
+        let log = self.log.clone();
+        let prefix = self.prefix.clone();
+        let conversation_id = conversation_id.to_owned();
+        let mut stopping = self.stopping.subscribe();
+        tokio::spawn(async move {
+            // No end comes for a duplicate, nor for a turn whose end was not
+            // stored (the front's stream then ends at its own deadline).
+            let end = tokio::select! {
+                end = turn_end => end.ok(),
+                _ = stopping.wait_for(|stopping| *stopping) => None,
+            };
+            let Some(end) = end else { return };
+            let envelopes = match stored_end(&log, end) {
+                Ok(envelopes) => envelopes,
+                Err(error) => {
+                    tracing::error!(%conversation_id, %error, "cannot read a stored turn's end");
+                    return;
+                }
+            };
+            let subject_start = format!("{prefix}.evt.conv.{conversation_id}.");
+            for envelope in envelopes {
+                let subjects = crate::outbox::subjects(&prefix, &envelope);
+                let Some(subject) = subjects.iter().find(|s| s.starts_with(&subject_start)) else {
+                    continue;
+                };
+                let headers = Headers::new().with("Content-Type", "application/json");
+                let payload = envelope.to_json().into_bytes();
+                if let Err(error) = front.publish(subject, headers, payload).await {
+                    tracing::debug!(%conversation_id, %error, "a turn's end was not published to the front");
+                }
+            }
+        });
     }
 
     /// The valid conversation id in `{prefix}.admin.conv.<id>.erase`.
@@ -887,6 +955,23 @@ impl Gateway {
 /// The request header that makes a send answer once its turn's end is
 /// stored, with that end as `turn` (DESIGN §6; `docs/subjects.md`).
 pub const WAIT_HEADER: &str = "Switchboard-Wait";
+
+/// The header by which the HTTP front beside the gateway asks that a send's
+/// reply deltas and stored end be published on its in-process bus too, so
+/// that its stream follows them without NATS (`Switchboard-Follow: reply`).
+/// It means nothing on the main bus, where both are published anyway.
+pub const FOLLOW_HEADER: &str = "Switchboard-Follow";
+
+/// Whether a send asks to be followed on the front's bus ([`FOLLOW_HEADER`]).
+fn follows_reply(headers: &Headers) -> bool {
+    header(headers, FOLLOW_HEADER).is_some_and(|value| value.eq_ignore_ascii_case("reply"))
+}
+
+/// The envelopes of a turn's stored end.
+fn stored_end(log: &EventLog, end: TurnEnd) -> Result<Vec<Envelope>, ReadError> {
+    let last = end.first_seq + end.events as u64 - 1;
+    log.read_range(end.first_seq, last).collect()
+}
 
 /// Whether a send asks to wait for its reply (`Switchboard-Wait: reply`).
 fn waits_for_reply(headers: &Headers) -> Result<bool, GatewayError> {

@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use utoipa::{IntoParams, ToSchema};
 
-use super::core::Core;
+use super::core::{Core, RESENT_END_POLL};
 use super::error::{copy_rate_headers, ApiError};
 use super::openapi::{
     Ack, BadRequest, Conflict, ConversationList, Forbidden, History, Internal, Invalid,
@@ -194,9 +194,9 @@ pub async fn send(
         return Ok(reply.into_response(StatusCode::ACCEPTED));
     }
     // Subscribed before sending, so no piece of the reply can be missed.
-    let events = state.core.subscribe(&format!("evt.conv.{id}.>")).await?;
+    let events = state.core.follow_reply(&id).await?;
     let subject = format!("conv.{id}.send");
-    let reply = within(&state, state.core.request(&subject, &headers, &body)).await?;
+    let reply = within(&state, state.core.send_followed(&subject, &headers, &body)).await?;
     let mut rate_headers = HeaderMap::new();
     copy_rate_headers(&reply.headers, &mut rate_headers);
     let (sender, received) = mpsc::channel(SSE_BUFFER);
@@ -247,30 +247,26 @@ async fn stream_reply(
     if sender.send(event("ack", &ack)).await.is_err() {
         return;
     }
-    // A resent message's turn may be over already: look in the log first.
-    if ack["duplicate"] == json!(true) {
+    // A resent message's turn may be over already, or its end may come
+    // where this stream does not follow (the first send's turn publishes
+    // its end on the front's bus only when that send was followed there):
+    // look in the log, now and then until it is there.
+    let mut resent = (ack["duplicate"] == json!(true)).then(|| {
         let after = ack["seq"].as_u64().unwrap_or(1).saturating_sub(1);
-        let subject = format!("conv.{conversation_id}.events");
-        if let Ok(stored) = core
-            .request(&subject, &caller, &json!({ "after_seq": after }))
-            .await
-        {
-            let end = stored.body["events"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .find(|e| is_end_of(e, &message_id));
-            if let Some(end) = end {
-                let _ = sender.send(stored_event(end)).await;
-                return;
-            }
-        }
-    }
+        (after, tokio::time::interval(RESENT_END_POLL))
+    });
     let deadline = tokio::time::sleep(REPLY_STREAM_LIMIT);
     tokio::pin!(deadline);
     loop {
         let message = tokio::select! {
             message = events.recv() => message,
+            after = next_poll(&mut resent) => {
+                if let Some(end) = stored_end(&core, &caller, &conversation_id, after, &message_id).await {
+                    let _ = sender.send(stored_event(&end)).await;
+                    return;
+                }
+                continue;
+            }
             () = &mut deadline => {
                 let _ = sender.send(event("error", &json!({
                     "code": "timeout",
@@ -298,6 +294,35 @@ async fn stream_reply(
             return;
         }
     }
+}
+
+/// Waits for the next look into the log for a resent message's end, and
+/// returns the seq to look after; never, for a message sent the first time.
+async fn next_poll(resent: &mut Option<(u64, tokio::time::Interval)>) -> u64 {
+    match resent {
+        Some((after, poll)) => {
+            poll.tick().await;
+            *after
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// The stored end of `message_id`'s turn, looked for after seq `after`.
+async fn stored_end(
+    core: &Core,
+    caller: &HeaderMap,
+    conversation_id: &str,
+    after: u64,
+    message_id: &str,
+) -> Option<Value> {
+    let subject = format!("conv.{conversation_id}.events");
+    let stored = core
+        .request(&subject, caller, &json!({ "after_seq": after }))
+        .await
+        .ok()?;
+    let events = stored.body["events"].as_array()?;
+    events.iter().find(|e| is_end_of(e, message_id)).cloned()
 }
 
 /// Whether a stored event ends the turn of `message_id`.

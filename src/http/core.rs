@@ -10,10 +10,16 @@ use serde_json::Value;
 
 use super::error::ApiError;
 use crate::bus::{Bus, BusError, Headers, Subscription};
-use crate::gateway::{CHANNEL_HEADER, REMOTE_BUS_HEADER};
+use crate::gateway::{CHANNEL_HEADER, FOLLOW_HEADER, REMOTE_BUS_HEADER};
 
 /// How long the front waits for the core to answer one request.
 pub const CORE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How often the stream of a resent message's reply looks in the log for
+/// the turn's end. The first send's turn publishes its end on the bus a
+/// stream follows only when that send was streamed from this front
+/// ([`Core::follow_reply`]); otherwise the log is where the end shows.
+pub const RESENT_END_POLL: Duration = Duration::from_millis(250);
 
 /// The buses and the subject prefix of the core behind them. Cheap to clone.
 #[derive(Clone)]
@@ -24,6 +30,10 @@ pub struct Core {
     /// Where the core's events are published (and subscribed to).
     pub events: Bus,
     pub prefix: String,
+    /// Whether `requests` is the in-process bus of a core in this process
+    /// on NATS: a streamed send then has its reply followed there
+    /// ([`Core::follow_reply`]).
+    pub beside: bool,
 }
 
 /// A successful answer: the JSON body and the reply's headers.
@@ -121,16 +131,52 @@ impl Core {
     /// makes sure the server knows before returning, so nothing published
     /// after this call is missed.
     pub async fn subscribe(&self, pattern: &str) -> Result<Subscription, ApiError> {
-        let pattern = format!("{}.{pattern}", self.prefix);
-        let subscription = self
-            .events
-            .subscribe(&pattern)
-            .await
-            .map_err(|error| ApiError::from_bus(&error))?;
-        self.events
-            .flush()
-            .await
-            .map_err(|error: BusError| ApiError::from_bus(&error))?;
-        Ok(subscription)
+        subscribe(&self.events, &format!("{}.{pattern}", self.prefix)).await
     }
+
+    /// Subscribes to where the reply of a send made with
+    /// [`Core::send_followed`] comes: its deltas and its stored end, as
+    /// events of `conversation_id`. Beside the core that is the core's
+    /// in-process bus, so a streamed reply needs no NATS; otherwise the bus
+    /// the core publishes its events on.
+    pub async fn follow_reply(&self, conversation_id: &str) -> Result<Subscription, ApiError> {
+        let bus = if self.beside {
+            &self.requests
+        } else {
+            &self.events
+        };
+        subscribe(
+            bus,
+            &format!("{}.evt.conv.{conversation_id}.>", self.prefix),
+        )
+        .await
+    }
+
+    /// [`Core::request`] for a send whose reply is followed with
+    /// [`Core::follow_reply`] (subscribed first).
+    pub async fn send_followed(
+        &self,
+        subject: &str,
+        caller: &HeaderMap,
+        body: &Value,
+    ) -> Result<CoreReply, ApiError> {
+        let mut extra = Headers::new();
+        if self.beside {
+            extra.insert(FOLLOW_HEADER, "reply");
+        }
+        self.request_with(subject, caller, body, extra, CORE_TIMEOUT)
+            .await
+    }
+}
+
+/// Subscribes to `pattern` on `bus`, the server knowing before this returns.
+async fn subscribe(bus: &Bus, pattern: &str) -> Result<Subscription, ApiError> {
+    let subscription = bus
+        .subscribe(pattern)
+        .await
+        .map_err(|error| ApiError::from_bus(&error))?;
+    bus.flush()
+        .await
+        .map_err(|error: BusError| ApiError::from_bus(&error))?;
+    Ok(subscription)
 }

@@ -159,6 +159,9 @@ pub struct FrontBuses {
     /// Where the core's events are published, for the streams that follow
     /// them.
     pub events: Bus,
+    /// Whether `requests` is the in-process bus of a core in this process
+    /// on NATS: streamed replies are then followed there, not on NATS.
+    pub beside: bool,
 }
 
 /// The routes and layers; public for tests that drive it without a socket.
@@ -169,6 +172,7 @@ pub fn router(config: &HttpConfig, buses: FrontBuses, closing: watch::Receiver<b
             requests: buses.requests,
             events: buses.events,
             prefix: config.prefix.clone(),
+            beside: buses.beside,
         },
         request_timeout: config.request_timeout,
         closing,

@@ -247,12 +247,8 @@ async fn chat_completions(
     }
 
     // Subscribed before sending, so no piece of the reply can be missed.
-    let events = state
-        .core
-        .subscribe(&format!("evt.conv.{id}.>"))
-        .await
-        .map_err(failed)?;
-    let ack = within(&state, state.core.request(&subject, &caller, &send))
+    let events = state.core.follow_reply(&id).await.map_err(failed)?;
+    let ack = within(&state, state.core.send_followed(&subject, &caller, &send))
         .await
         .map_err(|error| send_refused(&state, &shape.model, error).with_conversation(&id_header))?;
     let headers = reply_headers(&ack.headers, &id);
@@ -295,8 +291,7 @@ async fn whole_reply(
     {
         Some(turn) => turn,
         None => {
-            let pattern = format!("evt.conv.{id}.>");
-            let events = state.core.subscribe(&pattern).await?;
+            let events = state.core.follow_reply(&id).await?;
             TurnFollower::start(state.core.clone(), caller, id, &ack.body, events, true).await
         }
     };

@@ -9,7 +9,7 @@ use tokio::time::Instant;
 
 use super::error::OpenAiError;
 use crate::bus::Subscription;
-use crate::http::core::Core;
+use crate::http::core::{Core, RESENT_END_POLL};
 
 /// The longest a reply is waited for; then 504 (or an error chunk). The turn
 /// itself goes on and is stored.
@@ -82,6 +82,10 @@ pub(super) struct TurnFollower {
     queued: VecDeque<TurnStep>,
     /// The seq of the `reply_completed`, once seen: then only usage is awaited.
     completed_seq: Option<u64>,
+    /// For a resent message, or events subscribed after the send: the seq
+    /// after which its end is looked for in the log, and how often (its end
+    /// may never come on `events`; see [`RESENT_END_POLL`]).
+    look_in_log: Option<(u64, tokio::time::Interval)>,
     done: bool,
     deadline: Instant,
 }
@@ -102,6 +106,7 @@ impl TurnFollower {
             events,
             queued: VecDeque::new(),
             completed_seq: None,
+            look_in_log: None,
             done: false,
             deadline: Instant::now() + REPLY_WAIT,
         }
@@ -119,12 +124,11 @@ impl TurnFollower {
         subscribed_late: bool,
     ) -> TurnFollower {
         let mut turn = TurnFollower::new(core, caller, conversation_id, ack, Some(events));
-        // A resent message's turn may be over already: look in the log.
+        // A resent message's turn may be over already: look in the log, now
+        // and then until its end is there (the first tick is at once).
         if subscribed_late || ack["duplicate"] == json!(true) {
             let after = ack["seq"].as_u64().unwrap_or(1).saturating_sub(1);
-            for envelope in turn.stored_after(after).await {
-                turn.take(&envelope);
-            }
+            turn.look_in_log = Some((after, tokio::time::interval(RESENT_END_POLL)));
         }
         turn
     }
@@ -211,6 +215,12 @@ impl TurnFollower {
             };
             let message = tokio::select! {
                 message = events.recv() => message,
+                Some(after) = next_look(&mut self.look_in_log) => {
+                    for envelope in self.stored_after(after).await {
+                        self.take(&envelope);
+                    }
+                    continue;
+                }
                 () = tokio::time::sleep_until(limit) => {
                     let Some(seq) = self.completed_seq else {
                         return Err(OpenAiError::timeout());
@@ -279,4 +289,12 @@ impl TurnFollower {
             )
         })
     }
+}
+
+/// Waits for the next look into the log (see `TurnFollower::look_in_log`)
+/// and returns the seq to look after; `None` at once when there is none.
+async fn next_look(look: &mut Option<(u64, tokio::time::Interval)>) -> Option<u64> {
+    let (after, interval) = look.as_mut()?;
+    interval.tick().await;
+    Some(*after)
 }
