@@ -43,9 +43,9 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde::{Deserialize, Serialize};
 use switchboard_events::catalog::ConversationErased;
 use switchboard_events::{
-    AppendError, Appended, Event, EventLog, ExpectedVersion, NewEvent, StreamId,
+    AppendError, Appended, Event, EventLog, ExpectedVersion, NewEvent, StreamId, WhenDurable,
 };
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 use uuid::Uuid;
 
 use crate::conversation::{ConversationState, SendCommand, SendPlan, TurnOutcome};
@@ -62,6 +62,30 @@ pub struct Ack {
     pub message_id: String,
     pub seq: u64,
     pub duplicate: bool,
+}
+
+/// When the message of an ack given early ([`ConversationMsg::SendEarly`])
+/// is durable. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Durable(watch::Receiver<Option<Result<(), ConversationError>>>);
+
+impl Durable {
+    /// Already durable: a duplicate's message, or one appended the usual way.
+    pub(crate) fn already() -> Durable {
+        Durable(watch::channel(Some(Ok(()))).1)
+    }
+
+    /// Waits until the message is durable; an error when it could not be
+    /// made so (the log failed) or the actor stopped first.
+    pub async fn wait(mut self) -> Result<(), ConversationError> {
+        match self.0.wait_for(Option::is_some).await {
+            Ok(outcome) => outcome.clone().unwrap_or(Ok(())),
+            Err(_) => Err(ConversationError::Unavailable(
+                "the conversation stopped before its message was stored; resend with the same message_id"
+                    .into(),
+            )),
+        }
+    }
 }
 
 /// Why a send was not acknowledged; [`ConversationError::code`] is the error
@@ -166,6 +190,15 @@ pub enum ConversationMsg {
     /// Store a message (once per `message_id`) and acknowledge it. The reply
     /// comes only after the durable append, or with a coded error.
     Send(SendCommand, RpcReplyPort<Result<Ack, ConversationError>>),
+    /// [`ConversationMsg::Send`], answered as soon as the message is written,
+    /// before it is durable, with what says when it is: for a caller that
+    /// tells nobody of the ack before then, and would rather start the turn
+    /// while the flush runs. The actor takes its next message only once the
+    /// message is durable, so nothing else it answers is ahead of the disk.
+    SendEarly(
+        SendCommand,
+        RpcReplyPort<Result<(Ack, Durable), ConversationError>>,
+    ),
     /// Append the events that end the turn of `message_id` (an agent's
     /// [`crate::agent::TurnOutcome::events`]), in one append at the stream's
     /// version, answering the seq of the first. Idempotent: a turn that
@@ -260,29 +293,31 @@ impl Actor for ConversationActor {
     ) -> Result<(), ActorProcessingErr> {
         match message {
             ConversationMsg::Send(command, reply) => {
-                #[cfg(test)]
-                if command.content == tests::PANIC {
-                    panic!("a conversation actor panics, as a bug would");
-                }
-                let span = tracing::debug_span!(
-                    "conversation.send",
-                    conversation_id = %state.conversation_id,
-                    message_id = %command.message_id,
-                    key_id = %command.key_id,
-                    seq = tracing::field::Empty,
-                );
-                crate::trace::continue_trace(&span, command.traceparent.as_deref());
-                let answer =
-                    tracing::Instrument::instrument(state.send(&command), span.clone()).await;
-                if let Ok(ack) = &answer {
-                    span.record("seq", ack.seq);
-                }
-                if let Err(error) = &answer {
-                    tracing::warn!(conversation_id = %state.conversation_id,
-                        message_id = %command.message_id, code = error.code(), %error, "send failed");
-                }
+                let answer = state.traced_send(&command, false).await;
                 // A caller that gave up can resend; the stored message is deduplicated.
-                let _ = reply.send(answer);
+                let _ = reply.send(answer.map(|(ack, _)| ack));
+            }
+            ConversationMsg::SendEarly(command, reply) => {
+                let (answer, written) = match state.traced_send(&command, true).await {
+                    Ok((ack, written)) => (Ok(ack), written),
+                    Err(error) => (Err(error), None),
+                };
+                let Some(written) = written else {
+                    let _ = reply.send(answer.map(|ack| (ack, Durable::already())));
+                    return Ok(());
+                };
+                let (durable, durable_seen) = watch::channel(None);
+                let _ = reply.send(answer.map(|ack| (ack, Durable(durable_seen))));
+                let outcome = written
+                    .wait()
+                    .await
+                    .map(drop)
+                    .map_err(|error| append_error(&state.conversation_id, error));
+                if outcome.is_err() {
+                    // Folded, but not stored: recovered from the log next time.
+                    state.folded = None;
+                }
+                durable.send_replace(Some(outcome));
             }
             ConversationMsg::EndTurn {
                 message_id,
@@ -404,13 +439,49 @@ impl ConversationActorState {
         }
     }
 
-    async fn send(&mut self, command: &SendCommand) -> Result<Ack, ConversationError> {
+    /// [`ConversationActorState::send`] in its span, logging a failure.
+    async fn traced_send(
+        &mut self,
+        command: &SendCommand,
+        early: bool,
+    ) -> Result<(Ack, Option<WhenDurable>), ConversationError> {
+        #[cfg(test)]
+        if command.content == tests::PANIC {
+            panic!("a conversation actor panics, as a bug would");
+        }
+        let span = tracing::debug_span!(
+            "conversation.send",
+            conversation_id = %self.conversation_id,
+            message_id = %command.message_id,
+            key_id = %command.key_id,
+            seq = tracing::field::Empty,
+        );
+        crate::trace::continue_trace(&span, command.traceparent.as_deref());
+        let answer = tracing::Instrument::instrument(self.send(command, early), span.clone()).await;
+        if let Ok((ack, _)) = &answer {
+            span.record("seq", ack.seq);
+        }
+        if let Err(error) = &answer {
+            tracing::warn!(conversation_id = %self.conversation_id,
+                message_id = %command.message_id, code = error.code(), %error, "send failed");
+        }
+        answer
+    }
+
+    /// Stores the message unless it is stored already, and acknowledges it:
+    /// once durable, or with `early` once written, with what says when it is
+    /// durable (`None` when it is already).
+    async fn send(
+        &mut self,
+        command: &SendCommand,
+        early: bool,
+    ) -> Result<(Ack, Option<WhenDurable>), ConversationError> {
         let mut retries = CONFLICT_RETRIES;
         loop {
             let plan = self.recovered().await?.plan_send(command);
             let (expected, events) = match plan {
                 SendPlan::Duplicate { message_seq } => {
-                    return Ok(self.ack(command, message_seq, true))
+                    return Ok((self.ack(command, message_seq, true), None))
                 }
                 SendPlan::NotOwner => {
                     return Err(ConversationError::Forbidden(format!(
@@ -428,8 +499,20 @@ impl ConversationActorState {
                 })?;
             let appending: Vec<Event> = events.iter().map(|e| e.event.clone()).collect();
             let ids: Vec<Uuid> = events.iter().map(|e| e.id).collect();
-            match self.log.append(self.stream.clone(), expected, events).await {
-                Ok(appended) => {
+            let appended = match early {
+                true => self
+                    .log
+                    .append_early(self.stream.clone(), expected, events)
+                    .await
+                    .map(|(appended, durable)| (appended, Some(durable))),
+                false => self
+                    .log
+                    .append(self.stream.clone(), expected, events)
+                    .await
+                    .map(|appended| (appended, None)),
+            };
+            match appended {
+                Ok((appended, durable)) => {
                     let seq = appended
                         .positions
                         .get(received)
@@ -438,7 +521,7 @@ impl ConversationActorState {
                             ConversationError::Internal("the log returned too few positions".into())
                         })?;
                     self.fold_own(&appended, &ids, &appending);
-                    return Ok(self.ack(command, seq, appended.deduplicated));
+                    return Ok((self.ack(command, seq, appended.deduplicated), durable));
                 }
                 Err(AppendError::Conflict { actual, .. }) if retries > 0 => {
                     retries -= 1;

@@ -23,7 +23,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use crate::conversation::SendCommand;
 use crate::conversation_actor::{
     validate_conversation_id, Ack, Alive, AliveToken, ConversationActor, ConversationArgs,
-    ConversationError, ConversationMsg, Erased, PendingTurn,
+    ConversationError, ConversationMsg, Durable, Erased, PendingTurn,
 };
 use crate::turn_context::ContextReader;
 
@@ -129,18 +129,34 @@ impl ConversationRegistry {
         conversation_id: &str,
         command: SendCommand,
     ) -> Result<Ack, ConversationError> {
-        validate_conversation_id(conversation_id)?;
-        if command.message_id.is_empty() {
-            return Err(ConversationError::InvalidRequest(
-                "message_id must not be empty".into(),
-            ));
-        }
+        checked(conversation_id, &command)?;
         self.call(
             conversation_id,
             command,
             ConversationMsg::Send,
             |undelivered| match undelivered {
                 ConversationMsg::Send(command, _) => Some(command),
+                _ => None,
+            },
+        )
+        .await
+    }
+
+    /// [`ConversationRegistry::send`], answered once the message is written,
+    /// before it is durable, with what says when it is
+    /// ([`ConversationMsg::SendEarly`]).
+    pub async fn send_early(
+        &self,
+        conversation_id: &str,
+        command: SendCommand,
+    ) -> Result<(Ack, Durable), ConversationError> {
+        checked(conversation_id, &command)?;
+        self.call(
+            conversation_id,
+            command,
+            ConversationMsg::SendEarly,
+            |undelivered| match undelivered {
+                ConversationMsg::SendEarly(command, _) => Some(command),
                 _ => None,
             },
         )
@@ -524,4 +540,15 @@ impl Live {
             .find(|id| self.actors.get(*id).is_some_and(|e| e.in_flight == 0))
             .cloned()
     }
+}
+
+/// The errors of a send any conversation would refuse.
+fn checked(conversation_id: &str, command: &SendCommand) -> Result<(), ConversationError> {
+    validate_conversation_id(conversation_id)?;
+    if command.message_id.is_empty() {
+        return Err(ConversationError::InvalidRequest(
+            "message_id must not be empty".into(),
+        ));
+    }
+    Ok(())
 }

@@ -47,7 +47,7 @@ use crate::agent::{request_turn, AgentMsg, TurnOutcome, TurnRequest};
 use crate::budget::Budgets;
 use crate::conversation::SendCommand;
 use crate::conversation_actor::{
-    validate_conversation_id, Ack, ConversationError, ConversationRegistry, Erased,
+    validate_conversation_id, Ack, ConversationError, ConversationRegistry, Durable, Erased,
 };
 use crate::provider::ChatMessage;
 use crate::rate_limiter::Permit;
@@ -276,6 +276,10 @@ struct TurnJob {
     deltas_handed_on: Option<oneshot::Receiver<()>>,
     permit: Option<Permit>,
     ended: Option<oneshot::Sender<TurnEnd>>,
+    /// When the message is durable: a turn may start before (see
+    /// [`TurnCoordinator::send_early`]), and then reads its context from the
+    /// log only once it is.
+    durable: Durable,
 }
 
 /// The longest a turn's end waits for its caller to hand on its deltas
@@ -368,6 +372,30 @@ impl TurnCoordinator {
         conversation_id: &str,
         input: SendInput,
     ) -> Result<(Ack, NextTurn), ConversationError> {
+        let (ack, turn, _) = self.send_with(conversation_id, input, false).await?;
+        Ok((ack, turn))
+    }
+
+    /// [`TurnCoordinator::send_unstarted`], answered as soon as the message
+    /// is written, before it is durable, with what says when it is
+    /// ([`Durable`]). For a caller that tells nobody of the ack before the
+    /// turn's end (which is stored after the message, so durable after it)
+    /// or before [`Durable::wait`] says so: the turn, started at once, then
+    /// overlaps the message's flush instead of waiting for it.
+    pub async fn send_early(
+        &self,
+        conversation_id: &str,
+        input: SendInput,
+    ) -> Result<(Ack, NextTurn, Durable), ConversationError> {
+        self.send_with(conversation_id, input, true).await
+    }
+
+    async fn send_with(
+        &self,
+        conversation_id: &str,
+        input: SendInput,
+        early: bool,
+    ) -> Result<(Ack, NextTurn, Durable), ConversationError> {
         validate_conversation_id(conversation_id)?;
         if self.inner.closed.load(Ordering::SeqCst) {
             return Err(ConversationError::Unavailable(
@@ -398,9 +426,20 @@ impl TurnCoordinator {
             correlation_id: input.correlation_id,
             traceparent: input.traceparent.clone(),
         };
-        let ack = self.inner.registry.send(conversation_id, command).await?;
+        let (ack, durable) = match early {
+            true => {
+                self.inner
+                    .registry
+                    .send_early(conversation_id, command)
+                    .await?
+            }
+            false => {
+                let ack = self.inner.registry.send(conversation_id, command).await?;
+                (ack, Durable::already())
+            }
+        };
         if ack.duplicate {
-            return Ok((ack, NextTurn(None)));
+            return Ok((ack, NextTurn(None), durable));
         }
         let job = TurnJob {
             conversation_id: conversation_id.to_owned(),
@@ -414,10 +453,11 @@ impl TurnCoordinator {
             deltas_handed_on: input.deltas_handed_on,
             permit: input.permit,
             ended: input.ended,
+            durable: durable.clone(),
         };
         // Counted before the task exists, so `wait_idle` cannot miss it.
         let guard = TurnGuard::new(&self.inner);
-        Ok((ack, NextTurn(Some((guard, job)))))
+        Ok((ack, NextTurn(Some((guard, job))), durable))
     }
 
     /// Keeps, per conversation, only the exchanges the longest context needs:
@@ -617,16 +657,26 @@ impl Inner {
             deltas_handed_on,
             permit,
             ended,
+            durable,
         } = job;
         let mut request = TurnRequest::new(&conversation_id, &message_id, key_id, Vec::new());
         request.user = user;
         request.correlation_id = correlation_id;
         request.traceparent = traceparent;
-        let outcome = match self
+        let mut context = self
             .contexts
             .read(&conversation_id, Some(&message_id))
-            .await
-        {
+            .await;
+        // A message acknowledged early is in the context cache, which its
+        // actor keeps up with what it writes, but not yet in the log: a fold
+        // that has to read the log finds it once it is durable.
+        if context.is_err() && durable.wait().await.is_ok() {
+            context = self
+                .contexts
+                .read(&conversation_id, Some(&message_id))
+                .await;
+        }
+        let outcome = match context {
             Ok(context) => {
                 request.history = context.history;
                 request.causation_id = context.routed_event;

@@ -360,6 +360,77 @@ async fn the_second_turn_carries_the_first_exchange_as_context() {
     h.shutdown().await;
 }
 
+/// A send answered early (`send_early`) starts its turn before its message
+/// is durable. Publishing held back, the message is written but not in the
+/// log anyone reads; with the context cache forgotten, the turn must wait
+/// until the message is durable to read its context, and must not fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_turn_started_before_its_message_is_durable_reads_its_context_once_it_is() {
+    let fake = FakeOpenAi::start_script(vec![Behaviour::Normal, Behaviour::Normal]).await;
+    let h = harness(Some(&fake)).await;
+    let mut first = input("Hi assistant, one");
+    first.agent = Some("assistant".into());
+    h.turns.send("c1", first).await.expect("acked");
+    h.turns.wait_idle().await;
+
+    let held = h.log.hold_publishing();
+    let mut second = input("and two");
+    second.agent = Some("assistant".into());
+    let (ack, turn, durable) = h
+        .turns
+        .send_early("c1", second)
+        .await
+        .expect("answered once written");
+    assert!(!ack.duplicate);
+    h.turns.keep_context(16);
+    turn.start();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let waiting = tokio::spawn(durable.clone().wait());
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(!waiting.is_finished(), "durable while publishing was held");
+    assert_eq!(
+        fake.requests().len(),
+        1,
+        "the model asked without the message"
+    );
+    assert_eq!(h.stream("c1").len(), 5, "readable before it was durable");
+    drop(held);
+    durable.wait().await.expect("durable");
+    h.turns.wait_idle().await;
+
+    let requests = fake.requests();
+    assert_eq!(requests.len(), 2, "the second turn asked the model");
+    assert_eq!(
+        requests[1].body["messages"],
+        json!([
+            {"role": "user", "content": "Hi assistant, one"},
+            {"role": "assistant", "content": REPLY.concat()},
+            {"role": "user", "content": "and two"},
+        ])
+    );
+    let events = h.stream("c1");
+    let ends = reply_events(&events, &ack.message_id);
+    assert_eq!(ends.len(), 1, "{:?}", types(&events));
+    assert!(matches!(ends[0].event, Event::ReplyCompleted(_)));
+    assert!(ends[0].seq > ack.seq);
+    assert!(
+        matches!(events.iter().find(|e| e.seq == ack.seq).map(|e| &e.event),
+        Some(Event::MessageReceived(m)) if m.message_id == ack.message_id)
+    );
+
+    // A resend is answered as a duplicate, durable already, with no turn.
+    let mut again = input("and two");
+    again.message_id = Some(ack.message_id.clone());
+    let (resent, turn, durable) = h.turns.send_early("c1", again).await.expect("acked");
+    assert!(resent.duplicate);
+    assert_eq!(resent.seq, ack.seq);
+    drop(turn);
+    durable.wait().await.expect("durable");
+    h.turns.wait_idle().await;
+    assert_eq!(fake.requests().len(), 2);
+    h.shutdown().await;
+}
+
 /// An agent's name, and what it changes of the default config.
 type NamedConfig<'a> = (&'a str, fn(&mut AgentConfig));
 

@@ -34,7 +34,9 @@ pub mod time;
 
 pub use catalog::{Event, EVENT_TYPES};
 pub use envelope::{Envelope, NewEvent, StreamId};
+#[cfg(feature = "test-hooks")]
+pub use log::PublishingHeld;
 pub use log::{
     AppendError, Appended, ChainBreak, ChainReport, EventLog, ExpectedVersion, OpenError, OpenMode,
-    Position, ReadError, Subscription,
+    Position, ReadError, Subscription, WhenDurable,
 };

@@ -53,12 +53,41 @@ fn stored(dir: &Path) -> Vec<u64> {
 
 /// Failpoints are process-wide, so the cases run one after the other: a lone
 /// appender, whose append the idle log writes and flushes on the appender's
-/// own thread, and concurrent appenders, whose appends go through the queue.
+/// own thread, concurrent appenders, whose appends go through the queue, and
+/// an early appender, told its append is written before the flush fails.
 #[test]
 fn a_failed_write_acknowledges_nothing_and_a_restart_keeps_what_was_acknowledged() {
     for appenders_during in [1, 8] {
         fail_a_write_under(appenders_during);
     }
+    fail_the_flush_of_an_early_append();
+}
+
+/// An append answered once written ([`EventLog::append_early`]) is never
+/// durable when the flush after it fails.
+fn fail_the_flush_of_an_early_append() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let log = EventLog::open(dir.path(), OpenMode::CreateIfMissing).expect("open the log");
+    append(&log, 0).expect("an append before the failure");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    sled::fail::set("buffer write", 1);
+    let stream = StreamId::conversation("c1").expect("a valid stream id");
+    let (written, durable) = runtime
+        .block_on(log.append_early(stream, ExpectedVersion::Any, vec![message(1)]))
+        .expect("written: the failure comes with the flush");
+    assert_eq!(written.first().seq, 2);
+    let durable = runtime.block_on(durable.wait());
+    assert!(
+        matches!(durable, Err(AppendError::Storage(_))),
+        "{durable:?}"
+    );
+    assert_eq!(log.head(), 1, "the early append was published");
+    drop(log);
+    sled::fail::reset();
+    assert_eq!(stored(dir.path()), [0], "only what was durable is stored");
 }
 
 fn fail_a_write_under(appenders_during: u64) {

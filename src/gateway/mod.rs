@@ -670,12 +670,24 @@ impl Gateway {
             permit: Some(permit),
             ended,
         };
-        match self
-            .coordinator
-            .send_unstarted(conversation_id, input)
-            .await
-        {
-            Ok((ack, turn)) => {
+        // A send that waits for its reply tells nobody of its ack before its
+        // turn's end is stored (or its message durable): its turn starts as
+        // soon as the message is written, and overlaps the message's flush.
+        let sent = match wait {
+            true => {
+                let sent = self.coordinator.send_early(conversation_id, input).await;
+                sent.map(|(ack, turn, durable)| (ack, turn, Some(durable)))
+            }
+            false => {
+                let sent = self
+                    .coordinator
+                    .send_unstarted(conversation_id, input)
+                    .await;
+                sent.map(|(ack, turn)| (ack, turn, None))
+            }
+        };
+        match sent {
+            Ok((ack, turn, durable)) => {
                 let mut reply = ack_json(&ack);
                 let turn_end = match (turn_end, follow) {
                     (Some(turn_end), Some(front)) if !wait => {
@@ -699,9 +711,9 @@ impl Gateway {
                         end = turn_end => end.ok(),
                         _ = stopping.wait_for(|stopping| *stopping) => None,
                     };
-                    // The message is stored: a failure to read the end back
-                    // still answers the ack, never an error a client would
-                    // resend on.
+                    // The message is stored (see below): a failure to read
+                    // the end back still answers the ack, never an error a
+                    // client would resend on.
                     if let Some(end) = end {
                         match self.stored_events(end) {
                             Ok(turn) => reply["turn"] = turn,
@@ -709,6 +721,12 @@ impl Gateway {
                                 "the turn's end could not be read back: {}", error.message()),
                         }
                     }
+                }
+                // No ack before its message is durable. A stored end was
+                // appended after the message was, so this only waits when
+                // there is no end.
+                if let Some(durable) = durable {
+                    durable.wait().await?;
                 }
                 Ok(reply)
             }

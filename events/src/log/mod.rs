@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
 
 use crate::envelope::{NewEvent, StreamId};
@@ -54,6 +54,64 @@ impl std::fmt::Display for ExpectedVersion {
 pub struct Position {
     pub seq: u64,
     pub version: u64,
+}
+
+/// Publishing held back ([`EventLog::hold_publishing`]) until this drops.
+#[cfg(any(test, feature = "test-hooks"))]
+pub struct PublishingHeld {
+    release: Option<std::sync::mpsc::Sender<()>>,
+    holder: Option<std::thread::JoinHandle<()>>,
+}
+
+#[cfg(any(test, feature = "test-hooks"))]
+impl Drop for PublishingHeld {
+    fn drop(&mut self) {
+        drop(self.release.take());
+        if let Some(holder) = self.holder.take() {
+            let _ = holder.join();
+        }
+    }
+}
+
+#[cfg(any(test, feature = "test-hooks"))]
+impl EventLog {
+    /// Holds back the publishing of flushed groups, as a group flushed
+    /// before them would, until the returned guard drops: appends are then
+    /// written and flushed, but not durable to anyone, nor readable, and
+    /// the writer takes no more of them. For tests of what happens in
+    /// between (only with the `test-hooks` feature).
+    pub fn hold_publishing(&self) -> PublishingHeld {
+        let durable = self
+            .shared
+            .writer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .durable
+            .clone();
+        let (held, held_seen) = std::sync::mpsc::sync_channel(0);
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let holder = std::thread::spawn(move || {
+            let _held = durable.publishing();
+            let _ = held.send(());
+            let _ = released.recv();
+        });
+        let _ = held_seen.recv();
+        PublishingHeld {
+            release: Some(release),
+            holder: Some(holder),
+        }
+    }
+}
+
+/// When the events of an [`EventLog::append_early`] are durable.
+#[must_use = "the events are not known to be durable until this says so"]
+pub struct WhenDurable(writer::Answer);
+
+impl WhenDurable {
+    /// Waits for the flush of the events; their positions once durable.
+    pub async fn wait(self) -> Result<Appended, AppendError> {
+        self.0.await.map_err(|_| AppendError::Closed)?
+    }
 }
 
 /// The positions of an append's events, in order.
@@ -364,6 +422,39 @@ impl EventLog {
                 .map_err(|_| AppendError::Closed)?;
         }
         answer.await.map_err(|_| AppendError::Closed)?
+    }
+
+    /// [`EventLog::append`] that returns as soon as the events are written,
+    /// before the flush that makes them durable: with their positions, and
+    /// what says when they are durable ([`WhenDurable`]). For an appender
+    /// with work to do that needs the events' positions but not their
+    /// durability (a turn whose message nobody has been told is stored),
+    /// so that the work and the flush overlap. Nothing written is readable
+    /// before it is durable, and nothing appended later is durable before
+    /// it. The request always goes through the writer's queue: an append on
+    /// the caller's thread would flush there too.
+    pub async fn append_early(
+        &self,
+        stream: StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<(Appended, WhenDurable), AppendError> {
+        let (mut request, answer) = writer::AppendRequest::new(stream, expected, events);
+        let (written, written_seen) = oneshot::channel();
+        request.written = Some(written);
+        self.sender()?
+            .send(request)
+            .await
+            .map_err(|_| AppendError::Closed)?;
+        match written_seen.await {
+            Ok(Ok(appended)) => Ok((appended, WhenDurable(answer))),
+            Ok(Err(error)) => Err(error),
+            // Refused before it was written: the answer says why.
+            Err(_) => match answer.await {
+                Ok(Err(error)) => Err(error),
+                _ => Err(AppendError::Closed),
+            },
+        }
     }
 
     /// [`EventLog::append`] for callers outside an async runtime (the CLI).

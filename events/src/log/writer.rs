@@ -63,6 +63,9 @@ pub struct AppendRequest {
     pub expected: ExpectedVersion,
     pub events: Vec<NewEvent>,
     pub reply: Reply,
+    /// Told the outcome as soon as the group is written, before its flush
+    /// (see [`super::EventLog::append_early`]); `reply` still waits for it.
+    pub written: Option<Reply>,
 }
 
 /// Where an append's answer goes.
@@ -84,6 +87,7 @@ impl AppendRequest {
             expected,
             events,
             reply,
+            written: None,
         };
         (request, answer)
     }
@@ -311,7 +315,7 @@ impl Durability {
         self.publish(groups, flushed, order);
     }
 
-    fn publishing(&self) -> MutexGuard<'_, ()> {
+    pub(super) fn publishing(&self) -> MutexGuard<'_, ()> {
         // Holds no data a panic could leave half-changed.
         self.publishing
             .lock()
@@ -624,6 +628,7 @@ impl Writer {
         let mut writes = Writes::default();
         let mut overlay = Overlay::default();
         let mut answers = Vec::with_capacity(appends);
+        let mut early = Vec::new();
         for request in group {
             let result = self.stage(
                 &request.stream,
@@ -632,6 +637,9 @@ impl Writer {
                 &mut writes,
                 &mut overlay,
             );
+            if let Some(written) = request.written {
+                early.push((written, result.clone()));
+            }
             answers.push((request.reply, result));
         }
         overlay.rows.finish(&mut writes);
@@ -665,6 +673,14 @@ impl Writer {
                 self.versions.clear();
             }
             self.versions.extend(overlay.versions);
+        }
+        for (written, result) in early {
+            let result = match self.durable.failed.get() {
+                Some(reason) => Err(AppendError::Storage(reason.clone())),
+                None => result,
+            };
+            // An appender that gave up waiting is not an error of the log.
+            let _ = written.send(result);
         }
         Some(Written {
             last_seq: wrote.then(|| self.next_seq - 1),
@@ -1015,5 +1031,54 @@ mod tests {
         let appended = answer.try_recv().expect("answered").expect("appended");
         assert_eq!(appended.first().seq, 1);
         assert_eq!(log.head(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_early_append_is_answered_once_written_and_durable_after_its_flush() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let log = EventLog::open(dir.path(), OpenMode::CreateIfMissing).expect("open the log");
+
+        // Publishing held (as by an earlier group's): the group can be
+        // written and flushed, but is neither durable to anyone nor readable.
+        let held = log.hold_publishing();
+        let event = |n: u64| {
+            vec![NewEvent::new(Event::KeyRevoked(KeyRevoked {
+                key_id: format!("k{n}"),
+                by: "admin".into(),
+                reason: None,
+            }))]
+        };
+        let early = log.append_early(StreamId::system(), ExpectedVersion::Any, event(1));
+        let (appended, when_durable) = tokio::time::timeout(Duration::from_secs(10), early)
+            .await
+            .expect("answered once written, before its flush is published")
+            .expect("written");
+        assert_eq!(appended.first().seq, 1);
+        assert_eq!(appended.first().version, 1);
+        let waiting = tokio::spawn(when_durable.wait());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!waiting.is_finished(), "durable before it was published");
+        assert_eq!(log.head(), 0, "readable before it was durable");
+        assert_eq!(log.read_range(1, 1).count(), 0);
+        drop(held);
+        let durable = waiting.await.expect("the waiter").expect("durable");
+        assert_eq!(durable, appended);
+        assert_eq!(log.head(), 1);
+
+        // The stream's next append follows it, early or not.
+        let (next, when_durable) = log
+            .append_early(StreamId::system(), ExpectedVersion::Exact(1), event(2))
+            .await
+            .expect("written");
+        assert_eq!(next.first().seq, 2);
+        when_durable.wait().await.expect("durable");
+        let conflict = log
+            .append_early(StreamId::system(), ExpectedVersion::Exact(1), event(3))
+            .await;
+        assert!(
+            matches!(conflict, Err(AppendError::Conflict { .. })),
+            "{:?}",
+            conflict.err()
+        );
     }
 }
