@@ -380,6 +380,7 @@ impl EventLog {
                 tail.clone(),
             )),
             newest_v7,
+            flusher: None,
         }));
         let thread_writer = writer.clone();
         let handle = std::thread::Builder::new()
@@ -431,8 +432,9 @@ impl EventLog {
     /// durability (a turn whose message nobody has been told is stored),
     /// so that the work and the flush overlap. Nothing written is readable
     /// before it is durable, and nothing appended later is durable before
-    /// it. The request always goes through the writer's queue: an append on
-    /// the caller's thread would flush there too.
+    /// it. When the writer thread is not busy the events are written on the
+    /// caller's thread and flushed on the flusher's
+    /// ([`writer::append_early_alone`]); otherwise they go through the queue.
     pub async fn append_early(
         &self,
         stream: StreamId,
@@ -442,10 +444,13 @@ impl EventLog {
         let (mut request, answer) = writer::AppendRequest::new(stream, expected, events);
         let (written, written_seen) = oneshot::channel();
         request.written = Some(written);
-        self.sender()?
-            .send(request)
-            .await
-            .map_err(|_| AppendError::Closed)?;
+        let sender = self.sender()?;
+        if let Err(request) = writer::append_early_alone(&self.shared.writer, &sender, request) {
+            sender
+                .send(request)
+                .await
+                .map_err(|_| AppendError::Closed)?;
+        }
         match written_seen.await {
             Ok(Ok(appended)) => Ok((appended, WhenDurable(answer))),
             Ok(Err(error)) => Err(error),
