@@ -905,15 +905,19 @@ impl Gateway {
                     return;
                 }
             };
+            // As the outbox publishes them, on the conversation's subject.
             let subject_start = format!("{prefix}.evt.conv.{conversation_id}.");
             for envelope in envelopes {
-                let subjects = crate::outbox::subjects(&prefix, &envelope);
-                let Some(subject) = subjects.iter().find(|s| s.starts_with(&subject_start)) else {
+                let routes = crate::outbox::routes(&prefix, &envelope);
+                let Some(route) = routes
+                    .iter()
+                    .find(|r| r.subject.starts_with(&subject_start))
+                else {
                     continue;
                 };
-                let headers = Headers::new().with("Content-Type", "application/json");
-                let payload = envelope.to_json().into_bytes();
-                if let Err(error) = front.publish(subject, headers, payload).await {
+                let headers = crate::outbox::headers(&envelope, &route.msg_id);
+                let payload = crate::outbox::payload(&envelope);
+                if let Err(error) = front.publish(&route.subject, headers, payload).await {
                     tracing::debug!(%conversation_id, %error, "a turn's end was not published to the front");
                 }
             }

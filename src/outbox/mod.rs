@@ -93,7 +93,7 @@ use tokio::task::JoinHandle;
 
 use crate::bus::subject::{self, SubjectError};
 use crate::bus::{Bus, BusError, Headers};
-use route::headers;
+pub(crate) use route::{headers, payload};
 pub use route::{routes, subject_token, subjects, Route};
 
 /// The sled tree (beside the log and the projections) holding the checkpoint.

@@ -158,7 +158,7 @@ pub fn subject_token(id: &str) -> Cow<'_, str> {
 /// in `switchboard log`, for auditors with the data dir); on the bus it would
 /// let any subscriber try guesses offline against a human-chosen key such as
 /// `SWITCHBOARD_ADMIN_KEY`.
-pub(super) fn payload(envelope: &Envelope) -> Vec<u8> {
+pub(crate) fn payload(envelope: &Envelope) -> Vec<u8> {
     if !matches!(envelope.event, Event::KeyIssued(_)) {
         return envelope.to_json().into_bytes();
     }
@@ -184,7 +184,7 @@ pub(super) fn stub_payload(envelope: &Envelope, size: usize) -> Vec<u8> {
 }
 
 /// The headers of one message for `envelope`.
-pub(super) fn headers(envelope: &Envelope, msg_id: &str) -> Headers {
+pub(crate) fn headers(envelope: &Envelope, msg_id: &str) -> Headers {
     let mut headers = Headers::new()
         .with(NATS_MSG_ID, msg_id)
         .with("Content-Type", "application/json");
