@@ -20,7 +20,7 @@ use switchboard_projections::{CostGroup, Projections};
 use tokio::task::JoinSet;
 
 use support::bus::request;
-use support::front::{Front, ADMIN_KEY, WAIT};
+use support::front::{samples, Front, ADMIN_KEY, WAIT};
 use support::nats::NatsServer;
 use support::serve::{Client, ServeProcess, ADMIN_KEY as SERVE_ADMIN_KEY};
 
@@ -658,25 +658,6 @@ async fn budget_gauges_follow_the_active_keys_and_their_budgets() {
             (status, answer.json::<Value>().await.unwrap_or(Value::Null))
         }
     };
-    let scrape = || async {
-        let answer = front
-            .request(Method::GET, "/metrics", None)
-            .send()
-            .await
-            .expect("answers");
-        assert_eq!(answer.status(), StatusCode::OK);
-        answer.text().await.expect("text")
-    };
-    // The value of each series in a scrape: `name{labels}` → value.
-    let samples = |text: &str| -> std::collections::HashMap<String, f64> {
-        text.lines()
-            .filter(|line| !line.starts_with('#') && !line.trim().is_empty())
-            .filter_map(|line| {
-                let (series, value) = line.rsplit_once(' ')?;
-                Some((series.to_owned(), value.parse().ok()?))
-            })
-            .collect()
-    };
     let issue = |name: &'static str, micros: u64| {
         post(
             "/admin/keys".to_owned(),
@@ -695,7 +676,7 @@ async fn budget_gauges_follow_the_active_keys_and_their_budgets() {
     let budget_of = |issued: &Value| series("switchboard_budget_micros", issued);
     let remaining_of = |issued: &Value| series("switchboard_budget_remaining_micros", issued);
 
-    let metrics = samples(&scrape().await);
+    let metrics = samples(&front.metrics_text().await);
     assert_eq!(metrics.get(&budget_of(&spent)), Some(&500_000.0));
     assert_eq!(metrics.get(&remaining_of(&spent)), Some(&500_000.0));
     assert_eq!(metrics.get(&budget_of(&kept)), Some(&1_000_000.0));
@@ -734,7 +715,7 @@ async fn budget_gauges_follow_the_active_keys_and_their_budgets() {
         .expect("answers");
     assert_eq!(revoked.status(), StatusCode::OK);
 
-    let text = scrape().await;
+    let text = front.metrics_text().await;
     let metrics = samples(&text);
     assert_eq!(metrics.get(&budget_of(&kept)), Some(&2_000_000.0));
     assert_eq!(metrics.get(&remaining_of(&kept)), Some(&2_000_000.0));

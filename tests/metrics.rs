@@ -12,32 +12,10 @@ use serde_json::{json, Value};
 use switchboard::server::{AgentSpec, ProviderSpec};
 use switchboard_actors::agent::{AgentConfig, Price};
 
-use support::front::{Front, ADMIN_KEY, WAIT};
-
-/// Every sample of a scrape: `name{labels}` → value.
-fn samples(text: &str) -> HashMap<String, f64> {
-    text.lines()
-        .filter(|line| !line.starts_with('#') && !line.trim().is_empty())
-        .filter_map(|line| {
-            let (series, value) = line.rsplit_once(' ')?;
-            Some((series.to_owned(), value.parse().ok()?))
-        })
-        .collect()
-}
+use support::front::{samples, Front, ADMIN_KEY, WAIT};
 
 async fn scrape(front: &Front) -> HashMap<String, f64> {
-    let answer = front
-        .request(Method::GET, "/metrics", None)
-        .send()
-        .await
-        .expect("answers");
-    assert_eq!(answer.status(), StatusCode::OK);
-    let content_type = answer.headers()["content-type"].to_str().expect("ascii");
-    assert!(
-        content_type.starts_with("text/plain; version=0.0.4"),
-        "{content_type}"
-    );
-    samples(&answer.text().await.expect("text"))
+    samples(&front.metrics_text().await)
 }
 
 async fn post(front: &Front, path: &str, key: &str, body: Value) -> (StatusCode, Value) {

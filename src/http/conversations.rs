@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use utoipa::{IntoParams, ToSchema};
 
-use super::core::{Core, RESENT_END_POLL};
+use super::core::{next_look, Core, RESENT_END_POLL};
 use super::error::{copy_rate_headers, ApiError};
 use super::openapi::{
     Ack, BadRequest, Conflict, ConversationList, Forbidden, History, Internal, Invalid,
@@ -260,7 +260,7 @@ async fn stream_reply(
     loop {
         let message = tokio::select! {
             message = events.recv() => message,
-            after = next_poll(&mut resent) => {
+            Some(after) = next_look(&mut resent) => {
                 if let Some(end) = stored_end(&core, &caller, &conversation_id, after, &message_id).await {
                     let _ = sender.send(stored_event(&end)).await;
                     return;
@@ -293,18 +293,6 @@ async fn stream_reply(
             let _ = sender.send(stored_event(&body)).await;
             return;
         }
-    }
-}
-
-/// Waits for the next look into the log for a resent message's end, and
-/// returns the seq to look after; never, for a message sent the first time.
-async fn next_poll(resent: &mut Option<(u64, tokio::time::Interval)>) -> u64 {
-    match resent {
-        Some((after, poll)) => {
-            poll.tick().await;
-            *after
-        }
-        None => std::future::pending().await,
     }
 }
 

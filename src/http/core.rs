@@ -21,6 +21,19 @@ pub const CORE_TIMEOUT: Duration = Duration::from_secs(30);
 /// ([`Core::follow_reply`]); otherwise the log is where the end shows.
 pub const RESENT_END_POLL: Duration = Duration::from_millis(250);
 
+/// Where a resent message's stream looks in the log for its turn's end:
+/// after which seq, and when next ([`RESENT_END_POLL`]; the first tick is
+/// at once).
+pub type LogLook = Option<(u64, tokio::time::Interval)>;
+
+/// A look for a resent message's end ([`LogLook`]): the seq to look after
+/// when it is time; `None` at once when there is none to make.
+pub async fn next_look(look: &mut LogLook) -> Option<u64> {
+    let (after, interval) = look.as_mut()?;
+    interval.tick().await;
+    Some(*after)
+}
+
 /// The buses and the subject prefix of the core behind them. Cheap to clone.
 #[derive(Clone)]
 pub struct Core {

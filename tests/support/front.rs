@@ -51,6 +51,22 @@ impl Front {
         format!("{}{path}", self.base)
     }
 
+    /// A scrape of `/metrics`: its text, checked to be Prometheus's format.
+    pub async fn metrics_text(&self) -> String {
+        let answer = self
+            .request(Method::GET, "/metrics", None)
+            .send()
+            .await
+            .expect("answers");
+        assert_eq!(answer.status(), reqwest::StatusCode::OK);
+        let content_type = answer.headers()["content-type"].to_str().expect("ascii");
+        assert!(
+            content_type.starts_with("text/plain; version=0.0.4"),
+            "{content_type}"
+        );
+        answer.text().await.expect("text")
+    }
+
     /// A request to `path`, with `Authorization: Bearer <key>` when given.
     pub fn request(&self, method: Method, path: &str, key: Option<&str>) -> RequestBuilder {
         let request = self.client.request(method, self.url(path));
@@ -59,4 +75,15 @@ impl Front {
             None => request,
         }
     }
+}
+
+/// Every sample of a `/metrics` scrape: `name{labels}` → value.
+pub fn samples(text: &str) -> std::collections::HashMap<String, f64> {
+    text.lines()
+        .filter(|line| !line.starts_with('#') && !line.trim().is_empty())
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            Some((series.to_owned(), value.parse().ok()?))
+        })
+        .collect()
 }

@@ -9,7 +9,7 @@ use tokio::time::Instant;
 
 use super::error::OpenAiError;
 use crate::bus::Subscription;
-use crate::http::core::{Core, RESENT_END_POLL};
+use crate::http::core::{next_look, Core, LogLook, RESENT_END_POLL};
 
 /// The longest a reply is waited for; then 504 (or an error chunk). The turn
 /// itself goes on and is stored.
@@ -85,7 +85,7 @@ pub(super) struct TurnFollower {
     /// For a resent message, or events subscribed after the send: the seq
     /// after which its end is looked for in the log, and how often (its end
     /// may never come on `events`; see [`RESENT_END_POLL`]).
-    look_in_log: Option<(u64, tokio::time::Interval)>,
+    look_in_log: LogLook,
     done: bool,
     deadline: Instant,
 }
@@ -289,12 +289,4 @@ impl TurnFollower {
             )
         })
     }
-}
-
-/// Waits for the next look into the log (see `TurnFollower::look_in_log`)
-/// and returns the seq to look after; `None` at once when there is none.
-async fn next_look(look: &mut Option<(u64, tokio::time::Interval)>) -> Option<u64> {
-    let (after, interval) = look.as_mut()?;
-    interval.tick().await;
-    Some(*after)
 }
