@@ -433,6 +433,11 @@ async fn measure_all(
     ));
     phase(bar, "waiting for the replies of the HTTP sends".into());
     replies.wait_for(acked, REPLY_DRAIN_TIMEOUT).await;
+    // Only the sends need the reply counter and the baseline's connections.
+    // Kept, the counter had every later turn's `reply_completed` delivered
+    // to this process, and the streams and the proxy pay for that.
+    drop(replies);
+    drop(buses);
 
     phase(
         bar,
