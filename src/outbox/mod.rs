@@ -24,9 +24,12 @@
 //!   so the checkpoint is not fsynced per batch (sled flushes it within
 //!   half a second, and [`OutboxHandle::stop`] flushes it).
 //! - **One round trip per window, not per event.** Events go out as soon as
-//!   they are durable; a batch is confirmed (flushed, then checkpointed) once
-//!   20 ms have passed since its first event or it holds 1024 events, so a
-//!   trickle of single commits costs one round trip to the server per window.
+//!   they are durable, but at most one burst of them per millisecond: the
+//!   commits of a busy log are gathered into one write to the server, which
+//!   then wakes once for them all. A batch is confirmed (flushed, then
+//!   checkpointed) once 20 ms have passed since its first event or it holds
+//!   1024 events, so a trickle of single commits costs one round trip to the
+//!   server per window.
 //! - **Optionally, never ahead of a stream.** A flush proves the server took
 //!   a message, not that a JetStream stream stored it (around a server
 //!   restart, a message the server took can miss the stream). With
@@ -90,6 +93,7 @@ use bytes::Bytes;
 use switchboard_events::{Envelope, EventLog, ReadError};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 use crate::bus::subject::{self, SubjectError};
 use crate::bus::{Bus, BusError, Headers};
@@ -117,6 +121,18 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const RECONNECT_POLL: Duration = Duration::from_millis(50);
 /// How long [`OutboxHandle::stop`] keeps publishing what is in the log.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// The least time between two bursts of publishes. Commits coming faster
+/// than this are gathered and go out together, in one write to the server
+/// instead of one each; an event after a quiet spell goes out at once.
+const GATHER: Duration = Duration::from_millis(1);
+
+/// Waits out what is left of [`GATHER`] since the last burst ended.
+async fn gather(burst_end: Instant) {
+    let until = burst_end + GATHER;
+    if Instant::now() < until {
+        tokio::time::sleep_until(until).await;
+    }
+}
 
 /// Why the outbox could not start, or has stopped.
 #[derive(Debug, thiserror::Error)]
@@ -416,6 +432,7 @@ impl Publisher {
     ) -> Result<(), Failure> {
         let mut events = self.log.subscribe(self.checkpoint + 1);
         let mut acks = Vec::new();
+        let mut burst_end = Instant::now() - GATHER;
         loop {
             if drain_to.is_some_and(|to| self.checkpoint >= to) {
                 return Ok(());
@@ -424,13 +441,15 @@ impl Publisher {
                 // Everything up to the drain target is durable: no waiting.
                 events.next().await
             } else {
-                tokio::select! {
+                let next = tokio::select! {
                     next = events.next() => next,
                     _ = &mut *stop => {
                         *drain_to = Some(self.log.head());
                         continue;
                     }
-                }
+                };
+                gather(burst_end).await;
+                next
             };
             let Some(first) = next else {
                 return Ok(()); // the log has closed
@@ -447,14 +466,19 @@ impl Publisher {
                     Some(next) => Some(next),
                     // Stopping: confirm at once what is at hand.
                     None if drain_to.is_some() => break,
-                    None => tokio::select! {
-                        next = events.next() => next,
-                        () = tokio::time::sleep_until(window_end) => break,
-                        _ = &mut *stop => {
-                            *drain_to = Some(self.log.head());
-                            break;
-                        }
-                    },
+                    None => {
+                        burst_end = Instant::now();
+                        let next = tokio::select! {
+                            next = events.next() => next,
+                            () = tokio::time::sleep_until(window_end) => break,
+                            _ = &mut *stop => {
+                                *drain_to = Some(self.log.head());
+                                break;
+                            }
+                        };
+                        gather(burst_end).await;
+                        next
+                    }
                 };
                 let Some(next) = next else {
                     break; // the log has closed: confirm what went out
