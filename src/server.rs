@@ -188,6 +188,8 @@ pub struct Server {
     http: Option<HttpHandle>,
     service: ServiceHandle,
     outbox: OutboxHandle,
+    /// The front's feed of the log's events, beside an HTTP front on NATS.
+    front_feed: Option<JoinHandle<()>>,
     webhooks: WebhookHandle,
     stop_sampler: oneshot::Sender<()>,
     sampler_task: JoinHandle<()>,
@@ -356,12 +358,16 @@ impl Server {
         coordinator.keep_context(context.max().unwrap_or(0));
 
         // An HTTP front beside a gateway on NATS sends its requests over an
-        // in-process bus the gateway serves too; its streams still follow
-        // the events on NATS, where the outbox publishes them.
+        // in-process bus the gateway serves too, and its streams follow the
+        // conversations' events there: the gateway publishes the replies'
+        // deltas on it, and the feed the stored events (NATS or not).
         let front = match (&config.http, &bus) {
             (Some(_), Bus::Nats(_)) => Some(Bus::from(LocalBus::new())),
             _ => None,
         };
+        let front_feed = front
+            .clone()
+            .map(|front| crate::outbox::spawn_front_feed(log.clone(), front, &config.prefix));
         let gateway = NatsGateway::start_with_front(
             bus.clone(),
             front.clone(),
@@ -388,9 +394,8 @@ impl Server {
                     crate::http::serve(
                         http.clone(),
                         FrontBuses {
-                            beside: front.is_some(),
-                            requests: front.unwrap_or_else(|| bus.clone()),
-                            events: bus.clone(),
+                            requests: front.clone().unwrap_or_else(|| bus.clone()),
+                            events: front.unwrap_or_else(|| bus.clone()),
                         },
                     )
                     .await
@@ -449,6 +454,7 @@ impl Server {
             http,
             service,
             outbox,
+            front_feed,
             webhooks,
             stop_sampler,
             sampler_task,
@@ -537,6 +543,9 @@ impl Server {
             tracing::error!(%error, "the spend index task failed");
         }
         self.outbox.stop().await;
+        if let Some(feed) = self.front_feed {
+            feed.abort();
+        }
         self.webhooks.stop().await;
         let _ = self.stop_projections.send(());
         if let Err(error) = self.projections_task.await {

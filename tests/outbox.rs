@@ -15,7 +15,7 @@ use async_nats::jetstream;
 use switchboard::bus::{
     subject, Bus, LocalBus, LocalBusConfig, Message, NatsBus, Subscription, NATS_MSG_ID,
 };
-use switchboard::outbox::{routes, Outbox, OutboxHandle, TRUNCATED_HEADER};
+use switchboard::outbox::{routes, spawn_front_feed, Outbox, OutboxHandle, TRUNCATED_HEADER};
 use switchboard_events::catalog::{
     BudgetExceeded, BudgetPeriod, BudgetScope, ConversationErased, ConversationStarted, KeyRevoked,
     LimitKind, MessageReceived, RateLimited, UsageRecorded,
@@ -350,6 +350,45 @@ async fn an_event_too_big_for_the_bus_goes_out_as_a_stub() {
         }
     }
     outbox.stop().await;
+}
+
+#[tokio::test]
+async fn the_front_feed_publishes_conversation_events_from_the_head_on() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = open_log(&dir);
+    // Before the feed: not fed (a stream reads it from the log).
+    append(&log, conv("c1"), started("c1", "key_1")).await;
+    let front = Bus::from(LocalBus::new());
+    let mut everything = subscribe(&front, "sb.>").await;
+    let feed = spawn_front_feed(log.clone(), front.clone(), "sb");
+    // Not conversation events: not fed.
+    append(&log, key("key_1"), rate_limited("key_1")).await;
+    let usage_seq = append(&log, conv("c1"), usage("c1", "key_1", 1)).await;
+    let message_seq = append(&log, conv("c1"), message("c1", 2)).await;
+    let stored = every_event(&log);
+    for (seq, subject) in [
+        (usage_seq, "sb.evt.conv.c1.usage_recorded"),
+        (message_seq, "sb.evt.conv.c1.message_received"),
+    ] {
+        let envelope = &stored[seq as usize - 1];
+        let fed = next(&mut everything).await;
+        assert_eq!(fed.subject, subject);
+        let route = routes("sb", envelope)
+            .into_iter()
+            .find(|route| route.subject == subject)
+            .expect("a conversation subject");
+        assert_eq!(fed.headers.get(NATS_MSG_ID), Some(route.msg_id.as_str()));
+        let body: serde_json::Value = serde_json::from_slice(&fed.payload).expect("JSON");
+        assert_eq!(body["seq"], seq);
+    }
+    // Nothing else came.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), everything.recv())
+            .await
+            .is_err(),
+        "only the conversation events after the head are fed"
+    );
+    feed.abort();
 }
 
 #[tokio::test]

@@ -995,6 +995,49 @@ async fn the_http_front_beside_the_core_skips_nats_and_stores_messages_while_nat
         .collect();
     assert_eq!(text, "echo: and streaming", "{completion}");
     assert!(completion.ends_with("data: [DONE]\n\n"), "{completion}");
+    // And a conversation's live events: the front's feed has them from the
+    // log, and the deltas from the gateway.
+    let first = send("live-away", "l0").await.expect("answered");
+    assert_eq!(first.status(), reqwest::StatusCode::ACCEPTED);
+    let live = http
+        .get(format!("{base}/v1/conversations/live-away/events"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(live.status(), reqwest::StatusCode::OK);
+    let sent = http
+        .post(format!("{base}/v1/conversations/live-away/messages"))
+        .bearer_auth(&key)
+        .json(&json!({ "content": "live", "message_id": "l1" }))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(sent.status(), reqwest::StatusCode::ACCEPTED);
+    let mut live = live.bytes_stream();
+    let mut seen = String::new();
+    let end = "\"content\":\"echo: live\"";
+    let deadline = Instant::now() + PHASE;
+    while !seen.contains(end) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let chunk = tokio::time::timeout(left, futures::StreamExt::next(&mut live))
+            .await
+            .unwrap_or_else(|_| panic!("no live reply in time; seen: {seen}"))
+            .expect("the stream stays open")
+            .expect("the stream reads");
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    let delta = seen
+        .find("\"delta\":\"echo: live\"")
+        .unwrap_or_else(|| panic!("no live delta in {seen}"));
+    let received = seen
+        .find("\"message_id\":\"l1\"")
+        .unwrap_or_else(|| panic!("no live message_received in {seen}"));
+    assert!(
+        received < delta && delta < seen.find(end).expect("seen"),
+        "{seen}"
+    );
+    drop(live);
 
     // Back: ready again, and the message stored meanwhile is published.
     nats.restart();

@@ -133,6 +133,13 @@ impl LocalBus {
         Ok(())
     }
 
+    /// Whether a subscription matches `subject` (a request's inbox aside).
+    pub(super) fn has_subscriber(&self, subject: &str) -> bool {
+        let registry = self.shared.lock();
+        registry.literal.get(subject).is_some_and(|e| !e.is_empty())
+            || registry.wildcard.iter().any(|e| e.pattern.matches(subject))
+    }
+
     pub(super) fn subscribe(
         &self,
         pattern: &str,
@@ -429,6 +436,20 @@ mod tests {
         let registry = local.shared.lock();
         assert!(registry.literal.is_empty());
         assert!(registry.wildcard.is_empty());
+    }
+
+    #[tokio::test]
+    async fn has_subscriber_follows_the_subscriptions() {
+        let bus = Bus::from(LocalBus::new());
+        assert!(!bus.has_subscriber("a.b.c"));
+        let literal = bus.subscribe("a.b.c").await.expect("sub");
+        assert!(bus.has_subscriber("a.b.c"));
+        assert!(!bus.has_subscriber("a.b.d"));
+        drop(literal);
+        assert!(!bus.has_subscriber("a.b.c"));
+        let _wildcard = bus.queue_subscribe("a.*.>", "g").await.expect("sub");
+        assert!(bus.has_subscriber("a.b.d"));
+        assert!(!bus.has_subscriber("a.b"));
     }
 
     #[tokio::test]

@@ -221,6 +221,17 @@ impl Bus {
         }
     }
 
+    /// Whether a message published on `subject` now would reach anyone:
+    /// on the embedded bus, whether a subscription matches it; on NATS
+    /// always `true` (only the server knows). For publishers that would
+    /// rather not build a message nobody takes.
+    pub fn has_subscriber(&self, subject: &str) -> bool {
+        match self {
+            Bus::Local(bus) => bus.has_subscriber(subject),
+            Bus::Nats(_) => true,
+        }
+    }
+
     /// Subscribes to a subject or pattern (`*`, `>`). Every plain
     /// subscription receives every matching message. Dropping the
     /// [`Subscription`] unsubscribes.

@@ -28,7 +28,9 @@
 //! An HTTP front in the gateway's own process need not take the trip
 //! through NATS: [`NatsGateway::start_with_front`] also serves the same
 //! subjects on the front's in-process bus, and answers each request on the
-//! bus it came from. Replies' deltas and alerts still go out on the main bus.
+//! bus it came from. Replies' deltas go out on both buses; the outbox
+//! publishes the stored events on the main bus, and the front's feed the
+//! conversations' events on the front's ([`crate::outbox::spawn_front_feed`]).
 //!
 //! ```no_run
 //! # use switchboard::bus::{Bus, LocalBus};
@@ -55,6 +57,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
 use serde_json::Value;
 use switchboard_actors::conversation_actor::{validate_conversation_id, ConversationError};
@@ -177,10 +180,6 @@ pub struct RequestMeta {
     /// The turn of a send answered with its ack alone: it starts when this
     /// is dropped, after the answer is on its way.
     turn: std::sync::Mutex<Option<NextTurn>>,
-    /// The HTTP front's in-process bus, when the request came over it: a
-    /// send that asks to be followed there ([`FOLLOW_HEADER`]) has its
-    /// reply's deltas and stored end published there too.
-    front: Option<Bus>,
 }
 
 /// Bus headers by which the HTTP front says a request came over HTTP, and
@@ -210,7 +209,6 @@ impl RequestMeta {
             remote,
             reply_headers: std::sync::Mutex::new(Headers::new()),
             turn: std::sync::Mutex::new(None),
-            front: None,
         }
     }
 
@@ -455,9 +453,6 @@ impl Gateway {
             }),
         };
         let mut meta = RequestMeta::new(&message.headers, from_front);
-        if matches!(via, Via::Front) {
-            meta.front = self.front.clone();
-        }
         let span = tracing::debug_span!(
             "gateway",
             otel.name = %format_args!("{} process", operation.name()),
@@ -581,12 +576,6 @@ impl Gateway {
         let format = BodyFormat::from_content_type(header(&message.headers, "Content-Type"))?;
         let body = SendRequest::decode(&message.payload, format)?;
         let wait = waits_for_reply(&message.headers)?;
-        // Only the front beside the gateway follows a reply on its own bus;
-        // elsewhere the deltas and the outbox's events are on the main bus.
-        let follow = meta
-            .front
-            .clone()
-            .filter(|_| follows_reply(&message.headers));
         // A resend of a stored message is answered with its ack before the
         // budgets and rate limits, which it must neither use nor be refused
         // by. (A key that neither has nor falls under any of them cannot be
@@ -655,8 +644,8 @@ impl Gateway {
                 return Err(error.into());
             }
         };
-        let (ended, turn_end) = (wait || follow.is_some()).then(oneshot::channel).unzip();
-        let (deltas, handed_on) = self.publish_deltas(conversation_id, meta, follow.clone());
+        let (ended, turn_end) = wait.then(oneshot::channel).unzip();
+        let (deltas, handed_on) = self.publish_deltas(conversation_id, meta);
         let input = SendInput {
             message_id: body.message_id,
             key_id: caller.record.key_id.clone(),
@@ -689,13 +678,6 @@ impl Gateway {
         match sent {
             Ok((ack, turn, durable)) => {
                 let mut reply = ack_json(&ack);
-                let turn_end = match (turn_end, follow) {
-                    (Some(turn_end), Some(front)) if !wait => {
-                        self.publish_end(conversation_id, front, turn_end);
-                        None
-                    }
-                    (turn_end, _) => turn_end,
-                };
                 let Some(turn_end) = turn_end else {
                     // Started once the ack is answered.
                     *meta.turn.lock().expect("turn lock") = Some(turn);
@@ -809,14 +791,16 @@ impl Gateway {
     /// stored `reply_completed` holds the whole reply); and the signal that
     /// all of them are with the bus once the channel closes, which the turn
     /// waits for before storing its end, so the outbox publishes the end
-    /// after them. A followed send's deltas go to the `front` bus first,
-    /// which takes them whether NATS is there or not.
+    /// after them. Beside an HTTP front, each delta goes to the front's
+    /// in-process bus first, which takes it whether NATS is there or not;
+    /// the front's feed publishes the stored end there after them
+    /// ([`crate::outbox::spawn_front_feed`]).
     fn publish_deltas(
         &self,
         conversation_id: &str,
         meta: &RequestMeta,
-        front: Option<Bus>,
     ) -> (mpsc::Sender<ReplyDelta>, oneshot::Receiver<()>) {
+        let front = self.front.clone();
         let (handed_on, handed_on_seen) = oneshot::channel();
         let (deltas, mut received) = mpsc::channel::<ReplyDelta>(DELTA_BUFFER);
         let bus = self.bus.clone();
@@ -833,17 +817,18 @@ impl Gateway {
             // stored reply_completed holds the whole reply).
             let mut giving_up = false;
             while let Some(delta) = received.recv().await {
-                if giving_up {
-                    continue;
-                }
-                let payload = serde_json::to_vec(&delta).expect("a delta always serializes");
-                if let Some(front) = &front {
+                let payload =
+                    Bytes::from(serde_json::to_vec(&delta).expect("a delta always serializes"));
+                if let Some(front) = front.as_ref().filter(|f| f.has_subscriber(&subject)) {
                     if let Err(error) = front
                         .publish(&subject, headers.clone(), payload.clone())
                         .await
                     {
                         tracing::debug!(%subject, %error, "a reply delta was not published to the front");
                     }
+                }
+                if giving_up {
+                    continue;
                 }
                 let published = tokio::time::timeout(
                     DELTA_PUBLISH_WAIT,
@@ -880,48 +865,6 @@ impl Gateway {
                 tracing::error!(%error, "cannot read a stored turn's end");
                 GatewayError::Unavailable("the turn's end cannot be read".into())
             })
-    }
-
-    /// Once a followed send's turn has ended (`turn_end`), publishes its
-    /// stored end on the front's bus, on the subjects the outbox uses on
-    /// the main bus. The front's stream ends with it, NATS or not.
-    fn publish_end(&self, conversation_id: &str, front: Bus, turn_end: oneshot::Receiver<TurnEnd>) {
-        let log = self.log.clone();
-        let prefix = self.prefix.clone();
-        let conversation_id = conversation_id.to_owned();
-        let mut stopping = self.stopping.subscribe();
-        tokio::spawn(async move {
-            // No end comes for a duplicate, nor for a turn whose end was not
-            // stored (the front's stream then ends at its own deadline).
-            let end = tokio::select! {
-                end = turn_end => end.ok(),
-                _ = stopping.wait_for(|stopping| *stopping) => None,
-            };
-            let Some(end) = end else { return };
-            let envelopes = match stored_end(&log, end) {
-                Ok(envelopes) => envelopes,
-                Err(error) => {
-                    tracing::error!(%conversation_id, %error, "cannot read a stored turn's end");
-                    return;
-                }
-            };
-            // As the outbox publishes them, on the conversation's subject.
-            let subject_start = format!("{prefix}.evt.conv.{conversation_id}.");
-            for envelope in envelopes {
-                let routes = crate::outbox::routes(&prefix, &envelope);
-                let Some(route) = routes
-                    .iter()
-                    .find(|r| r.subject.starts_with(&subject_start))
-                else {
-                    continue;
-                };
-                let headers = crate::outbox::headers(&envelope, &route.msg_id);
-                let payload = crate::outbox::payload(&envelope);
-                if let Err(error) = front.publish(&route.subject, headers, payload).await {
-                    tracing::debug!(%conversation_id, %error, "a turn's end was not published to the front");
-                }
-            }
-        });
     }
 
     /// The valid conversation id in `{prefix}.admin.conv.<id>.erase`.
@@ -977,17 +920,6 @@ impl Gateway {
 /// The request header that makes a send answer once its turn's end is
 /// stored, with that end as `turn` (DESIGN §6; `docs/subjects.md`).
 pub const WAIT_HEADER: &str = "Switchboard-Wait";
-
-/// The header by which the HTTP front beside the gateway asks that a send's
-/// reply deltas and stored end be published on its in-process bus too, so
-/// that its stream follows them without NATS (`Switchboard-Follow: reply`).
-/// It means nothing on the main bus, where both are published anyway.
-pub const FOLLOW_HEADER: &str = "Switchboard-Follow";
-
-/// Whether a send asks to be followed on the front's bus ([`FOLLOW_HEADER`]).
-fn follows_reply(headers: &Headers) -> bool {
-    header(headers, FOLLOW_HEADER).is_some_and(|value| value.eq_ignore_ascii_case("reply"))
-}
 
 /// The envelopes of a turn's stored end.
 fn stored_end(log: &EventLog, end: TurnEnd) -> Result<Vec<Envelope>, ReadError> {

@@ -1,6 +1,7 @@
 //! `/v1/conversations…`: send (202 with the ack, or the reply streamed as
 //! SSE), history, the key's conversations, and a conversation's live events.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::time::Duration;
 
@@ -15,7 +16,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use utoipa::{IntoParams, ToSchema};
 
-use super::core::{next_look, Core, RESENT_END_POLL};
+use super::core::Core;
 use super::error::{copy_rate_headers, ApiError};
 use super::openapi::{
     Ack, BadRequest, Conflict, ConversationList, Forbidden, History, Internal, Invalid,
@@ -196,7 +197,7 @@ pub async fn send(
     // Subscribed before sending, so no piece of the reply can be missed.
     let events = state.core.follow_reply(&id).await?;
     let subject = format!("conv.{id}.send");
-    let reply = within(&state, state.core.send_followed(&subject, &headers, &body)).await?;
+    let reply = within(&state, state.core.request(&subject, &headers, &body)).await?;
     let mut rate_headers = HeaderMap::new();
     copy_rate_headers(&reply.headers, &mut rate_headers);
     let (sender, received) = mpsc::channel(SSE_BUFFER);
@@ -247,26 +248,20 @@ async fn stream_reply(
     if sender.send(event("ack", &ack)).await.is_err() {
         return;
     }
-    // A resent message's turn may be over already, or its end may come
-    // where this stream does not follow (the first send's turn publishes
-    // its end on the front's bus only when that send was followed there):
-    // look in the log, now and then until it is there.
-    let mut resent = (ack["duplicate"] == json!(true)).then(|| {
+    // A resent message's turn may be over already: its end is then in the
+    // log. One stored later comes on `events`, subscribed before the send.
+    if ack["duplicate"] == json!(true) {
         let after = ack["seq"].as_u64().unwrap_or(1).saturating_sub(1);
-        (after, tokio::time::interval(RESENT_END_POLL))
-    });
+        if let Some(end) = stored_end(&core, &caller, &conversation_id, after, &message_id).await {
+            let _ = sender.send(stored_event(&end)).await;
+            return;
+        }
+    }
     let deadline = tokio::time::sleep(REPLY_STREAM_LIMIT);
     tokio::pin!(deadline);
     loop {
         let message = tokio::select! {
             message = events.recv() => message,
-            Some(after) = next_look(&mut resent) => {
-                if let Some(end) = stored_end(&core, &caller, &conversation_id, after, &message_id).await {
-                    let _ = sender.send(stored_event(&end)).await;
-                    return;
-                }
-                continue;
-            }
             () = &mut deadline => {
                 let _ = sender.send(event("error", &json!({
                     "code": "timeout",
@@ -394,6 +389,7 @@ pub async fn events(
         last_seq: after,
         last_version: 0,
         owned: false,
+        ended: VecDeque::new(),
         sender,
     };
     tokio::spawn(follower.run(state.closing.clone(), first.body, live));
@@ -417,15 +413,21 @@ struct Follower {
     /// A page with an event came back: the caller may read this conversation,
     /// so its `reply_delta`s, which are not stored, may be passed on.
     owned: bool,
+    /// The messages whose turn's end was sent last (at most [`ENDED_KEPT`]):
+    /// a delta of one of them, come late, is not passed on after its end.
+    ended: VecDeque<String>,
     sender: mpsc::Sender<Event>,
 }
+
+/// How many ended turns an `/events` stream remembers ([`Follower::ended`]).
+const ENDED_KEPT: usize = 16;
 
 /// The client left or the stream ended with an `error` event.
 struct Ended;
 
 impl Follower {
     async fn run(mut self, closing: watch::Receiver<bool>, first: Value, mut live: Subscription) {
-        if self.send_page(first).await.is_err() || self.catch_up().await.is_err() {
+        if self.send_page(first, None).await.is_err() || self.catch_up(None).await.is_err() {
             return;
         }
         loop {
@@ -440,8 +442,8 @@ impl Follower {
             };
             let more = if message.subject.ends_with(".reply_delta") {
                 self.pass_delta(body).await
-            } else if body["seq"].as_u64().is_some_and(|seq| seq > self.last_seq) {
-                self.catch_up().await
+            } else if let Some(seq) = body["seq"].as_u64().filter(|&seq| seq > self.last_seq) {
+                self.catch_up(Some(seq)).await
             } else {
                 Ok(())
             };
@@ -452,19 +454,26 @@ impl Follower {
     }
 
     /// A delta of a conversation the caller has been shown to own; before
-    /// that, the stored events are read first (which checks).
+    /// that, the stored events are read first (which checks). A delta of a
+    /// turn whose end those held already is dropped.
     async fn pass_delta(&mut self, delta: Value) -> Result<(), Ended> {
         if !self.owned {
-            self.catch_up().await?;
+            self.catch_up(None).await?;
         }
-        if self.owned {
+        let ended = delta["message_id"]
+            .as_str()
+            .is_some_and(|id| self.ended.iter().any(|ended| ended == id));
+        if self.owned && !ended {
             self.send(event("reply_delta", &delta)).await?;
         }
         Ok(())
     }
 
-    /// Sends the stored events past the last one sent, page by page.
-    async fn catch_up(&mut self) -> Result<(), Ended> {
+    /// Sends the stored events past the last one sent, page by page, up to
+    /// `through` when given: the seq of the live event that called for it,
+    /// so that what came live after that event (a delta) is not overtaken
+    /// by stored events published after it.
+    async fn catch_up(&mut self, through: Option<u64>) -> Result<(), Ended> {
         loop {
             let request = json!({ "after_seq": self.last_seq, "after_version": self.last_version });
             let page = match self
@@ -479,18 +488,32 @@ impl Follower {
                     return Err(Ended);
                 }
             };
-            if !self.send_page(page).await? {
+            if !self.send_page(page, through).await? {
                 return Ok(());
             }
         }
     }
 
-    /// Sends one page's events; whether it held any.
-    async fn send_page(&mut self, page: Value) -> Result<bool, Ended> {
+    /// Sends one page's events up to seq `through`; whether there may be
+    /// more to send (it held some, none past `through`).
+    async fn send_page(&mut self, page: Value, through: Option<u64>) -> Result<bool, Ended> {
         let stored = page["events"].as_array().cloned().unwrap_or_default();
         for envelope in &stored {
+            let seq = envelope["seq"].as_u64().unwrap_or(self.last_seq);
+            if through.is_some_and(|through| seq > through) {
+                return Ok(false);
+            }
             self.send(stored_event(envelope)).await?;
-            self.last_seq = envelope["seq"].as_u64().unwrap_or(self.last_seq);
+            let data = &envelope["data"];
+            if let (Some("reply_completed" | "reply_failed"), Some(message_id)) =
+                (envelope["type"].as_str(), data["message_id"].as_str())
+            {
+                if self.ended.len() == ENDED_KEPT {
+                    self.ended.pop_front();
+                }
+                self.ended.push_back(message_id.to_owned());
+            }
+            self.last_seq = seq;
             self.last_version = envelope["version"].as_u64().unwrap_or(self.last_version);
             self.owned = true;
         }

@@ -10,29 +10,10 @@ use serde_json::Value;
 
 use super::error::ApiError;
 use crate::bus::{Bus, BusError, Headers, Subscription};
-use crate::gateway::{CHANNEL_HEADER, FOLLOW_HEADER, REMOTE_BUS_HEADER};
+use crate::gateway::{CHANNEL_HEADER, REMOTE_BUS_HEADER};
 
 /// How long the front waits for the core to answer one request.
 pub const CORE_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// How often the stream of a resent message's reply looks in the log for
-/// the turn's end. The first send's turn publishes its end on the bus a
-/// stream follows only when that send was streamed from this front
-/// ([`Core::follow_reply`]); otherwise the log is where the end shows.
-pub const RESENT_END_POLL: Duration = Duration::from_millis(250);
-
-/// Where a resent message's stream looks in the log for its turn's end:
-/// after which seq, and when next ([`RESENT_END_POLL`]; the first tick is
-/// at once).
-pub type LogLook = Option<(u64, tokio::time::Interval)>;
-
-/// A look for a resent message's end ([`LogLook`]): the seq to look after
-/// when it is time; `None` at once when there is none to make.
-pub async fn next_look(look: &mut LogLook) -> Option<u64> {
-    let (after, interval) = look.as_mut()?;
-    interval.tick().await;
-    Some(*after)
-}
 
 /// The buses and the subject prefix of the core behind them. Cheap to clone.
 #[derive(Clone)]
@@ -40,13 +21,11 @@ pub struct Core {
     /// Where requests go: the core's in-process bus when the core runs in
     /// this process, else the bus the core serves.
     pub requests: Bus,
-    /// Where the core's events are published (and subscribed to).
+    /// Where the core's conversation events and reply deltas are followed:
+    /// the core's in-process bus beside it (its feed, see
+    /// [`crate::outbox::spawn_front_feed`]), else the bus it publishes on.
     pub events: Bus,
     pub prefix: String,
-    /// Whether `requests` is the in-process bus of a core in this process
-    /// on NATS: a streamed send then has its reply followed there
-    /// ([`Core::follow_reply`]).
-    pub beside: bool,
 }
 
 /// A successful answer: the JSON body and the reply's headers.
@@ -147,37 +126,10 @@ impl Core {
         subscribe(&self.events, &format!("{}.{pattern}", self.prefix)).await
     }
 
-    /// Subscribes to where the reply of a send made with
-    /// [`Core::send_followed`] comes: its deltas and its stored end, as
-    /// events of `conversation_id`. Beside the core that is the core's
-    /// in-process bus, so a streamed reply needs no NATS; otherwise the bus
-    /// the core publishes its events on.
+    /// Subscribes to `conversation_id`'s events, where its replies'
+    /// deltas and stored ends come.
     pub async fn follow_reply(&self, conversation_id: &str) -> Result<Subscription, ApiError> {
-        let bus = if self.beside {
-            &self.requests
-        } else {
-            &self.events
-        };
-        subscribe(
-            bus,
-            &format!("{}.evt.conv.{conversation_id}.>", self.prefix),
-        )
-        .await
-    }
-
-    /// [`Core::request`] for a send whose reply is followed with
-    /// [`Core::follow_reply`] (subscribed first).
-    pub async fn send_followed(
-        &self,
-        subject: &str,
-        caller: &HeaderMap,
-        body: &Value,
-    ) -> Result<CoreReply, ApiError> {
-        let mut extra = Headers::new();
-        if self.beside {
-            extra.insert(FOLLOW_HEADER, "reply");
-        }
-        self.request_with(subject, caller, body, extra, CORE_TIMEOUT)
+        self.subscribe(&format!("evt.conv.{conversation_id}.>"))
             .await
     }
 }

@@ -156,12 +156,11 @@ pub struct FrontBuses {
     /// in this process ([`crate::gateway::NatsGateway::start_with_front`]),
     /// otherwise the bus the core serves.
     pub requests: Bus,
-    /// Where the core's events are published, for the streams that follow
-    /// them.
+    /// Where the streams follow the core's conversation events and reply
+    /// deltas: the same in-process bus beside the core (fed by
+    /// [`crate::outbox::spawn_front_feed`]), otherwise the bus the core
+    /// publishes on.
     pub events: Bus,
-    /// Whether `requests` is the in-process bus of a core in this process
-    /// on NATS: streamed replies are then followed there, not on NATS.
-    pub beside: bool,
 }
 
 /// The routes and layers; public for tests that drive it without a socket.
@@ -172,7 +171,6 @@ pub fn router(config: &HttpConfig, buses: FrontBuses, closing: watch::Receiver<b
             requests: buses.requests,
             events: buses.events,
             prefix: config.prefix.clone(),
-            beside: buses.beside,
         },
         request_timeout: config.request_timeout,
         closing,

@@ -248,7 +248,7 @@ async fn chat_completions(
 
     // Subscribed before sending, so no piece of the reply can be missed.
     let events = state.core.follow_reply(&id).await.map_err(failed)?;
-    let ack = within(&state, state.core.send_followed(&subject, &caller, &send))
+    let ack = within(&state, state.core.request(&subject, &caller, &send))
         .await
         .map_err(|error| send_refused(&state, &shape.model, error).with_conversation(&id_header))?;
     let headers = reply_headers(&ack.headers, &id);

@@ -84,6 +84,7 @@
 //! logged with `tracing::error!` and left out, rather than stalling every
 //! later event.
 
+mod feed;
 mod route;
 
 use std::sync::atomic::Ordering;
@@ -97,7 +98,8 @@ use tokio::time::Instant;
 
 use crate::bus::subject::{self, SubjectError};
 use crate::bus::{Bus, BusError, Headers};
-pub(crate) use route::{headers, payload};
+pub use feed::spawn_front_feed;
+use route::headers;
 pub use route::{routes, subject_token, subjects, Route};
 
 /// The sled tree (beside the log and the projections) holding the checkpoint.

@@ -9,7 +9,7 @@ use tokio::time::Instant;
 
 use super::error::OpenAiError;
 use crate::bus::Subscription;
-use crate::http::core::{next_look, Core, LogLook, RESENT_END_POLL};
+use crate::http::core::Core;
 
 /// The longest a reply is waited for; then 504 (or an error chunk). The turn
 /// itself goes on and is stored.
@@ -83,9 +83,9 @@ pub(super) struct TurnFollower {
     /// The seq of the `reply_completed`, once seen: then only usage is awaited.
     completed_seq: Option<u64>,
     /// For a resent message, or events subscribed after the send: the seq
-    /// after which its end is looked for in the log, and how often (its end
-    /// may never come on `events`; see [`RESENT_END_POLL`]).
-    look_in_log: LogLook,
+    /// after which the log is read once, before `events`, for what may have
+    /// been stored before the subscription.
+    look_in_log: Option<u64>,
     done: bool,
     deadline: Instant,
 }
@@ -124,11 +124,10 @@ impl TurnFollower {
         subscribed_late: bool,
     ) -> TurnFollower {
         let mut turn = TurnFollower::new(core, caller, conversation_id, ack, Some(events));
-        // A resent message's turn may be over already: look in the log, now
-        // and then until its end is there (the first tick is at once).
+        // A resent message's turn may be over already: its end is then in
+        // the log. One stored later comes on `events`.
         if subscribed_late || ack["duplicate"] == json!(true) {
-            let after = ack["seq"].as_u64().unwrap_or(1).saturating_sub(1);
-            turn.look_in_log = Some((after, tokio::time::interval(RESENT_END_POLL)));
+            turn.look_in_log = Some(ack["seq"].as_u64().unwrap_or(1).saturating_sub(1));
         }
         turn
     }
@@ -209,18 +208,18 @@ impl TurnFollower {
                 Some(_) => self.deadline.min(Instant::now() + USAGE_WAIT),
                 None => self.deadline,
             };
+            if let Some(after) = self.look_in_log.take() {
+                for envelope in self.stored_after(after).await {
+                    self.take(&envelope);
+                }
+                continue;
+            }
             let Some(events) = &mut self.events else {
                 // Only a whole stored end is followed without events.
                 return Ok(None);
             };
             let message = tokio::select! {
                 message = events.recv() => message,
-                Some(after) = next_look(&mut self.look_in_log) => {
-                    for envelope in self.stored_after(after).await {
-                        self.take(&envelope);
-                    }
-                    continue;
-                }
                 () = tokio::time::sleep_until(limit) => {
                     let Some(seq) = self.completed_seq else {
                         return Err(OpenAiError::timeout());
