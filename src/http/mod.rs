@@ -38,6 +38,7 @@ use axum::http::request::Parts;
 use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
+use axum::serve::ListenerExt;
 use axum::Router;
 use serde::de::DeserializeOwned;
 use tokio::net::TcpListener;
@@ -126,6 +127,13 @@ impl HttpHandle {
 pub async fn serve(config: HttpConfig, buses: FrontBuses) -> std::io::Result<HttpHandle> {
     let listener = TcpListener::bind(config.addr).await?;
     let addr = listener.local_addr()?;
+    // Without TCP_NODELAY a stream's first event, written just after the
+    // response's head, waits for the client's delayed ACK: 40 ms on Linux.
+    let listener = listener.tap_io(|stream| {
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(%error, "cannot set TCP_NODELAY on a connection");
+        }
+    });
     let (closing, closing_seen) = watch::channel(false);
     let app = router(&config, buses, closing_seen);
     let (stop, stopped) = oneshot::channel::<()>();

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use axum::http::header::CONTENT_TYPE;
 use axum::routing::post;
+use axum::serve::ListenerExt;
 use serde::Serialize;
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -105,6 +106,10 @@ impl FakeUpstream {
         );
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
+            // As model servers do (uvicorn sets it): no delayed-ACK stalls.
+            let listener = listener.tap_io(|stream| {
+                let _ = stream.set_nodelay(true);
+            });
             let served = axum::serve(listener, app)
                 .with_graceful_shutdown(async {
                     let _ = stopped.await;
