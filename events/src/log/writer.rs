@@ -1087,11 +1087,14 @@ mod tests {
         };
 
         let held = log.hold_publishing();
-        let (request, mut written, mut answer) = early(1);
-        assert!(
-            append_early_alone(writer, &queue, request).is_ok(),
-            "taken alone"
-        );
+        let (mut request, mut written, mut answer) = early(1);
+        // Taken alone once the writer thread, just started, lets go of it.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while let Err(back) = append_early_alone(writer, &queue, request) {
+            assert!(std::time::Instant::now() < deadline, "never taken alone");
+            std::thread::sleep(Duration::from_millis(1));
+            request = back;
+        }
         let appended = written
             .try_recv()
             .expect("answered written on the caller's thread")
