@@ -39,15 +39,20 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::alerts::{WebhookConfig, WebhookHandle, WebhookSink};
-use crate::bus::{Bus, Headers, LocalBus, NatsBus};
+use crate::bus::{Bus, Headers, LocalBus, LocalBusConfig, NatsBus};
 use crate::gateway::{GatewayHandle, NatsGateway};
-use crate::http::{FrontBuses, HttpConfig, HttpHandle};
+use crate::http::{HttpConfig, HttpHandle};
 use crate::keys::{self, AdminBootstrap};
 use crate::outbox::{Outbox, OutboxError, OutboxHandle};
 use crate::service::{self, ServiceHandle, ServiceInfo};
 
 /// How long start-up waits for the first NATS connection.
 const NATS_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest message on the in-process bus of the HTTP front beside a
+/// core on NATS. It carries only this process's own messages, so it need
+/// not keep to NATS's 1 MiB: a reply over it reaches the front whole (the
+/// front's request bodies are limited to 256 KiB anyway).
+const FRONT_MAX_PAYLOAD: usize = 64 * 1024 * 1024;
 
 /// Everything `serve` is configured with, resolved from flags, environment,
 /// config file and defaults.
@@ -362,7 +367,10 @@ impl Server {
         // conversations' events there: the gateway publishes the replies'
         // deltas on it, and the feed the stored events (NATS or not).
         let front = match (&config.http, &bus) {
-            (Some(_), Bus::Nats(_)) => Some(Bus::from(LocalBus::new())),
+            (Some(_), Bus::Nats(_)) => Some(Bus::from(LocalBus::with_config(LocalBusConfig {
+                max_payload: FRONT_MAX_PAYLOAD,
+                ..LocalBusConfig::default()
+            }))),
             _ => None,
         };
         let front_feed = front
@@ -391,18 +399,12 @@ impl Server {
                 let mut http = http.clone();
                 http.prefix = config.prefix.clone();
                 Some(
-                    crate::http::serve(
-                        http.clone(),
-                        FrontBuses {
-                            requests: front.clone().unwrap_or_else(|| bus.clone()),
-                            events: front.unwrap_or_else(|| bus.clone()),
-                        },
-                    )
-                    .await
-                    .map_err(|source| ServerError::Http {
-                        addr: http.addr,
-                        source,
-                    })?,
+                    crate::http::serve(http.clone(), front.unwrap_or_else(|| bus.clone()))
+                        .await
+                        .map_err(|source| ServerError::Http {
+                            addr: http.addr,
+                            source,
+                        })?,
                 )
             }
             None => None,
@@ -544,7 +546,9 @@ impl Server {
         }
         self.outbox.stop().await;
         if let Some(feed) = self.front_feed {
+            // Its clone of the log goes with it, before the log is closed.
             feed.abort();
+            let _ = feed.await;
         }
         self.webhooks.stop().await;
         let _ = self.stop_projections.send(());

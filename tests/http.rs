@@ -213,6 +213,26 @@ async fn a_streamed_send_relays_the_deltas_and_ends_with_the_reply() {
     let events = sse_events(again).await;
     assert_eq!(events[0].1["duplicate"], json!(true));
     assert_eq!(events.last().expect("end").0, "reply_completed");
+
+    // So does the resend of a message big enough that its stored end is on
+    // the log's next page (a page holds about 256 KiB).
+    let big = "word ".repeat(40_000);
+    let send_big = || {
+        front
+            .client
+            .post(front.url("/v1/conversations/s2/messages"))
+            .bearer_auth(&key)
+            .header("Accept", "text/event-stream")
+            .json(&json!({ "content": big, "message_id": "big" }))
+            .send()
+    };
+    let first = sse_events(send_big().await.expect("answered")).await;
+    assert_eq!(first.last().expect("an end").0, "reply_completed");
+    let events = sse_events(send_big().await.expect("answered")).await;
+    assert_eq!(events[0].1["duplicate"], json!(true));
+    let (kind, end, _) = events.last().expect("an end");
+    assert_eq!(kind, "reply_completed");
+    assert_eq!(end["data"]["message_id"], json!("big"));
     front.server.shutdown().await;
 }
 

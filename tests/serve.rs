@@ -1016,9 +1016,34 @@ async fn the_http_front_beside_the_core_skips_nats_and_stores_messages_while_nat
     assert_eq!(sent.status(), reqwest::StatusCode::ACCEPTED);
     let mut live = live.bytes_stream();
     let mut seen = String::new();
-    let end = "\"content\":\"echo: live\"";
     let deadline = Instant::now() + PHASE;
-    while !seen.contains(end) {
+    // (event name, data) of every whole SSE event so far.
+    let parsed = |seen: &str| -> Vec<(String, Value)> {
+        let whole = &seen[..seen.rfind("\n\n").map_or(0, |end| end + 2)];
+        whole
+            .split("\n\n")
+            .filter_map(|block| {
+                let name = block.lines().find_map(|l| l.strip_prefix("event: "))?;
+                let data = block.lines().find_map(|l| l.strip_prefix("data: "))?;
+                Some((
+                    name.to_owned(),
+                    serde_json::from_str(data).expect("JSON data"),
+                ))
+            })
+            .collect()
+    };
+    let is_l1 = |(name, data): &(String, Value), kind: &str| {
+        let message_id = match name.as_str() {
+            "reply_delta" => &data["message_id"],
+            _ => &data["data"]["message_id"],
+        };
+        name == kind && message_id == "l1"
+    };
+    let events = loop {
+        let events = parsed(&seen);
+        if events.iter().any(|e| is_l1(e, "reply_completed")) {
+            break events;
+        }
         let left = deadline.saturating_duration_since(Instant::now());
         let chunk = tokio::time::timeout(left, futures::StreamExt::next(&mut live))
             .await
@@ -1026,17 +1051,28 @@ async fn the_http_front_beside_the_core_skips_nats_and_stores_messages_while_nat
             .expect("the stream stays open")
             .expect("the stream reads");
         seen.push_str(&String::from_utf8_lossy(&chunk));
-    }
-    let delta = seen
-        .find("\"delta\":\"echo: live\"")
-        .unwrap_or_else(|| panic!("no live delta in {seen}"));
-    let received = seen
-        .find("\"message_id\":\"l1\"")
-        .unwrap_or_else(|| panic!("no live message_received in {seen}"));
+    };
+    let at = |kind: &str| {
+        events
+            .iter()
+            .position(|e| is_l1(e, kind))
+            .unwrap_or_else(|| panic!("no {kind} of l1 in {seen}"))
+    };
+    let (received, completed) = (at("message_received"), at("reply_completed"));
+    let deltas: Vec<usize> = (0..events.len())
+        .filter(|&i| is_l1(&events[i], "reply_delta"))
+        .collect();
+    // Before the end; not always after the message, which the feed
+    // publishes from the log while the turn already streams.
     assert!(
-        received < delta && delta < seen.find(end).expect("seen"),
-        "{seen}"
+        received < completed && deltas.iter().all(|&i| i < completed),
+        "out of order in {seen}"
     );
+    let text: String = deltas
+        .iter()
+        .map(|&i| events[i].1["delta"].as_str().expect("a delta's text"))
+        .collect();
+    assert_eq!(text, "echo: live", "{seen}");
     drop(live);
 
     // Back: ready again, and the message stored meanwhile is published.

@@ -810,43 +810,58 @@ impl Gateway {
             headers.insert("traceparent", traceparent.clone());
         }
         tokio::spawn(async move {
-            // Best effort, holding up only the storing of the turn's end, and
-            // that for at most DELTAS_HANDED_ON_WAIT: with NATS away the
-            // client's queue fills and a publish waits until it is back, so
-            // one that takes too long gives up the deltas still to come (the
-            // stored reply_completed holds the whole reply).
-            let mut giving_up = false;
-            while let Some(delta) = received.recv().await {
-                let payload =
-                    Bytes::from(serde_json::to_vec(&delta).expect("a delta always serializes"));
-                if let Some(front) = front.as_ref().filter(|f| f.has_subscriber(&subject)) {
-                    if let Err(error) = front
-                        .publish(&subject, headers.clone(), payload.clone())
-                        .await
+            let (to_main, mut for_main) = mpsc::unbounded_channel::<Bytes>();
+            // The front's bus takes each delta as it comes, never waiting, so
+            // the front's streams have every delta before the turn's end
+            // whatever NATS does.
+            let front_headers = headers.clone();
+            let front_subject = subject.clone();
+            let to_front = async move {
+                while let Some(delta) = received.recv().await {
+                    let payload =
+                        Bytes::from(serde_json::to_vec(&delta).expect("a delta always serializes"));
+                    if let Some(front) = front.as_ref().filter(|f| f.has_subscriber(&front_subject))
                     {
-                        tracing::debug!(%subject, %error, "a reply delta was not published to the front");
+                        if let Err(error) = front
+                            .publish(&front_subject, front_headers.clone(), payload.clone())
+                            .await
+                        {
+                            tracing::debug!(subject = %front_subject, %error, "a reply delta was not published to the front");
+                        }
+                    }
+                    let _ = to_main.send(payload);
+                }
+            };
+            // Best effort on the main bus, holding up only the storing of the
+            // turn's end, and that for at most DELTAS_HANDED_ON_WAIT: with NATS
+            // away the client's queue fills and a publish waits until it is
+            // back, so one that takes too long gives up the deltas still to
+            // come (the stored reply_completed holds the whole reply).
+            let to_main = async {
+                let mut giving_up = false;
+                while let Some(payload) = for_main.recv().await {
+                    if giving_up {
+                        continue;
+                    }
+                    let published = tokio::time::timeout(
+                        DELTA_PUBLISH_WAIT,
+                        bus.publish(&subject, headers.clone(), payload),
+                    )
+                    .await;
+                    match published {
+                        Ok(Ok(())) => {}
+                        Ok(Err(error)) => {
+                            tracing::debug!(%subject, %error, "a reply delta was not published");
+                        }
+                        Err(_) => {
+                            tracing::warn!(%subject, "reply deltas dropped: the bus is not taking them");
+                            giving_up = true;
+                        }
                     }
                 }
-                if giving_up {
-                    continue;
-                }
-                let published = tokio::time::timeout(
-                    DELTA_PUBLISH_WAIT,
-                    bus.publish(&subject, headers.clone(), payload),
-                )
-                .await;
-                match published {
-                    Ok(Ok(())) => {}
-                    Ok(Err(error)) => {
-                        tracing::debug!(%subject, %error, "a reply delta was not published");
-                    }
-                    Err(_) => {
-                        tracing::warn!(%subject, "reply deltas dropped: the bus is not taking them");
-                        giving_up = true;
-                    }
-                }
-            }
-            // Every delta is with the bus: the turn's end may be stored (and
+            };
+            futures::join!(to_front, to_main);
+            // Every delta is with the buses: the turn's end may be stored (and
             // so published after them).
             let _ = handed_on.send(());
         });

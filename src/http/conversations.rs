@@ -248,16 +248,30 @@ async fn stream_reply(
     if sender.send(event("ack", &ack)).await.is_err() {
         return;
     }
+    let until = tokio::time::Instant::now() + REPLY_STREAM_LIMIT;
     // A resent message's turn may be over already: its end is then in the
     // log. One stored later comes on `events`, subscribed before the send.
     if ack["duplicate"] == json!(true) {
         let after = ack["seq"].as_u64().unwrap_or(1).saturating_sub(1);
-        if let Some(end) = stored_end(&core, &caller, &conversation_id, after, &message_id).await {
-            let _ = sender.send(stored_event(&end)).await;
+        let mut end = None;
+        let looked = core.look_in_log(&caller, &conversation_id, after, until, |envelope| {
+            let found = is_end_of(envelope, &message_id);
+            if found {
+                end = Some(stored_event(envelope));
+            }
+            found
+        });
+        if let Err(error) = looked.await {
+            let error = json!({ "code": error.code, "message": error.message });
+            let _ = sender.send(event("error", &error)).await;
+            return;
+        }
+        if let Some(end) = end {
+            let _ = sender.send(end).await;
             return;
         }
     }
-    let deadline = tokio::time::sleep(REPLY_STREAM_LIMIT);
+    let deadline = tokio::time::sleep_until(until);
     tokio::pin!(deadline);
     loop {
         let message = tokio::select! {
@@ -289,23 +303,6 @@ async fn stream_reply(
             return;
         }
     }
-}
-
-/// The stored end of `message_id`'s turn, looked for after seq `after`.
-async fn stored_end(
-    core: &Core,
-    caller: &HeaderMap,
-    conversation_id: &str,
-    after: u64,
-    message_id: &str,
-) -> Option<Value> {
-    let subject = format!("conv.{conversation_id}.events");
-    let stored = core
-        .request(&subject, caller, &json!({ "after_seq": after }))
-        .await
-        .ok()?;
-    let events = stored.body["events"].as_array()?;
-    events.iter().find(|e| is_end_of(e, message_id)).cloned()
 }
 
 /// Whether a stored event ends the turn of `message_id`.
@@ -427,7 +424,10 @@ struct Ended;
 
 impl Follower {
     async fn run(mut self, closing: watch::Receiver<bool>, first: Value, mut live: Subscription) {
-        if self.send_page(first, None).await.is_err() || self.catch_up(None).await.is_err() {
+        // The rest of what was stored when the first page was read; what came
+        // after is on `live`, subscribed before that read.
+        let head = first["head"].as_u64();
+        if self.send_page(first, None).await.is_err() || self.catch_up(head).await.is_err() {
             return;
         }
         loop {
@@ -495,7 +495,7 @@ impl Follower {
     }
 
     /// Sends one page's events up to seq `through`; whether there may be
-    /// more to send (it held some, none past `through`).
+    /// more to send (it held some, and `through` is not reached).
     async fn send_page(&mut self, page: Value, through: Option<u64>) -> Result<bool, Ended> {
         let stored = page["events"].as_array().cloned().unwrap_or_default();
         for envelope in &stored {
@@ -517,7 +517,7 @@ impl Follower {
             self.last_version = envelope["version"].as_u64().unwrap_or(self.last_version);
             self.owned = true;
         }
-        Ok(!stored.is_empty())
+        Ok(!stored.is_empty() && through.is_none_or(|through| self.last_seq < through))
     }
 
     async fn send(&self, event: Event) -> Result<(), Ended> {

@@ -15,16 +15,18 @@ use crate::gateway::{CHANNEL_HEADER, REMOTE_BUS_HEADER};
 /// How long the front waits for the core to answer one request.
 pub const CORE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The buses and the subject prefix of the core behind them. Cheap to clone.
+/// How long a stream waits before reading the log again after a read failed
+/// ([`Core::look_in_log`]).
+pub const LOOK_RETRY: Duration = Duration::from_millis(250);
+
+/// The bus and the subject prefix of the core behind them. Cheap to clone.
 #[derive(Clone)]
 pub struct Core {
-    /// Where requests go: the core's in-process bus when the core runs in
-    /// this process, else the bus the core serves.
-    pub requests: Bus,
-    /// Where the core's conversation events and reply deltas are followed:
-    /// the core's in-process bus beside it (its feed, see
-    /// [`crate::outbox::spawn_front_feed`]), else the bus it publishes on.
-    pub events: Bus,
+    /// Where requests go and the core's conversation events and reply
+    /// deltas are followed: the core's in-process bus when the core runs in
+    /// this process (its events fed there by
+    /// [`crate::outbox::spawn_front_feed`]), else the bus the core serves.
+    pub bus: Bus,
     pub prefix: String,
 }
 
@@ -90,7 +92,7 @@ impl Core {
         }
         let payload = serde_json::to_vec(body).expect("a JSON value serializes");
         let reply = self
-            .requests
+            .bus
             .request(&subject, headers, payload, timeout)
             .await
             .map_err(|error| ApiError::from_bus(&error))?;
@@ -123,7 +125,49 @@ impl Core {
     /// makes sure the server knows before returning, so nothing published
     /// after this call is missed.
     pub async fn subscribe(&self, pattern: &str) -> Result<Subscription, ApiError> {
-        subscribe(&self.events, &format!("{}.{pattern}", self.prefix)).await
+        subscribe(&self.bus, &format!("{}.{pattern}", self.prefix)).await
+    }
+
+    /// Hands `conversation_id`'s stored events after seq `after` to `take`,
+    /// oldest first and page by page, until `take` says it has what it
+    /// wanted (`true`) or the log has no more. A read that fails is tried
+    /// again every [`LOOK_RETRY`] until `deadline`, then its error returned.
+    pub async fn look_in_log(
+        &self,
+        caller: &HeaderMap,
+        conversation_id: &str,
+        after: u64,
+        deadline: tokio::time::Instant,
+        mut take: impl FnMut(&Value) -> bool,
+    ) -> Result<(), ApiError> {
+        let subject = format!("conv.{conversation_id}.events");
+        let (mut after, mut version) = (after, 0);
+        loop {
+            let request = serde_json::json!({ "after_seq": after, "after_version": version });
+            let page = match self.request(&subject, caller, &request).await {
+                Ok(page) => page.body,
+                Err(error) if tokio::time::Instant::now() + LOOK_RETRY < deadline => {
+                    tracing::warn!(code = %error.code, "cannot read the conversation's events; trying again");
+                    tokio::time::sleep(LOOK_RETRY).await;
+                    continue;
+                }
+                Err(error) => return Err(error),
+            };
+            let events = page["events"]
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            for envelope in events {
+                if take(envelope) {
+                    return Ok(());
+                }
+                after = envelope["seq"].as_u64().unwrap_or(after);
+                version = envelope["version"].as_u64().unwrap_or(version);
+            }
+            if events.is_empty() {
+                return Ok(());
+            }
+        }
     }
 
     /// Subscribes to `conversation_id`'s events, where its replies'

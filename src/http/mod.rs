@@ -124,7 +124,12 @@ impl HttpHandle {
 }
 
 /// Binds `config.addr` and serves the API on `bus` until shutdown.
-pub async fn serve(config: HttpConfig, buses: FrontBuses) -> std::io::Result<HttpHandle> {
+///
+/// `bus` is where the core is: its in-process bus when it runs in this
+/// process on NATS ([`crate::gateway::NatsGateway::start_with_front`]; its
+/// conversations' events are fed there by [`crate::outbox::spawn_front_feed`]),
+/// otherwise the bus the core serves and publishes on.
+pub async fn serve(config: HttpConfig, bus: Bus) -> std::io::Result<HttpHandle> {
     let listener = TcpListener::bind(config.addr).await?;
     let addr = listener.local_addr()?;
     // Without TCP_NODELAY a stream's first event, written just after the
@@ -135,7 +140,7 @@ pub async fn serve(config: HttpConfig, buses: FrontBuses) -> std::io::Result<Htt
         }
     });
     let (closing, closing_seen) = watch::channel(false);
-    let app = router(&config, buses, closing_seen);
+    let app = router(&config, bus, closing_seen);
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
@@ -157,27 +162,12 @@ pub async fn serve(config: HttpConfig, buses: FrontBuses) -> std::io::Result<Htt
     })
 }
 
-/// The buses the front uses.
-#[derive(Clone)]
-pub struct FrontBuses {
-    /// Where its requests go: the core's in-process bus when the core runs
-    /// in this process ([`crate::gateway::NatsGateway::start_with_front`]),
-    /// otherwise the bus the core serves.
-    pub requests: Bus,
-    /// Where the streams follow the core's conversation events and reply
-    /// deltas: the same in-process bus beside the core (fed by
-    /// [`crate::outbox::spawn_front_feed`]), otherwise the bus the core
-    /// publishes on.
-    pub events: Bus,
-}
-
 /// The routes and layers; public for tests that drive it without a socket.
 /// Open event streams end when `closing` turns true.
-pub fn router(config: &HttpConfig, buses: FrontBuses, closing: watch::Receiver<bool>) -> Router {
+pub fn router(config: &HttpConfig, bus: Bus, closing: watch::Receiver<bool>) -> Router {
     let state = AppState {
         core: core::Core {
-            requests: buses.requests,
-            events: buses.events,
+            bus,
             prefix: config.prefix.clone(),
         },
         request_timeout: config.request_timeout,

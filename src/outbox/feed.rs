@@ -28,8 +28,10 @@ use crate::bus::Bus;
 const READ_RETRY: Duration = Duration::from_secs(1);
 
 /// Spawns the feed of `log`'s conversation events onto `front` (see the
-/// module doc), from the events appended after this call on. It ends when
-/// the log closes, or when the handle is aborted.
+/// module doc), from the events appended after this call on. It holds a
+/// clone of the log and runs until the handle is aborted; a record it
+/// cannot read it tries again every second, holding up the feed, as the
+/// outbox does.
 pub fn spawn_front_feed(log: EventLog, front: Bus, prefix: &str) -> JoinHandle<()> {
     let conversations = format!("{prefix}.evt.conv.");
     let prefix = prefix.to_owned();
@@ -57,7 +59,7 @@ pub fn spawn_front_feed(log: EventLog, front: Bus, prefix: &str) -> JoinHandle<(
                     .publish(&route.subject, headers, payload(&envelope))
                     .await
                 {
-                    tracing::debug!(%error, subject = route.subject, "an event was not fed to the front");
+                    tracing::warn!(%error, subject = route.subject, "an event was not fed to the front");
                 }
             }
         }

@@ -24,9 +24,10 @@
 //!   so the checkpoint is not fsynced per batch (sled flushes it within
 //!   half a second, and [`OutboxHandle::stop`] flushes it).
 //! - **One round trip per window, not per event.** Events go out as soon as
-//!   they are durable, but at most one burst of them per millisecond: the
-//!   commits of a busy log are gathered into one write to the server, which
-//!   then wakes once for them all. A batch is confirmed (flushed, then
+//!   they are durable, but on NATS at most one burst of them per millisecond
+//!   (the timer's resolution may make it two): the commits of a busy log are
+//!   gathered into one write to the server, which then wakes once for them
+//!   all. A batch is confirmed (flushed, then
 //!   checkpointed) once 20 ms have passed since its first event or it holds
 //!   1024 events, so a trickle of single commits costs one round trip to the
 //!   server per window.
@@ -128,9 +129,9 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// instead of one each; an event after a quiet spell goes out at once.
 const GATHER: Duration = Duration::from_millis(1);
 
-/// Waits out what is left of [`GATHER`] since the last burst ended.
-async fn gather(burst_end: Instant) {
-    let until = burst_end + GATHER;
+/// Waits out what is left of `gather` since the last burst ended.
+async fn gather(burst_end: Instant, gather: Duration) {
+    let until = burst_end + gather;
     if Instant::now() < until {
         tokio::time::sleep_until(until).await;
     }
@@ -264,6 +265,10 @@ impl Outbox {
         tracing::info!(checkpoint, head, prefix, "outbox publishing");
         let (through, published) = watch::channel(checkpoint);
         let (stop, stopped) = oneshot::channel();
+        let gather = match &bus {
+            Bus::Nats(_) => GATHER,
+            Bus::Local(_) => Duration::ZERO,
+        };
         let publisher = Publisher {
             log: log.clone(),
             bus,
@@ -272,6 +277,7 @@ impl Outbox {
             tree,
             checkpoint,
             through,
+            gather,
         };
         Ok(OutboxHandle {
             published,
@@ -379,6 +385,9 @@ struct Publisher {
     tree: sled::Tree,
     checkpoint: u64,
     through: watch::Sender<u64>,
+    /// [`GATHER`] on NATS; nothing on the embedded bus, which has no
+    /// server to wake.
+    gather: Duration,
 }
 
 /// Set once [`OutboxHandle::stop`] is asked: the log's head at that moment.
@@ -450,7 +459,7 @@ impl Publisher {
                         continue;
                     }
                 };
-                gather(burst_end).await;
+                gather(burst_end, self.gather).await;
                 next
             };
             let Some(first) = next else {
@@ -478,7 +487,7 @@ impl Publisher {
                                 break;
                             }
                         };
-                        gather(burst_end).await;
+                        gather(burst_end, self.gather).await;
                         next
                     }
                 };

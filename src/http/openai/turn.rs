@@ -10,6 +10,7 @@ use tokio::time::Instant;
 use super::error::OpenAiError;
 use crate::bus::Subscription;
 use crate::http::core::Core;
+use crate::http::ApiError;
 
 /// The longest a reply is waited for; then 504 (or an error chunk). The turn
 /// itself goes on and is stored.
@@ -148,20 +149,17 @@ impl TurnFollower {
         turn.done.then_some(turn)
     }
 
-    /// The conversation's stored events after `seq` (none if unreadable).
-    async fn stored_after(&self, seq: u64) -> Vec<Value> {
-        let subject = format!("conv.{}.events", self.conversation_id);
-        match self
-            .core
-            .request(&subject, &self.caller, &json!({ "after_seq": seq }))
-            .await
-        {
-            Ok(reply) => reply.body["events"].as_array().cloned().unwrap_or_default(),
-            Err(error) => {
-                tracing::warn!(code = %error.code, "cannot read the conversation's events");
-                Vec::new()
-            }
-        }
+    /// Takes the conversation's stored events after `seq` until the turn is
+    /// done or the log has no more; a failed read is tried again until
+    /// `until`.
+    async fn look_in_log(&mut self, seq: u64, until: Instant) -> Result<(), ApiError> {
+        let (core, caller) = (self.core.clone(), self.caller.clone());
+        let conversation_id = self.conversation_id.clone();
+        core.look_in_log(&caller, &conversation_id, seq, until, |envelope| {
+            self.take(envelope);
+            self.done
+        })
+        .await
     }
 
     /// Queues what a stored event says about this turn, if anything.
@@ -209,9 +207,8 @@ impl TurnFollower {
                 None => self.deadline,
             };
             if let Some(after) = self.look_in_log.take() {
-                for envelope in self.stored_after(after).await {
-                    self.take(&envelope);
-                }
+                let deadline = self.deadline;
+                self.look_in_log(after, deadline).await?;
                 continue;
             }
             let Some(events) = &mut self.events else {
@@ -224,8 +221,8 @@ impl TurnFollower {
                     let Some(seq) = self.completed_seq else {
                         return Err(OpenAiError::timeout());
                     };
-                    for envelope in self.stored_after(seq).await {
-                        self.take(&envelope);
+                    if let Err(error) = self.look_in_log(seq, Instant::now()).await {
+                        tracing::warn!(code = %error.code, "cannot read the conversation's events");
                     }
                     if !self.done {
                         let message_id = &self.message_id;
