@@ -375,7 +375,7 @@ impl Server {
         };
         let front_feed = front
             .clone()
-            .map(|front| crate::outbox::spawn_front_feed(log.clone(), front, &config.prefix));
+            .map(|front| crate::outbox::spawn_front_feed(&log, front, &config.prefix));
         let gateway = NatsGateway::start_with_front(
             bus.clone(),
             front.clone(),
@@ -546,7 +546,7 @@ impl Server {
         }
         self.outbox.stop().await;
         if let Some(feed) = self.front_feed {
-            // Its clone of the log goes with it, before the log is closed.
+            // Its subscription to the log goes with it, before the log closes.
             feed.abort();
             let _ = feed.await;
         }

@@ -700,9 +700,11 @@ async fn a_failed_turn_is_a_server_error_or_an_error_chunk() {
 }
 
 /// A model server that holds every completion until `gate` has a permit
-/// for it, then streams [`HELD_REPLY`] in OpenAI's wire format; `received`
-/// counts the completions it was asked for.
-async fn held_upstream() -> (String, Arc<tokio::sync::Semaphore>, Arc<AtomicUsize>) {
+/// for it, then streams `reply` in OpenAI's wire format; `received` counts
+/// the completions it was asked for.
+async fn held_upstream(
+    reply: &'static str,
+) -> (String, Arc<tokio::sync::Semaphore>, Arc<AtomicUsize>) {
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let received = Arc::new(AtomicUsize::new(0));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -727,7 +729,7 @@ async fn held_upstream() -> (String, Arc<tokio::sync::Semaphore>, Arc<AtomicUsiz
                     "usage": { "prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5 } });
                 let body: String = [
                     chunk(
-                        json!({ "role": "assistant", "content": HELD_REPLY }),
+                        json!({ "role": "assistant", "content": reply }),
                         Value::Null,
                     ),
                     chunk(json!({}), json!("stop")),
@@ -750,13 +752,14 @@ async fn held_upstream() -> (String, Arc<tokio::sync::Semaphore>, Arc<AtomicUsiz
 const HELD_REPLY: &str = "held back, then said";
 
 /// Beside a core on NATS the front follows a streamed reply on the core's
-/// in-process bus, where the core publishes the deltas and the end of the
-/// sends that ask for it. A resend's first send may not have asked (it was
-/// not streamed): its stream must still end, from the log.
+/// in-process bus, where the gateway publishes every reply's deltas and the
+/// front's feed every stored conversation event. A resend's first send was
+/// not streamed, and its turn ends after the resend: its stream must still
+/// end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn beside_a_core_on_nats_a_streamed_resend_ends_though_its_first_send_was_not_streamed() {
     let nats = NatsServer::start();
-    let (upstream, gate, received) = held_upstream().await;
+    let (upstream, gate, received) = held_upstream(HELD_REPLY).await;
     let front = Front::start_with(|config| {
         config.nats_url = Some(nats.url());
         config.agents.push(AgentSpec {
@@ -830,5 +833,61 @@ async fn beside_a_core_on_nats_a_streamed_resend_ends_though_its_first_send_was_
         first.body["choices"][0]["message"]["content"],
         json!(HELD_REPLY)
     );
+    front.server.shutdown().await;
+}
+
+/// Beside a core on NATS, a reply over NATS's 1 MiB maximum payload still
+/// reaches the front whole, streamed or not: the front's in-process bus
+/// carries it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beside_a_core_on_nats_a_reply_over_a_mebibyte_reaches_the_front_whole() {
+    let nats = NatsServer::start();
+    let reply: &'static str = "a long reply ".repeat(120_000).leak();
+    let (upstream, gate, _) = held_upstream(reply).await;
+    gate.add_permits(2);
+    let front = Front::start_with(|config| {
+        config.nats_url = Some(nats.url());
+        config.agents.push(AgentSpec {
+            config: AgentConfig::new("long"),
+            provider: ProviderSpec::OpenAi {
+                base_url: upstream,
+                model: "held-model".to_owned(),
+                api_key: None,
+            },
+        });
+    })
+    .await;
+    let key = front.issue(json!({ "name": "ana" })).await;
+
+    let whole = Front::answer(
+        front
+            .request(Method::POST, COMPLETIONS, Some(&key))
+            .json(&chat("long", "say a lot")),
+    );
+    let whole = tokio::time::timeout(WAIT, whole)
+        .await
+        .expect("the whole reply in time");
+    assert_eq!(whole.status, StatusCode::OK, "{}", whole.body);
+    let content = whole.body["choices"][0]["message"]["content"].as_str();
+    assert_eq!(content.map(str::len), Some(reply.len()));
+
+    let mut body = chat("long", "say a lot again");
+    body["stream"] = json!(true);
+    let streamed = front
+        .request(Method::POST, COMPLETIONS, Some(&key))
+        .json(&body)
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(streamed.status(), StatusCode::OK);
+    let mut lines = tokio::time::timeout(WAIT, data_lines(streamed))
+        .await
+        .expect("the stream ends in time");
+    assert_eq!(lines.pop().as_deref(), Some("[DONE]"));
+    let chunks: Vec<Value> = lines
+        .iter()
+        .map(|line| serde_json::from_str(line).expect("a JSON chunk"))
+        .collect();
+    assert_eq!(streamed_text(&chunks).len(), reply.len());
     front.server.shutdown().await;
 }

@@ -360,7 +360,7 @@ async fn the_front_feed_publishes_conversation_events_from_the_head_on() {
     append(&log, conv("c1"), started("c1", "key_1")).await;
     let front = Bus::from(LocalBus::new());
     let mut everything = subscribe(&front, "sb.>").await;
-    let feed = spawn_front_feed(log.clone(), front.clone(), "sb");
+    let feed = spawn_front_feed(&log, front.clone(), "sb");
     // Not conversation events: not fed.
     append(&log, key("key_1"), rate_limited("key_1")).await;
     let usage_seq = append(&log, conv("c1"), usage("c1", "key_1", 1)).await;

@@ -28,11 +28,10 @@ use crate::bus::Bus;
 const READ_RETRY: Duration = Duration::from_secs(1);
 
 /// Spawns the feed of `log`'s conversation events onto `front` (see the
-/// module doc), from the events appended after this call on. It holds a
-/// clone of the log and runs until the handle is aborted; a record it
-/// cannot read it tries again every second, holding up the feed, as the
-/// outbox does.
-pub fn spawn_front_feed(log: EventLog, front: Bus, prefix: &str) -> JoinHandle<()> {
+/// module doc), from the events appended after this call on. It runs until
+/// the log closes or the handle is aborted; a record it cannot read it
+/// tries again every second, holding up the feed, as the outbox does.
+pub fn spawn_front_feed(log: &EventLog, front: Bus, prefix: &str) -> JoinHandle<()> {
     let conversations = format!("{prefix}.evt.conv.");
     let prefix = prefix.to_owned();
     let mut events = log.subscribe(log.head() + 1);
@@ -41,10 +40,10 @@ pub fn spawn_front_feed(log: EventLog, front: Bus, prefix: &str) -> JoinHandle<(
             let envelope = match next {
                 Ok(envelope) => envelope,
                 Err(error) => {
+                    // The subscription reads that record again next time.
                     let at = events.position();
                     tracing::error!(%error, seq = at, "the front's feed cannot read the log; trying again");
                     tokio::time::sleep(READ_RETRY).await;
-                    events = log.subscribe(at);
                     continue;
                 }
             };
