@@ -810,57 +810,39 @@ impl Gateway {
             headers.insert("traceparent", traceparent.clone());
         }
         tokio::spawn(async move {
-            let (to_main, mut for_main) = mpsc::unbounded_channel::<Bytes>();
+            let encode = |delta: ReplyDelta| {
+                Bytes::from(serde_json::to_vec(&delta).expect("a delta always serializes"))
+            };
+            let Some(front) = front else {
+                let deltas = tokio_stream::wrappers::ReceiverStream::new(received).map(encode);
+                publish_on_main(&bus, &subject, &headers, deltas).await;
+                let _ = handed_on.send(());
+                return;
+            };
             // The front's bus takes each delta as it comes, never waiting, so
             // the front's streams have every delta before the turn's end
-            // whatever NATS does.
-            let front_headers = headers.clone();
-            let front_subject = subject.clone();
-            let to_front = async move {
+            // whatever NATS does; the main bus's publishes follow.
+            let (to_main, for_main) = mpsc::unbounded_channel::<Bytes>();
+            let to_front = async {
                 while let Some(delta) = received.recv().await {
-                    let payload =
-                        Bytes::from(serde_json::to_vec(&delta).expect("a delta always serializes"));
-                    if let Some(front) = front.as_ref().filter(|f| f.has_subscriber(&front_subject))
-                    {
+                    let payload = encode(delta);
+                    if front.has_subscriber(&subject) {
                         if let Err(error) = front
-                            .publish(&front_subject, front_headers.clone(), payload.clone())
+                            .publish(&subject, headers.clone(), payload.clone())
                             .await
                         {
-                            tracing::debug!(subject = %front_subject, %error, "a reply delta was not published to the front");
+                            tracing::debug!(%subject, %error, "a reply delta was not published to the front");
                         }
                     }
                     let _ = to_main.send(payload);
                 }
+                drop(to_main);
             };
-            // Best effort on the main bus, holding up only the storing of the
-            // turn's end, and that for at most DELTAS_HANDED_ON_WAIT: with NATS
-            // away the client's queue fills and a publish waits until it is
-            // back, so one that takes too long gives up the deltas still to
-            // come (the stored reply_completed holds the whole reply).
-            let to_main = async {
-                let mut giving_up = false;
-                while let Some(payload) = for_main.recv().await {
-                    if giving_up {
-                        continue;
-                    }
-                    let published = tokio::time::timeout(
-                        DELTA_PUBLISH_WAIT,
-                        bus.publish(&subject, headers.clone(), payload),
-                    )
-                    .await;
-                    match published {
-                        Ok(Ok(())) => {}
-                        Ok(Err(error)) => {
-                            tracing::debug!(%subject, %error, "a reply delta was not published");
-                        }
-                        Err(_) => {
-                            tracing::warn!(%subject, "reply deltas dropped: the bus is not taking them");
-                            giving_up = true;
-                        }
-                    }
-                }
-            };
-            futures::join!(to_front, to_main);
+            let for_main = tokio_stream::wrappers::UnboundedReceiverStream::new(for_main);
+            futures::join!(
+                to_front,
+                publish_on_main(&bus, &subject, &headers, for_main)
+            );
             // Every delta is with the buses: the turn's end may be stored (and
             // so published after them).
             let _ = handed_on.send(());
@@ -929,6 +911,41 @@ impl Gateway {
             })?;
         validate_conversation_id(id)?;
         Ok(id)
+    }
+}
+
+/// Publishes a reply's `deltas` on the main bus, in order. Best effort,
+/// holding up only the storing of the turn's end, and that for at most
+/// `DELTAS_HANDED_ON_WAIT`: with NATS away the client's queue fills and a
+/// publish waits until it is back, so one that takes too long gives up the
+/// deltas still to come (the stored `reply_completed` holds the whole reply).
+async fn publish_on_main(
+    bus: &Bus,
+    subject: &str,
+    headers: &Headers,
+    deltas: impl futures::Stream<Item = Bytes>,
+) {
+    let mut deltas = std::pin::pin!(deltas);
+    let mut giving_up = false;
+    while let Some(payload) = deltas.next().await {
+        if giving_up {
+            continue;
+        }
+        let published = tokio::time::timeout(
+            DELTA_PUBLISH_WAIT,
+            bus.publish(subject, headers.clone(), payload),
+        )
+        .await;
+        match published {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::debug!(%subject, %error, "a reply delta was not published");
+            }
+            Err(_) => {
+                tracing::warn!(%subject, "reply deltas dropped: the bus is not taking them");
+                giving_up = true;
+            }
+        }
     }
 }
 
