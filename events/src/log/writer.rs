@@ -297,15 +297,30 @@ impl Durability {
     }
 
     /// Flushes the group of a lone append, written under the writer's
-    /// `state`, then lets go of `state` before publishing it. Waking its followers and its appender can take longer
-    /// than the flush on a busy machine (the woken thread may take the CPU);
-    /// the next append need not wait for that to be written and flushed.
+    /// `state`, then lets go of `state` before publishing it. Waking its
+    /// followers and its appender can take longer than the flush on a busy
+    /// machine (the woken thread may take the CPU); the next append need not
+    /// wait for that to be written and flushed.
     fn make_lone_durable<T>(&self, written: Written, state: MutexGuard<'_, T>) {
         let groups = vec![written];
         let (flushed, _) = self.flush(&groups);
         let order = self.publishing();
         drop(state);
         self.publish(groups, flushed, order);
+    }
+
+    /// Hands a written group to the flusher. Called under the writer's
+    /// state, by the writer thread and early appenders alike, so groups
+    /// reach the flusher in the order they were written (it publishes them
+    /// in that order, and the head must not go back), and a lone appender
+    /// sees the group in flight.
+    fn hand_over(&self, flusher: &std_mpsc::SyncSender<Written>, written: Written) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        if let Err(std_mpsc::SendError(group)) = flusher.send(written) {
+            // The flusher is gone (it never started): nothing is durable.
+            let reason = self.failed.get().cloned().unwrap_or_default();
+            refuse(group.answers.into_iter().map(|(reply, _)| reply), &reason);
+        }
     }
 
     pub(super) fn publishing(&self) -> MutexGuard<'_, ()> {
@@ -562,14 +577,8 @@ pub fn run(writer: Arc<Shared>, mut requests: mpsc::Receiver<AppendRequest>) {
                 durable.make_lone_durable(written, state);
                 continue;
             }
-            // Under the lock, so that a lone appender sees the group.
-            durable.in_flight.fetch_add(1, Ordering::Relaxed);
+            durable.hand_over(&to_flush, written);
             drop(state);
-            if let Err(std_mpsc::SendError(group)) = to_flush.send(written) {
-                // The flusher is gone (it never started): nothing is durable.
-                let reason = durable.failed.get().cloned().unwrap_or_default();
-                refuse(group.answers.into_iter().map(|(reply, _)| reply), &reason);
-            }
         }
         // Closing the channel lets the flusher finish what it has and stop.
         if let Ok(mut state) = lock(&writer) {
@@ -618,27 +627,25 @@ pub fn append_early_alone(
     queue: &mpsc::Sender<AppendRequest>,
     request: AppendRequest,
 ) -> Result<(), AppendRequest> {
+    // Room for one more group: only the flusher takes groups off the
+    // channel, and only holders of the state add them, so the hand-over
+    // below cannot block this (async) thread.
     let mut state = match writer.try_lock() {
         Ok(state)
             if state.flusher.is_some()
                 && !state.durable.taken.load(Ordering::Relaxed)
+                && state.durable.in_flight.load(Ordering::Acquire) < GROUPS_AWAITING_FLUSH
                 && queue.capacity() == queue.max_capacity() =>
         {
             state
         }
         _ => return Err(request),
     };
-    let Some(written) = state.commit(vec![request]) else {
-        return Ok(());
-    };
-    // Under the lock, as the writer thread hands over its groups: in order,
-    // and seen by a lone appender.
-    let durable = state.durable.clone();
-    durable.in_flight.fetch_add(1, Ordering::Relaxed);
-    let handed = state.flusher.as_ref().map(|flusher| flusher.send(written));
-    if let Some(Err(std_mpsc::SendError(group))) = handed {
-        let reason = durable.failed.get().cloned().unwrap_or_default();
-        refuse(group.answers.into_iter().map(|(reply, _)| reply), &reason);
+    if let Some(written) = state.commit(vec![request]) {
+        let durable = state.durable.clone();
+        if let Some(flusher) = &state.flusher {
+            durable.hand_over(flusher, written);
+        }
     }
     Ok(())
 }
@@ -1120,6 +1127,15 @@ mod tests {
         let (request, _, _) = early(3);
         assert!(append_early_alone(writer, &queue, request).is_err());
         drop(waiting);
+        // No room left for its group on the way to the flusher: it queues
+        // rather than block its thread.
+        let durable = writer.lock().expect("the writer's state").durable.clone();
+        durable
+            .in_flight
+            .store(GROUPS_AWAITING_FLUSH, Ordering::Release);
+        let (request, _, _) = early(4);
+        assert!(append_early_alone(writer, &queue, request).is_err());
+        durable.in_flight.store(0, Ordering::Release);
     }
 
     #[tokio::test]
