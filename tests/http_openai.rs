@@ -147,13 +147,17 @@ async fn stream(front: &Front, key: &str, body: Value) -> (HeaderMap, Vec<Value>
         .to_str()
         .expect("ascii")
         .starts_with("text/event-stream"));
+    (headers, chunks_to_done(response).await)
+}
+
+/// The JSON chunks of a streamed completion, which must end `data: [DONE]`.
+async fn chunks_to_done(response: reqwest::Response) -> Vec<Value> {
     let mut lines = data_lines(response).await;
     assert_eq!(lines.pop().as_deref(), Some("[DONE]"), "{lines:?}");
-    let chunks = lines
+    lines
         .iter()
         .map(|line| serde_json::from_str(line).expect("a JSON chunk"))
-        .collect();
-    (headers, chunks)
+        .collect()
 }
 
 fn streamed_text(chunks: &[Value]) -> String {
@@ -749,6 +753,23 @@ async fn held_upstream(
     (format!("http://{addr}/v1"), gate, received)
 }
 
+/// A front beside a core on `nats`, with agent `agent` on the model server
+/// at `upstream` (model `held-model`).
+async fn beside_nats(nats: &NatsServer, agent: &str, upstream: String) -> Front {
+    Front::start_with(|config| {
+        config.nats_url = Some(nats.url());
+        config.agents.push(AgentSpec {
+            config: AgentConfig::new(agent),
+            provider: ProviderSpec::OpenAi {
+                base_url: upstream,
+                model: "held-model".to_owned(),
+                api_key: None,
+            },
+        });
+    })
+    .await
+}
+
 const HELD_REPLY: &str = "held back, then said";
 
 /// Beside a core on NATS the front follows a streamed reply on the core's
@@ -760,18 +781,7 @@ const HELD_REPLY: &str = "held back, then said";
 async fn beside_a_core_on_nats_a_streamed_resend_ends_though_its_first_send_was_not_streamed() {
     let nats = NatsServer::start();
     let (upstream, gate, received) = held_upstream(HELD_REPLY).await;
-    let front = Front::start_with(|config| {
-        config.nats_url = Some(nats.url());
-        config.agents.push(AgentSpec {
-            config: AgentConfig::new("held"),
-            provider: ProviderSpec::OpenAi {
-                base_url: upstream,
-                model: "held-model".to_owned(),
-                api_key: None,
-            },
-        });
-    })
-    .await;
+    let front = beside_nats(&nats, "held", upstream).await;
     let key = front.issue(json!({ "name": "ana" })).await;
     let message = json!({ "content": "hello", "message_id": "m1", "agent": "held" });
     let send_message = |stream: bool| {
@@ -820,12 +830,7 @@ async fn beside_a_core_on_nats_a_streamed_resend_ends_though_its_first_send_was_
     assert!(streamed.contains(r#""duplicate":true"#), "{streamed}");
     assert!(streamed.contains("event: reply_completed"), "{streamed}");
     assert!(streamed.contains(HELD_REPLY), "{streamed}");
-    let mut lines = data_lines(resent_completion).await;
-    assert_eq!(lines.pop().as_deref(), Some("[DONE]"), "{lines:?}");
-    let chunks: Vec<Value> = lines
-        .iter()
-        .map(|line| serde_json::from_str(line).expect("a JSON chunk"))
-        .collect();
+    let chunks = chunks_to_done(resent_completion).await;
     assert_eq!(streamed_text(&chunks), HELD_REPLY);
     let first = first_completion.await.expect("the first completion");
     assert_eq!(first.status, StatusCode::OK, "{}", first.body);
@@ -845,18 +850,7 @@ async fn beside_a_core_on_nats_a_reply_over_a_mebibyte_reaches_the_front_whole()
     let reply: &'static str = "a long reply ".repeat(120_000).leak();
     let (upstream, gate, _) = held_upstream(reply).await;
     gate.add_permits(2);
-    let front = Front::start_with(|config| {
-        config.nats_url = Some(nats.url());
-        config.agents.push(AgentSpec {
-            config: AgentConfig::new("long"),
-            provider: ProviderSpec::OpenAi {
-                base_url: upstream,
-                model: "held-model".to_owned(),
-                api_key: None,
-            },
-        });
-    })
-    .await;
+    let front = beside_nats(&nats, "long", upstream).await;
     let key = front.issue(json!({ "name": "ana" })).await;
 
     let whole = Front::answer(
@@ -880,14 +874,9 @@ async fn beside_a_core_on_nats_a_reply_over_a_mebibyte_reaches_the_front_whole()
         .await
         .expect("answered");
     assert_eq!(streamed.status(), StatusCode::OK);
-    let mut lines = tokio::time::timeout(WAIT, data_lines(streamed))
+    let chunks = tokio::time::timeout(WAIT, chunks_to_done(streamed))
         .await
         .expect("the stream ends in time");
-    assert_eq!(lines.pop().as_deref(), Some("[DONE]"));
-    let chunks: Vec<Value> = lines
-        .iter()
-        .map(|line| serde_json::from_str(line).expect("a JSON chunk"))
-        .collect();
     assert_eq!(streamed_text(&chunks).len(), reply.len());
     front.server.shutdown().await;
 }

@@ -2,6 +2,8 @@
 //! sends, deduplication, passivation by cap and by idle time, bad ids, and
 //! recovery after a restart.
 
+mod support;
+
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,15 +16,8 @@ use switchboard_events::{Envelope, Event, EventLog, OpenMode, StreamId};
 /// key that started a conversation may send into it.
 fn command(sender: usize, message_id: &str) -> SendCommand {
     SendCommand {
-        message_id: message_id.to_owned(),
-        key_id: "key_shared".to_owned(),
         user: Some(format!("user_{sender}")),
-        content: format!("content of {message_id}"),
-        requested_agent: None,
-        agent: "echo".into(),
-        rule: None,
-        correlation_id: None,
-        traceparent: None,
+        ..support::send_command(message_id, "key_shared")
     }
 }
 

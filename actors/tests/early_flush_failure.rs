@@ -5,22 +5,14 @@
 //! Uses sled's failpoints, which are process-wide, so this file holds one
 //! test and is a test binary of its own.
 
+mod support;
+
 use switchboard_actors::conversation::SendCommand;
 use switchboard_actors::conversation_actor::{ConversationRegistry, RegistryConfig};
 use switchboard_events::{Event, EventLog, OpenMode, StreamId};
 
 fn command(message_id: &str) -> SendCommand {
-    SendCommand {
-        message_id: message_id.to_owned(),
-        key_id: "key_1".into(),
-        user: None,
-        content: format!("message {message_id}"),
-        requested_agent: None,
-        agent: "echo".into(),
-        rule: None,
-        correlation_id: None,
-        traceparent: None,
-    }
+    support::send_command(message_id, "key_1")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
