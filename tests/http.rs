@@ -381,6 +381,112 @@ async fn read_until(
     }
 }
 
+/// The `(event, data)` pairs of SSE text.
+fn sse_pairs(text: &str) -> Vec<(String, Value)> {
+    text.split("\n\n")
+        .filter_map(|block| {
+            let mut kind = String::from("message");
+            let mut data = String::new();
+            for line in block.lines() {
+                if let Some(v) = line.strip_prefix("event:") {
+                    kind = v.trim().to_owned();
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    data.push_str(v.trim_start());
+                }
+            }
+            let data = serde_json::from_str(&data).ok()?;
+            Some((kind, data))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_stream_shows_a_message_before_its_replys_deltas_and_them_before_its_end() {
+    let front = Front::start().await;
+    let (_, key) = front.issue(json!({ "name": "ana" })).await;
+    front
+        .call(
+            Method::POST,
+            "/v1/conversations/o1/messages",
+            Some(&key),
+            Some(json!({ "content": "first", "message_id": "m0" })),
+        )
+        .await;
+    front.history_of(&key, "o1", 2).await;
+    let following = front
+        .request(Method::GET, "/v1/conversations/o1/events", Some(&key))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(following.status(), StatusCode::OK);
+    let mut stream = following.bytes_stream();
+    let mut text = String::new();
+    // Streamed sends start their turn before their message is durable;
+    // plain ones start it once it is, and the stream hears of the message
+    // from the log's follower while the turn streams.
+    const SENDS: usize = 60;
+    for n in 1..=SENDS {
+        let request = front
+            .client
+            .post(front.url("/v1/conversations/o1/messages"))
+            .bearer_auth(&key)
+            .json(&json!({ "content": format!("message {n}"), "message_id": format!("m{n}") }));
+        let request = match n % 2 {
+            0 => request.header("Accept", "text/event-stream"),
+            _ => request,
+        };
+        let response = request.send().await.expect("answered");
+        assert!(response.status().is_success(), "{}", response.status());
+        let _ = response.bytes().await;
+    }
+    read_until(&mut stream, &mut text, |text| {
+        text.matches("event: reply_completed").count() > SENDS
+    })
+    .await;
+    drop(stream);
+    let mut received = std::collections::HashSet::new();
+    let mut ended = std::collections::HashSet::new();
+    let mut deltas = std::collections::HashMap::<String, String>::new();
+    for (kind, data) in sse_pairs(&text) {
+        let message_id = match kind.as_str() {
+            "reply_delta" => data["message_id"].as_str(),
+            _ => data["data"]["message_id"].as_str(),
+        }
+        .unwrap_or_default()
+        .to_owned();
+        match kind.as_str() {
+            "message_received" => {
+                received.insert(message_id);
+            }
+            "reply_delta" => {
+                assert!(
+                    received.contains(&message_id),
+                    "a delta of {message_id} before its message: {text}"
+                );
+                assert!(
+                    !ended.contains(&message_id),
+                    "a delta of {message_id} after its end: {text}"
+                );
+                let delta = data["delta"].as_str().expect("a delta");
+                deltas.entry(message_id).or_default().push_str(delta);
+            }
+            "reply_completed" => {
+                assert!(received.contains(&message_id), "{text}");
+                ended.insert(message_id);
+            }
+            _ => {}
+        }
+    }
+    for n in 1..=SENDS {
+        assert_eq!(
+            deltas.get(&format!("m{n}")).map(String::as_str),
+            Some(format!("echo: message {n}").as_str()),
+            "every delta of m{n}, in order: {text}"
+        );
+    }
+    front.server.shutdown().await;
+}
+
 #[tokio::test]
 async fn an_event_stream_shows_nothing_of_a_conversation_another_key_starts() {
     let front = Front::start().await;

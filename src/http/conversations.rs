@@ -333,7 +333,8 @@ fn stored_event(envelope: &Value) -> Event {
     tag = "conversations",
     description = "The conversation's stored events after `Last-Event-ID`, then live ones, \
         as SSE events named by their type with an `Envelope` as data and its seq as id; \
-        `reply_delta` events (`ReplyDelta`, no id) pass through live. Open until the \
+        `reply_delta` events (`ReplyDelta`, no id) pass through live, after their \
+        message's `message_received` and before their reply's end. Open until the \
         client leaves, or until an `error` event ends it: the key and its right to the \
         conversation are checked again at every stored event, so a revoked key, or a \
         conversation another key starts, ends the stream. Messages before the last \
@@ -386,7 +387,10 @@ pub async fn events(
         last_seq: after,
         last_version: 0,
         owned: false,
+        received: VecDeque::new(),
         ended: VecDeque::new(),
+        held: Vec::new(),
+        held_since: None,
         sender,
     };
     tokio::spawn(follower.run(state.closing.clone(), first.body, live));
@@ -410,14 +414,42 @@ struct Follower {
     /// A page with an event came back: the caller may read this conversation,
     /// so its `reply_delta`s, which are not stored, may be passed on.
     owned: bool,
+    /// The messages whose `message_received` was sent last (at most
+    /// [`RECEIVED_KEPT`]): their deltas are passed on at once.
+    received: VecDeque<String>,
     /// The messages whose turn's end was sent last (at most [`ENDED_KEPT`]):
     /// a delta of one of them, come late, is not passed on after its end.
     ended: VecDeque<String>,
+    /// Deltas of messages not sent yet, in the order they came: a turn
+    /// streams as soon as its message is written, and the log's follower
+    /// may publish the message after the first deltas. They are passed on
+    /// right after their message, or after [`DELTA_HOLD`] without it.
+    held: Vec<Value>,
+    /// When the first of `held` came.
+    held_since: Option<tokio::time::Instant>,
     sender: mpsc::Sender<Event>,
 }
 
 /// How many ended turns an `/events` stream remembers ([`Follower::ended`]).
 const ENDED_KEPT: usize = 16;
+/// How many received messages an `/events` stream remembers
+/// ([`Follower::received`]); more than the turns a conversation runs at once.
+const RECEIVED_KEPT: usize = 64;
+/// The longest a delta waits for its message ([`Follower::held`]). A
+/// message is published within a flush or so of its turn's first delta; one
+/// stored before the stream's `Last-Event-ID` never comes, and its turn's
+/// deltas go out after this.
+const DELTA_HOLD: Duration = Duration::from_millis(250);
+/// Deltas held at most; past it they are all passed on.
+const HELD_MAX: usize = 1024;
+
+/// Pushes `id` on the back of `kept`, dropping from the front past `max`.
+fn remember(kept: &mut VecDeque<String>, id: &str, max: usize) {
+    if kept.len() == max {
+        kept.pop_front();
+    }
+    kept.push_back(id.to_owned());
+}
 
 /// The client left or the stream ended with an `error` event.
 struct Ended;
@@ -431,10 +463,18 @@ impl Follower {
             return;
         }
         loop {
+            let hold_until = self.held_since.map(|since| since + DELTA_HOLD);
             let message = tokio::select! {
                 message = live.recv() => message,
                 () = self.sender.closed() => return,
                 () = closed(closing.clone()) => return,
+                () = async { tokio::time::sleep_until(hold_until.expect("held")).await },
+                    if hold_until.is_some() => {
+                    if self.release_held(None).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
             };
             let Some(message) = message else { return };
             let Ok(body) = serde_json::from_slice::<Value>(&message.payload) else {
@@ -455,15 +495,46 @@ impl Follower {
 
     /// A delta of a conversation the caller has been shown to own; before
     /// that, the stored events are read first (which checks). A delta of a
-    /// turn whose end those held already is dropped.
+    /// turn whose end those held already is dropped; one of a message not
+    /// sent yet waits for it ([`Follower::held`]).
     async fn pass_delta(&mut self, delta: Value) -> Result<(), Ended> {
         if !self.owned {
             self.catch_up(None).await?;
         }
-        let ended = delta["message_id"]
-            .as_str()
-            .is_some_and(|id| self.ended.iter().any(|ended| ended == id));
-        if self.owned && !ended {
+        let id = delta["message_id"].as_str().unwrap_or_default();
+        if !self.owned || self.ended.iter().any(|ended| ended == id) {
+            return Ok(());
+        }
+        if self.received.iter().any(|received| received == id) {
+            return self.send(event("reply_delta", &delta)).await;
+        }
+        self.held.push(delta);
+        self.held_since
+            .get_or_insert_with(tokio::time::Instant::now);
+        if self.held.len() >= HELD_MAX {
+            return self.release_held(None).await;
+        }
+        Ok(())
+    }
+
+    /// Passes on the held deltas of message `of`, or all of them (their
+    /// messages are then taken as sent before the stream began).
+    async fn release_held(&mut self, of: Option<&str>) -> Result<(), Ended> {
+        let released: Vec<Value>;
+        (released, self.held) = std::mem::take(&mut self.held)
+            .into_iter()
+            .partition(|delta| of.is_none_or(|of| delta["message_id"] == of));
+        if self.held.is_empty() {
+            self.held_since = None;
+        }
+        for delta in released {
+            let id = delta["message_id"].as_str().unwrap_or_default();
+            if self.ended.iter().any(|ended| ended == id) {
+                continue;
+            }
+            if !self.received.iter().any(|received| received == id) {
+                remember(&mut self.received, id, RECEIVED_KEPT);
+            }
             self.send(event("reply_delta", &delta)).await?;
         }
         Ok(())
@@ -504,14 +575,18 @@ impl Follower {
                 return Ok(false);
             }
             self.send(stored_event(envelope)).await?;
-            let data = &envelope["data"];
-            if let (Some("reply_completed" | "reply_failed"), Some(message_id)) =
-                (envelope["type"].as_str(), data["message_id"].as_str())
-            {
-                if self.ended.len() == ENDED_KEPT {
-                    self.ended.pop_front();
+            let message_id = envelope["data"]["message_id"].as_str();
+            match (envelope["type"].as_str(), message_id) {
+                (Some("message_received"), Some(message_id)) => {
+                    remember(&mut self.received, message_id, RECEIVED_KEPT);
+                    if !self.held.is_empty() {
+                        self.release_held(Some(message_id)).await?;
+                    }
                 }
-                self.ended.push_back(message_id.to_owned());
+                (Some("reply_completed" | "reply_failed"), Some(message_id)) => {
+                    remember(&mut self.ended, message_id, ENDED_KEPT);
+                }
+                _ => {}
             }
             self.last_seq = seq;
             self.last_version = envelope["version"].as_u64().unwrap_or(self.last_version);
