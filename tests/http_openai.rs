@@ -753,11 +753,11 @@ async fn held_upstream(
     (format!("http://{addr}/v1"), gate, received)
 }
 
-/// A front beside a core on `nats`, with agent `agent` on the model server
-/// at `upstream` (model `held-model`).
-async fn beside_nats(nats: &NatsServer, agent: &str, upstream: String) -> Front {
+/// A front beside a core on `nats` (or on the embedded bus), with agent
+/// `agent` on the model server at `upstream` (model `held-model`).
+async fn front_on_model_server(nats: Option<&NatsServer>, agent: &str, upstream: String) -> Front {
     Front::start_with(|config| {
-        config.nats_url = Some(nats.url());
+        config.nats_url = nats.map(NatsServer::url);
         config.agents.push(AgentSpec {
             config: AgentConfig::new(agent),
             provider: ProviderSpec::OpenAi {
@@ -768,6 +768,102 @@ async fn beside_nats(nats: &NatsServer, agent: &str, upstream: String) -> Front 
         });
     })
     .await
+}
+
+/// Reads an open SSE body until `done` holds for what came; what came.
+async fn read_events_until(
+    stream: &mut (impl futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin),
+    done: impl Fn(&str) -> bool,
+) -> String {
+    let mut text = String::new();
+    while !done(&text) {
+        let chunk = tokio::time::timeout(WAIT, stream.next())
+            .await
+            .unwrap_or_else(|_| panic!("the stream stalled after {text}"))
+            .expect("the stream stays open")
+            .expect("the stream reads");
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    text
+}
+
+/// `GET …/events` holds a delta back until its message is sent. A stream
+/// resumed after the message of a turn under way never sends it: it must
+/// still pass the turn's deltas on, before their end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_stream_resumed_after_a_message_still_passes_its_turns_deltas_before_its_end() {
+    let (upstream, gate, received) = held_upstream(HELD_REPLY).await;
+    let front = front_on_model_server(None, "held", upstream).await;
+    let key = front.issue(json!({ "name": "ana" })).await;
+    let sent = front
+        .request(
+            Method::POST,
+            "/v1/conversations/resumed/messages",
+            Some(&key),
+        )
+        .json(&json!({ "content": "hello", "message_id": "m1", "agent": "held" }))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(sent.status(), StatusCode::ACCEPTED);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while received.load(Ordering::SeqCst) < 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no turn reached the model"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let events = |after: Option<u64>| {
+        let request = front.request(Method::GET, "/v1/conversations/resumed/events", Some(&key));
+        match after {
+            Some(seq) => request.header("Last-Event-ID", seq.to_string()),
+            None => request,
+        }
+        .send()
+    };
+    // The seq of the message's `message_received`.
+    let from_start = events(None).await.expect("answered");
+    assert_eq!(from_start.status(), StatusCode::OK);
+    let text = read_events_until(&mut from_start.bytes_stream(), |text| {
+        text.contains("event: message_received") && text.ends_with("\n\n")
+    })
+    .await;
+    let block = text
+        .split("\n\n")
+        .find(|block| block.contains("event: message_received"))
+        .expect("the message's event");
+    let seq: u64 = block
+        .lines()
+        .find_map(|line| line.strip_prefix("id:"))
+        .expect("an id")
+        .trim()
+        .parse()
+        .expect("a seq");
+
+    let resumed = events(Some(seq)).await.expect("answered");
+    assert_eq!(resumed.status(), StatusCode::OK);
+    let mut resumed = resumed.bytes_stream();
+    gate.add_permits(1);
+    let text = read_events_until(&mut resumed, |text| {
+        text.contains("event: reply_completed") && text.ends_with("\n\n")
+    })
+    .await;
+    let kinds: Vec<&str> = text
+        .lines()
+        .filter_map(|line| line.strip_prefix("event: "))
+        .collect();
+    let end = kinds.iter().position(|kind| *kind == "reply_completed");
+    let delta = kinds.iter().position(|kind| *kind == "reply_delta");
+    assert!(
+        delta.is_some() && delta < end && !kinds.contains(&"message_received"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(r#""delta":"{HELD_REPLY}""#)),
+        "{text}"
+    );
+    front.server.shutdown().await;
 }
 
 const HELD_REPLY: &str = "held back, then said";
@@ -781,7 +877,7 @@ const HELD_REPLY: &str = "held back, then said";
 async fn beside_a_core_on_nats_a_streamed_resend_ends_though_its_first_send_was_not_streamed() {
     let nats = NatsServer::start();
     let (upstream, gate, received) = held_upstream(HELD_REPLY).await;
-    let front = beside_nats(&nats, "held", upstream).await;
+    let front = front_on_model_server(Some(&nats), "held", upstream).await;
     let key = front.issue(json!({ "name": "ana" })).await;
     let message = json!({ "content": "hello", "message_id": "m1", "agent": "held" });
     let send_message = |stream: bool| {
@@ -850,7 +946,7 @@ async fn beside_a_core_on_nats_a_reply_over_a_mebibyte_reaches_the_front_whole()
     let reply: &'static str = "a long reply ".repeat(120_000).leak();
     let (upstream, gate, _) = held_upstream(reply).await;
     gate.add_permits(2);
-    let front = beside_nats(&nats, "long", upstream).await;
+    let front = front_on_model_server(Some(&nats), "long", upstream).await;
     let key = front.issue(json!({ "name": "ana" })).await;
 
     let whole = Front::answer(

@@ -423,7 +423,8 @@ struct Follower {
     /// Deltas of messages not sent yet, in the order they came: a turn
     /// streams as soon as its message is written, and the log's follower
     /// may publish the message after the first deltas. They are passed on
-    /// right after their message, or after [`DELTA_HOLD`] without it.
+    /// right after their message; without it, right before their turn's
+    /// end or after [`DELTA_HOLD`], whichever comes first.
     held: Vec<Value>,
     /// When the first of `held` came.
     held_since: Option<tokio::time::Instant>,
@@ -438,7 +439,7 @@ const RECEIVED_KEPT: usize = 64;
 /// The longest a delta waits for its message ([`Follower::held`]). A
 /// message is published within a flush or so of its turn's first delta; one
 /// stored before the stream's `Last-Event-ID` never comes, and its turn's
-/// deltas go out after this.
+/// deltas go out after this, or before their end if it comes first.
 const DELTA_HOLD: Duration = Duration::from_millis(250);
 /// Deltas held at most; past it they are all passed on.
 const HELD_MAX: usize = 1024;
@@ -574,19 +575,25 @@ impl Follower {
             if through.is_some_and(|through| seq > through) {
                 return Ok(false);
             }
-            self.send(stored_event(envelope)).await?;
             let message_id = envelope["data"]["message_id"].as_str();
             match (envelope["type"].as_str(), message_id) {
                 (Some("message_received"), Some(message_id)) => {
+                    self.send(stored_event(envelope)).await?;
                     remember(&mut self.received, message_id, RECEIVED_KEPT);
                     if !self.held.is_empty() {
                         self.release_held(Some(message_id)).await?;
                     }
                 }
                 (Some("reply_completed" | "reply_failed"), Some(message_id)) => {
+                    // Deltas still held are of a message stored before the
+                    // stream's start: they go before their end.
+                    if !self.held.is_empty() {
+                        self.release_held(Some(message_id)).await?;
+                    }
+                    self.send(stored_event(envelope)).await?;
                     remember(&mut self.ended, message_id, ENDED_KEPT);
                 }
-                _ => {}
+                _ => self.send(stored_event(envelope)).await?,
             }
             self.last_seq = seq;
             self.last_version = envelope["version"].as_u64().unwrap_or(self.last_version);
