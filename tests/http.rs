@@ -5,6 +5,7 @@
 mod support;
 
 use support::front::{Front, ADMIN_KEY, WAIT};
+use support::sse::{self, read_until};
 
 use std::time::Duration;
 
@@ -87,7 +88,7 @@ fn assert_error(status: StatusCode, body: &Value, expected: StatusCode, code: &s
     );
 }
 
-/// Reads an SSE body into `(event, data)` pairs until it ends.
+/// Reads an SSE body into its events until it ends.
 async fn sse_events(response: reqwest::Response) -> Vec<(String, Value, Option<String>)> {
     let mut stream = response.bytes_stream();
     let mut buffer = String::new();
@@ -99,19 +100,7 @@ async fn sse_events(response: reqwest::Response) -> Vec<(String, Value, Option<S
         buffer.push_str(&String::from_utf8_lossy(&chunk.expect("bytes")));
         while let Some(end) = buffer.find("\n\n") {
             let block: String = buffer.drain(..end + 2).collect();
-            let (mut kind, mut data, mut id) = (String::from("message"), String::new(), None);
-            for line in block.lines() {
-                if let Some(v) = line.strip_prefix("event:") {
-                    kind = v.trim().to_owned();
-                } else if let Some(v) = line.strip_prefix("data:") {
-                    data.push_str(v.trim_start());
-                } else if let Some(v) = line.strip_prefix("id:") {
-                    id = Some(v.trim().to_owned());
-                }
-            }
-            if !data.is_empty() {
-                events.push((kind, serde_json::from_str(&data).expect("JSON data"), id));
-            }
+            events.extend(sse::parse_block(&block));
         }
     }
     events
@@ -363,43 +352,6 @@ async fn read_sse_until(response: reqwest::Response, done: impl Fn(&str) -> bool
     text
 }
 
-/// Appends what `stream` sends to `text` until `done` holds for it, or until
-/// the stream ends; panics when nothing comes for [`WAIT`] before then.
-async fn read_until(
-    stream: &mut (impl futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin),
-    text: &mut String,
-    done: impl Fn(&str) -> bool,
-) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !done(text) {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let Ok(chunk) = tokio::time::timeout(left, stream.next()).await else {
-            panic!("the stream stalled after {text}");
-        };
-        let Some(chunk) = chunk else { break };
-        text.push_str(&String::from_utf8_lossy(&chunk.expect("bytes")));
-    }
-}
-
-/// The `(event, data)` pairs of SSE text.
-fn sse_pairs(text: &str) -> Vec<(String, Value)> {
-    text.split("\n\n")
-        .filter_map(|block| {
-            let mut kind = String::from("message");
-            let mut data = String::new();
-            for line in block.lines() {
-                if let Some(v) = line.strip_prefix("event:") {
-                    kind = v.trim().to_owned();
-                } else if let Some(v) = line.strip_prefix("data:") {
-                    data.push_str(v.trim_start());
-                }
-            }
-            let data = serde_json::from_str(&data).ok()?;
-            Some((kind, data))
-        })
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_stream_shows_a_message_before_its_replys_deltas_and_them_before_its_end() {
     let front = Front::start().await;
@@ -447,7 +399,7 @@ async fn an_event_stream_shows_a_message_before_its_replys_deltas_and_them_befor
     let mut received = std::collections::HashSet::new();
     let mut ended = std::collections::HashSet::new();
     let mut deltas = std::collections::HashMap::<String, String>::new();
-    for (kind, data) in sse_pairs(&text) {
+    for (kind, data, _) in sse::parse(&text) {
         let message_id = match kind.as_str() {
             "reply_delta" => data["message_id"].as_str(),
             _ => data["data"]["message_id"].as_str(),

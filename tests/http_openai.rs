@@ -6,6 +6,7 @@ mod support;
 
 use support::front::{Front, ADMIN_KEY, WAIT};
 use support::nats::NatsServer;
+use support::sse::{self, read_until};
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -770,23 +771,6 @@ async fn front_on_model_server(nats: Option<&NatsServer>, agent: &str, upstream:
     .await
 }
 
-/// Reads an open SSE body until `done` holds for what came; what came.
-async fn read_events_until(
-    stream: &mut (impl futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin),
-    done: impl Fn(&str) -> bool,
-) -> String {
-    let mut text = String::new();
-    while !done(&text) {
-        let chunk = tokio::time::timeout(WAIT, stream.next())
-            .await
-            .unwrap_or_else(|_| panic!("the stream stalled after {text}"))
-            .expect("the stream stays open")
-            .expect("the stream reads");
-        text.push_str(&String::from_utf8_lossy(&chunk));
-    }
-    text
-}
-
 /// `GET …/events` holds a delta back until its message is sent. A stream
 /// resumed after the message of a turn under way never sends it: it must
 /// still pass the turn's deltas on, before their end.
@@ -825,44 +809,40 @@ async fn an_event_stream_resumed_after_a_message_still_passes_its_turns_deltas_b
     // The seq of the message's `message_received`.
     let from_start = events(None).await.expect("answered");
     assert_eq!(from_start.status(), StatusCode::OK);
-    let text = read_events_until(&mut from_start.bytes_stream(), |text| {
+    let mut text = String::new();
+    read_until(&mut from_start.bytes_stream(), &mut text, |text| {
         text.contains("event: message_received") && text.ends_with("\n\n")
     })
     .await;
-    let block = text
-        .split("\n\n")
-        .find(|block| block.contains("event: message_received"))
-        .expect("the message's event");
-    let seq: u64 = block
-        .lines()
-        .find_map(|line| line.strip_prefix("id:"))
-        .expect("an id")
-        .trim()
-        .parse()
-        .expect("a seq");
+    let seq: u64 = sse::parse(&text)
+        .iter()
+        .find(|(kind, _, _)| kind == "message_received")
+        .and_then(|(_, _, id)| id.as_deref()?.parse().ok())
+        .expect("the message's event, with its seq");
 
     let resumed = events(Some(seq)).await.expect("answered");
     assert_eq!(resumed.status(), StatusCode::OK);
     let mut resumed = resumed.bytes_stream();
     gate.add_permits(1);
-    let text = read_events_until(&mut resumed, |text| {
+    let mut text = String::new();
+    read_until(&mut resumed, &mut text, |text| {
         text.contains("event: reply_completed") && text.ends_with("\n\n")
     })
     .await;
-    let kinds: Vec<&str> = text
-        .lines()
-        .filter_map(|line| line.strip_prefix("event: "))
-        .collect();
+    let events = sse::parse(&text);
+    let kinds: Vec<&str> = events.iter().map(|(kind, _, _)| kind.as_str()).collect();
     let end = kinds.iter().position(|kind| *kind == "reply_completed");
     let delta = kinds.iter().position(|kind| *kind == "reply_delta");
     assert!(
         delta.is_some() && delta < end && !kinds.contains(&"message_received"),
         "{text}"
     );
-    assert!(
-        text.contains(&format!(r#""delta":"{HELD_REPLY}""#)),
-        "{text}"
-    );
+    let deltas: String = events
+        .iter()
+        .filter(|(kind, _, _)| kind == "reply_delta")
+        .map(|(_, data, _)| data["delta"].as_str().expect("a delta's text"))
+        .collect();
+    assert_eq!(deltas, HELD_REPLY, "{text}");
     front.server.shutdown().await;
 }
 

@@ -1017,22 +1017,10 @@ async fn the_http_front_beside_the_core_skips_nats_and_stores_messages_while_nat
     let mut live = live.bytes_stream();
     let mut seen = String::new();
     let deadline = Instant::now() + PHASE;
-    // (event name, data) of every whole SSE event so far.
-    let parsed = |seen: &str| -> Vec<(String, Value)> {
-        let whole = &seen[..seen.rfind("\n\n").map_or(0, |end| end + 2)];
-        whole
-            .split("\n\n")
-            .filter_map(|block| {
-                let name = block.lines().find_map(|l| l.strip_prefix("event: "))?;
-                let data = block.lines().find_map(|l| l.strip_prefix("data: "))?;
-                Some((
-                    name.to_owned(),
-                    serde_json::from_str(data).expect("JSON data"),
-                ))
-            })
-            .collect()
-    };
-    let is_l1 = |(name, data): &(String, Value), kind: &str| {
+    // Every whole SSE event so far.
+    let parsed =
+        |seen: &str| support::sse::parse(&seen[..seen.rfind("\n\n").map_or(0, |end| end + 2)]);
+    let is_l1 = |(name, data, _): &support::sse::SseEvent, kind: &str| {
         let message_id = match name.as_str() {
             "reply_delta" => &data["message_id"],
             _ => &data["data"]["message_id"],

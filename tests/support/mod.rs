@@ -8,3 +8,4 @@ pub mod bus;
 pub mod front;
 pub mod nats;
 pub mod serve;
+pub mod sse;
