@@ -1731,3 +1731,53 @@ fn a_removed_last_record_is_refused_at_open_without_changing_the_log() {
     // sled may rewrite its own snapshot file, but the log's contents stay as they were.
     assert_eq!(dump(dir.path()), before, "the refused open changed the log");
 }
+
+/// sled keeps a large value in a file of its own, a blob. When that file
+/// cannot be written (here its directory is gone; in service, a full disk),
+/// the append fails with a storage error, what was acknowledged before stays,
+/// and the log still closes. sled used to keep the log buffer's writer slot
+/// of the failed write taken, so every flush after it, the one at close
+/// included, waited forever.
+#[test]
+fn an_append_whose_blob_cannot_be_written_fails_and_the_log_still_closes() {
+    let dir = TempDir::new().expect("temp dir");
+    let log = open(dir.path());
+    log.append_blocking(conv("c1"), ExpectedVersion::Any, vec![new_message(1)])
+        .expect("a small append");
+    std::fs::remove_dir_all(dir.path().join(DB_DIR).join("blobs")).expect("remove the blob dir");
+    let large = NewEvent::new(Event::MessageReceived(MessageReceived {
+        conversation_id: "c1".into(),
+        message_id: "m2".into(),
+        key_id: "key_1".into(),
+        user: None,
+        content: "a long message ".repeat(100_000),
+        agent: None,
+    }));
+    let failed = log.append_blocking(conv("c1"), ExpectedVersion::Any, vec![large]);
+    assert!(
+        matches!(failed, Err(AppendError::Storage(_))),
+        "the append fails with a storage error, not {failed:?}"
+    );
+    let after = log.append_blocking(conv("c1"), ExpectedVersion::Any, vec![new_message(3)]);
+    assert!(
+        matches!(after, Err(AppendError::Storage(_))),
+        "a log whose write failed refuses appends until it is reopened, not {after:?}"
+    );
+
+    let (closed_tx, closed) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        drop(log);
+        let _ = closed_tx.send(());
+    });
+    closed
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("the log closes within 30 s of a failed blob write");
+
+    let log = open(dir.path());
+    let stored = all(&log);
+    assert_eq!(stored.len(), 1, "only the acknowledged append is stored");
+    assert_eq!(content_of(&stored[0]), "message number 000001");
+    log.append_blocking(conv("c1"), ExpectedVersion::Any, vec![new_message(4)])
+        .expect("the reopened log takes appends");
+    assert_eq!(all(&log).len(), 2);
+}

@@ -361,14 +361,12 @@ impl Log {
             let blob_id =
                 if over_blob_threshold { Some(reservation_lsn) } else { None };
 
-            self.iobufs.encapsulate(
+            let encapsulated = self.iobufs.encapsulate(
                 item,
                 message_header,
                 destination,
                 blob_id,
-            )?;
-
-            M.log_reservation_success();
+            );
 
             let pointer = if let Some(blob_id) = blob_id {
                 DiskPtr::new_blob(reservation_lid, blob_id)
@@ -377,6 +375,32 @@ impl Log {
             } else {
                 DiskPtr::new_inline(reservation_lid)
             };
+
+            // switchboard: this thread counts as one of the buffer's
+            // writers from the claim above. When the message cannot be
+            // encapsulated (its blob file could not be written: a full
+            // disk, a removed directory), leave as an aborted reservation
+            // does: mark the claimed bytes a cancelled message and leave the
+            // buffer. Upstream returned with the claim held, so the buffer
+            // was never written and every later flush waited forever.
+            if let Err(e) = encapsulated {
+                drop(Reservation {
+                    iobuf,
+                    log: self,
+                    buf: destination,
+                    flushed: false,
+                    lsn: reservation_lsn,
+                    pointer,
+                    is_blob_rewrite: blob_rewrite.is_some(),
+                    header_len: usize::try_from(
+                        message_header.serialized_size(),
+                    )
+                    .unwrap(),
+                });
+                return Err(e);
+            }
+
+            M.log_reservation_success();
 
             return Ok(Reservation {
                 iobuf,
