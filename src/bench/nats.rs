@@ -8,6 +8,11 @@
 //!   responder from the same clients over the same connections;
 //! - replies (`reply_completed` published by the outbox) per second;
 //! - a send's floor at one client: a request/reply plus one sled flush;
+//! - beside the targets, not part of them: a durable raw responder, the raw
+//!   responder answering once a sled insert for the request is flushed (one
+//!   flush for all requests waiting), the least any service that
+//!   acknowledges only what is on disk does — no events published, no key,
+//!   no actor, no turn;
 //! - the CPU this process and `nats-server` spend per request, on each side,
 //!   which says whether a shortfall is work or waiting;
 //! - resident memory per live conversation actor, beside the same events in
@@ -15,7 +20,7 @@
 //!
 //! The service, the clients and the raw responder share this process (and the
 //! machine with `nats-server`), so the clients' own cost weighs on both sides.
-//! At each client count the raw and service windows take turns in rounds
+//! At each client count the raw, durable raw and service windows take turns in rounds
 //! (`--rounds`), so that a slow spell of a shared machine falls on both; the
 //! acks/raw ratio is the median of the rounds' ratios.
 
@@ -116,6 +121,11 @@ pub struct ClientFigures {
     pub raw_requests_per_sec: f64,
     pub raw_latency: Percentiles,
     pub raw_failed: u64,
+    /// The durable raw responder: raw request/reply, answered once a sled
+    /// insert for the request is flushed (one flush for all waiting).
+    pub durable_raw_requests_per_sec: f64,
+    pub durable_raw_latency: Percentiles,
+    pub durable_raw_failed: u64,
     pub acks: u64,
     pub acks_per_sec: f64,
     pub ack_latency: Percentiles,
@@ -133,7 +143,10 @@ pub struct ClientFigures {
     pub round_ratios: Vec<f64>,
     /// The median of `round_ratios` (with two rounds, their mean).
     pub ratio: f64,
+    /// The median of the rounds' acks/s over their durable raw requests/s.
+    pub ratio_to_durable_raw: f64,
     pub raw_cpu: CpuPerRequest,
+    pub durable_raw_cpu: CpuPerRequest,
     pub service_cpu: CpuPerRequest,
 }
 
@@ -154,6 +167,10 @@ pub struct ThroughputTarget {
     pub ratio: f64,
     pub target_ratio: f64,
     pub pass: bool,
+    /// Beside the target, not part of it: the durable raw responder's rate
+    /// and acks/s over it.
+    pub durable_raw_requests_per_sec: f64,
+    pub ratio_to_durable_raw: f64,
 }
 
 impl ThroughputTarget {
@@ -165,6 +182,8 @@ impl ThroughputTarget {
             ratio: run.ratio,
             target_ratio: ACK_TARGET_RATIO,
             pass: run.ratio >= ACK_TARGET_RATIO,
+            durable_raw_requests_per_sec: run.durable_raw_requests_per_sec,
+            ratio_to_durable_raw: run.ratio_to_durable_raw,
         }
     }
 }
@@ -181,6 +200,10 @@ pub struct LatencyTarget {
     pub ratio: f64,
     pub target_ratio: f64,
     pub pass: bool,
+    /// Beside the target, not part of it: the durable raw responder's p50
+    /// and `ack_p50_ms` over it.
+    pub durable_raw_p50_ms: f64,
+    pub ratio_to_durable_raw: f64,
 }
 
 impl LatencyTarget {
@@ -196,6 +219,8 @@ impl LatencyTarget {
             ratio,
             target_ratio: P50_TARGET_RATIO,
             pass: ratio <= P50_TARGET_RATIO,
+            durable_raw_p50_ms: run.durable_raw_latency.p50_ms,
+            ratio_to_durable_raw: share(run.ack_latency.p50_ms, run.durable_raw_latency.p50_ms),
         }
     }
 }
@@ -294,9 +319,20 @@ pub fn measure(args: &NatsBenchArgs, dir: &Path, quiet: bool) -> anyhow::Result<
         let server = Server::start(config)
             .await
             .context("the service did not start")?;
-        let measured =
-            requests::measure_requests(args, &nats.url(), nats.pid(), &admin_key, &bar, &show)
-                .await;
+        let durable = requests::DurableRaw {
+            path: &dir.join("durable-raw"),
+            record: record.clone(),
+        };
+        let measured = requests::measure_requests(
+            args,
+            &nats.url(),
+            nats.pid(),
+            &admin_key,
+            durable,
+            &bar,
+            &show,
+        )
+        .await;
         phase(&bar, "stopping the service".into());
         server.shutdown().await;
         measured
@@ -327,6 +363,14 @@ pub fn measure(args: &NatsBenchArgs, dir: &Path, quiet: bool) -> anyhow::Result<
             "  acks/s at {THROUGHPUT_TARGET_CLIENTS} clients: not measured (not in --clients)"
         ),
     });
+    if let Some(target) = &throughput_target {
+        show(format!(
+            "    (beside the durable raw responder, not a target: {} vs {} ({:.0}%))",
+            thousands(target.acks_per_sec),
+            thousands(target.durable_raw_requests_per_sec),
+            target.ratio_to_durable_raw * 100.0
+        ));
+    }
     show(match &latency_target {
         Some(target) => format!(
             "  p50 ack at {} client <= {:.1}x (raw request/reply + raw flush): {:.3} ms vs {:.3} + {:.3} = {:.3} ms ({:.2}x)  {}",
@@ -343,6 +387,12 @@ pub fn measure(args: &NatsBenchArgs, dir: &Path, quiet: bool) -> anyhow::Result<
             "  p50 ack at {LATENCY_TARGET_CLIENTS} client: not measured (not in --clients)"
         ),
     });
+    if let Some(target) = &latency_target {
+        show(format!(
+            "    (beside the durable raw responder's p50, not a target: {:.3} ms vs {:.3} ms ({:.2}x))",
+            target.ack_p50_ms, target.durable_raw_p50_ms, target.ratio_to_durable_raw
+        ));
+    }
 
     Ok(NatsBenchReport {
         clients: args.clients.clone(),

@@ -1,6 +1,7 @@
 //! The traffic of `bench nats`: concurrent clients sending requests, the
-//! trivial responder of the raw baseline, the counter of published replies,
-//! and plain sled append+flush.
+//! trivial responder of the raw baseline, the durable raw responder (the
+//! raw baseline plus a group-committed sled insert and flush), the counter
+//! of published replies, and plain sled append+flush.
 //!
 //! The raw baseline and the service are driven by the same code over the same
 //! client connections with the same headers and bodies: only the subject
@@ -217,6 +218,89 @@ impl RawResponder {
 }
 
 impl Drop for RawResponder {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The subject prefix the durable raw responder answers under.
+pub const DURABLE_PREFIX: &str = "durable";
+/// The most requests the durable raw responder stores under one flush (the
+/// log's own bound on a group).
+const DURABLE_MAX_GROUP: usize = 4096;
+
+/// The least a service that acknowledges only what is on disk must do: it
+/// answers every `durable.conv.*.send` with [`RAW_ACK`] once a record for it
+/// is inserted into sled and flushed. It takes every request waiting, inserts
+/// a record for each, flushes once and answers them all (a group commit, as
+/// the log does; one request alone is one insert and one flush), on one
+/// queue subscription and on the runtime's worker thread, as the log's lone
+/// appends do. Nothing is published, checked or routed: no events, no keys,
+/// no turn.
+pub struct DurableResponder {
+    task: JoinHandle<()>,
+}
+
+impl DurableResponder {
+    /// Starts answering, with a sled database of its own in `path`, storing
+    /// `record` for each request. In place for other connections when this
+    /// returns.
+    pub async fn start(
+        url: &str,
+        path: &Path,
+        record: Vec<u8>,
+    ) -> anyhow::Result<DurableResponder> {
+        let db = sled::Config::new()
+            .path(path)
+            .open()
+            .with_context(|| format!("cannot open a sled database in {}", path.display()))?;
+        let tree = db.open_tree("durable")?;
+        let bus = Bus::from(NatsBus::connect(url).await?);
+        let mut requests = bus
+            .queue_subscribe(&format!("{DURABLE_PREFIX}.conv.*.send"), "durable")
+            .await?;
+        bus.flush()
+            .await
+            .context("the durable raw responder cannot reach NATS")?;
+        let ack = Bytes::from_static(RAW_ACK);
+        let task = tokio::spawn(async move {
+            let mut seq = 0u64;
+            let mut group = Vec::new();
+            while let Some(first) = requests.recv().await {
+                group.push(first);
+                while group.len() < DURABLE_MAX_GROUP {
+                    match futures::FutureExt::now_or_never(requests.recv()) {
+                        Some(Some(more)) => group.push(more),
+                        _ => break,
+                    }
+                }
+                let stored = tokio::task::block_in_place(|| {
+                    for _ in &group {
+                        seq += 1;
+                        let mut key = [b'd'; 9];
+                        key[1..].copy_from_slice(&seq.to_be_bytes());
+                        tree.insert(&key[..], &record[..])?;
+                    }
+                    db.flush()
+                });
+                if let Err(error) = stored {
+                    tracing::warn!(%error, "the durable raw responder could not store; its requests go unanswered");
+                    group.clear();
+                    continue;
+                }
+                for request in group.drain(..) {
+                    let headers = Headers::new().with("Content-Type", "application/json");
+                    if let Err(error) = bus.respond(&request, headers, ack.clone()).await {
+                        tracing::warn!(%error, "the durable raw responder could not answer");
+                    }
+                }
+            }
+        });
+        Ok(DurableResponder { task })
+    }
+}
+
+impl Drop for DurableResponder {
     fn drop(&mut self) {
         self.task.abort();
     }

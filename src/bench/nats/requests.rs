@@ -1,15 +1,21 @@
 //! The request/reply half of `bench nats`: against a started service, one
 //! warm-up send to every conversation, then at each client count plain NATS
-//! request/reply and the service's sends, from the same clients over the same
-//! connections, with the CPU each side spent per request.
+//! request/reply, the durable raw responder (request/reply plus a
+//! group-committed sled insert and flush) and the service's sends, from the
+//! same clients over the same connections, with the CPU each side spent per
+//! request.
 
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
 use serde_json::json;
 use switchboard::bus::{Bus, Headers};
 
-use super::load::{self, Driven, Percentiles, RawResponder, ReplyCounter, Until, RAW_PREFIX};
+use super::load::{
+    self, Driven, DurableResponder, Percentiles, RawResponder, ReplyCounter, Until, DURABLE_PREFIX,
+    RAW_PREFIX,
+};
 use super::{phase, procfs, ClientFigures, CpuPerRequest, NatsBenchArgs, PREFIX};
 use crate::bench::log::rate;
 use crate::bench::{median, share, thousands};
@@ -19,13 +25,22 @@ const REPLY_DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 /// Replies still coming this long after a window are reported.
 const REPLIES_LATE: Duration = Duration::from_millis(500);
 
+/// What the durable raw responder stores: a sled database of its own in
+/// `path`, `record` per request (the raw flush's).
+pub struct DurableRaw<'a> {
+    pub path: &'a Path,
+    pub record: Vec<u8>,
+}
+
 /// Against a started service: issues a chat key, starts every conversation
-/// once, then measures raw request/reply and the service at each client count.
+/// once, then measures raw request/reply, the durable raw responder and the
+/// service at each client count.
 pub async fn measure_requests(
     args: &NatsBenchArgs,
     url: &str,
     nats_pid: u32,
     admin_key: &str,
+    durable: DurableRaw<'_>,
     bar: &indicatif::ProgressBar,
     show: &impl Fn(String),
 ) -> anyhow::Result<(f64, Vec<ClientFigures>)> {
@@ -33,6 +48,7 @@ pub async fn measure_requests(
     let buses = load::connect(url, args.connections).await?;
     let key = issue_key(&buses[0], admin_key).await?;
     let _responder = RawResponder::start(url).await?;
+    let _durable = DurableResponder::start(url, durable.path, durable.record).await?;
     let replies = ReplyCounter::start(url, PREFIX).await?;
     let widest = args.clients.iter().copied().max().unwrap_or(1);
 
@@ -69,6 +85,10 @@ pub async fn measure_requests(
         "request/reply (raw: plain NATS request/reply to a trivial responder; service: {PREFIX}.conv.<id>.send acked after the durable append)"
     ));
     show(
+        "  (durable raw: raw request/reply answered once a sled insert for it is flushed, one flush for all requests waiting)"
+            .into(),
+    );
+    show(
         "  (CPU \"here\" is this process: the clients, and the raw responder or the service)"
             .into(),
     );
@@ -89,10 +109,14 @@ pub async fn measure_requests(
     let mut runs = Vec::new();
     let slice = window / args.rounds;
     for &clients in &args.clients {
-        let mut raw = Driven::default();
-        let mut sent = Driven::default();
-        let (mut raw_cpu, mut service_cpu) = (CpuSpent::default(), CpuSpent::default());
-        let mut round_ratios = Vec::new();
+        let (mut raw, mut durable, mut sent) =
+            (Driven::default(), Driven::default(), Driven::default());
+        let (mut raw_cpu, mut durable_cpu, mut service_cpu) = (
+            CpuSpent::default(),
+            CpuSpent::default(),
+            CpuSpent::default(),
+        );
+        let (mut round_ratios, mut durable_round_ratios) = (Vec::new(), Vec::new());
         let (mut replies_in_windows, mut behind, mut drain, mut caught_up) =
             (0, 0, Duration::ZERO, true);
         for round in 1..=args.rounds {
@@ -111,6 +135,21 @@ pub async fn measure_requests(
             .await?;
             ensure_answered(&raw_round, "raw request/reply")?;
             raw_cpu.add(cpu.spent(nats_pid));
+
+            phase(bar, format!("durable raw request/reply, {of}"));
+            let cpu = CpuMark::now(nats_pid);
+            let durable_round = load::drive(
+                &buses,
+                DURABLE_PREFIX,
+                &key,
+                clients,
+                args.conversations,
+                Until::Elapsed(slice),
+                &format!("durable{clients}-{round}"),
+            )
+            .await?;
+            ensure_answered(&durable_round, "durable raw request/reply")?;
+            durable_cpu.add(cpu.spent(nats_pid));
 
             phase(bar, format!("service sends, {of}"));
             let replies_before = replies.seen();
@@ -136,11 +175,14 @@ pub async fn measure_requests(
             let (drained, all_came) = replies.wait_for(acked, REPLY_DRAIN_TIMEOUT).await;
             drain = drain.max(drained);
             caught_up &= all_came;
-            round_ratios.push(share(
-                rate(sent_round.ok, sent_round.seconds),
-                rate(raw_round.ok, raw_round.seconds),
+            let acks_per_sec = rate(sent_round.ok, sent_round.seconds);
+            round_ratios.push(share(acks_per_sec, rate(raw_round.ok, raw_round.seconds)));
+            durable_round_ratios.push(share(
+                acks_per_sec,
+                rate(durable_round.ok, durable_round.seconds),
             ));
             raw.absorb(raw_round);
+            durable.absorb(durable_round);
             sent.absorb(sent_round);
         }
 
@@ -149,6 +191,9 @@ pub async fn measure_requests(
             raw_requests_per_sec: rate(raw.ok, raw.seconds),
             raw_latency: Percentiles::of(&mut raw.latencies),
             raw_failed: raw.failed,
+            durable_raw_requests_per_sec: rate(durable.ok, durable.seconds),
+            durable_raw_latency: Percentiles::of(&mut durable.latencies),
+            durable_raw_failed: durable.failed,
             acks: sent.ok,
             acks_per_sec: rate(sent.ok, sent.seconds),
             ack_latency: Percentiles::of(&mut sent.latencies),
@@ -159,19 +204,33 @@ pub async fn measure_requests(
             reply_drain_seconds: drain.as_secs_f64(),
             ratio: median(&round_ratios),
             round_ratios,
+            ratio_to_durable_raw: median(&durable_round_ratios),
             raw_cpu: raw_cpu.per_request(raw.ok),
+            durable_raw_cpu: durable_cpu.per_request(durable.ok),
             service_cpu: service_cpu.per_request(sent.ok),
         };
         show(client_line(&figures));
-        if figures.failed > 0 || figures.raw_failed > 0 {
+        show(format!(
+            "    durable raw: {} req/s, p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms; acks/durable raw {:.0}%; CPU per request {} µs here + {} µs nats-server",
+            thousands(figures.durable_raw_requests_per_sec),
+            figures.durable_raw_latency.p50_ms,
+            figures.durable_raw_latency.p99_ms,
+            figures.durable_raw_latency.p999_ms,
+            figures.ratio_to_durable_raw * 100.0,
+            thousands(figures.durable_raw_cpu.this_process_us),
+            thousands(figures.durable_raw_cpu.nats_server_us),
+        ));
+        if figures.failed > 0 || figures.raw_failed > 0 || figures.durable_raw_failed > 0 {
             show(format!(
-                "    {} sends and {} raw requests failed; first: {}",
+                "    {} sends, {} raw and {} durable raw requests failed; first: {}",
                 figures.failed,
                 figures.raw_failed,
+                figures.durable_raw_failed,
                 figures
                     .first_failure
                     .as_deref()
                     .or(raw.first_failure.as_deref())
+                    .or(durable.first_failure.as_deref())
                     .unwrap_or("?")
             ));
         }
