@@ -12,6 +12,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
+use switchboard_events::log::DB_DIR;
 
 impl Front {
     async fn call(
@@ -741,6 +742,60 @@ async fn a_live_fold_that_fails_makes_the_service_unready_and_refuse_keys() {
         StatusCode::SERVICE_UNAVAILABLE,
         "unavailable",
     );
+    front.server.shutdown().await;
+}
+
+/// A write the log could not make (here a message large enough for sled to
+/// keep in a blob file of its own, whose directory is gone; in service, a
+/// full disk) fails its send with a coded error, acknowledges nothing, and
+/// makes the service unready, saying why, so a load balancer stops sending
+/// it work; later sends are refused the same way until a restart.
+#[tokio::test]
+async fn a_failed_event_log_makes_the_service_unready_and_refuses_sends_with_a_code() {
+    let front = Front::start().await;
+    let (_, key) = front.issue(json!({ "name": "ana" })).await;
+    let send = |content: String| {
+        front.json(
+            Method::POST,
+            "/v1/conversations/c1/messages",
+            Some(&key),
+            Some(json!({ "content": content })),
+        )
+    };
+    let (status, body) = send("hi".into()).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    front.history_of(&key, "c1", 2).await;
+    let (status, _) = front.json(Method::GET, "/readyz", None, None).await;
+    assert_eq!(status, StatusCode::OK);
+
+    let log = front.server.log();
+    std::fs::remove_dir_all(log.dir().join(DB_DIR).join("blobs")).expect("remove the blob dir");
+    let head = log.head();
+    let (status, body) = send("a long message ".repeat(12_000)).await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+    );
+    assert!(body.get("seq").is_none(), "nothing acknowledged: {body}");
+
+    let (status, ready) = front.json(Method::GET, "/readyz", None, None).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{ready}");
+    assert!(
+        ready["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("event log refuses appends")),
+        "{ready}"
+    );
+    let (status, body) = send("and a short one".into()).await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+    );
+    assert_eq!(log.head(), head, "nothing was appended after the failure");
     front.server.shutdown().await;
 }
 

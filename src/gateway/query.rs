@@ -414,6 +414,11 @@ impl Gateway {
                 "the bus is not connected: events wait in the log until it is back".into(),
             ));
         }
+        if let Some(why) = self.log.failure() {
+            return Err(GatewayError::Unavailable(format!(
+                "the event log refuses appends until a restart: {why}"
+            )));
+        }
         if let Some(why) = self.projections.failure() {
             return Err(GatewayError::Unavailable(format!(
                 "the projections stopped: {why}"

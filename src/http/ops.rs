@@ -48,14 +48,17 @@ pub async fn healthz() -> Json<Value> {
 }
 
 /// `GET /readyz`: 200 when the core answers over the bus (so the bus is
-/// connected and the core's log is open), 503 otherwise.
+/// connected and the core's log is open), 503 otherwise: also when the
+/// core's event log refuses appends after a failed write, or its
+/// projections stopped.
 #[utoipa::path(
     get,
     path = "/readyz",
     tag = "ops",
     responses(
         (status = 200, description = "The core answers; how far it is", body = Ready),
-        (status = 503, description = "The core does not answer", body = NotReady),
+        (status = 503, description = "The core does not answer, its bus is not connected, its \
+            event log refuses appends after a failed write, or its projections stopped", body = NotReady),
     ),
 )]
 pub async fn readyz(State(state): State<AppState>) -> Response {

@@ -197,6 +197,8 @@ struct Shared {
     appends: Mutex<Option<mpsc::Sender<writer::AppendRequest>>>,
     /// The writer's state, for lone appenders; its thread has it too.
     writer: Arc<writer::Shared>,
+    /// The writer's flushes and their outcome (whether the log has failed).
+    durable: Arc<writer::Durability>,
     writer_thread: Mutex<Option<JoinHandle<()>>>,
     head: watch::Receiver<u64>,
     /// The newest durable records, decoded, for live followers.
@@ -367,18 +369,19 @@ impl EventLog {
         let (appends_tx, appends_rx) = mpsc::channel(8192);
         let tail = Arc::new(tail::Tail::default());
         let unindexed = Arc::new(stream_index::Unindexed::new(indexed));
+        let durable = Arc::new(writer::Durability::new(
+            db.clone(),
+            tree.clone(),
+            unindexed.clone(),
+            head_tx,
+            tail.clone(),
+        ));
         let writer = Arc::new(Mutex::new(writer::Writer {
             tree: tree.clone(),
             next_seq: last_seq + 1,
             last_hash,
             versions: Default::default(),
-            durable: Arc::new(writer::Durability::new(
-                db.clone(),
-                tree.clone(),
-                unindexed.clone(),
-                head_tx,
-                tail.clone(),
-            )),
+            durable: durable.clone(),
             newest_v7,
             flusher: None,
         }));
@@ -395,6 +398,7 @@ impl EventLog {
                 dir: dir.to_owned(),
                 appends: Mutex::new(Some(appends_tx)),
                 writer,
+                durable,
                 writer_thread: Mutex::new(Some(handle)),
                 head: head_rx,
                 tail,
@@ -504,6 +508,13 @@ impl EventLog {
     /// The seq of the last durable record (0 for an empty log).
     pub fn head(&self) -> u64 {
         *self.shared.head.borrow()
+    }
+
+    /// Why the log refuses appends, once a write or flush has failed (a
+    /// full disk, an I/O error): after that, what is on disk is only known
+    /// again to a restart, which reads it back. `None` while it takes them.
+    pub fn failure(&self) -> Option<String> {
+        self.shared.durable.failure()
     }
 
     /// The current version of a stream (0 when it has no events).

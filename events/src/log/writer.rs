@@ -323,6 +323,11 @@ impl Durability {
         }
     }
 
+    /// Why the log refuses appends, once a write or flush failed.
+    pub(super) fn failure(&self) -> Option<String> {
+        self.failed.get().cloned()
+    }
+
     pub(super) fn publishing(&self) -> MutexGuard<'_, ()> {
         // Holds no data a panic could leave half-changed.
         self.publishing
@@ -518,11 +523,14 @@ fn refuse(replies: impl Iterator<Item = Reply>, reason: &str) {
 pub type Shared = Mutex<Writer>;
 
 /// Locks the writer's state. A panic while it was held (a bug, or sled
-/// panicking on a corruption) leaves it unknown: the log then refuses appends.
+/// panicking on a corruption) leaves it unknown: the log then refuses appends
+/// (and says so: [`Durability::failure`]).
 fn lock(writer: &Shared) -> Result<MutexGuard<'_, Writer>, String> {
-    writer
-        .lock()
-        .map_err(|_| "the event log's writer failed mid-write; restart to recover".to_owned())
+    writer.lock().map_err(|poisoned| {
+        let reason = "the event log's writer failed mid-write; restart to recover".to_owned();
+        let _ = poisoned.get_ref().durable.failed.set(reason.clone());
+        reason
+    })
 }
 
 /// Writes every request of `requests` until it closes, with a flusher thread
