@@ -179,6 +179,10 @@ fn describe() {
         "The seq of the last event in the log."
     );
     describe_gauge!(
+        "switchboard_log_failed",
+        "1 once a write or flush of the log failed: it refuses appends until a restart."
+    );
+    describe_gauge!(
         "switchboard_projections_seq",
         "The seq every projection has folded up to."
     );
@@ -293,6 +297,8 @@ pub async fn sample(sources: Sources, stop: impl std::future::Future<Output = ()
         }
         let head = sources.log.head();
         metrics::gauge!("switchboard_log_head_seq").set(head as f64);
+        let failed = sources.log.failure().is_some();
+        metrics::gauge!("switchboard_log_failed").set(if failed { 1.0 } else { 0.0 });
         metrics::gauge!("switchboard_projections_seq")
             .set(sources.projections.caught_up_to() as f64);
         for name in ProjectionName::ALL {

@@ -40,6 +40,7 @@ const EXPORTED: &[&str] = &[
     "switchboard_log_batch_size",
     "switchboard_log_flush_seconds",
     "switchboard_log_head_seq",
+    "switchboard_log_failed",
     "switchboard_projection_lag_events",
     "switchboard_outbox_lag_events",
     "switchboard_live_actors",

@@ -11,6 +11,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use switchboard::server::{AgentSpec, ProviderSpec};
 use switchboard_actors::agent::{AgentConfig, Price};
+use switchboard_events::log::DB_DIR;
 
 use support::front::{samples, Front, ADMIN_KEY, WAIT};
 
@@ -243,5 +244,29 @@ async fn metrics_after_a_small_load_have_the_values_of_that_load() {
             .all(|series| !series.contains("conv-") && !series.contains("conversation_id")),
         "a per-conversation label"
     );
+
+    // A log whose write failed (a blob file it cannot create) says so.
+    assert_eq!(value("switchboard_log_failed"), 0.0);
+    let (status, issued) = post(&front, "/admin/keys", ADMIN_KEY, json!({ "name": "big" })).await;
+    assert_eq!(status, StatusCode::CREATED, "{issued}");
+    let big_key = issued["key"].as_str().expect("key").to_owned();
+    let log = front.server.log();
+    std::fs::remove_dir_all(log.dir().join(DB_DIR).join("blobs")).expect("remove the blob dir");
+    let (status, refused) = post(
+        &front,
+        "/v1/conversations/conv-big/messages",
+        &big_key,
+        json!({ "content": "a long message ".repeat(12_000) }),
+    )
+    .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{refused}");
+    let deadline = Instant::now() + WAIT;
+    while scrape(&front).await.get("switchboard_log_failed") != Some(&1.0) {
+        assert!(
+            Instant::now() < deadline,
+            "switchboard_log_failed is still not 1"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     front.server.shutdown().await;
 }
