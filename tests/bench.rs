@@ -6,22 +6,12 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::Value;
-use support::nats::locate_binary;
+use support::nats::nats_server_bin;
 
 const BIN: &str = env!("CARGO_BIN_EXE_switchboard");
-
-fn nats_server_bin() -> PathBuf {
-    locate_binary(
-        std::env::var_os("NATS_SERVER_BIN"),
-        std::env::var_os("PATH"),
-        Path::new(env!("CARGO_MANIFEST_DIR")),
-    )
-    .unwrap_or_else(|message| panic!("{message}"))
-}
 
 /// Runs `switchboard bench <args> --json` in a temporary working dir and
 /// returns its report.

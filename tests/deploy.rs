@@ -30,7 +30,7 @@ use switchboard::server::{AgentSpec, ProviderSpec};
 use switchboard_actors::agent::AgentConfig;
 
 use support::front::{Front, ADMIN_KEY, WAIT};
-use support::nats::{listening_port, locate_binary, NatsServer};
+use support::nats::{listening_port, nats_server_bin, NatsServer};
 
 /// Every metric the binary exports (issue 6). The dashboard and the alert
 /// rules may name these and nothing else.
@@ -337,15 +337,6 @@ impl Drop for ConfiguredNats {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn nats_server_bin() -> PathBuf {
-    locate_binary(
-        std::env::var_os("NATS_SERVER_BIN"),
-        std::env::var_os("PATH"),
-        Path::new(env!("CARGO_MANIFEST_DIR")),
-    )
-    .unwrap_or_else(|message| panic!("{message}"))
 }
 
 /// A connection as `user`, with the server's errors (permission violations

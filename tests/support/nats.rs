@@ -78,12 +78,7 @@ impl NatsServer {
     /// Panics, with the server's log, when no binary is found or the server
     /// does not come up within 30 seconds.
     pub fn start() -> NatsServer {
-        let bin = locate_binary(
-            std::env::var_os("NATS_SERVER_BIN"),
-            std::env::var_os("PATH"),
-            Path::new(env!("CARGO_MANIFEST_DIR")),
-        )
-        .unwrap_or_else(|message| panic!("{message}"));
+        let bin = nats_server_bin();
         let store = tempfile::Builder::new()
             .prefix("nats-store-")
             .tempdir()
@@ -296,6 +291,18 @@ impl Drop for NatsServer {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// The `nats-server` binary the tests run ([`locate_binary`] from this
+/// process's environment and the repository); panics with how to get one
+/// when there is none.
+pub fn nats_server_bin() -> PathBuf {
+    locate_binary(
+        std::env::var_os("NATS_SERVER_BIN"),
+        std::env::var_os("PATH"),
+        Path::new(env!("CARGO_MANIFEST_DIR")),
+    )
+    .unwrap_or_else(|message| panic!("{message}"))
 }
 
 /// Finds the server binary: `NATS_SERVER_BIN`, else `nats-server` on `PATH`,
