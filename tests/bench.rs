@@ -131,7 +131,7 @@ fn bench_nats_measures_the_service_beside_raw_and_durable_raw_request_reply() {
 }
 
 #[test]
-fn bench_http_measures_sends_streams_and_the_proxy_beside_their_baselines() {
+fn bench_http_measures_sends_history_reads_streams_and_the_proxy_beside_their_baselines() {
     let report = bench(&[
         "http",
         "--connections",
@@ -149,13 +149,21 @@ fn bench_http_measures_sends_streams_and_the_proxy_beside_their_baselines() {
         "--proxy-rounds",
         "1",
     ]);
-    for side in ["nats_send", "http_send", "chat_stream/streams"] {
+    for side in [
+        "nats_send",
+        "http_send",
+        "history_reads/nats",
+        "history_reads/http",
+        "chat_stream/streams",
+    ] {
         none_failed(&report, &[&format!("/{side}/failed")]);
         measured(&report, &format!("/{side}/per_sec"));
         measured(&report, &format!("/{side}/latency/p50_ms"));
     }
     measured(&report, "/chat_stream/first_chunk/p50_ms");
     measured(&report, "/send_target/ratio");
+    measured(&report, "/history_reads/ratio");
+    assert_eq!(report["history_reads"]["limit"], 20);
     let runs = report["proxy_runs"].as_array().expect("proxy runs");
     assert!(!runs.is_empty(), "{report}");
     for at in 0..runs.len() {

@@ -5,6 +5,9 @@
 //!   from `--connections` HTTP/1.1 keep-alive connections, beside
 //!   `sb.conv.<id>.send` from as many NATS clients measured just before —
 //!   the front is a bus client, so the NATS path is its ceiling;
+//! - history reads, with no target: a chat view's first page
+//!   (`GET /v1/conversations/{id}?latest=true&limit=20`) of the baseline's
+//!   conversations, beside `sb.conv.<id>.history` asking the same;
 //! - streamed chat completions (`/v1/chat/completions`, `stream: true`)
 //!   against the `echo` agent: whole streams per second and the time to the
 //!   first chunk;
@@ -33,7 +36,7 @@ use switchboard_actors::agent::AgentConfig;
 
 use super::log::rate;
 use super::nats::launcher::NatsServerProcess;
-use super::nats::load::{self, Driven, Percentiles, ReplyCounter, Until};
+use super::nats::load::{self, Ask, Driven, Percentiles, ReplyCounter, Until, HISTORY_PAGE};
 use super::nats::procfs;
 use super::nats::requests::CpuMark;
 use super::nats::{phase, progress_bar, CpuPerRequest, Scratch};
@@ -97,12 +100,27 @@ pub struct HttpBenchReport {
     pub load_after: Option<[f64; 3]>,
     pub nats_send: ClosedFigures,
     pub http_send: ClosedFigures,
+    /// Not a target: a chat view's first page of history, over NATS and HTTP.
+    pub history_reads: HistoryFigures,
     pub chat_stream: StreamFigures,
     pub send_target: SendTarget,
     /// At `--proxy-rate`, then at `--proxy-low-rate` (or lower, when
     /// switchboard did not sustain the first).
     pub proxy_runs: Vec<ProxyRun>,
     pub proxy_target: ProxyTarget,
+}
+
+/// History reads (`latest`, [`HISTORY_PAGE`] messages) of the NATS
+/// baseline's conversations, at the sends' concurrency, with no target.
+#[derive(Debug, Serialize)]
+pub struct HistoryFigures {
+    pub limit: usize,
+    /// `sb.conv.<id>.history` over NATS: the baseline.
+    pub nats: ClosedFigures,
+    /// `GET /v1/conversations/{id}?latest=true&limit=`.
+    pub http: ClosedFigures,
+    /// `http.per_sec / nats.per_sec`.
+    pub ratio: f64,
 }
 
 /// Closed-loop requests: each connection sends its next when answered.
@@ -242,7 +260,7 @@ pub fn measure(
     let load_after = load_average();
     show(format!("load average after: {}", loads(load_after)));
 
-    let (nats_send, http_send, chat_stream, proxy_runs) = report;
+    let (nats_send, http_send, history_reads, chat_stream, proxy_runs) = report;
     let send_target = SendTarget {
         http_acks_per_sec: http_send.per_sec,
         nats_acks_per_sec: nats_send.per_sec,
@@ -290,6 +308,7 @@ pub fn measure(
         load_after,
         nats_send,
         http_send,
+        history_reads,
         chat_stream,
         send_target,
         proxy_runs,
@@ -325,7 +344,13 @@ async fn start_service(
         .context("the service did not start")
 }
 
-type Measured = (ClosedFigures, ClosedFigures, StreamFigures, Vec<ProxyRun>);
+type Measured = (
+    ClosedFigures,
+    ClosedFigures,
+    HistoryFigures,
+    StreamFigures,
+    Vec<ProxyRun>,
+);
 
 /// What the measurements run against.
 struct Running<'a> {
@@ -433,6 +458,57 @@ async fn measure_all(
     ));
     phase(bar, "waiting for the replies of the HTTP sends".into());
     replies.wait_for(acked, REPLY_DRAIN_TIMEOUT).await;
+
+    show(format!(
+        "history reads (the newest {HISTORY_PAGE} messages: a chat view's first page) at {} connections",
+        args.connections
+    ));
+    show(format!(
+        "  {:<46} | {:>10} {:>8} {:>8} {:>8} | {:>6} | {}",
+        "path", "reads/s", "p50 ms", "p99 ms", "p99.9 ms", "failed", CPU_HEADER
+    ));
+    phase(
+        bar,
+        format!("NATS history reads, {} clients", args.connections),
+    );
+    settle().await;
+    let cpu = CpuMark::now(nats_pid);
+    let nats_reads = load::drive_asking(
+        &buses,
+        PREFIX,
+        &key,
+        args.connections,
+        args.conversations,
+        Until::Elapsed(window),
+        "history",
+        Ask::History,
+    )
+    .await?;
+    let nats_reads = ClosedFigures::of(nats_reads, cpu, nats_pid);
+    show(closed_line(
+        &format!("NATS {PREFIX}.conv.<id>.history (baseline)"),
+        &nats_reads,
+    ));
+    phase(
+        bar,
+        format!("HTTP history reads, {} connections", args.connections),
+    );
+    settle().await;
+    let cpu = CpuMark::now(nats_pid);
+    let http_reads =
+        clients::history_reads(base, &key, args.connections, args.conversations, window).await?;
+    let http_reads = ClosedFigures::of(http_reads, cpu, nats_pid);
+    show(closed_line("HTTP GET /v1/conversations/{id}", &http_reads));
+    let history_reads = HistoryFigures {
+        limit: HISTORY_PAGE,
+        ratio: share(http_reads.per_sec, nats_reads.per_sec),
+        nats: nats_reads,
+        http: http_reads,
+    };
+    show(format!(
+        "  HTTP/NATS: {:.0}% (no target)",
+        history_reads.ratio * 100.0
+    ));
     // Only the sends need the reply counter and the baseline's connections.
     // Kept, the counter had every later turn's `reply_completed` delivered
     // to this process, and the streams and the proxy pay for that.
@@ -521,7 +597,7 @@ async fn measure_all(
         }
         offered = lower;
     }
-    Ok((nats, http, chat_stream, proxy_runs))
+    Ok((nats, http, history_reads, chat_stream, proxy_runs))
 }
 
 fn closed_line(path: &str, f: &ClosedFigures) -> String {

@@ -12,7 +12,7 @@ use reqwest::StatusCode;
 use serde_json::json;
 use tokio::task::JoinSet;
 
-use crate::bench::nats::load::Driven;
+use crate::bench::nats::load::{empty_page, Driven, HISTORY_PAGE};
 use crate::bench::workload;
 
 /// How long one request may take before it counts as failed.
@@ -86,6 +86,45 @@ pub async fn sends(
                 ));
             }
             Ok(None)
+        }
+    })
+    .await?;
+    Ok(driven)
+}
+
+/// `GET /v1/conversations/{id}?latest=true&limit=`[`HISTORY_PAGE`] for
+/// `window`, a chat view's first page, from the conversations the NATS
+/// baseline sent to (as its history reads are); ok is a 200 with messages.
+pub async fn history_reads(
+    base: &str,
+    key: &str,
+    connections: usize,
+    conversations: usize,
+    window: Duration,
+) -> anyhow::Result<Driven> {
+    let headers = keyed(key, None)?;
+    let base = base.to_owned();
+    let (driven, _) = closed_loop(connections, window, move |http, _, slot, _| {
+        let id = workload::conversation_id((slot % conversations) as u64);
+        let request = http
+            .get(format!(
+                "{base}/v1/conversations/{id}?latest=true&limit={HISTORY_PAGE}"
+            ))
+            .headers(headers.clone());
+        async move {
+            let response = request.send().await.map_err(|e| e.to_string())?;
+            let status = response.status();
+            let body = response.bytes().await.map_err(|e| e.to_string())?;
+            if status != StatusCode::OK {
+                return Err(format!(
+                    "{status}: {}",
+                    cut(&String::from_utf8_lossy(&body))
+                ));
+            }
+            match empty_page(&body) {
+                Some(why) => Err(cut(&why)),
+                None => Ok(None),
+            }
         }
     })
     .await?;

@@ -81,6 +81,19 @@ pub enum Until {
     OnePass,
 }
 
+/// What one client request of [`drive`] is: a send, or a read of the
+/// conversation's history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ask {
+    /// `{prefix}.conv.<id>.send` with the typical message.
+    Send,
+    /// `{prefix}.conv.<id>.history`: its newest [`HISTORY_PAGE`] messages.
+    History,
+}
+
+/// The messages one history read asks for: a chat view's first page.
+pub const HISTORY_PAGE: usize = 20;
+
 /// `clients` tasks, client `i` on connection `i % buses.len()`, each sending
 /// one request at a time to `{prefix}.conv.<id>.send` [`Until`] told to stop.
 /// Client `i` takes conversations `i`, `i + clients`, ... in turn, so no two
@@ -95,6 +108,31 @@ pub async fn drive(
     conversations: usize,
     until: Until,
     run: &str,
+) -> anyhow::Result<Driven> {
+    drive_asking(
+        buses,
+        prefix,
+        key,
+        clients,
+        conversations,
+        until,
+        run,
+        Ask::Send,
+    )
+    .await
+}
+
+/// [`drive`], each request being `ask`.
+#[allow(clippy::too_many_arguments)]
+pub async fn drive_asking(
+    buses: &[Bus],
+    prefix: &str,
+    key: &str,
+    clients: usize,
+    conversations: usize,
+    until: Until,
+    run: &str,
+    ask: Ask,
 ) -> anyhow::Result<Driven> {
     let headers = Headers::new().with("Authorization", format!("Bearer {key}"));
     let started = Instant::now();
@@ -129,9 +167,16 @@ pub async fn drive(
                 let id = workload::conversation_id((slot % conversations) as u64);
                 slot += clients;
                 sent += 1;
-                let subject = format!("{prefix}.conv.{id}.send");
-                let body =
-                    json!({ "content": CONTENT, "message_id": format!("{run}-{client}-{sent}") });
+                let (subject, body) = match ask {
+                    Ask::Send => (
+                        format!("{prefix}.conv.{id}.send"),
+                        json!({ "content": CONTENT, "message_id": format!("{run}-{client}-{sent}") }),
+                    ),
+                    Ask::History => (
+                        format!("{prefix}.conv.{id}.history"),
+                        json!({ "latest": true, "limit": HISTORY_PAGE }),
+                    ),
+                };
                 let payload = serde_json::to_vec(&body).expect("a JSON value always serializes");
                 let asked = Instant::now();
                 let reply = bus
@@ -139,7 +184,10 @@ pub async fn drive(
                     .await;
                 let took = asked.elapsed();
                 let failure = match reply {
-                    Ok(reply) => refusal(&reply.payload),
+                    Ok(reply) => refusal(&reply.payload).or_else(|| match ask {
+                        Ask::Send => None,
+                        Ask::History => empty_page(&reply.payload),
+                    }),
                     Err(error) => Some(error.to_string()),
                 };
                 match failure {
@@ -172,6 +220,19 @@ pub async fn drive(
     }
     total.seconds = started.elapsed().as_secs_f64();
     Ok(total)
+}
+
+/// `None` for a history page with messages; otherwise what it was. Every
+/// conversation read has been sent to, so an empty page is a failure.
+pub fn empty_page(payload: &[u8]) -> Option<String> {
+    let page: serde_json::Value = serde_json::from_slice(payload).unwrap_or_default();
+    match page["messages"].as_array() {
+        Some(messages) if !messages.is_empty() => None,
+        _ => Some(format!(
+            "a history page without messages: {}",
+            String::from_utf8_lossy(payload)
+        )),
+    }
 }
 
 /// `None` for a reply `{"ok":true,...}`; otherwise what it said.
