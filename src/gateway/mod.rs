@@ -763,9 +763,9 @@ impl Gateway {
                 .map_err(|e| GatewayError::Internal(format!("history read failed: {e}")))?
         };
         let page = read.map_err(|error| {
-                tracing::error!(%error, "cannot read the history projection");
-                GatewayError::Unavailable("the history cannot be read".into())
-            })?;
+            tracing::error!(%error, "cannot read the history projection");
+            GatewayError::Unavailable("the history cannot be read".into())
+        })?;
         if let Some(page) = &page {
             if page.summary.key_id != caller.record.key_id && !caller.has(Scope::Admin) {
                 return Err(self.refuse_not_owner(caller, meta).await);
