@@ -90,21 +90,10 @@ fn assert_error(status: StatusCode, body: &Value, expected: StatusCode, code: &s
 }
 
 /// Reads an SSE body into its events until it ends.
-async fn sse_events(response: reqwest::Response) -> Vec<(String, Value, Option<String>)> {
-    let mut stream = response.bytes_stream();
-    let mut buffer = String::new();
-    let mut events = Vec::new();
-    while let Some(chunk) = tokio::time::timeout(WAIT, stream.next())
-        .await
-        .expect("the stream moves on")
-    {
-        buffer.push_str(&String::from_utf8_lossy(&chunk.expect("bytes")));
-        while let Some(end) = buffer.find("\n\n") {
-            let block: String = buffer.drain(..end + 2).collect();
-            events.extend(sse::parse_block(&block));
-        }
-    }
-    events
+async fn sse_events(response: reqwest::Response) -> Vec<sse::SseEvent> {
+    let mut text = String::new();
+    read_until(&mut response.bytes_stream(), &mut text, |_| false).await;
+    sse::parse(&text)
 }
 
 #[tokio::test]

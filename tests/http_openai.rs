@@ -754,6 +754,20 @@ async fn held_upstream(
     (format!("http://{addr}/v1"), gate, received)
 }
 
+/// Waits until the [`held_upstream`] counting in `received` has been asked
+/// for `turns` completions; panics after [`WAIT`].
+async fn until_received(received: &AtomicUsize, turns: usize) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while received.load(Ordering::SeqCst) < turns {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} of {turns} turns reached the model",
+            received.load(Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A front beside a core on `nats` (or on the embedded bus), with agent
 /// `agent` on the model server at `upstream` (model `held-model`).
 async fn front_on_model_server(nats: Option<&NatsServer>, agent: &str, upstream: String) -> Front {
@@ -790,14 +804,7 @@ async fn an_event_stream_resumed_after_a_message_still_passes_its_turns_deltas_b
         .await
         .expect("answered");
     assert_eq!(sent.status(), StatusCode::ACCEPTED);
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while received.load(Ordering::SeqCst) < 1 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no turn reached the model"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_received(&received, 1).await;
     let events = |after: Option<u64>| {
         let request = front.request(Method::GET, "/v1/conversations/resumed/events", Some(&key));
         match after {
@@ -883,14 +890,7 @@ async fn beside_a_core_on_nats_a_streamed_resend_ends_though_its_first_send_was_
     let sent = send_message(false).send().await.expect("answered");
     assert_eq!(sent.status(), StatusCode::ACCEPTED);
     let first_completion = tokio::spawn(Front::answer(complete(false)));
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while received.load(Ordering::SeqCst) < 2 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the turns never reached the model"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_received(&received, 2).await;
 
     // Their resends, streamed while the turns run; then the turns go on.
     let resent_message = send_message(true).send().await.expect("answered");

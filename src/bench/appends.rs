@@ -26,44 +26,63 @@ pub struct RawFlushes {
     pub bytes_on_disk: u64,
 }
 
-/// Plain sled: `batch` records inserted, then a flush, for `window`. Same
-/// configuration as the log (sled's defaults), in a fresh dir. Plain inserts,
-/// as the log writes its groups, not a sled `Batch`: from the first batch on,
-/// every sled operation of the process takes sled's process-wide lock, so a
-/// batch here would slow every phase of the bench after it, which `serve`
-/// never does.
-/// Also measures what the records take on disk, sled's own share of the log's
-/// size.
+/// A plain sled database for the raw baselines, with the log's configuration
+/// (sled's defaults) in a fresh dir: records inserted under increasing keys,
+/// each batch made durable by one flush. Plain inserts, as the log writes its
+/// groups, not a sled `Batch`: from the first batch on, every sled operation
+/// of the process takes sled's process-wide lock, so a batch here would slow
+/// every phase of the bench after it, which `serve` never does.
+pub struct RawSled {
+    db: sled::Db,
+    tree: sled::Tree,
+    /// Records inserted so far; the last one's key.
+    seq: u64,
+}
+
+impl RawSled {
+    pub fn open(path: &Path) -> anyhow::Result<RawSled> {
+        let db = sled::Config::new()
+            .path(path)
+            .open()
+            .with_context(|| format!("cannot open a sled database in {}", path.display()))?;
+        let tree = db.open_tree("raw")?;
+        Ok(RawSled { db, tree, seq: 0 })
+    }
+
+    /// Inserts `count` copies of `record`, then flushes once.
+    pub fn store(&mut self, count: usize, record: &[u8]) -> sled::Result<()> {
+        for _ in 0..count {
+            self.seq += 1;
+            let mut key = [b'r'; 9];
+            key[1..].copy_from_slice(&self.seq.to_be_bytes());
+            self.tree.insert(&key[..], record)?;
+        }
+        self.db.flush().map(drop)
+    }
+}
+
+/// Plain sled ([`RawSled`]): `batch` records inserted, then a flush, for
+/// `window`. Also measures what the records take on disk, sled's own share
+/// of the log's size.
 pub fn raw_sled(
     path: &Path,
     batch: usize,
     record: &[u8],
     window: Duration,
 ) -> anyhow::Result<RawFlushes> {
-    let db = sled::Config::new()
-        .path(path)
-        .open()
-        .with_context(|| format!("cannot open a sled database in {}", path.display()))?;
-    let tree = db.open_tree("raw")?;
-    let mut seq = 0u64;
+    let mut raw = RawSled::open(path)?;
     let mut flushes = 0u64;
     let started = Instant::now();
     while started.elapsed() < window {
-        for _ in 0..batch {
-            seq += 1;
-            let mut key = [b'r'; 9];
-            key[1..].copy_from_slice(&seq.to_be_bytes());
-            tree.insert(&key[..], record)?;
-        }
-        db.flush()?;
+        raw.store(batch, record)?;
         flushes += 1;
     }
     let seconds = started.elapsed().as_secs_f64();
     Ok(RawFlushes {
-        records: seq,
+        records: raw.seq,
         flushes,
         seconds,
-        bytes_on_disk: db.size_on_disk()?,
+        bytes_on_disk: raw.db.size_on_disk()?,
     })
 }
 

@@ -421,20 +421,20 @@ async fn measure_all(
         "path", "acks/s", "p50 ms", "p99 ms", "p99.9 ms", "failed", CPU_HEADER
     ));
     phase(bar, format!("NATS sends, {} clients", args.connections));
-    settle().await;
-    let cpu = CpuMark::now(nats_pid);
-    let nats = load::drive(
-        &buses,
-        PREFIX,
-        &key,
-        args.connections,
-        args.conversations,
-        Until::Elapsed(window),
-        "nats",
+    let nats = closed(
+        nats_pid,
+        load::drive(
+            &buses,
+            PREFIX,
+            &key,
+            args.connections,
+            args.conversations,
+            Until::Elapsed(window),
+            "nats",
+        ),
     )
     .await?;
     acked += nats.ok;
-    let nats = ClosedFigures::of(nats, cpu, nats_pid);
     show(closed_line(
         &format!("NATS {PREFIX}.conv.<id>.send (baseline)"),
         &nats,
@@ -443,11 +443,12 @@ async fn measure_all(
     replies.wait_for(acked, REPLY_DRAIN_TIMEOUT).await;
 
     phase(bar, format!("HTTP sends, {} connections", args.connections));
-    settle().await;
-    let cpu = CpuMark::now(nats_pid);
-    let http = clients::sends(base, &key, args.connections, args.conversations, window).await?;
+    let http = closed(
+        nats_pid,
+        clients::sends(base, &key, args.connections, args.conversations, window),
+    )
+    .await?;
     acked += http.ok;
-    let http = ClosedFigures::of(http, cpu, nats_pid);
     show(closed_line(
         "HTTP POST /v1/conversations/{id}/messages",
         &http,
@@ -471,20 +472,20 @@ async fn measure_all(
         bar,
         format!("NATS history reads, {} clients", args.connections),
     );
-    settle().await;
-    let cpu = CpuMark::now(nats_pid);
-    let nats_reads = load::drive_asking(
-        &buses,
-        PREFIX,
-        &key,
-        args.connections,
-        args.conversations,
-        Until::Elapsed(window),
-        "history",
-        Ask::History,
+    let nats_reads = closed(
+        nats_pid,
+        load::drive_asking(
+            &buses,
+            PREFIX,
+            &key,
+            args.connections,
+            args.conversations,
+            Until::Elapsed(window),
+            "history",
+            Ask::History,
+        ),
     )
     .await?;
-    let nats_reads = ClosedFigures::of(nats_reads, cpu, nats_pid);
     show(closed_line(
         &format!("NATS {PREFIX}.conv.<id>.history (baseline)"),
         &nats_reads,
@@ -493,11 +494,11 @@ async fn measure_all(
         bar,
         format!("HTTP history reads, {} connections", args.connections),
     );
-    settle().await;
-    let cpu = CpuMark::now(nats_pid);
-    let http_reads =
-        clients::history_reads(base, &key, args.connections, args.conversations, window).await?;
-    let http_reads = ClosedFigures::of(http_reads, cpu, nats_pid);
+    let http_reads = closed(
+        nats_pid,
+        clients::history_reads(base, &key, args.connections, args.conversations, window),
+    )
+    .await?;
     show(closed_line("HTTP GET /v1/conversations/{id}", &http_reads));
     let history_reads = HistoryFigures {
         limit: HISTORY_PAGE,
@@ -598,6 +599,19 @@ async fn measure_all(
         offered = lower;
     }
     Ok((nats, http, history_reads, chat_stream, proxy_runs))
+}
+
+/// One closed-loop measurement: `run` once the process is quiet
+/// ([`settle`]), with the CPU spent meanwhile. (`run` is a future, so it
+/// starts only then.)
+async fn closed(
+    nats_pid: u32,
+    run: impl std::future::Future<Output = anyhow::Result<Driven>>,
+) -> anyhow::Result<ClosedFigures> {
+    settle().await;
+    let cpu = CpuMark::now(nats_pid);
+    let driven = run.await?;
+    Ok(ClosedFigures::of(driven, cpu, nats_pid))
 }
 
 fn closed_line(path: &str, f: &ClosedFigures) -> String {

@@ -528,11 +528,10 @@ impl Follower {
         if self.held.is_empty() {
             self.held_since = None;
         }
+        // None of them is of an ended turn: a turn's end releases its
+        // deltas before it goes out, and later ones are dropped on arrival.
         for delta in released {
             let id = delta["message_id"].as_str().unwrap_or_default();
-            if self.ended.iter().any(|ended| ended == id) {
-                continue;
-            }
             if !self.received.iter().any(|received| received == id) {
                 remember(&mut self.received, id, RECEIVED_KEPT);
             }
@@ -580,16 +579,12 @@ impl Follower {
                 (Some("message_received"), Some(message_id)) => {
                     self.send(stored_event(envelope)).await?;
                     remember(&mut self.received, message_id, RECEIVED_KEPT);
-                    if !self.held.is_empty() {
-                        self.release_held(Some(message_id)).await?;
-                    }
+                    self.release_held(Some(message_id)).await?;
                 }
                 (Some("reply_completed" | "reply_failed"), Some(message_id)) => {
                     // Deltas still held are of a message stored before the
                     // stream's start: they go before their end.
-                    if !self.held.is_empty() {
-                        self.release_held(Some(message_id)).await?;
-                    }
+                    self.release_held(Some(message_id)).await?;
                     self.send(stored_event(envelope)).await?;
                     remember(&mut self.ended, message_id, ENDED_KEPT);
                 }

@@ -10,7 +10,7 @@ pub type SseEvent = (String, Value, Option<String>);
 
 /// The event of one block of an SSE body (the text between blank lines),
 /// unless it has no JSON data (a comment, a keep-alive, a partial block).
-pub fn parse_block(block: &str) -> Option<SseEvent> {
+fn parse_block(block: &str) -> Option<SseEvent> {
     let (mut kind, mut data, mut id) = (String::from("message"), String::new(), None);
     for line in block.lines() {
         if let Some(v) = line.strip_prefix("event:") {

@@ -76,15 +76,7 @@ pub async fn sends(
             .headers(headers.clone())
             .json(&json!({ "content": CONTENT, "message_id": format!("http-{client}-{sent}") }));
         async move {
-            let response = request.send().await.map_err(|e| e.to_string())?;
-            let status = response.status();
-            let body = response.bytes().await.map_err(|e| e.to_string())?;
-            if status != StatusCode::ACCEPTED {
-                return Err(format!(
-                    "{status}: {}",
-                    cut(&String::from_utf8_lossy(&body))
-                ));
-            }
+            answered(request, StatusCode::ACCEPTED).await?;
             Ok(None)
         }
     })
@@ -112,15 +104,7 @@ pub async fn history_reads(
             ))
             .headers(headers.clone());
         async move {
-            let response = request.send().await.map_err(|e| e.to_string())?;
-            let status = response.status();
-            let body = response.bytes().await.map_err(|e| e.to_string())?;
-            if status != StatusCode::OK {
-                return Err(format!(
-                    "{status}: {}",
-                    cut(&String::from_utf8_lossy(&body))
-                ));
-            }
+            let body = answered(request, StatusCode::OK).await?;
             match empty_page(&body) {
                 Some(why) => Err(cut(&why)),
                 None => Ok(None),
@@ -185,6 +169,24 @@ pub async fn streams(
 }
 
 /// `Authorization` for `key`, and `Accept` when given.
+/// Sends `request`; its body when it is answered `expected`, otherwise the
+/// status and (the start of) the body.
+async fn answered(
+    request: reqwest::RequestBuilder,
+    expected: StatusCode,
+) -> Result<bytes::Bytes, String> {
+    let response = request.send().await.map_err(|e| e.to_string())?;
+    let status = response.status();
+    let body = response.bytes().await.map_err(|e| e.to_string())?;
+    if status != expected {
+        return Err(format!(
+            "{status}: {}",
+            cut(&String::from_utf8_lossy(&body))
+        ));
+    }
+    Ok(body)
+}
+
 fn keyed(key: &str, accept: Option<&'static str>) -> anyhow::Result<HeaderMap> {
     let mut headers = HeaderMap::new();
     headers.insert(

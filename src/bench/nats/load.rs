@@ -21,6 +21,7 @@ use serde_json::json;
 use switchboard::bus::{Bus, Headers, NatsBus};
 use tokio::task::{JoinHandle, JoinSet};
 
+use crate::bench::appends::RawSled;
 use crate::bench::workload;
 
 /// The subject prefix the raw responder answers under.
@@ -247,121 +248,86 @@ fn refusal(payload: &[u8]) -> Option<String> {
     }
 }
 
-/// The trivial responder of the raw baseline, on a connection of its own as
-/// the service has; stops when dropped.
-pub struct RawResponder {
-    task: JoinHandle<()>,
-}
-
-impl RawResponder {
-    /// Answers every `raw.conv.*.send` with [`RAW_ACK`], in the order they
-    /// come, from one queue subscription (as the gateway subscribes). In place
-    /// for other connections when this returns.
-    pub async fn start(url: &str) -> anyhow::Result<RawResponder> {
-        let bus = Bus::from(NatsBus::connect(url).await?);
-        let mut requests = bus
-            .queue_subscribe(&format!("{RAW_PREFIX}.conv.*.send"), "raw")
-            .await?;
-        bus.flush()
-            .await
-            .context("the raw responder cannot reach NATS")?;
-        let ack = Bytes::from_static(RAW_ACK);
-        let task = tokio::spawn(async move {
-            while let Some(request) = requests.recv().await {
-                let headers = Headers::new().with("Content-Type", "application/json");
-                if let Err(error) = bus.respond(&request, headers, ack.clone()).await {
-                    tracing::warn!(%error, "the raw responder could not answer");
-                }
-            }
-        });
-        Ok(RawResponder { task })
-    }
-}
-
-impl Drop for RawResponder {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
 /// The subject prefix the durable raw responder answers under.
 pub const DURABLE_PREFIX: &str = "durable";
 /// The most requests the durable raw responder stores under one flush (the
 /// log's own bound on a group).
 const DURABLE_MAX_GROUP: usize = 4096;
 
-/// The least a service that acknowledges only what is on disk must do: it
-/// answers every `durable.conv.*.send` with [`RAW_ACK`] once a record for it
-/// is inserted into sled and flushed. It takes every request waiting, inserts
-/// a record for each, flushes once and answers them all (a group commit, as
-/// the log does; one request alone is one insert and one flush), on one
-/// queue subscription and on the runtime's worker thread, as the log's lone
-/// appends do. Nothing is published, checked or routed: no events, no keys,
-/// no turn.
-pub struct DurableResponder {
+/// A baseline responder, on a connection of its own as the service has, on
+/// one queue subscription (as the gateway subscribes); stops when dropped.
+///
+/// - [`Responder::raw`]: the trivial responder, answering each request with
+///   [`RAW_ACK`] as it comes.
+/// - [`Responder::durable`]: the least a service that acknowledges only what
+///   is on disk must do. It takes every request waiting, inserts a record
+///   for each into plain sled, flushes once and answers them all (a group
+///   commit, as the log does; one request alone is one insert and one
+///   flush), on the runtime's worker thread, as the log's lone appends do.
+///   Nothing is published, checked or routed: no events, no keys, no turn.
+pub struct Responder {
     task: JoinHandle<()>,
 }
 
-impl DurableResponder {
-    /// Starts answering, with a sled database of its own in `path`, storing
-    /// `record` for each request. In place for other connections when this
-    /// returns.
-    pub async fn start(
+impl Responder {
+    /// Answers every `raw.conv.*.send`. In place for other connections when
+    /// this returns.
+    pub async fn raw(url: &str) -> anyhow::Result<Responder> {
+        Responder::start(url, RAW_PREFIX, None).await
+    }
+
+    /// Answers every `durable.conv.*.send` once `record` is stored for it in
+    /// a sled database of its own in `path`. In place for other connections
+    /// when this returns.
+    pub async fn durable(url: &str, path: &Path, record: Vec<u8>) -> anyhow::Result<Responder> {
+        let sled = RawSled::open(path)?;
+        Responder::start(url, DURABLE_PREFIX, Some((sled, record))).await
+    }
+
+    async fn start(
         url: &str,
-        path: &Path,
-        record: Vec<u8>,
-    ) -> anyhow::Result<DurableResponder> {
-        let db = sled::Config::new()
-            .path(path)
-            .open()
-            .with_context(|| format!("cannot open a sled database in {}", path.display()))?;
-        let tree = db.open_tree("durable")?;
+        prefix: &str,
+        mut store: Option<(RawSled, Vec<u8>)>,
+    ) -> anyhow::Result<Responder> {
         let bus = Bus::from(NatsBus::connect(url).await?);
         let mut requests = bus
-            .queue_subscribe(&format!("{DURABLE_PREFIX}.conv.*.send"), "durable")
+            .queue_subscribe(&format!("{prefix}.conv.*.send"), prefix)
             .await?;
         bus.flush()
             .await
-            .context("the durable raw responder cannot reach NATS")?;
+            .with_context(|| format!("the {prefix} responder cannot reach NATS"))?;
         let ack = Bytes::from_static(RAW_ACK);
         let task = tokio::spawn(async move {
-            let mut seq = 0u64;
             let mut group = Vec::new();
             while let Some(first) = requests.recv().await {
                 group.push(first);
-                while group.len() < DURABLE_MAX_GROUP {
-                    match futures::FutureExt::now_or_never(requests.recv()) {
-                        Some(Some(more)) => group.push(more),
-                        _ => break,
+                if let Some((sled, record)) = &mut store {
+                    while group.len() < DURABLE_MAX_GROUP {
+                        match futures::FutureExt::now_or_never(requests.recv()) {
+                            Some(Some(more)) => group.push(more),
+                            _ => break,
+                        }
                     }
-                }
-                let stored = tokio::task::block_in_place(|| {
-                    for _ in &group {
-                        seq += 1;
-                        let mut key = [b'd'; 9];
-                        key[1..].copy_from_slice(&seq.to_be_bytes());
-                        tree.insert(&key[..], &record[..])?;
+                    let stored = tokio::task::block_in_place(|| sled.store(group.len(), record));
+                    if let Err(error) = stored {
+                        tracing::warn!(%error, "the durable responder could not store; its requests go unanswered");
+                        group.clear();
+                        continue;
                     }
-                    db.flush()
-                });
-                if let Err(error) = stored {
-                    tracing::warn!(%error, "the durable raw responder could not store; its requests go unanswered");
-                    group.clear();
-                    continue;
                 }
                 for request in group.drain(..) {
                     let headers = Headers::new().with("Content-Type", "application/json");
                     if let Err(error) = bus.respond(&request, headers, ack.clone()).await {
-                        tracing::warn!(%error, "the durable raw responder could not answer");
+                        tracing::warn!(%error, "a baseline responder could not answer");
                     }
                 }
             }
         });
-        Ok(DurableResponder { task })
+        Ok(Responder { task })
     }
 }
 
-impl Drop for DurableResponder {
+impl Drop for Responder {
     fn drop(&mut self) {
         self.task.abort();
     }
@@ -429,23 +395,15 @@ impl Drop for ReplyCounter {
 /// under a durable append of one message. Same configuration as the log
 /// (sled's defaults) in a fresh dir; the record is the log bench's.
 pub fn raw_flushes(path: &Path, record: &[u8], window: Duration) -> anyhow::Result<Driven> {
-    let db = sled::Config::new()
-        .path(path)
-        .open()
-        .with_context(|| format!("cannot open a sled database in {}", path.display()))?;
-    let tree = db.open_tree("raw")?;
+    let mut sled = RawSled::open(path)?;
     let mut latencies = Vec::new();
     let started = Instant::now();
-    let mut seq = 0u64;
     while started.elapsed() < window {
-        seq += 1;
-        let mut key = [b'r'; 9];
-        key[1..].copy_from_slice(&seq.to_be_bytes());
         let asked = Instant::now();
-        tree.insert(&key[..], record)?;
-        db.flush()?;
+        sled.store(1, record)?;
         latencies.push(asked.elapsed().as_nanos() as u64);
     }
+    let seq = latencies.len() as u64;
     Ok(Driven {
         ok: seq,
         failed: 0,

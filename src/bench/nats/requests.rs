@@ -13,8 +13,7 @@ use serde_json::json;
 use switchboard::bus::{Bus, Headers};
 
 use super::load::{
-    self, Driven, DurableResponder, Percentiles, RawResponder, ReplyCounter, Until, DURABLE_PREFIX,
-    RAW_PREFIX,
+    self, Driven, Percentiles, ReplyCounter, Responder, Until, DURABLE_PREFIX, RAW_PREFIX,
 };
 use super::{phase, procfs, ClientFigures, CpuPerRequest, NatsBenchArgs, PREFIX};
 use crate::bench::log::rate;
@@ -47,8 +46,8 @@ pub async fn measure_requests(
     let window = Duration::from_secs_f64(args.duration_secs);
     let buses = load::connect(url, args.connections).await?;
     let key = issue_key(&buses[0], admin_key).await?;
-    let _responder = RawResponder::start(url).await?;
-    let _durable = DurableResponder::start(url, durable.path, durable.record).await?;
+    let _raw = Responder::raw(url).await?;
+    let _durable = Responder::durable(url, durable.path, durable.record).await?;
     let replies = ReplyCounter::start(url, PREFIX).await?;
     let widest = args.clients.iter().copied().max().unwrap_or(1);
 
@@ -107,7 +106,13 @@ pub async fn measure_requests(
         "acks/raw"
     ));
     let mut runs = Vec::new();
-    let slice = window / args.rounds;
+    let windows = Windows {
+        buses: &buses,
+        key: &key,
+        conversations: args.conversations,
+        slice: window / args.rounds,
+        nats_pid,
+    };
     for &clients in &args.clients {
         let (mut raw, mut durable, mut sent) =
             (Driven::default(), Driven::default(), Driven::default());
@@ -122,50 +127,26 @@ pub async fn measure_requests(
         for round in 1..=args.rounds {
             let of = format!("{clients} clients, round {round}/{}", args.rounds);
             phase(bar, format!("raw request/reply, {of}"));
-            let cpu = CpuMark::now(nats_pid);
-            let raw_round = load::drive(
-                &buses,
-                RAW_PREFIX,
-                &key,
-                clients,
-                args.conversations,
-                Until::Elapsed(slice),
-                &format!("raw{clients}-{round}"),
-            )
-            .await?;
+            let (raw_round, cpu) = windows
+                .drive(RAW_PREFIX, clients, format!("raw{clients}-{round}"))
+                .await?;
             ensure_answered(&raw_round, "raw request/reply")?;
-            raw_cpu.add(cpu.spent(nats_pid));
+            raw_cpu.add(cpu);
 
             phase(bar, format!("durable raw request/reply, {of}"));
-            let cpu = CpuMark::now(nats_pid);
-            let durable_round = load::drive(
-                &buses,
-                DURABLE_PREFIX,
-                &key,
-                clients,
-                args.conversations,
-                Until::Elapsed(slice),
-                &format!("durable{clients}-{round}"),
-            )
-            .await?;
+            let (durable_round, cpu) = windows
+                .drive(DURABLE_PREFIX, clients, format!("durable{clients}-{round}"))
+                .await?;
             ensure_answered(&durable_round, "durable raw request/reply")?;
-            durable_cpu.add(cpu.spent(nats_pid));
+            durable_cpu.add(cpu);
 
             phase(bar, format!("service sends, {of}"));
             let replies_before = replies.seen();
-            let cpu = CpuMark::now(nats_pid);
-            let sent_round = load::drive(
-                &buses,
-                PREFIX,
-                &key,
-                clients,
-                args.conversations,
-                Until::Elapsed(slice),
-                &format!("c{clients}-{round}"),
-            )
-            .await?;
+            let (sent_round, cpu) = windows
+                .drive(PREFIX, clients, format!("c{clients}-{round}"))
+                .await?;
             replies_in_windows += replies.seen().saturating_sub(replies_before);
-            service_cpu.add(cpu.spent(nats_pid));
+            service_cpu.add(cpu);
             ensure_answered(&sent_round, "the service")?;
             acked += sent_round.ok;
             behind = behind.max(acked.saturating_sub(replies.seen()));
@@ -268,6 +249,40 @@ pub async fn measure_requests(
         ));
     }
     Ok((warm.seconds, runs))
+}
+
+/// What every measured window of [`measure_requests`] shares: the clients'
+/// connections and key, the conversations, the window's length.
+struct Windows<'a> {
+    buses: &'a [Bus],
+    key: &'a str,
+    conversations: usize,
+    slice: Duration,
+    nats_pid: u32,
+}
+
+impl Windows<'_> {
+    /// `clients` clients sending to `{prefix}.conv.<id>.send` for one window
+    /// (message ids starting with `run`), and the CPU spent meanwhile.
+    async fn drive(
+        &self,
+        prefix: &str,
+        clients: usize,
+        run: String,
+    ) -> anyhow::Result<(Driven, CpuSpent)> {
+        let cpu = CpuMark::now(self.nats_pid);
+        let driven = load::drive(
+            self.buses,
+            prefix,
+            self.key,
+            clients,
+            self.conversations,
+            Until::Elapsed(self.slice),
+            &run,
+        )
+        .await?;
+        Ok((driven, cpu.spent(self.nats_pid)))
+    }
 }
 
 /// Issues the chat key the clients send with.

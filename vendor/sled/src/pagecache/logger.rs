@@ -376,33 +376,7 @@ impl Log {
                 DiskPtr::new_inline(reservation_lid)
             };
 
-            // switchboard: this thread counts as one of the buffer's
-            // writers from the claim above. When the message cannot be
-            // encapsulated (its blob file could not be written: a full
-            // disk, a removed directory), leave as an aborted reservation
-            // does: mark the claimed bytes a cancelled message and leave the
-            // buffer. Upstream returned with the claim held, so the buffer
-            // was never written and every later flush waited forever.
-            if let Err(e) = encapsulated {
-                drop(Reservation {
-                    iobuf,
-                    log: self,
-                    buf: destination,
-                    flushed: false,
-                    lsn: reservation_lsn,
-                    pointer,
-                    is_blob_rewrite: blob_rewrite.is_some(),
-                    header_len: usize::try_from(
-                        message_header.serialized_size(),
-                    )
-                    .unwrap(),
-                });
-                return Err(e);
-            }
-
-            M.log_reservation_success();
-
-            return Ok(Reservation {
+            let reservation = Reservation {
                 iobuf,
                 log: self,
                 buf: destination,
@@ -412,7 +386,24 @@ impl Log {
                 is_blob_rewrite: blob_rewrite.is_some(),
                 header_len: usize::try_from(message_header.serialized_size())
                     .unwrap(),
-            });
+            };
+
+            // switchboard: this thread counts as one of the buffer's
+            // writers from the claim above. When the message cannot be
+            // encapsulated (its blob file could not be written: a full
+            // disk, a removed directory), leave as an aborted reservation
+            // does: dropped unflushed, it marks the claimed bytes a
+            // cancelled message and leaves the buffer. Upstream returned with
+            // the claim held, so the buffer was never written and every
+            // later flush waited forever.
+            if let Err(e) = encapsulated {
+                drop(reservation);
+                return Err(e);
+            }
+
+            M.log_reservation_success();
+
+            return Ok(reservation);
         }
     }
 
