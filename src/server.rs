@@ -7,9 +7,10 @@
 //! unreachable NATS is refused before anything is created — then open the log
 //! (refusing a dir another process holds), bring the projections up to its
 //! head (a stop signal interrupts that, see [`Server::start_unless`]), make
-//! sure the admin key exists, start the agents, the conversations and the
-//! gateway, then publish events from the log (the outbox) and end turns an
-//! earlier process left without a reply.
+//! sure the admin key exists, start the agents and the conversations, publish
+//! events from the log (the outbox), start the gateway (whose reply deltas
+//! follow the outbox), then end turns an earlier process left without a
+//! reply.
 //!
 //! Shutdown ([`Server::shutdown`]): stop taking requests (answering those
 //! already taken), let running turns finish — each ends `reply_completed` or
@@ -40,10 +41,10 @@ use tokio::task::JoinHandle;
 
 use crate::alerts::{WebhookConfig, WebhookHandle, WebhookSink};
 use crate::bus::{Bus, Headers, LocalBus, LocalBusConfig, NatsBus};
-use crate::gateway::{GatewayHandle, NatsGateway};
+use crate::gateway::{FrontBus, GatewayHandle, NatsGateway};
 use crate::http::{HttpConfig, HttpHandle};
 use crate::keys::{self, AdminBootstrap};
-use crate::outbox::{Outbox, OutboxError, OutboxHandle};
+use crate::outbox::{FrontFeed, Outbox, OutboxError, OutboxHandle};
 use crate::service::{self, ServiceHandle, ServiceInfo};
 
 /// How long start-up waits for the first NATS connection.
@@ -194,7 +195,7 @@ pub struct Server {
     service: ServiceHandle,
     outbox: OutboxHandle,
     /// The front's feed of the log's events, beside an HTTP front on NATS.
-    front_feed: Option<JoinHandle<()>>,
+    front_feed: Option<FrontFeed>,
     webhooks: WebhookHandle,
     stop_sampler: oneshot::Sender<()>,
     sampler_task: JoinHandle<()>,
@@ -376,9 +377,25 @@ impl Server {
         let front_feed = front
             .clone()
             .map(|front| crate::outbox::spawn_front_feed(&log, front, &config.prefix));
+        let front_bus = front
+            .clone()
+            .zip(front_feed.as_ref())
+            .map(|(bus, feed)| FrontBus {
+                bus,
+                issued: feed.issued.clone(),
+            });
+        // The outbox before the gateway, whose deltas wait for it.
+        let mut outbox = Outbox::new(log.clone(), bus.clone(), &config.prefix);
+        if let Some(pattern) = &config.outbox_jetstream {
+            outbox = outbox
+                .confirm_with_jetstream(pattern)
+                .map_err(outbox_error)?;
+        }
+        let outbox = outbox.spawn().map_err(outbox_error)?;
         let gateway = NatsGateway::start_with_front(
             bus.clone(),
-            front.clone(),
+            front_bus,
+            Some(outbox.issued()),
             &config.prefix,
             coordinator.clone(),
             projections.clone(),
@@ -410,13 +427,6 @@ impl Server {
             None => None,
         };
 
-        let mut outbox = Outbox::new(log.clone(), bus.clone(), &config.prefix);
-        if let Some(pattern) = &config.outbox_jetstream {
-            outbox = outbox
-                .confirm_with_jetstream(pattern)
-                .map_err(outbox_error)?;
-        }
-        let outbox = outbox.spawn().map_err(outbox_error)?;
         let webhooks = WebhookSink::spawn(log.clone(), config.webhooks.clone())
             .map_err(|e| ServerError::Config(format!("the alert webhooks: {e}")))?;
         let (stop_sampler, sampler_stopped) = oneshot::channel::<()>();
@@ -547,8 +557,8 @@ impl Server {
         self.outbox.stop().await;
         if let Some(feed) = self.front_feed {
             // Its subscription to the log goes with it, before the log closes.
-            feed.abort();
-            let _ = feed.await;
+            feed.task.abort();
+            let _ = feed.task.await;
         }
         self.webhooks.stop().await;
         let _ = self.stop_projections.send(());

@@ -344,7 +344,19 @@ async fn read_sse_until(response: reqwest::Response, done: impl Fn(&str) -> bool
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_stream_shows_a_message_before_its_replys_deltas_and_them_before_its_end() {
-    let front = Front::start().await;
+    events_in_order(Front::start().await).await;
+}
+
+/// As above, with the core on NATS: the front's streams follow the
+/// in-process bus, fed by the front's feed and the gateway's deltas.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beside_a_core_on_nats_an_event_stream_shows_every_delta_between_its_message_and_its_end() {
+    let nats = support::nats::NatsServer::start();
+    let url = nats.url();
+    events_in_order(Front::start_with(move |config| config.nats_url = Some(url)).await).await;
+}
+
+async fn events_in_order(front: Front) {
     let (_, key) = front.issue(json!({ "name": "ana" })).await;
     front
         .call(
@@ -366,8 +378,9 @@ async fn an_event_stream_shows_a_message_before_its_replys_deltas_and_them_befor
     // Streamed sends start their turn before their message is durable;
     // plain ones start it once it is, and the stream hears of the message
     // from the log's follower while the turn streams.
-    const SENDS: usize = 60;
-    for n in 1..=SENDS {
+    // Eight at a time, so turns and the log's followers race.
+    const SENDS: usize = 64;
+    let send = |n: usize| {
         let request = front
             .client
             .post(front.url("/v1/conversations/o1/messages"))
@@ -377,9 +390,14 @@ async fn an_event_stream_shows_a_message_before_its_replys_deltas_and_them_befor
             0 => request.header("Accept", "text/event-stream"),
             _ => request,
         };
-        let response = request.send().await.expect("answered");
-        assert!(response.status().is_success(), "{}", response.status());
-        let _ = response.bytes().await;
+        async move {
+            let response = request.send().await.expect("answered");
+            assert!(response.status().is_success(), "{}", response.status());
+            let _ = response.bytes().await;
+        }
+    };
+    for first in (1..=SENDS).step_by(8) {
+        futures::future::join_all((first..first + 8).map(send)).await;
     }
     read_until(&mut stream, &mut text, |text| {
         text.matches("event: reply_completed").count() > SENDS

@@ -273,7 +273,13 @@ async fn a_restarted_outbox_resumes_from_its_checkpoint() {
     }
     let outbox = start(&log, &bus);
     assert_eq!(outbox.published_through(), 3, "the checkpoint was kept");
+    let issued = outbox.issued();
+    assert!(
+        (3..=6).contains(&*issued.borrow()),
+        "issued from the checkpoint on"
+    );
     published(&outbox, 6).await;
+    assert_eq!(*issued.borrow(), 6, "issued what it published");
     // Publishing is in seq order on one connection: had 1..=3 gone out again,
     // they would arrive before 4.
     let envelopes = every_event(&log);
@@ -361,6 +367,7 @@ async fn the_front_feed_publishes_conversation_events_from_the_head_on() {
     let front = Bus::from(LocalBus::new());
     let mut everything = subscribe(&front, "sb.>").await;
     let feed = spawn_front_feed(&log, front.clone(), "sb");
+    assert_eq!(*feed.issued.borrow(), 1, "starts at the head");
     // Not conversation events: not fed.
     append(&log, key("key_1"), rate_limited("key_1")).await;
     let usage_seq = append(&log, conv("c1"), usage("c1", "key_1", 1)).await;
@@ -388,7 +395,8 @@ async fn the_front_feed_publishes_conversation_events_from_the_head_on() {
             .is_err(),
         "only the conversation events after the head are fed"
     );
-    feed.abort();
+    assert_eq!(*feed.issued.borrow(), message_seq, "done with every event");
+    feed.task.abort();
 }
 
 #[tokio::test]

@@ -100,14 +100,10 @@ async fn a_thousand_messages_over_fifty_conversations_are_acked_answered_and_kep
     let client = Client::connect(&nats.url()).await;
     let (_, key) = client.issue_key(json!({ "name": "load" })).await;
 
-    let mut replies = client
+    // One subscription, so what it receives is in the order published.
+    let mut events = client
         .bus
-        .subscribe("sb.evt.conv.*.reply_completed")
-        .await
-        .expect("subscribes");
-    let mut deltas = client
-        .bus
-        .subscribe("sb.evt.conv.*.reply_delta")
+        .subscribe("sb.evt.conv.*.>")
         .await
         .expect("subscribes");
     client.bus.flush().await.expect("flushes");
@@ -136,33 +132,41 @@ async fn a_thousand_messages_over_fifty_conversations_are_acked_answered_and_kep
         done.expect("a sender failed");
     }
 
+    // Every reply is published, and each of its deltas after its message
+    // and before it.
     let deadline = Instant::now() + PHASE;
-    let mut answered = HashSet::new();
+    let (mut received, mut answered, mut streamed) =
+        (HashSet::new(), HashSet::new(), HashSet::new());
     while answered.len() < CONVERSATIONS * PER_CONVERSATION {
         let left = deadline.saturating_duration_since(Instant::now());
-        let message = tokio::time::timeout(left, replies.recv())
+        let message = tokio::time::timeout(left, events.recv())
             .await
             .unwrap_or_else(|_| panic!("only {} replies arrived", answered.len()))
             .expect("the subscription is open");
-        let event: Value = serde_json::from_slice(&message.payload).expect("JSON");
-        assert_eq!(event["type"], json!("reply_completed"));
-        let message_id = event["data"]["message_id"].as_str().expect("message_id");
-        assert!(answered.insert(message_id.to_owned()), "{message_id} twice");
+        let body: Value = serde_json::from_slice(&message.payload).expect("JSON");
+        let message_id = |body: &Value| body["message_id"].as_str().expect("message_id").to_owned();
+        match message.subject.rsplit('.').next().expect("a type") {
+            "message_received" => {
+                received.insert(message_id(&body["data"]));
+            }
+            "reply_delta" => {
+                for field in ["conversation_id", "reply_id", "index", "delta"] {
+                    assert!(!body[field].is_null(), "{field} missing from {body}");
+                }
+                let id = message_id(&body);
+                assert!(received.contains(&id), "a delta of {id} before its message");
+                assert!(!answered.contains(&id), "a delta of {id} after its reply");
+                streamed.insert(id);
+            }
+            "reply_completed" => {
+                let id = message_id(&body["data"]);
+                assert!(received.contains(&id), "{id}'s reply before its message");
+                assert!(answered.insert(id.clone()), "{id} answered twice");
+            }
+            _ => {}
+        }
     }
-    let delta = tokio::time::timeout(PHASE, deltas.recv())
-        .await
-        .expect("reply deltas are streamed")
-        .expect("open");
-    let delta: Value = serde_json::from_slice(&delta.payload).expect("JSON");
-    for field in [
-        "conversation_id",
-        "message_id",
-        "reply_id",
-        "index",
-        "delta",
-    ] {
-        assert!(!delta[field].is_null(), "{field} missing from {delta}");
-    }
+    assert_eq!(streamed, answered, "every reply is streamed");
 
     for c in 0..CONVERSATIONS {
         let history = client.history(&key, &format!("c{c}")).await;

@@ -667,10 +667,12 @@ async fn a_turn_left_open_after_a_clean_stop_is_still_ended_at_the_next_start() 
     server.shutdown().await;
 }
 
-/// Under load, every `reply_delta` of a turn reaches a subscriber before the
-/// turn's `reply_completed` (which the outbox publishes from the log).
+/// Under load, every `reply_delta` of a turn reaches a subscriber after the
+/// turn's `message_received` and before its `reply_completed` (both of which
+/// the outbox publishes from the log), whether the send waits for its reply
+/// (whose turn starts before the message is durable) or not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_delta_comes_after_its_turns_end() {
+async fn every_delta_comes_between_its_message_and_its_turns_end() {
     use switchboard::server::{AgentSpec, ProviderSpec};
     use switchboard_actors::agent::AgentConfig;
 
@@ -692,7 +694,10 @@ async fn no_delta_comes_after_its_turns_end() {
     let mut sends = tokio::task::JoinSet::new();
     for i in 0..turns {
         let bus = bus.clone();
-        let headers = Headers::new().with("Authorization", format!("Bearer {key}"));
+        let mut headers = Headers::new().with("Authorization", format!("Bearer {key}"));
+        if i % 4 < 2 {
+            headers.insert("Switchboard-Wait", "reply".to_owned());
+        }
         let agent = if i % 2 == 0 { "echo" } else { "paced" };
         let body = json!({ "content": content, "message_id": format!("o{i}"), "agent": agent });
         sends.spawn(async move {
@@ -706,8 +711,9 @@ async fn no_delta_comes_after_its_turns_end() {
     while let Some(sent) = sends.join_next().await {
         sent.expect("the send task");
     }
+    let mut received = std::collections::HashSet::new();
     let mut ended = std::collections::HashMap::new();
-    let mut late = Vec::new();
+    let (mut early, mut late) = (Vec::new(), Vec::new());
     while ended.len() < turns {
         let message = tokio::time::timeout(WAIT, events.recv())
             .await
@@ -717,20 +723,27 @@ async fn no_delta_comes_after_its_turns_end() {
         let body: Value = serde_json::from_slice(&message.payload).expect("JSON");
         let message_id = match kind.as_str() {
             "reply_delta" => body["message_id"].as_str(),
-            "reply_completed" | "reply_failed" => body["data"]["message_id"].as_str(),
+            "message_received" | "reply_completed" | "reply_failed" => {
+                body["data"]["message_id"].as_str()
+            }
             _ => None,
         };
         let Some(message_id) = message_id.map(str::to_owned) else {
             continue;
         };
-        if kind == "reply_delta" {
-            if ended.contains_key(&message_id) {
-                late.push(message_id);
+        match kind.as_str() {
+            "message_received" => {
+                received.insert(message_id);
             }
-        } else {
-            ended.insert(message_id, kind);
+            "reply_delta" if !received.contains(&message_id) => early.push(message_id),
+            "reply_delta" if ended.contains_key(&message_id) => late.push(message_id),
+            "reply_delta" => {}
+            _ => {
+                ended.insert(message_id, kind);
+            }
         }
     }
+    assert!(early.is_empty(), "deltas before their message: {early:?}");
     assert!(late.is_empty(), "deltas after their turn's end: {late:?}");
     assert!(
         ended.values().all(|kind| kind == "reply_completed"),

@@ -228,6 +228,16 @@ impl RequestMeta {
 /// Starts gateways; see the module doc.
 pub struct NatsGateway;
 
+/// The in-process bus of an HTTP front beside the gateway
+/// ([`NatsGateway::start_with_front`]).
+#[derive(Clone)]
+pub struct FrontBus {
+    pub bus: Bus,
+    /// How far the front's feed has published the log's events there
+    /// ([`crate::outbox::FrontFeed::issued`]).
+    pub issued: watch::Receiver<u64>,
+}
+
 impl NatsGateway {
     /// Subscribes (queue group [`QUEUE_GROUP`]) to `{prefix}.conv.*.send` and
     /// `{prefix}.conv.*.history` and serves them until
@@ -240,7 +250,7 @@ impl NatsGateway {
         projections: Projections,
         log: EventLog,
     ) -> Result<GatewayHandle, BusError> {
-        Self::start_with_front(bus, None, prefix, coordinator, projections, log).await
+        Self::start_with_front(bus, None, None, prefix, coordinator, projections, log).await
     }
 
     /// [`NatsGateway::start`], also serving the same subjects on `front`:
@@ -248,9 +258,16 @@ impl NatsGateway {
     /// requests then skip NATS (two hops and two encodings each way). Only
     /// this process reaches `front`, so its requests' front headers are
     /// believed. Its requests count in the same endpoint statistics.
+    ///
+    /// With `issued`, the outbox's [`crate::outbox::OutboxHandle::issued`]
+    /// on `bus`, a turn's deltas go out on `bus` only once its
+    /// `message_received` has (so no subscriber hears of a reply before its
+    /// message, nor of a message that is not durable yet); without it, as
+    /// they come. On `front` they wait for the front's feed the same way.
     pub async fn start_with_front(
         bus: Bus,
-        front: Option<Bus>,
+        front: Option<FrontBus>,
+        issued: Option<watch::Receiver<u64>>,
         prefix: &str,
         coordinator: TurnCoordinator,
         projections: Projections,
@@ -263,7 +280,7 @@ impl NatsGateway {
             let subscription = bus.queue_subscribe(&subject, QUEUE_GROUP).await?;
             subscriptions.push((operation, Via::Bus, subscription));
             if let Some(front) = &front {
-                let subscription = front.queue_subscribe(&subject, QUEUE_GROUP).await?;
+                let subscription = front.bus.queue_subscribe(&subject, QUEUE_GROUP).await?;
                 subscriptions.push((operation, Via::Front, subscription));
             }
             endpoints.push(Endpoint::new(operation.name(), subject, QUEUE_GROUP));
@@ -277,6 +294,7 @@ impl NatsGateway {
                 .collect(),
             bus,
             front,
+            issued,
             subject_start: format!("{prefix}.conv."),
             admin_keys_start: format!("{prefix}.admin.keys."),
             prefix: prefix.to_owned(),
@@ -419,7 +437,10 @@ struct Gateway {
     bus: Bus,
     /// The HTTP front's in-process bus, when the front runs beside a
     /// gateway on NATS ([`NatsGateway::start_with_front`]).
-    front: Option<Bus>,
+    front: Option<FrontBus>,
+    /// How far the outbox has published on `bus`, if it publishes there:
+    /// deltas wait for their message ([`NatsGateway::start_with_front`]).
+    issued: Option<watch::Receiver<u64>>,
     /// Request statistics per [`Operation`], in the order of `Operation::ALL`.
     stats: Vec<Arc<EndpointStats>>,
     /// `{prefix}.conv.`: what precedes the conversation id in a subject.
@@ -444,7 +465,7 @@ impl Gateway {
     async fn answer(&self, operation: Operation, via: Via, message: Message) {
         let started = Instant::now();
         let bus = match (via, &self.front) {
-            (Via::Front, Some(front)) => front,
+            (Via::Front, Some(front)) => &front.bus,
             _ => &self.bus,
         };
         let from_front = match bus {
@@ -648,7 +669,7 @@ impl Gateway {
             }
         };
         let (ended, turn_end) = wait.then(oneshot::channel).unzip();
-        let (deltas, handed_on) = self.publish_deltas(conversation_id, meta);
+        let (message_seq, deltas, handed_on) = self.publish_deltas(conversation_id, meta);
         let input = SendInput {
             message_id: body.message_id,
             key_id: caller.record.key_id.clone(),
@@ -680,6 +701,8 @@ impl Gateway {
         };
         match sent {
             Ok((ack, turn, durable)) => {
+                // Before the turn starts, so before its first delta.
+                message_seq.send_replace(Some(ack.seq));
                 let mut reply = ack_json(&ack);
                 let Some(turn_end) = turn_end else {
                     // Started once the ack is answered.
@@ -803,15 +826,24 @@ impl Gateway {
     /// stored `reply_completed` holds the whole reply); and the signal that
     /// all of them are with the bus once the channel closes, which the turn
     /// waits for before storing its end, so the outbox publishes the end
-    /// after them. Beside an HTTP front, each delta goes to the front's
-    /// in-process bus first, which takes it whether NATS is there or not;
-    /// the front's feed publishes the stored end there after them
+    /// after them. The first one waits until the outbox has published the
+    /// turn's message, whose seq the caller sends on the first channel
+    /// returned ([`after_message`]). Beside an HTTP front, each delta goes to
+    /// the front's in-process bus first, which takes it whether NATS is there
+    /// or not, once the front's feed has published the message there; the
+    /// feed publishes the stored end there after them
     /// ([`crate::outbox::spawn_front_feed`]).
     fn publish_deltas(
         &self,
         conversation_id: &str,
         meta: &RequestMeta,
-    ) -> (mpsc::Sender<ReplyDelta>, oneshot::Receiver<()>) {
+    ) -> (
+        watch::Sender<Option<u64>>,
+        mpsc::Sender<ReplyDelta>,
+        oneshot::Receiver<()>,
+    ) {
+        let (message_seq, seq_known) = watch::channel(None);
+        let message_out = after_message(seq_known.clone(), self.issued.clone());
         let front = self.front.clone();
         let (handed_on, handed_on_seen) = oneshot::channel();
         let (deltas, mut received) = mpsc::channel::<ReplyDelta>(DELTA_BUFFER);
@@ -827,19 +859,25 @@ impl Gateway {
             };
             let Some(front) = front else {
                 let deltas = tokio_stream::wrappers::ReceiverStream::new(received).map(encode);
-                publish_on_main(&bus, &subject, &headers, deltas).await;
+                publish_on_main(&bus, &subject, &headers, message_out, deltas).await;
                 let _ = handed_on.send(());
                 return;
             };
-            // The front's bus takes each delta as it comes, never waiting, so
-            // the front's streams have every delta before the turn's end
-            // whatever NATS does; the main bus's publishes follow.
+            // The front's bus takes each delta as it comes, never waiting for
+            // NATS, so the front's streams have every delta before the turn's
+            // end whatever NATS does; the main bus's publishes follow.
             let (to_main, for_main) = mpsc::unbounded_channel::<Bytes>();
             let to_front = async {
+                let mut message_fed = Some(after_message(seq_known, Some(front.issued)));
+                let mut feeding = true;
                 while let Some(delta) = received.recv().await {
                     let payload = encode(delta);
-                    if front.has_subscriber(&subject) {
+                    if let Some(message_fed) = message_fed.take() {
+                        feeding = message_fed.await;
+                    }
+                    if feeding && front.bus.has_subscriber(&subject) {
                         if let Err(error) = front
+                            .bus
                             .publish(&subject, headers.clone(), payload.clone())
                             .await
                         {
@@ -853,13 +891,13 @@ impl Gateway {
             let for_main = tokio_stream::wrappers::UnboundedReceiverStream::new(for_main);
             futures::join!(
                 to_front,
-                publish_on_main(&bus, &subject, &headers, for_main)
+                publish_on_main(&bus, &subject, &headers, message_out, for_main)
             );
             // Every delta is with the buses: the turn's end may be stored (and
             // so published after them).
             let _ = handed_on.send(());
         });
-        (deltas, handed_on_seen)
+        (message_seq, deltas, handed_on_seen)
     }
 
     /// The stored events of a turn's end, as the outbox publishes them. Read
@@ -926,20 +964,30 @@ impl Gateway {
     }
 }
 
-/// Publishes a reply's `deltas` on the main bus, in order. Best effort,
-/// holding up only the storing of the turn's end, and that for at most
-/// `DELTAS_HANDED_ON_WAIT`: with NATS away the client's queue fills and a
-/// publish waits until it is back, so one that takes too long gives up the
-/// deltas still to come (the stored `reply_completed` holds the whole reply).
+/// Publishes a reply's `deltas` on the main bus, in order, the first once
+/// `message_out` says the turn's message is out (or gives them all up if it
+/// never will be). Best effort, holding up only the storing of the turn's
+/// end, and that for at most `DELTAS_HANDED_ON_WAIT`: with NATS away the
+/// client's queue fills and a publish waits until it is back, so one that
+/// takes too long gives up the deltas still to come (the stored
+/// `reply_completed` holds the whole reply).
 async fn publish_on_main(
     bus: &Bus,
     subject: &str,
     headers: &Headers,
+    message_out: impl std::future::Future<Output = bool>,
     deltas: impl futures::Stream<Item = Bytes>,
 ) {
     let mut deltas = std::pin::pin!(deltas);
+    let mut message_out = Some(message_out);
     let mut giving_up = false;
     while let Some(payload) = deltas.next().await {
+        if let Some(message_out) = message_out.take() {
+            if !message_out.await {
+                tracing::debug!(%subject, "reply deltas dropped: their message was not published in time");
+                giving_up = true;
+            }
+        }
         if giving_up {
             continue;
         }
@@ -959,6 +1007,32 @@ async fn publish_on_main(
             }
         }
     }
+}
+
+/// Whether the message whose seq `seq_known` brings has been published on
+/// a bus by the log's follower there (`issued`: the outbox's
+/// [`crate::outbox::OutboxHandle::issued`], or the front's feed's) within
+/// [`DELTA_PUBLISH_WAIT`], so a delta published now reaches subscribers
+/// after it. Without a follower to wait for, at once. `false` when no seq
+/// comes (the send failed: no turn, no deltas), the follower stopped, or it
+/// is too far behind (NATS away, or catching up after a restart): a delta
+/// can then only be late or out of order, and the stored `reply_completed`
+/// holds the whole reply.
+async fn after_message(
+    mut seq_known: watch::Receiver<Option<u64>>,
+    issued: Option<watch::Receiver<u64>>,
+) -> bool {
+    let Ok(seq) = seq_known.wait_for(Option::is_some).await.map(|seq| *seq) else {
+        return false;
+    };
+    let seq = seq.expect("waited for a seq");
+    let Some(mut issued) = issued else {
+        return true;
+    };
+    let published = async { issued.wait_for(|issued| *issued >= seq).await.is_ok() };
+    tokio::time::timeout(DELTA_PUBLISH_WAIT, published)
+        .await
+        .unwrap_or(false)
 }
 
 /// The request header that makes a send answer once its turn's end is

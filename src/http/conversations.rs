@@ -387,10 +387,7 @@ pub async fn events(
         last_seq: after,
         last_version: 0,
         owned: false,
-        received: VecDeque::new(),
         ended: VecDeque::new(),
-        held: Vec::new(),
-        held_since: None,
         sender,
     };
     tokio::spawn(follower.run(state.closing.clone(), first.body, live));
@@ -404,6 +401,12 @@ pub async fn events(
 /// after the stream opened, ends the stream with an `error` event at its
 /// next stored event; and an event the bus dropped on the way (a slow client,
 /// a reconnect) is read with the next one, never skipped.
+///
+/// Deltas pass through as they come. The core publishes a turn's first delta
+/// only once the log's follower on the same bus has published the turn's
+/// `message_received` ([`crate::gateway::NatsGateway::start_with_front`]),
+/// so the stream has sent that message by then, or it was stored before the
+/// stream's `Last-Event-ID`.
 struct Follower {
     core: Core,
     caller: HeaderMap,
@@ -414,35 +417,16 @@ struct Follower {
     /// A page with an event came back: the caller may read this conversation,
     /// so its `reply_delta`s, which are not stored, may be passed on.
     owned: bool,
-    /// The messages whose `message_received` was sent last (at most
-    /// [`RECEIVED_KEPT`]): their deltas are passed on at once.
-    received: VecDeque<String>,
     /// The messages whose turn's end was sent last (at most [`ENDED_KEPT`]):
-    /// a delta of one of them, come late, is not passed on after its end.
+    /// a delta of one of them, come late (its turn's end stored after 2 s of
+    /// the deltas not going out, or read from the log ahead of them), is not
+    /// passed on after its end.
     ended: VecDeque<String>,
-    /// Deltas of messages not sent yet, in the order they came: a turn
-    /// streams as soon as its message is written, and the log's follower
-    /// may publish the message after the first deltas. They are passed on
-    /// right after their message; without it, right before their turn's
-    /// end or after [`DELTA_HOLD`], whichever comes first.
-    held: Vec<Value>,
-    /// When the first of `held` came.
-    held_since: Option<tokio::time::Instant>,
     sender: mpsc::Sender<Event>,
 }
 
 /// How many ended turns an `/events` stream remembers ([`Follower::ended`]).
 const ENDED_KEPT: usize = 16;
-/// How many received messages an `/events` stream remembers
-/// ([`Follower::received`]); more than the turns a conversation runs at once.
-const RECEIVED_KEPT: usize = 64;
-/// The longest a delta waits for its message ([`Follower::held`]). A
-/// message is published within a flush or so of its turn's first delta; one
-/// stored before the stream's `Last-Event-ID` never comes, and its turn's
-/// deltas go out after this, or before their end if it comes first.
-const DELTA_HOLD: Duration = Duration::from_millis(250);
-/// Deltas held at most; past it they are all passed on.
-const HELD_MAX: usize = 1024;
 
 /// Pushes `id` on the back of `kept`, dropping from the front past `max`.
 fn remember(kept: &mut VecDeque<String>, id: &str, max: usize) {
@@ -464,18 +448,10 @@ impl Follower {
             return;
         }
         loop {
-            let hold_until = self.held_since.map(|since| since + DELTA_HOLD);
             let message = tokio::select! {
                 message = live.recv() => message,
                 () = self.sender.closed() => return,
                 () = closed(closing.clone()) => return,
-                () = async { tokio::time::sleep_until(hold_until.expect("held")).await },
-                    if hold_until.is_some() => {
-                    if self.release_held(None).await.is_err() {
-                        return;
-                    }
-                    continue;
-                }
             };
             let Some(message) = message else { return };
             let Ok(body) = serde_json::from_slice::<Value>(&message.payload) else {
@@ -496,8 +472,7 @@ impl Follower {
 
     /// A delta of a conversation the caller has been shown to own; before
     /// that, the stored events are read first (which checks). A delta of a
-    /// turn whose end those held already is dropped; one of a message not
-    /// sent yet waits for it ([`Follower::held`]).
+    /// turn whose end was sent already is dropped.
     async fn pass_delta(&mut self, delta: Value) -> Result<(), Ended> {
         if !self.owned {
             self.catch_up(None).await?;
@@ -506,38 +481,7 @@ impl Follower {
         if !self.owned || self.ended.iter().any(|ended| ended == id) {
             return Ok(());
         }
-        if self.received.iter().any(|received| received == id) {
-            return self.send(event("reply_delta", &delta)).await;
-        }
-        self.held.push(delta);
-        self.held_since
-            .get_or_insert_with(tokio::time::Instant::now);
-        if self.held.len() >= HELD_MAX {
-            return self.release_held(None).await;
-        }
-        Ok(())
-    }
-
-    /// Passes on the held deltas of message `of`, or all of them (their
-    /// messages are then taken as sent before the stream began).
-    async fn release_held(&mut self, of: Option<&str>) -> Result<(), Ended> {
-        let released: Vec<Value>;
-        (released, self.held) = std::mem::take(&mut self.held)
-            .into_iter()
-            .partition(|delta| of.is_none_or(|of| delta["message_id"] == of));
-        if self.held.is_empty() {
-            self.held_since = None;
-        }
-        // None of them is of an ended turn: a turn's end releases its
-        // deltas before it goes out, and later ones are dropped on arrival.
-        for delta in released {
-            let id = delta["message_id"].as_str().unwrap_or_default();
-            if !self.received.iter().any(|received| received == id) {
-                remember(&mut self.received, id, RECEIVED_KEPT);
-            }
-            self.send(event("reply_delta", &delta)).await?;
-        }
-        Ok(())
+        self.send(event("reply_delta", &delta)).await
     }
 
     /// Sends the stored events past the last one sent, page by page, up to
@@ -574,21 +518,12 @@ impl Follower {
             if through.is_some_and(|through| seq > through) {
                 return Ok(false);
             }
-            let message_id = envelope["data"]["message_id"].as_str();
-            match (envelope["type"].as_str(), message_id) {
-                (Some("message_received"), Some(message_id)) => {
-                    self.send(stored_event(envelope)).await?;
-                    remember(&mut self.received, message_id, RECEIVED_KEPT);
-                    self.release_held(Some(message_id)).await?;
-                }
-                (Some("reply_completed" | "reply_failed"), Some(message_id)) => {
-                    // Deltas still held are of a message stored before the
-                    // stream's start: they go before their end.
-                    self.release_held(Some(message_id)).await?;
-                    self.send(stored_event(envelope)).await?;
-                    remember(&mut self.ended, message_id, ENDED_KEPT);
-                }
-                _ => self.send(stored_event(envelope)).await?,
+            self.send(stored_event(envelope)).await?;
+            if let (Some("reply_completed" | "reply_failed"), Some(message_id)) = (
+                envelope["type"].as_str(),
+                envelope["data"]["message_id"].as_str(),
+            ) {
+                remember(&mut self.ended, message_id, ENDED_KEPT);
             }
             self.last_seq = seq;
             self.last_version = envelope["version"].as_u64().unwrap_or(self.last_version);

@@ -189,3 +189,143 @@ async fn subscribe(bus: &Bus, pattern: &str) -> Result<Subscription, ApiError> {
         .map_err(|error: BusError| ApiError::from_bus(&error))?;
     Ok(subscription)
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+    use tokio::time::Instant;
+
+    use super::*;
+    use crate::bus::LocalBus;
+
+    /// A core on `bus` that answers `sb.conv.c1.events` with `answers`, one
+    /// per request in turn, and records each request's body.
+    async fn core_answering(bus: &Bus, answers: Vec<Value>) -> tokio::task::JoinHandle<Vec<Value>> {
+        let bus = bus.clone();
+        let mut requests = bus
+            .subscribe("sb.conv.c1.events")
+            .await
+            .expect("subscribes");
+        tokio::spawn(async move {
+            let mut asked = Vec::new();
+            for answer in answers {
+                let request = requests.recv().await.expect("a request");
+                asked.push(serde_json::from_slice(&request.payload).expect("JSON"));
+                let body = serde_json::to_vec(&answer).expect("JSON");
+                bus.respond(&request, Headers::new(), body)
+                    .await
+                    .expect("answers");
+            }
+            asked
+        })
+    }
+
+    fn envelope(seq: u64, version: u64) -> Value {
+        json!({ "seq": seq, "version": version, "type": "message_received" })
+    }
+
+    fn unavailable() -> Value {
+        json!({ "ok": false, "error": { "code": "unavailable", "message": "the log is busy" } })
+    }
+
+    fn core(bus: &Bus) -> Core {
+        Core {
+            bus: bus.clone(),
+            prefix: "sb".to_owned(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_read_of_the_log_is_tried_again_and_goes_on_where_it_was() {
+        let bus = Bus::from(LocalBus::new());
+        let answers = vec![
+            json!({ "ok": true, "events": [envelope(5, 1), envelope(7, 2)] }),
+            unavailable(),
+            unavailable(),
+            json!({ "ok": true, "events": [envelope(9, 3)] }),
+            json!({ "ok": true, "events": [] }),
+        ];
+        let responder = core_answering(&bus, answers).await;
+        let started = Instant::now();
+        let mut seen = Vec::new();
+        core(&bus)
+            .look_in_log(
+                &HeaderMap::new(),
+                "c1",
+                4,
+                started + Duration::from_secs(10),
+                |envelope| {
+                    seen.push(envelope["seq"].as_u64().expect("seq"));
+                    false
+                },
+            )
+            .await
+            .expect("found once the core answers");
+        assert_eq!(seen, [5, 7, 9]);
+        assert!(started.elapsed() >= LOOK_RETRY * 2, "waited between tries");
+        let asked = responder.await.expect("the core");
+        let after = |request: &Value| {
+            (
+                request["after_seq"].clone(),
+                request["after_version"].clone(),
+            )
+        };
+        let asked: Vec<_> = asked.iter().map(after).collect();
+        assert_eq!(
+            asked,
+            [
+                (json!(4), json!(0)),
+                (json!(7), json!(2)),
+                (json!(7), json!(2)),
+                (json!(7), json!(2)),
+                (json!(9), json!(3)),
+            ],
+            "each try asks from the last event taken"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_read_that_keeps_failing_gives_its_error_at_the_deadline() {
+        let bus = Bus::from(LocalBus::new());
+        let responder = core_answering(&bus, vec![unavailable(); 8]).await;
+        let started = Instant::now();
+        let failed = core(&bus)
+            .look_in_log(&HeaderMap::new(), "c1", 0, started + LOOK_RETRY * 3, |_| {
+                true
+            })
+            .await
+            .expect_err("never answered");
+        assert_eq!(failed.code, "unavailable");
+        assert_eq!(failed.status, axum::http::StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            started.elapsed() < LOOK_RETRY * 4,
+            "{:?}",
+            started.elapsed()
+        );
+        responder.abort();
+    }
+
+    #[tokio::test]
+    async fn the_read_stops_where_the_taker_has_what_it_wanted() {
+        let bus = Bus::from(LocalBus::new());
+        let answers =
+            vec![json!({ "ok": true, "events": [envelope(1, 1), envelope(2, 2), envelope(3, 3)] })];
+        let responder = core_answering(&bus, answers).await;
+        let mut seen = Vec::new();
+        core(&bus)
+            .look_in_log(
+                &HeaderMap::new(),
+                "c1",
+                0,
+                Instant::now() + Duration::from_secs(10),
+                |envelope| {
+                    seen.push(envelope["seq"].as_u64().expect("seq"));
+                    envelope["seq"] == json!(2)
+                },
+            )
+            .await
+            .expect("found");
+        assert_eq!(seen, [1, 2]);
+        assert_eq!(responder.await.expect("the core").len(), 1, "one page read");
+    }
+}

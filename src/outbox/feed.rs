@@ -19,6 +19,7 @@
 use std::time::Duration;
 
 use switchboard_events::EventLog;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::route::{headers, payload, routes};
@@ -27,15 +28,27 @@ use crate::bus::Bus;
 /// How long the feed waits before reading again after the log failed a read.
 const READ_RETRY: Duration = Duration::from_secs(1);
 
+/// A running feed ([`spawn_front_feed`]).
+pub struct FrontFeed {
+    /// Runs until the log closes; abort it to stop sooner.
+    pub task: JoinHandle<()>,
+    /// The highest seq the feed is done with: every event up to it has been
+    /// published on the front (or had nobody following it there), as
+    /// [`super::OutboxHandle::issued`] is on NATS.
+    pub issued: watch::Receiver<u64>,
+}
+
 /// Spawns the feed of `log`'s conversation events onto `front` (see the
 /// module doc), from the events appended after this call on. It runs until
-/// the log closes or the handle is aborted; a record it cannot read it
+/// the log closes or the task is aborted; a record it cannot read it
 /// tries again every second, holding up the feed, as the outbox does.
-pub fn spawn_front_feed(log: &EventLog, front: Bus, prefix: &str) -> JoinHandle<()> {
+pub fn spawn_front_feed(log: &EventLog, front: Bus, prefix: &str) -> FrontFeed {
     let conversations = format!("{prefix}.evt.conv.");
     let prefix = prefix.to_owned();
-    let mut events = log.subscribe(log.head() + 1);
-    tokio::spawn(async move {
+    let head = log.head();
+    let mut events = log.subscribe(head + 1);
+    let (done_with, issued) = watch::channel(head);
+    let task = tokio::spawn(async move {
         while let Some(next) = events.next().await {
             let envelope = match next {
                 Ok(envelope) => envelope,
@@ -61,6 +74,8 @@ pub fn spawn_front_feed(log: &EventLog, front: Bus, prefix: &str) -> JoinHandle<
                     tracing::warn!(%error, subject = route.subject, "an event was not fed to the front");
                 }
             }
+            done_with.send_replace(envelope.seq);
         }
-    })
+    });
+    FrontFeed { task, issued }
 }

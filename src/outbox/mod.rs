@@ -99,7 +99,7 @@ use tokio::time::Instant;
 
 use crate::bus::subject::{self, SubjectError};
 use crate::bus::{Bus, BusError, Headers};
-pub use feed::spawn_front_feed;
+pub use feed::{spawn_front_feed, FrontFeed};
 use route::headers;
 pub use route::{routes, subject_token, subjects, Route};
 
@@ -264,6 +264,7 @@ impl Outbox {
         }
         tracing::info!(checkpoint, head, prefix, "outbox publishing");
         let (through, published) = watch::channel(checkpoint);
+        let (issued, issued_seen) = watch::channel(checkpoint);
         let (stop, stopped) = oneshot::channel();
         let gather = match &bus {
             Bus::Nats(_) => GATHER,
@@ -277,10 +278,12 @@ impl Outbox {
             tree,
             checkpoint,
             through,
+            issued,
             gather,
         };
         Ok(OutboxHandle {
             published,
+            issued: issued_seen,
             stop: Some(stop),
             task: Some(tokio::spawn(publisher.run(stopped))),
             log,
@@ -293,6 +296,7 @@ impl Outbox {
 /// publishes what is in the log.
 pub struct OutboxHandle {
     published: watch::Receiver<u64>,
+    issued: watch::Receiver<u64>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
     log: EventLog,
@@ -307,6 +311,17 @@ impl OutboxHandle {
     /// A watch of [`Self::published_through`], for readers elsewhere (metrics).
     pub fn progress(&self) -> watch::Receiver<u64> {
         self.published.clone()
+    }
+
+    /// A watch of the highest seq handed to the bus, in seq order: every
+    /// event up to it is queued on the bus's connection (or published, on the
+    /// embedded bus), though perhaps not yet confirmed. What is published on
+    /// the same bus after it reaches a subscriber after those events, so
+    /// the gateway publishes a turn's `reply_delta`s only once the turn's
+    /// `message_received` is issued. After a reconnect the outbox issues the
+    /// unconfirmed batch again; the watch does not go back for that.
+    pub fn issued(&self) -> watch::Receiver<u64> {
+        self.issued.clone()
     }
 
     /// Waits until every event up to `seq` has reached the server;
@@ -385,6 +400,8 @@ struct Publisher {
     tree: sled::Tree,
     checkpoint: u64,
     through: watch::Sender<u64>,
+    /// The highest seq handed to the bus ([`OutboxHandle::issued`]).
+    issued: watch::Sender<u64>,
     /// [`GATHER`] on NATS; nothing on the embedded bus, which has no
     /// server to wake.
     gather: Duration,
@@ -563,6 +580,13 @@ impl Publisher {
                 Err(error) => return Err(error.into()),
             }
         }
+        self.issued.send_if_modified(|issued| {
+            let later = envelope.seq > *issued;
+            if later {
+                *issued = envelope.seq;
+            }
+            later
+        });
         Ok(envelope.seq)
     }
 
