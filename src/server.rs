@@ -7,10 +7,9 @@
 //! unreachable NATS is refused before anything is created — then open the log
 //! (refusing a dir another process holds), bring the projections up to its
 //! head (a stop signal interrupts that, see [`Server::start_unless`]), make
-//! sure the admin key exists, start the agents and the conversations, publish
-//! events from the log (the outbox), start the gateway (whose reply deltas
-//! follow the outbox), then end turns an earlier process left without a
-//! reply.
+//! sure the admin key exists, start the agents, the conversations and the
+//! gateway, then publish events from the log (the outbox) and end turns an
+//! earlier process left without a reply.
 //!
 //! Shutdown ([`Server::shutdown`]): stop taking requests (answering those
 //! already taken), let running turns finish — each ends `reply_completed` or
@@ -44,7 +43,7 @@ use crate::bus::{Bus, Headers, LocalBus, LocalBusConfig, NatsBus};
 use crate::gateway::{FrontBus, GatewayHandle, NatsGateway};
 use crate::http::{HttpConfig, HttpHandle};
 use crate::keys::{self, AdminBootstrap};
-use crate::outbox::{FrontFeed, Outbox, OutboxError, OutboxHandle};
+use crate::outbox::{DeltaQueue, Outbox, OutboxError, OutboxHandle};
 use crate::service::{self, ServiceHandle, ServiceInfo};
 
 /// How long start-up waits for the first NATS connection.
@@ -195,7 +194,7 @@ pub struct Server {
     service: ServiceHandle,
     outbox: OutboxHandle,
     /// The front's feed of the log's events, beside an HTTP front on NATS.
-    front_feed: Option<FrontFeed>,
+    front_feed: Option<JoinHandle<()>>,
     webhooks: WebhookHandle,
     stop_sampler: oneshot::Sender<()>,
     sampler_task: JoinHandle<()>,
@@ -365,37 +364,27 @@ impl Server {
 
         // An HTTP front beside a gateway on NATS sends its requests over an
         // in-process bus the gateway serves too, and its streams follow the
-        // conversations' events there: the gateway publishes the replies'
-        // deltas on it, and the feed the stored events (NATS or not).
+        // conversations' events there: the feed publishes the stored events
+        // and the replies' deltas on it (NATS or not).
         let front = match (&config.http, &bus) {
-            (Some(_), Bus::Nats(_)) => Some(Bus::from(LocalBus::with_config(LocalBusConfig {
-                max_payload: FRONT_MAX_PAYLOAD,
-                ..LocalBusConfig::default()
-            }))),
+            (Some(_), Bus::Nats(_)) => Some(FrontBus {
+                bus: Bus::from(LocalBus::with_config(LocalBusConfig {
+                    max_payload: FRONT_MAX_PAYLOAD,
+                    ..LocalBusConfig::default()
+                })),
+                deltas: DeltaQueue::new(),
+            }),
             _ => None,
         };
-        let front_feed = front
-            .clone()
-            .map(|front| crate::outbox::spawn_front_feed(&log, front, &config.prefix));
-        let front_bus = front
-            .clone()
-            .zip(front_feed.as_ref())
-            .map(|(bus, feed)| FrontBus {
-                bus,
-                issued: feed.issued.clone(),
-            });
-        // The outbox before the gateway, whose deltas wait for it.
-        let mut outbox = Outbox::new(log.clone(), bus.clone(), &config.prefix);
-        if let Some(pattern) = &config.outbox_jetstream {
-            outbox = outbox
-                .confirm_with_jetstream(pattern)
-                .map_err(outbox_error)?;
-        }
-        let outbox = outbox.spawn().map_err(outbox_error)?;
+        let front_feed = front.clone().map(|front| {
+            crate::outbox::spawn_front_feed(&log, front.bus, &config.prefix, front.deltas)
+        });
+        // Published by the outbox, each after its message.
+        let deltas = DeltaQueue::new();
         let gateway = NatsGateway::start_with_front(
             bus.clone(),
-            front_bus,
-            Some(outbox.issued()),
+            front.clone(),
+            Some(deltas.clone()),
             &config.prefix,
             coordinator.clone(),
             projections.clone(),
@@ -416,17 +405,27 @@ impl Server {
                 let mut http = http.clone();
                 http.prefix = config.prefix.clone();
                 Some(
-                    crate::http::serve(http.clone(), front.unwrap_or_else(|| bus.clone()))
-                        .await
-                        .map_err(|source| ServerError::Http {
-                            addr: http.addr,
-                            source,
-                        })?,
+                    crate::http::serve(
+                        http.clone(),
+                        front.map_or_else(|| bus.clone(), |front| front.bus),
+                    )
+                    .await
+                    .map_err(|source| ServerError::Http {
+                        addr: http.addr,
+                        source,
+                    })?,
                 )
             }
             None => None,
         };
 
+        let mut outbox = Outbox::new(log.clone(), bus.clone(), &config.prefix).with_deltas(deltas);
+        if let Some(pattern) = &config.outbox_jetstream {
+            outbox = outbox
+                .confirm_with_jetstream(pattern)
+                .map_err(outbox_error)?;
+        }
+        let outbox = outbox.spawn().map_err(outbox_error)?;
         let webhooks = WebhookSink::spawn(log.clone(), config.webhooks.clone())
             .map_err(|e| ServerError::Config(format!("the alert webhooks: {e}")))?;
         let (stop_sampler, sampler_stopped) = oneshot::channel::<()>();
@@ -557,8 +556,8 @@ impl Server {
         self.outbox.stop().await;
         if let Some(feed) = self.front_feed {
             // Its subscription to the log goes with it, before the log closes.
-            feed.task.abort();
-            let _ = feed.task.await;
+            feed.abort();
+            let _ = feed.await;
         }
         self.webhooks.stop().await;
         let _ = self.stop_projections.send(());

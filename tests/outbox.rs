@@ -13,9 +13,11 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use switchboard::bus::{
-    subject, Bus, LocalBus, LocalBusConfig, Message, NatsBus, Subscription, NATS_MSG_ID,
+    subject, Bus, Headers, LocalBus, LocalBusConfig, Message, NatsBus, Subscription, NATS_MSG_ID,
 };
-use switchboard::outbox::{routes, spawn_front_feed, Outbox, OutboxHandle, TRUNCATED_HEADER};
+use switchboard::outbox::{
+    routes, spawn_front_feed, Delta, DeltaQueue, Outbox, OutboxHandle, TRUNCATED_HEADER,
+};
 use switchboard_events::catalog::{
     BudgetExceeded, BudgetPeriod, BudgetScope, ConversationErased, ConversationStarted, KeyRevoked,
     LimitKind, MessageReceived, RateLimited, UsageRecorded,
@@ -273,13 +275,7 @@ async fn a_restarted_outbox_resumes_from_its_checkpoint() {
     }
     let outbox = start(&log, &bus);
     assert_eq!(outbox.published_through(), 3, "the checkpoint was kept");
-    let issued = outbox.issued();
-    assert!(
-        (3..=6).contains(&*issued.borrow()),
-        "issued from the checkpoint on"
-    );
     published(&outbox, 6).await;
-    assert_eq!(*issued.borrow(), 6, "issued what it published");
     // Publishing is in seq order on one connection: had 1..=3 gone out again,
     // they would arrive before 4.
     let envelopes = every_event(&log);
@@ -366,8 +362,7 @@ async fn the_front_feed_publishes_conversation_events_from_the_head_on() {
     append(&log, conv("c1"), started("c1", "key_1")).await;
     let front = Bus::from(LocalBus::new());
     let mut everything = subscribe(&front, "sb.>").await;
-    let feed = spawn_front_feed(&log, front.clone(), "sb");
-    assert_eq!(*feed.issued.borrow(), 1, "starts at the head");
+    let feed = spawn_front_feed(&log, front.clone(), "sb", DeltaQueue::new());
     // Not conversation events: not fed.
     append(&log, key("key_1"), rate_limited("key_1")).await;
     let usage_seq = append(&log, conv("c1"), usage("c1", "key_1", 1)).await;
@@ -395,8 +390,92 @@ async fn the_front_feed_publishes_conversation_events_from_the_head_on() {
             .is_err(),
         "only the conversation events after the head are fed"
     );
-    assert_eq!(*feed.issued.borrow(), message_seq, "done with every event");
-    feed.task.abort();
+    feed.abort();
+}
+
+/// A reply delta of conversation c1 for the message at `message_seq`.
+fn delta(message_seq: u64, text: &str) -> Delta {
+    Delta {
+        message_seq,
+        subject: "sb.evt.conv.c1.reply_delta".to_owned(),
+        headers: Headers::new(),
+        payload: text.to_owned().into(),
+    }
+}
+
+/// What `events` (following `sb.evt.conv.c1.>`) receives next: the event's
+/// seq and type, or a delta's text.
+async fn next_of_c1(events: &mut Subscription) -> String {
+    let message = next(events).await;
+    if message.subject.ends_with(".reply_delta") {
+        return String::from_utf8(message.payload.to_vec()).expect("UTF-8");
+    }
+    let body: serde_json::Value = serde_json::from_slice(&message.payload).expect("JSON");
+    format!("{} {}", body["seq"], body["type"].as_str().expect("a type"))
+}
+
+/// With a follower of `log` publishing the events of c1 and `queue`'s
+/// deltas where `events` hears them: a delta goes out after its message,
+/// whether queued before the message is stored or after it went out, and
+/// before the next event.
+async fn deltas_go_out_after_their_message_and_before_what_follows(
+    log: &EventLog,
+    events: &mut Subscription,
+    queue: &DeltaQueue,
+) {
+    let head = log.head();
+    assert!(queue.push(delta(head + 2, "early")), "queued");
+    let first = append(log, conv("c1"), usage("c1", "key_1", 1)).await;
+    let message = append(log, conv("c1"), message("c1", 2)).await;
+    assert_eq!((first, message), (head + 1, head + 2));
+    assert_eq!(
+        next_of_c1(events).await,
+        format!("{first} usage_recorded"),
+        "the delta waits for its message"
+    );
+    assert_eq!(
+        next_of_c1(events).await,
+        format!("{message} message_received")
+    );
+    assert_eq!(next_of_c1(events).await, "early");
+    // Queued while the follower waits for the log: out at once.
+    assert!(queue.push(delta(message, "idle")));
+    assert_eq!(next_of_c1(events).await, "idle");
+    // Queued just before the next event: out before it.
+    assert!(queue.push(delta(message, "last")));
+    let after = append(log, conv("c1"), usage("c1", "key_1", 3)).await;
+    assert_eq!(next_of_c1(events).await, "last");
+    assert_eq!(next_of_c1(events).await, format!("{after} usage_recorded"));
+    assert!(queue.is_empty());
+}
+
+#[tokio::test]
+async fn the_outbox_publishes_each_queued_delta_after_its_message_and_before_what_follows() {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = open_log(&dir);
+    let (bus, client) = (connect(&server).await, connect(&server).await);
+    let mut events = subscribe(&client, "sb.evt.conv.c1.>").await;
+    let queue = DeltaQueue::new();
+    let outbox = Outbox::new(log.clone(), bus, "sb")
+        .with_deltas(queue.clone())
+        .spawn()
+        .expect("starts");
+    deltas_go_out_after_their_message_and_before_what_follows(&log, &mut events, &queue).await;
+    outbox.stop().await;
+}
+
+#[tokio::test]
+async fn the_front_feed_publishes_each_queued_delta_after_its_message_and_before_what_follows() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = open_log(&dir);
+    append(&log, conv("c1"), started("c1", "key_1")).await;
+    let front = Bus::from(LocalBus::new());
+    let mut events = subscribe(&front, "sb.evt.conv.c1.>").await;
+    let queue = DeltaQueue::new();
+    let feed = spawn_front_feed(&log, front, "sb", queue.clone());
+    deltas_go_out_after_their_message_and_before_what_follows(&log, &mut events, &queue).await;
+    feed.abort();
 }
 
 #[tokio::test]

@@ -72,6 +72,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::bus::{Bus, BusError, Headers, Message, Subscription};
+use crate::outbox::{Delta, DeltaQueue};
 use crate::service::{Endpoint, EndpointStats};
 use auth::{AuthFailure, Authenticator, Caller};
 use wire::{ack_json, BodyFormat, GatewayError, SendRequest};
@@ -233,9 +234,9 @@ pub struct NatsGateway;
 #[derive(Clone)]
 pub struct FrontBus {
     pub bus: Bus,
-    /// How far the front's feed has published the log's events there
-    /// ([`crate::outbox::FrontFeed::issued`]).
-    pub issued: watch::Receiver<u64>,
+    /// Where reply deltas for the front wait for the front's feed
+    /// ([`crate::outbox::spawn_front_feed`]) to publish them there.
+    pub deltas: DeltaQueue,
 }
 
 impl NatsGateway {
@@ -259,15 +260,16 @@ impl NatsGateway {
     /// this process reaches `front`, so its requests' front headers are
     /// believed. Its requests count in the same endpoint statistics.
     ///
-    /// With `issued`, the outbox's [`crate::outbox::OutboxHandle::issued`]
-    /// on `bus`, a turn's deltas go out on `bus` only once its
-    /// `message_received` has (so no subscriber hears of a reply before its
-    /// message, nor of a message that is not durable yet); without it, as
-    /// they come. On `front` they wait for the front's feed the same way.
+    /// With `deltas`, the queue of the outbox on `bus`
+    /// ([`crate::outbox::Outbox::with_deltas`]), reply deltas are published
+    /// on `bus` by the outbox, each after its turn's `message_received` (so
+    /// no subscriber hears of a reply before its message, nor of a message
+    /// that is not durable yet); without it, at once by the gateway. On
+    /// `front` they go through the front's feed the same way.
     pub async fn start_with_front(
         bus: Bus,
         front: Option<FrontBus>,
-        issued: Option<watch::Receiver<u64>>,
+        deltas: Option<DeltaQueue>,
         prefix: &str,
         coordinator: TurnCoordinator,
         projections: Projections,
@@ -294,7 +296,7 @@ impl NatsGateway {
                 .collect(),
             bus,
             front,
-            issued,
+            deltas,
             subject_start: format!("{prefix}.conv."),
             admin_keys_start: format!("{prefix}.admin.keys."),
             prefix: prefix.to_owned(),
@@ -438,9 +440,9 @@ struct Gateway {
     /// The HTTP front's in-process bus, when the front runs beside a
     /// gateway on NATS ([`NatsGateway::start_with_front`]).
     front: Option<FrontBus>,
-    /// How far the outbox has published on `bus`, if it publishes there:
-    /// deltas wait for their message ([`NatsGateway::start_with_front`]).
-    issued: Option<watch::Receiver<u64>>,
+    /// Where reply deltas wait for the outbox to publish them on `bus`, each
+    /// after its message ([`NatsGateway::start_with_front`]).
+    deltas: Option<DeltaQueue>,
     /// Request statistics per [`Operation`], in the order of `Operation::ALL`.
     stats: Vec<Arc<EndpointStats>>,
     /// `{prefix}.conv.`: what precedes the conversation id in a subject.
@@ -821,18 +823,19 @@ impl Gateway {
     }
 
     /// A channel whose [`ReplyDelta`]s are published, in order, on
-    /// `{prefix}.evt.conv.<id>.reply_delta` as they come (live only: deltas
-    /// are not stored, so one published while NATS is away is gone — the
-    /// stored `reply_completed` holds the whole reply); and the signal that
-    /// all of them are with the bus once the channel closes, which the turn
-    /// waits for before storing its end, so the outbox publishes the end
-    /// after them. The first one waits until the outbox has published the
-    /// turn's message, whose seq the caller sends on the first channel
-    /// returned ([`after_message`]). Beside an HTTP front, each delta goes to
-    /// the front's in-process bus first, which takes it whether NATS is there
-    /// or not, once the front's feed has published the message there; the
-    /// feed publishes the stored end there after them
-    /// ([`crate::outbox::spawn_front_feed`]).
+    /// `{prefix}.evt.conv.<id>.reply_delta` (live only: deltas are not
+    /// stored, so one published while NATS is away is gone — the stored
+    /// `reply_completed` holds the whole reply); and the signal that all of
+    /// them are handed on once the channel closes, which the turn waits for
+    /// before storing its end.
+    ///
+    /// Each delta is queued for the outbox ([`crate::outbox::DeltaQueue`])
+    /// with the seq of its turn's message, which the caller sends on the
+    /// first channel returned: the outbox publishes it after that message
+    /// and before the turn's end, stored later. Beside an HTTP front, it is
+    /// queued for the front's feed too, which publishes it on the front's
+    /// in-process bus the same way, whatever NATS does. Without an outbox
+    /// queue, it is published on the bus at once.
     fn publish_deltas(
         &self,
         conversation_id: &str,
@@ -842,59 +845,43 @@ impl Gateway {
         mpsc::Sender<ReplyDelta>,
         oneshot::Receiver<()>,
     ) {
-        let (message_seq, seq_known) = watch::channel(None);
-        let message_out = after_message(seq_known.clone(), self.issued.clone());
-        let front = self.front.clone();
+        let (message_seq, mut seq_known) = watch::channel(None);
         let (handed_on, handed_on_seen) = oneshot::channel();
         let (deltas, mut received) = mpsc::channel::<ReplyDelta>(DELTA_BUFFER);
-        let bus = self.bus.clone();
+        let (bus, front, queue) = (self.bus.clone(), self.front.clone(), self.deltas.clone());
         let subject = format!("{}.evt.conv.{conversation_id}.reply_delta", self.prefix);
         let mut headers = Headers::new().with("Content-Type", "application/json");
         if let Some(traceparent) = &meta.traceparent {
             headers.insert("traceparent", traceparent.clone());
         }
         tokio::spawn(async move {
-            let encode = |delta: ReplyDelta| {
-                Bytes::from(serde_json::to_vec(&delta).expect("a delta always serializes"))
-            };
-            let Some(front) = front else {
-                let deltas = tokio_stream::wrappers::ReceiverStream::new(received).map(encode);
-                publish_on_main(&bus, &subject, &headers, message_out, deltas).await;
-                let _ = handed_on.send(());
-                return;
-            };
-            // The front's bus takes each delta as it comes, never waiting for
-            // NATS, so the front's streams have every delta before the turn's
-            // end whatever NATS does; the main bus's publishes follow.
-            let (to_main, for_main) = mpsc::unbounded_channel::<Bytes>();
-            let to_front = async {
-                let mut message_fed = Some(after_message(seq_known, Some(front.issued)));
-                let mut feeding = true;
-                while let Some(delta) = received.recv().await {
-                    let payload = encode(delta);
-                    if let Some(message_fed) = message_fed.take() {
-                        feeding = message_fed.await;
-                    }
-                    if feeding && front.bus.has_subscriber(&subject) {
-                        if let Err(error) = front
-                            .bus
-                            .publish(&subject, headers.clone(), payload.clone())
-                            .await
-                        {
-                            tracing::debug!(%subject, %error, "a reply delta was not published to the front");
-                        }
-                    }
-                    let _ = to_main.send(payload);
+            let mut giving_up = false;
+            while let Some(delta) = received.recv().await {
+                // Known before the turn starts; none when the send failed.
+                let Ok(seq) = seq_known.wait_for(Option::is_some).await.map(|seq| *seq) else {
+                    break;
+                };
+                let delta = Delta {
+                    message_seq: seq.expect("waited for a seq"),
+                    subject: subject.clone(),
+                    headers: headers.clone(),
+                    payload: Bytes::from(
+                        serde_json::to_vec(&delta).expect("a delta always serializes"),
+                    ),
+                };
+                if let Some(front) = front.as_ref().filter(|f| f.bus.has_subscriber(&subject)) {
+                    front.deltas.push(delta.clone());
                 }
-                drop(to_main);
-            };
-            let for_main = tokio_stream::wrappers::UnboundedReceiverStream::new(for_main);
-            futures::join!(
-                to_front,
-                publish_on_main(&bus, &subject, &headers, message_out, for_main)
-            );
-            // Every delta is with the buses: the turn's end may be stored (and
-            // so published after them).
+                match &queue {
+                    Some(queue) => {
+                        queue.push(delta);
+                    }
+                    None if giving_up => {}
+                    None => giving_up = !publish_now(&bus, delta).await,
+                }
+            }
+            // Every delta is queued (or published): the turn's end may be
+            // stored, and so published after them.
             let _ = handed_on.send(());
         });
         (message_seq, deltas, handed_on_seen)
@@ -964,75 +951,27 @@ impl Gateway {
     }
 }
 
-/// Publishes a reply's `deltas` on the main bus, in order, the first once
-/// `message_out` says the turn's message is out (or gives them all up if it
-/// never will be). Best effort, holding up only the storing of the turn's
-/// end, and that for at most `DELTAS_HANDED_ON_WAIT`: with NATS away the
-/// client's queue fills and a publish waits until it is back, so one that
-/// takes too long gives up the deltas still to come (the stored
-/// `reply_completed` holds the whole reply).
-async fn publish_on_main(
-    bus: &Bus,
-    subject: &str,
-    headers: &Headers,
-    message_out: impl std::future::Future<Output = bool>,
-    deltas: impl futures::Stream<Item = Bytes>,
-) {
-    let mut deltas = std::pin::pin!(deltas);
-    let mut message_out = Some(message_out);
-    let mut giving_up = false;
-    while let Some(payload) = deltas.next().await {
-        if let Some(message_out) = message_out.take() {
-            if !message_out.await {
-                tracing::debug!(%subject, "reply deltas dropped: their message was not published in time");
-                giving_up = true;
-            }
+/// Publishes a delta on `bus` at once (a gateway without an outbox queue);
+/// `false` when the bus did not take it within [`DELTA_PUBLISH_WAIT`] (NATS
+/// away, its queue full): the turn's later deltas are then dropped.
+async fn publish_now(bus: &Bus, delta: Delta) -> bool {
+    let subject = delta.subject;
+    let published = tokio::time::timeout(
+        DELTA_PUBLISH_WAIT,
+        bus.publish(&subject, delta.headers, delta.payload),
+    )
+    .await;
+    match published {
+        Ok(Ok(())) => true,
+        Ok(Err(error)) => {
+            tracing::debug!(%subject, %error, "a reply delta was not published");
+            true
         }
-        if giving_up {
-            continue;
-        }
-        let published = tokio::time::timeout(
-            DELTA_PUBLISH_WAIT,
-            bus.publish(subject, headers.clone(), payload),
-        )
-        .await;
-        match published {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => {
-                tracing::debug!(%subject, %error, "a reply delta was not published");
-            }
-            Err(_) => {
-                tracing::warn!(%subject, "reply deltas dropped: the bus is not taking them");
-                giving_up = true;
-            }
+        Err(_) => {
+            tracing::warn!(%subject, "reply deltas dropped: the bus is not taking them");
+            false
         }
     }
-}
-
-/// Whether the message whose seq `seq_known` brings has been published on
-/// a bus by the log's follower there (`issued`: the outbox's
-/// [`crate::outbox::OutboxHandle::issued`], or the front's feed's) within
-/// [`DELTA_PUBLISH_WAIT`], so a delta published now reaches subscribers
-/// after it. Without a follower to wait for, at once. `false` when no seq
-/// comes (the send failed: no turn, no deltas), the follower stopped, or it
-/// is too far behind (NATS away, or catching up after a restart): a delta
-/// can then only be late or out of order, and the stored `reply_completed`
-/// holds the whole reply.
-async fn after_message(
-    mut seq_known: watch::Receiver<Option<u64>>,
-    issued: Option<watch::Receiver<u64>>,
-) -> bool {
-    let Ok(seq) = seq_known.wait_for(Option::is_some).await.map(|seq| *seq) else {
-        return false;
-    };
-    let seq = seq.expect("waited for a seq");
-    let Some(mut issued) = issued else {
-        return true;
-    };
-    let published = async { issued.wait_for(|issued| *issued >= seq).await.is_ok() };
-    tokio::time::timeout(DELTA_PUBLISH_WAIT, published)
-        .await
-        .unwrap_or(false)
 }
 
 /// The request header that makes a send answer once its turn's end is

@@ -402,11 +402,10 @@ pub async fn events(
 /// next stored event; and an event the bus dropped on the way (a slow client,
 /// a reconnect) is read with the next one, never skipped.
 ///
-/// Deltas pass through as they come. The core publishes a turn's first delta
-/// only once the log's follower on the same bus has published the turn's
-/// `message_received` ([`crate::gateway::NatsGateway::start_with_front`]),
-/// so the stream has sent that message by then, or it was stored before the
-/// stream's `Last-Event-ID`.
+/// Deltas pass through as they come. The log's follower on the same bus
+/// publishes a turn's deltas only after the turn's `message_received`
+/// ([`crate::outbox::DeltaQueue`]), so the stream has sent that message by
+/// then, or it was stored before the stream's `Last-Event-ID`.
 struct Follower {
     core: Core,
     caller: HeaderMap,

@@ -10,6 +10,11 @@
 //! body the outbox gives it on NATS. Neither waits for NATS, so the streams
 //! go on while NATS is away.
 //!
+//! The gateway queues each delta with the feed (a [`DeltaQueue`]), which
+//! publishes it once it has published the delta's message, and before the
+//! next event: so the front's streams see a message, its reply's deltas,
+//! then the reply's end.
+//!
 //! The feed is live only: it starts at the log's head and keeps no
 //! checkpoint. A follower reads what came before its subscription from the
 //! log (`conv.<id>.events`), as it does on NATS. Only the conversation
@@ -19,37 +24,53 @@
 use std::time::Duration;
 
 use switchboard_events::EventLog;
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::route::{headers, payload, routes};
+use super::DeltaQueue;
 use crate::bus::Bus;
 
 /// How long the feed waits before reading again after the log failed a read.
 const READ_RETRY: Duration = Duration::from_secs(1);
 
-/// A running feed ([`spawn_front_feed`]).
-pub struct FrontFeed {
-    /// Runs until the log closes; abort it to stop sooner.
-    pub task: JoinHandle<()>,
-    /// The highest seq the feed is done with: every event up to it has been
-    /// published on the front (or had nobody following it there), as
-    /// [`super::OutboxHandle::issued`] is on NATS.
-    pub issued: watch::Receiver<u64>,
-}
-
-/// Spawns the feed of `log`'s conversation events onto `front` (see the
-/// module doc), from the events appended after this call on. It runs until
-/// the log closes or the task is aborted; a record it cannot read it
-/// tries again every second, holding up the feed, as the outbox does.
-pub fn spawn_front_feed(log: &EventLog, front: Bus, prefix: &str) -> FrontFeed {
+/// Spawns the feed of `log`'s conversation events, and of the reply deltas
+/// queued on `deltas`, onto `front` (see the module doc), from the events
+/// appended after this call on. It runs until the log closes or the handle
+/// is aborted; a record it cannot read it tries again every second, holding
+/// up the feed, as the outbox does.
+pub fn spawn_front_feed(
+    log: &EventLog,
+    front: Bus,
+    prefix: &str,
+    deltas: DeltaQueue,
+) -> JoinHandle<()> {
     let conversations = format!("{prefix}.evt.conv.");
     let prefix = prefix.to_owned();
-    let head = log.head();
-    let mut events = log.subscribe(head + 1);
-    let (done_with, issued) = watch::channel(head);
-    let task = tokio::spawn(async move {
-        while let Some(next) = events.next().await {
+    let mut fed = log.head();
+    let mut events = log.subscribe(fed + 1);
+    tokio::spawn(async move {
+        let publish_deltas = |through: u64| {
+            let (front, deltas) = (&front, &deltas);
+            async move {
+                for delta in deltas.take_through(through) {
+                    if let Err(error) = front
+                        .publish(&delta.subject, delta.headers, delta.payload)
+                        .await
+                    {
+                        tracing::debug!(%error, subject = delta.subject, "a reply delta was not fed to the front");
+                    }
+                }
+            }
+        };
+        loop {
+            let next = tokio::select! {
+                next = events.next() => next,
+                () = deltas.pushed() => {
+                    publish_deltas(fed).await;
+                    continue;
+                }
+            };
+            let Some(next) = next else { break };
             let envelope = match next {
                 Ok(envelope) => envelope,
                 Err(error) => {
@@ -60,6 +81,7 @@ pub fn spawn_front_feed(log: &EventLog, front: Bus, prefix: &str) -> FrontFeed {
                     continue;
                 }
             };
+            publish_deltas(envelope.seq - 1).await;
             for route in routes(&prefix, &envelope) {
                 if !route.subject.starts_with(&conversations)
                     || !front.has_subscriber(&route.subject)
@@ -74,8 +96,8 @@ pub fn spawn_front_feed(log: &EventLog, front: Bus, prefix: &str) -> FrontFeed {
                     tracing::warn!(%error, subject = route.subject, "an event was not fed to the front");
                 }
             }
-            done_with.send_replace(envelope.seq);
+            fed = envelope.seq;
+            publish_deltas(fed).await;
         }
-    });
-    FrontFeed { task, issued }
+    })
 }

@@ -85,6 +85,7 @@
 //! logged with `tracing::error!` and left out, rather than stalling every
 //! later event.
 
+mod deltas;
 mod feed;
 mod route;
 
@@ -99,7 +100,8 @@ use tokio::time::Instant;
 
 use crate::bus::subject::{self, SubjectError};
 use crate::bus::{Bus, BusError, Headers};
-pub use feed::{spawn_front_feed, FrontFeed};
+pub use deltas::{Delta, DeltaQueue, DELTAS_QUEUED_MAX};
+pub use feed::spawn_front_feed;
 use route::headers;
 pub use route::{routes, subject_token, subjects, Route};
 
@@ -182,6 +184,7 @@ pub struct Outbox {
     bus: Bus,
     prefix: String,
     jetstream: Option<subject::Pattern>,
+    deltas: DeltaQueue,
 }
 
 /// The subjects a JetStream stream captures, as [`Outbox::confirm_with_jetstream`]
@@ -204,7 +207,16 @@ impl Outbox {
             bus,
             prefix: prefix.to_owned(),
             jetstream: None,
+            deltas: DeltaQueue::new(),
         }
+    }
+
+    /// Publishes the reply deltas queued on `deltas` too, each once its
+    /// message is published and before the next event (see
+    /// [`deltas`](self::deltas)).
+    pub fn with_deltas(mut self, deltas: DeltaQueue) -> Outbox {
+        self.deltas = deltas;
+        self
     }
 
     /// Publishes subjects matching `pattern` through JetStream and checkpoints
@@ -234,6 +246,7 @@ impl Outbox {
             bus,
             prefix,
             jetstream,
+            deltas,
         } = self;
         subject::validate_subject(&prefix).map_err(|source| OutboxError::InvalidPrefix {
             prefix: prefix.clone(),
@@ -264,7 +277,6 @@ impl Outbox {
         }
         tracing::info!(checkpoint, head, prefix, "outbox publishing");
         let (through, published) = watch::channel(checkpoint);
-        let (issued, issued_seen) = watch::channel(checkpoint);
         let (stop, stopped) = oneshot::channel();
         let gather = match &bus {
             Bus::Nats(_) => GATHER,
@@ -278,12 +290,11 @@ impl Outbox {
             tree,
             checkpoint,
             through,
-            issued,
             gather,
+            deltas,
         };
         Ok(OutboxHandle {
             published,
-            issued: issued_seen,
             stop: Some(stop),
             task: Some(tokio::spawn(publisher.run(stopped))),
             log,
@@ -296,7 +307,6 @@ impl Outbox {
 /// publishes what is in the log.
 pub struct OutboxHandle {
     published: watch::Receiver<u64>,
-    issued: watch::Receiver<u64>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
     log: EventLog,
@@ -311,17 +321,6 @@ impl OutboxHandle {
     /// A watch of [`Self::published_through`], for readers elsewhere (metrics).
     pub fn progress(&self) -> watch::Receiver<u64> {
         self.published.clone()
-    }
-
-    /// A watch of the highest seq handed to the bus, in seq order: every
-    /// event up to it is queued on the bus's connection (or published, on the
-    /// embedded bus), though perhaps not yet confirmed. What is published on
-    /// the same bus after it reaches a subscriber after those events, so
-    /// the gateway publishes a turn's `reply_delta`s only once the turn's
-    /// `message_received` is issued. After a reconnect the outbox issues the
-    /// unconfirmed batch again; the watch does not go back for that.
-    pub fn issued(&self) -> watch::Receiver<u64> {
-        self.issued.clone()
     }
 
     /// Waits until every event up to `seq` has reached the server;
@@ -400,11 +399,11 @@ struct Publisher {
     tree: sled::Tree,
     checkpoint: u64,
     through: watch::Sender<u64>,
-    /// The highest seq handed to the bus ([`OutboxHandle::issued`]).
-    issued: watch::Sender<u64>,
     /// [`GATHER`] on NATS; nothing on the embedded bus, which has no
     /// server to wake.
     gather: Duration,
+    /// Reply deltas to publish among the events ([`Outbox::with_deltas`]).
+    deltas: DeltaQueue,
 }
 
 /// Set once [`OutboxHandle::stop`] is asked: the log's head at that moment.
@@ -475,6 +474,10 @@ impl Publisher {
                         *drain_to = Some(self.log.head());
                         continue;
                     }
+                    () = self.deltas.pushed() => {
+                        self.publish_deltas(self.checkpoint).await;
+                        continue;
+                    }
                 };
                 gather(burst_end, self.gather).await;
                 next
@@ -502,6 +505,10 @@ impl Publisher {
                             _ = &mut *stop => {
                                 *drain_to = Some(self.log.head());
                                 break;
+                            }
+                            () = self.deltas.pushed() => {
+                                self.publish_deltas(last).await;
+                                continue;
                             }
                         };
                         gather(burst_end, self.gather).await;
@@ -534,8 +541,25 @@ impl Publisher {
         }
     }
 
-    /// Publishes one event on each of its subjects; returns its seq.
+    /// Publishes the queued deltas of the messages up to seq `through`
+    /// (which are published), best effort: deltas are live only.
+    async fn publish_deltas(&self, through: u64) {
+        for delta in self.deltas.take_through(through) {
+            if let Err(error) = self
+                .bus
+                .publish(&delta.subject, delta.headers, delta.payload)
+                .await
+            {
+                tracing::debug!(subject = delta.subject, %error, "a reply delta was not published");
+            }
+        }
+    }
+
+    /// Publishes one event on each of its subjects, after the deltas queued
+    /// for the messages before it and before those of its own; returns its
+    /// seq.
     async fn publish(&self, envelope: &Envelope, acks: &mut Vec<Ack>) -> Result<u64, Failure> {
+        self.publish_deltas(envelope.seq - 1).await;
         let payload = Bytes::from(route::payload(envelope));
         for route in routes(&self.prefix, envelope) {
             let mut published = self
@@ -580,13 +604,7 @@ impl Publisher {
                 Err(error) => return Err(error.into()),
             }
         }
-        self.issued.send_if_modified(|issued| {
-            let later = envelope.seq > *issued;
-            if later {
-                *issued = envelope.seq;
-            }
-            later
-        });
+        self.publish_deltas(envelope.seq).await;
         Ok(envelope.seq)
     }
 
