@@ -52,33 +52,101 @@ impl RawRecord {
 /// record (chain hash ‖ encoding) or a chunk of a group commit's records
 /// (chain hash ‖ length ‖ encoding, each); see [`keys`].
 pub(crate) fn split_row(key: &[u8], value: sled::IVec) -> Result<Vec<RawRecord>, ReadError> {
-    let (first, last) = keys::record_row_seqs(key).ok_or_else(|| ReadError::Corrupt {
-        seq: 0,
-        detail: format!("malformed record key {key:02x?}"),
-    })?;
-    let hash_at = |seq: u64, at: usize| {
-        value
-            .get(at..at + keys::HASH_LEN)
-            .and_then(|h| <[u8; 32]>::try_from(h).ok())
-            .ok_or_else(|| ReadError::Corrupt {
-                seq,
-                detail: "shorter than its chain hash".to_owned(),
-            })
-    };
-    if first == last {
-        let hash = hash_at(first, 0)?;
-        let bytes = value.subslice(keys::HASH_LEN, value.len() - keys::HASH_LEN);
-        return Ok(vec![RawRecord {
-            seq: first,
-            hash,
-            bytes,
-        }]);
-    }
+    let (first, last) = row_seqs(key)?;
     let count = (last - first).saturating_add(1);
     let mut records = Vec::with_capacity(usize::try_from(count).unwrap_or(0).min(64));
+    walk_row(first, last, &value, |frame| {
+        records.push(frame.record(&value))
+    })?;
+    Ok(records)
+}
+
+/// The record at `seq` of a row of the record keyspace, if the row holds
+/// it: [`split_row`]'s, with the same checks of the whole row, but copying
+/// out only that one (a chunk holds up to a group commit's records).
+fn record_in_row(key: &[u8], value: sled::IVec, seq: u64) -> Result<Option<RawRecord>, ReadError> {
+    let (first, last) = row_seqs(key)?;
+    let mut found = None;
+    walk_row(first, last, &value, |frame| {
+        if frame.seq == seq {
+            found = Some(frame);
+        }
+    })?;
+    Ok(found.map(|frame| frame.record(&value)))
+}
+
+/// The first and last seq of the records a row holds, from its key.
+fn row_seqs(key: &[u8]) -> Result<(u64, u64), ReadError> {
+    keys::record_row_seqs(key).ok_or_else(|| ReadError::Corrupt {
+        seq: 0,
+        detail: format!("malformed record key {key:02x?}"),
+    })
+}
+
+/// Loads a byte of each cache line of `value`. A row read from sled is
+/// mostly not in the CPU's caches, and the walk over its frames is a chain of
+/// loads, each at an offset the one before read: one memory latency per
+/// record, and most of a history read's time (`bench http`). These loads
+/// depend on nothing, so the CPU makes them together, and the walk then
+/// reads from the cache.
+fn touch_lines(value: &[u8]) {
+    const LINE: usize = 64;
+    let touched = value.iter().step_by(LINE).fold(0u8, |acc, byte| acc ^ byte);
+    std::hint::black_box(touched);
+}
+
+/// Where one record lies in its row's value.
+#[derive(Clone, Copy)]
+struct Frame {
+    seq: u64,
+    /// Where its chain hash starts; its encoding follows the hash (and, in a
+    /// chunk, its length).
+    hash_at: usize,
+    bytes_at: usize,
+    len: usize,
+}
+
+impl Frame {
+    fn record(self, value: &sled::IVec) -> RawRecord {
+        let hash = <[u8; 32]>::try_from(&value[self.hash_at..self.hash_at + keys::HASH_LEN])
+            .expect("a frame's hash lies in its row: walk_row checked");
+        RawRecord {
+            seq: self.seq,
+            hash,
+            bytes: value.subslice(self.bytes_at, self.len),
+        }
+    }
+}
+
+/// Checks that `value`, the row of records `first..=last`, is laid out
+/// whole (see [`split_row`]), handing `each` every record's frame in seq
+/// order; a row that is not is corrupt at the first record it cuts off, or
+/// at its last record when bytes follow it.
+fn walk_row(
+    first: u64,
+    last: u64,
+    value: &[u8],
+    mut each: impl FnMut(Frame),
+) -> Result<(), ReadError> {
+    if first == last {
+        let len = value
+            .len()
+            .checked_sub(keys::HASH_LEN)
+            .ok_or_else(|| ReadError::Corrupt {
+                seq: first,
+                detail: "shorter than its chain hash".to_owned(),
+            })?;
+        each(Frame {
+            seq: first,
+            hash_at: 0,
+            bytes_at: keys::HASH_LEN,
+            len,
+        });
+        return Ok(());
+    }
+    touch_lines(value);
     let mut at = 0;
     for seq in first..=last {
-        let hash = hash_at(seq, at)?;
         let len = value
             .get(at + keys::HASH_LEN..at + keys::FRAME_HEADER_LEN)
             .and_then(|len| <[u8; 4]>::try_from(len).ok())
@@ -91,10 +159,11 @@ pub(crate) fn split_row(key: &[u8], value: sled::IVec) -> Result<Vec<RawRecord>,
                     "its length in the chunk of records {first}..={last} is cut off or too long"
                 ),
             })?;
-        records.push(RawRecord {
+        each(Frame {
             seq,
-            hash,
-            bytes: value.subslice(at + keys::FRAME_HEADER_LEN, len),
+            hash_at: at,
+            bytes_at: at + keys::FRAME_HEADER_LEN,
+            len,
         });
         at += keys::FRAME_HEADER_LEN + len;
     }
@@ -104,7 +173,7 @@ pub(crate) fn split_row(key: &[u8], value: sled::IVec) -> Result<Vec<RawRecord>,
             detail: format!("the chunk of records {first}..={last} has bytes past its last record"),
         });
     }
-    Ok(records)
+    Ok(())
 }
 
 /// The stored records with `from <= seq <= to`, in order, row by row (no
@@ -167,13 +236,14 @@ impl Iterator for StoredRecords {
 
 /// The row whose records include `seq`, if one does.
 fn row_holding(tree: &sled::Tree, seq: u64) -> Result<Option<(sled::IVec, sled::IVec)>, ReadError> {
-    let Some(row) = tree
-        .range(&keys::record(0)[..]..=&keys::record_row_bound(seq)[..])
-        .next_back()
-    else {
+    // Not `range(..).next_back()`: a sled iterator starts with a copy of the
+    // whole node it is in (see vendor/README.md).
+    let Some((key, value)) = tree.last_at_or_below(keys::record_row_bound(seq))? else {
         return Ok(None);
     };
-    let (key, value) = row?;
+    if key[..] < keys::record(0)[..] {
+        return Ok(None);
+    }
     match keys::record_row_seqs(&key) {
         Some((first, last)) if first <= seq && seq <= last => Ok(Some((key, value))),
         Some(_) => Ok(None),
@@ -441,7 +511,16 @@ pub(super) fn stored(
     tail: &super::tail::Tail,
     seq: u64,
 ) -> Result<Option<Envelope>, ReadError> {
-    stored_in(tree, tail, seq, &mut Vec::new())
+    if let Some(envelope) = tail.get(seq) {
+        return Ok(Some(Envelope::clone(&envelope)));
+    }
+    match row_holding(tree, seq)? {
+        Some((key, value)) => record_in_row(&key, value, seq)?
+            .as_ref()
+            .map(RawRecord::decode)
+            .transpose(),
+        None => Ok(None),
+    }
 }
 
 /// [`stored`], keeping the records of the row it read in `row` and looking
@@ -683,5 +762,149 @@ impl Subscription {
             });
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A chunk row of `records` (seq, hash byte, encoding) as the writer
+    /// lays it out: chain hash ‖ length ‖ encoding, each.
+    fn chunk(records: &[(u64, u8, &[u8])]) -> (Vec<u8>, sled::IVec) {
+        let mut value = Vec::new();
+        for (_, hash, bytes) in records {
+            value.extend_from_slice(&[*hash; keys::HASH_LEN]);
+            value.extend_from_slice(&u32::try_from(bytes.len()).unwrap().to_le_bytes());
+            value.extend_from_slice(bytes);
+        }
+        let (first, last) = (records[0].0, records[records.len() - 1].0);
+        (keys::chunk(first, last).to_vec(), value.into())
+    }
+
+    fn same(found: &RawRecord, expected: &RawRecord) -> bool {
+        found.seq == expected.seq && found.hash == expected.hash && found.bytes == expected.bytes
+    }
+
+    #[test]
+    fn a_record_read_alone_from_its_row_is_the_one_splitting_the_row_gives() {
+        let records: Vec<(u64, u8, &[u8])> = vec![
+            (10, 1, b"first"),
+            (11, 2, b""),
+            (12, 3, &[7; 300]),
+            (13, 4, b"x"),
+            (14, 5, b"last of the chunk"),
+        ];
+        let (key, value) = chunk(&records);
+        let split = split_row(&key, value.clone()).expect("a well-formed chunk");
+        assert_eq!(split.len(), records.len());
+        for expected in &split {
+            let found = record_in_row(&key, value.clone(), expected.seq)
+                .expect("a well-formed chunk")
+                .expect("the chunk holds it");
+            assert!(same(&found, expected), "seq {}", expected.seq);
+        }
+        for outside in [0, 9, 15, u64::MAX] {
+            assert!(record_in_row(&key, value.clone(), outside)
+                .unwrap()
+                .is_none());
+        }
+
+        let mut lone = vec![9; keys::HASH_LEN];
+        lone.extend_from_slice(b"a record of its own");
+        let (key, value) = (keys::record(20).to_vec(), sled::IVec::from(lone));
+        let expected = &split_row(&key, value.clone()).unwrap()[0];
+        let found = record_in_row(&key, value.clone(), 20).unwrap().unwrap();
+        assert!(same(&found, expected));
+        assert!(record_in_row(&key, value, 21).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_damaged_row_is_corrupt_at_each_of_its_records_and_never_a_panic() {
+        let records: Vec<(u64, u8, &[u8])> = vec![(1, 1, b"one"), (2, 2, b"two"), (3, 3, b"3")];
+        let (key, value) = chunk(&records);
+        let mut damaged: Vec<Vec<u8>> = (0..value.len()).map(|len| value[..len].to_vec()).collect();
+        let mut longer = value.to_vec();
+        longer.extend_from_slice(b"extra");
+        damaged.push(longer);
+        let mut too_long = value.to_vec();
+        too_long[keys::HASH_LEN..keys::FRAME_HEADER_LEN].copy_from_slice(&u32::MAX.to_le_bytes());
+        damaged.push(too_long);
+        for bytes in damaged {
+            let row = sled::IVec::from(bytes);
+            assert!(split_row(&key, row.clone()).is_err(), "{} bytes", row.len());
+            for seq in 1..=3 {
+                assert!(
+                    matches!(
+                        record_in_row(&key, row.clone(), seq),
+                        Err(ReadError::Corrupt { .. })
+                    ),
+                    "seq {seq} of a damaged row of {} bytes",
+                    row.len()
+                );
+            }
+        }
+        let lone = sled::IVec::from(&[1u8; 5][..]);
+        assert!(matches!(
+            record_in_row(&keys::record(4), lone, 4),
+            Err(ReadError::Corrupt { seq: 4, .. })
+        ));
+    }
+
+    /// The vendored `Tree::last_at_or_below` (vendor/README.md) finds what
+    /// a reverse range does, in a tree of many nodes, as they split and merge.
+    #[test]
+    fn the_last_entry_at_or_below_a_key_is_the_one_a_reverse_range_finds() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let tree = db.open_tree("rows").unwrap();
+        let mut state = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let check = |tree: &sled::Tree, query: &[u8]| {
+            let expected = tree.range(..=query).next_back().transpose().unwrap();
+            assert_eq!(
+                tree.last_at_or_below(query).unwrap(),
+                expected,
+                "at {query:02x?}"
+            );
+        };
+        assert_eq!(tree.last_at_or_below(keys::record(5)).unwrap(), None);
+        for round in 0..4 {
+            for _ in 0..3_000 {
+                let seq = next() % 20_000;
+                let key = if next() % 3 == 0 {
+                    keys::chunk(seq, seq + 1 + next() % 40).to_vec()
+                } else {
+                    keys::record(seq).to_vec()
+                };
+                let value = vec![round; usize::try_from(next() % 600).unwrap()];
+                tree.insert(key, value).unwrap();
+            }
+            if round % 2 == 1 {
+                // Emptied runs of keys: nodes merge.
+                let from = next() % 15_000;
+                let gone: Vec<_> = tree
+                    .range(keys::record(from)..keys::record(from + 4_000))
+                    .keys()
+                    .map(Result::unwrap)
+                    .collect();
+                for key in gone {
+                    tree.remove(key).unwrap();
+                }
+            }
+            for _ in 0..2_000 {
+                let seq = next() % 21_000;
+                check(&tree, &keys::record_row_bound(seq));
+                check(&tree, &keys::record(seq));
+            }
+            for query in [&[][..], &[0][..], &[keys::RECORD][..], &[0xff; 20][..]] {
+                check(&tree, query);
+            }
+        }
     }
 }

@@ -147,6 +147,51 @@ impl Iter {
     }
 }
 
+impl Tree {
+    /// switchboard: the last entry with a key at or below `key`, as
+    /// `range(..=key).next_back()` finds it, but without the copy of a whole
+    /// node (every key and value handle in it) that an iterator takes to keep
+    /// between calls. For a point read by a key's upper bound, that copy was
+    /// most of the read. The walk is `next_back`'s, on the views themselves.
+    pub fn last_at_or_below<K: AsRef<[u8]>>(
+        &self,
+        key: K,
+    ) -> Result<Option<(IVec, IVec)>> {
+        let _measure = Measure::new(&M.tree_reverse_scan);
+        let guard = pin();
+        let _cc = concurrency_control::read();
+        let mut hi = Bound::Included(IVec::from(key.as_ref()));
+        let high_key = |hi: &Bound<IVec>| match hi {
+            Bound::Excluded(hi) | Bound::Included(hi) => hi.clone(),
+            Bound::Unbounded => unreachable!("the walk's bound is never unbounded"),
+        };
+        let mut view = self.view_for_key(high_key(&hi), &guard)?;
+        for _ in 0..MAX_LOOPS {
+            if !view.contains_upper_bound(&hi) {
+                // node too low (maybe merged, maybe exhausted?)
+                view = self.view_for_key(high_key(&hi), &guard)?;
+                continue;
+            } else if !view.contains_lower_bound(&hi, false) {
+                // node too high (maybe split, maybe exhausted?)
+                let seek_key = match possible_predecessor(&view.lo) {
+                    Some(seek_key) => seek_key,
+                    None => return Ok(None),
+                };
+                view = self.view_for_key(seek_key, &guard)?;
+                continue;
+            }
+            if let Some(found) = view.predecessor(&hi) {
+                return Ok(Some(found));
+            }
+            if view.lo.is_empty() {
+                return Ok(None);
+            }
+            hi = Bound::Excluded(view.lo.clone());
+        }
+        panic!("fucked up tree traversal last_at_or_below({:?}) on {:?}", hi, self);
+    }
+}
+
 impl Iterator for Iter {
     type Item = Result<(IVec, IVec)>;
 
