@@ -465,6 +465,46 @@ async fn the_outbox_publishes_each_queued_delta_after_its_message_and_before_wha
     outbox.stop().await;
 }
 
+/// Deltas queued while the outbox is away (here: not started yet, as at a
+/// start-up behind the log) go out in their place once it catches up.
+#[tokio::test]
+async fn deltas_queued_while_the_outbox_is_behind_go_out_in_their_place_as_it_catches_up() {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = open_log(&dir);
+    let (bus, client) = (connect(&server).await, connect(&server).await);
+    let mut events = subscribe(&client, "sb.evt.conv.c1.>").await;
+    let queue = DeltaQueue::new();
+    let first = append(&log, conv("c1"), message("c1", 1)).await;
+    let second = append(&log, conv("c1"), message("c1", 2)).await;
+    let after = append(&log, conv("c1"), usage("c1", "key_1", 3)).await;
+    for (seq, text) in [(second, "b1"), (first, "a1"), (second, "b2"), (first, "a2")] {
+        assert!(queue.push(delta(seq, text)));
+    }
+    let outbox = Outbox::new(log.clone(), bus, "sb")
+        .with_deltas(queue.clone())
+        .spawn()
+        .expect("starts");
+    let mut heard = Vec::new();
+    for _ in 0..7 {
+        heard.push(next_of_c1(&mut events).await);
+    }
+    assert_eq!(
+        heard,
+        [
+            format!("{first} message_received"),
+            "a1".to_owned(),
+            "a2".to_owned(),
+            format!("{second} message_received"),
+            "b1".to_owned(),
+            "b2".to_owned(),
+            format!("{after} usage_recorded"),
+        ]
+    );
+    assert!(queue.is_empty());
+    outbox.stop().await;
+}
+
 #[tokio::test]
 async fn the_front_feed_publishes_each_queued_delta_after_its_message_and_before_what_follows() {
     let dir = tempfile::tempdir().expect("temp dir");
