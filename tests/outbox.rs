@@ -74,6 +74,14 @@ fn start(log: &EventLog, bus: &Bus) -> OutboxHandle {
     Outbox::start(log.clone(), bus.clone(), "sb").expect("start the outbox")
 }
 
+/// [`start`], publishing the deltas queued on `queue` too.
+fn start_with_deltas(log: &EventLog, bus: &Bus, queue: &DeltaQueue) -> OutboxHandle {
+    Outbox::new(log.clone(), bus.clone(), "sb")
+        .with_deltas(queue.clone())
+        .spawn()
+        .expect("start the outbox")
+}
+
 async fn append(log: &EventLog, stream: StreamId, event: NewEvent) -> u64 {
     log.append(stream, ExpectedVersion::Any, vec![event])
         .await
@@ -457,10 +465,7 @@ async fn the_outbox_publishes_each_queued_delta_after_its_message_and_before_wha
     let (bus, client) = (connect(&server).await, connect(&server).await);
     let mut events = subscribe(&client, "sb.evt.conv.c1.>").await;
     let queue = DeltaQueue::new();
-    let outbox = Outbox::new(log.clone(), bus, "sb")
-        .with_deltas(queue.clone())
-        .spawn()
-        .expect("starts");
+    let outbox = start_with_deltas(&log, &bus, &queue);
     deltas_go_out_after_their_message_and_before_what_follows(&log, &mut events, &queue).await;
     outbox.stop().await;
 }
@@ -481,10 +486,7 @@ async fn deltas_queued_while_the_outbox_is_behind_go_out_in_their_place_as_it_ca
     for (seq, text) in [(second, "b1"), (first, "a1"), (second, "b2"), (first, "a2")] {
         assert!(queue.push(delta(seq, text)));
     }
-    let outbox = Outbox::new(log.clone(), bus, "sb")
-        .with_deltas(queue.clone())
-        .spawn()
-        .expect("starts");
+    let outbox = start_with_deltas(&log, &bus, &queue);
     let mut heard = Vec::new();
     for _ in 0..7 {
         heard.push(next_of_c1(&mut events).await);

@@ -417,9 +417,8 @@ struct Follower {
     /// so its `reply_delta`s, which are not stored, may be passed on.
     owned: bool,
     /// The messages whose turn's end was sent last (at most [`ENDED_KEPT`]):
-    /// a delta of one of them, come late (its turn's end stored after 2 s of
-    /// the deltas not going out, or read from the log ahead of them), is not
-    /// passed on after its end.
+    /// a delta of one of them, come late (its turn's end read from the log
+    /// ahead of it), is not passed on after its end.
     ended: VecDeque<String>,
     sender: mpsc::Sender<Event>,
 }

@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use tokio::sync::Notify;
 
-use crate::bus::Headers;
+use crate::bus::{Bus, Headers};
 
 /// Deltas a queue keeps for a follower that is not publishing, at most.
 pub const DELTAS_QUEUED_MAX: usize = 16 * 1024;
@@ -104,6 +104,20 @@ impl DeltaQueue {
         let taken = std::mem::replace(&mut queued.deltas, later);
         queued.full = false;
         taken.into_values().collect()
+    }
+
+    /// Publishes on `bus` the deltas of the messages up to seq `through`
+    /// (which the follower has published), best effort: deltas are live
+    /// only.
+    pub async fn publish_through(&self, bus: &Bus, through: u64) {
+        for delta in self.take_through(through) {
+            if let Err(error) = bus
+                .publish(&delta.subject, delta.headers, delta.payload)
+                .await
+            {
+                tracing::debug!(subject = delta.subject, %error, "a reply delta was not published");
+            }
+        }
     }
 
     /// Completes once a delta was queued since the last call (or since the

@@ -49,24 +49,11 @@ pub fn spawn_front_feed(
     let mut fed = log.head();
     let mut events = log.subscribe(fed + 1);
     tokio::spawn(async move {
-        let publish_deltas = |through: u64| {
-            let (front, deltas) = (&front, &deltas);
-            async move {
-                for delta in deltas.take_through(through) {
-                    if let Err(error) = front
-                        .publish(&delta.subject, delta.headers, delta.payload)
-                        .await
-                    {
-                        tracing::debug!(%error, subject = delta.subject, "a reply delta was not fed to the front");
-                    }
-                }
-            }
-        };
         loop {
             let next = tokio::select! {
                 next = events.next() => next,
                 () = deltas.pushed() => {
-                    publish_deltas(fed).await;
+                    deltas.publish_through(&front, fed).await;
                     continue;
                 }
             };
@@ -81,7 +68,7 @@ pub fn spawn_front_feed(
                     continue;
                 }
             };
-            publish_deltas(envelope.seq - 1).await;
+            deltas.publish_through(&front, envelope.seq - 1).await;
             for route in routes(&prefix, &envelope) {
                 if !route.subject.starts_with(&conversations)
                     || !front.has_subscriber(&route.subject)
@@ -97,7 +84,7 @@ pub fn spawn_front_feed(
                 }
             }
             fed = envelope.seq;
-            publish_deltas(fed).await;
+            deltas.publish_through(&front, fed).await;
         }
     })
 }

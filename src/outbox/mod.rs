@@ -541,18 +541,9 @@ impl Publisher {
         }
     }
 
-    /// Publishes the queued deltas of the messages up to seq `through`
-    /// (which are published), best effort: deltas are live only.
+    /// Publishes the queued deltas of the messages up to seq `through`.
     async fn publish_deltas(&self, through: u64) {
-        for delta in self.deltas.take_through(through) {
-            if let Err(error) = self
-                .bus
-                .publish(&delta.subject, delta.headers, delta.payload)
-                .await
-            {
-                tracing::debug!(subject = delta.subject, %error, "a reply delta was not published");
-            }
-        }
+        self.deltas.publish_through(&self.bus, through).await;
     }
 
     /// Publishes one event on each of its subjects, after the deltas queued

@@ -234,6 +234,19 @@ struct Reply {
     messages: Option<Vec<IgnoredAny>>,
 }
 
+impl Reply {
+    /// `None` for a history page with messages; otherwise what it was.
+    fn empty_page(&self, payload: &[u8]) -> Option<String> {
+        match &self.messages {
+            Some(messages) if !messages.is_empty() => None,
+            _ => Some(format!(
+                "a history page without messages: {}",
+                String::from_utf8_lossy(payload)
+            )),
+        }
+    }
+}
+
 fn parse_reply(payload: &[u8]) -> Result<Reply, String> {
     serde_json::from_slice(payload).map_err(|_| {
         format!(
@@ -247,14 +260,8 @@ fn parse_reply(payload: &[u8]) -> Result<Reply, String> {
 /// conversation read has been sent to, so an empty page is a failure.
 pub fn empty_page(payload: &[u8]) -> Option<String> {
     match parse_reply(payload) {
-        Ok(Reply {
-            messages: Some(messages),
-            ..
-        }) if !messages.is_empty() => None,
-        _ => Some(format!(
-            "a history page without messages: {}",
-            String::from_utf8_lossy(payload)
-        )),
+        Ok(page) => page.empty_page(payload),
+        Err(why) => Some(why),
     }
 }
 
@@ -262,17 +269,11 @@ pub fn empty_page(payload: &[u8]) -> Option<String> {
 /// page: see [`empty_page`]); otherwise what it said.
 fn refusal(payload: &[u8], ask: Ask) -> Option<String> {
     match parse_reply(payload) {
-        Ok(Reply {
-            ok: true, messages, ..
-        }) => match ask {
+        Ok(reply) if reply.ok => match ask {
             Ask::Send => None,
-            Ask::History if messages.is_some_and(|m| !m.is_empty()) => None,
-            Ask::History => Some(format!(
-                "a history page without messages: {}",
-                String::from_utf8_lossy(payload)
-            )),
+            Ask::History => reply.empty_page(payload),
         },
-        Ok(Reply { error, .. }) => Some(error.unwrap_or_default().to_string()),
+        Ok(reply) => Some(reply.error.unwrap_or_default().to_string()),
         Err(why) => Some(why),
     }
 }
