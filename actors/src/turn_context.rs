@@ -24,7 +24,7 @@
 //! turn is running). A long conversation's fold then weighs what its context
 //! does, and the cache holds every busy conversation instead of thrashing.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -269,6 +269,8 @@ pub(crate) struct ContextReader {
 #[derive(Default)]
 struct Cache {
     entries: HashMap<StreamId, CacheEntry>,
+    /// The entries' streams by their last use, least recent first.
+    by_use: BTreeMap<u64, StreamId>,
     bytes: usize,
     /// Advances with every use, for least-recently-used eviction.
     tick: u64,
@@ -300,9 +302,7 @@ impl ContextReader {
     /// starts over.
     pub(crate) fn keep(&self, exchanges: usize) {
         self.keep.store(exchanges, Ordering::Relaxed);
-        let mut cache = self.cache.lock().expect("context cache lock");
-        cache.entries.clear();
-        cache.bytes = 0;
+        *self.cache.lock().expect("context cache lock") = Cache::default();
     }
 
     /// The context of `message_id` (or, with `None`, the completed history)
@@ -398,11 +398,7 @@ impl ContextReader {
 
     fn cached(&self, stream: &StreamId) -> Option<Arc<Mutex<Folded>>> {
         let mut cache = self.cache.lock().expect("context cache lock");
-        cache.tick += 1;
-        let tick = cache.tick;
-        let entry = cache.entries.get_mut(stream)?;
-        entry.used = tick;
-        Some(entry.folded.clone())
+        cache.touch(stream).map(|entry| entry.folded.clone())
     }
 
     /// Caches a fold of a whole stream, unless a concurrent turn cached one
@@ -415,14 +411,14 @@ impl ContextReader {
         if cache.entries.contains_key(&stream) {
             return;
         }
-        cache.tick += 1;
-        let entry = CacheEntry {
-            bytes: folded.bytes,
-            folded: Arc::new(Mutex::new(folded)),
-            used: cache.tick,
-        };
-        cache.bytes += entry.bytes;
-        cache.entries.insert(stream, entry);
+        cache.insert(
+            stream,
+            CacheEntry {
+                bytes: folded.bytes,
+                folded: Arc::new(Mutex::new(folded)),
+                used: 0,
+            },
+        );
         cache.bound();
     }
 
@@ -440,39 +436,54 @@ impl ContextReader {
         let before = std::mem::replace(&mut entry.bytes, bytes);
         cache.bytes = cache.bytes - before + bytes;
         if bytes > MAX_CACHED_FOLD_BYTES {
-            cache.bytes -= bytes;
-            cache.entries.remove(stream);
+            cache.remove(stream);
         }
         cache.bound();
     }
 }
 
 impl Cache {
-    /// Evicts when there are too many entries or bytes.
-    fn bound(&mut self) {
-        if self.entries.is_empty() {
-            return;
-        }
-        if self.entries.len() > MAX_CACHED_CONVERSATIONS || self.bytes > MAX_CACHED_BYTES {
-            self.evict_oldest_quarter();
-        }
+    /// Adds `entry` for `stream` (not cached), as used now.
+    fn insert(&mut self, stream: StreamId, mut entry: CacheEntry) {
+        self.tick += 1;
+        entry.used = self.tick;
+        self.bytes += entry.bytes;
+        self.by_use.insert(self.tick, stream.clone());
+        self.entries.insert(stream, entry);
     }
 
-    /// Drops the least recently used quarter of the entries (at least one).
-    fn evict_oldest_quarter(&mut self) {
-        let mut uses: Vec<u64> = self.entries.values().map(|entry| entry.used).collect();
-        let drop = (uses.len() / 4).max(1);
-        let (_, cutoff, _) = uses.select_nth_unstable(drop - 1);
-        let cutoff = *cutoff;
-        let mut freed = 0;
-        self.entries.retain(|_, entry| {
-            let keep = entry.used > cutoff;
-            if !keep {
-                freed += entry.bytes;
+    /// The entry of `stream`, if cached, as used now.
+    fn touch(&mut self, stream: &StreamId) -> Option<&CacheEntry> {
+        let entry = self.entries.get_mut(stream)?;
+        self.tick += 1;
+        let last = std::mem::replace(&mut entry.used, self.tick);
+        self.by_use.remove(&last);
+        self.by_use.insert(self.tick, stream.clone());
+        Some(entry)
+    }
+
+    fn remove(&mut self, stream: &StreamId) -> Option<CacheEntry> {
+        let entry = self.entries.remove(stream)?;
+        self.by_use.remove(&entry.used);
+        self.bytes -= entry.bytes;
+        Some(entry)
+    }
+
+    /// Evicts the least recently used entries, one at a time, while there are
+    /// too many entries or bytes. Each new conversation so evicts about one:
+    /// evicting a quarter of the cache at once, every 1,024 new conversations,
+    /// took 5–10 ms under the cache's lock, and every turn that read its
+    /// context waited that long (`bench http`, 1,000 new conversations a
+    /// second).
+    fn bound(&mut self) {
+        while self.entries.len() > MAX_CACHED_CONVERSATIONS || self.bytes > MAX_CACHED_BYTES {
+            let Some((_, stream)) = self.by_use.pop_first() else {
+                break;
+            };
+            if let Some(entry) = self.entries.remove(&stream) {
+                self.bytes -= entry.bytes;
             }
-            keep
-        });
-        self.bytes -= freed;
+        }
     }
 }
 
@@ -754,24 +765,43 @@ mod tests {
     }
 
     #[test]
-    fn eviction_keeps_the_recently_used() {
+    fn eviction_drops_the_least_recently_used_one_at_a_time() {
+        const MAX: usize = MAX_CACHED_CONVERSATIONS;
+        let stream = |i: usize| StreamId::conversation(&format!("c{i}")).expect("valid");
+        let entry = |bytes: usize| CacheEntry {
+            folded: Arc::new(Mutex::new(Folded::default())),
+            bytes,
+            used: 0,
+        };
         let mut cache = Cache::default();
-        for i in 0..8u64 {
-            let stream = StreamId::conversation(&format!("c{i}")).expect("valid");
-            let folded = Arc::new(Mutex::new(Folded::default()));
-            let entry = CacheEntry {
-                folded,
-                bytes: 10,
-                used: i,
-            };
-            cache.entries.insert(stream, entry);
-            cache.bytes += 10;
+        for i in 0..MAX {
+            cache.insert(stream(i), entry(10));
+            cache.bound();
         }
-        cache.evict_oldest_quarter();
-        assert_eq!((cache.entries.len(), cache.bytes), (6, 60));
-        let kept = StreamId::conversation("c2").expect("valid");
-        assert!(cache.entries.contains_key(&kept));
-        let evicted = StreamId::conversation("c1").expect("valid");
-        assert!(!cache.entries.contains_key(&evicted));
+        assert_eq!(cache.entries.len(), MAX);
+        // Used again, c0 is no longer the least recently used: c1 is.
+        assert!(cache.touch(&stream(0)).is_some());
+        cache.insert(stream(MAX), entry(10));
+        cache.bound();
+        assert_eq!((cache.entries.len(), cache.bytes), (MAX, MAX * 10));
+        assert!(cache.entries.contains_key(&stream(0)));
+        assert!(!cache.entries.contains_key(&stream(1)));
+        assert!(cache.entries.contains_key(&stream(2)));
+        assert_eq!(cache.by_use.len(), cache.entries.len());
+
+        // Too heavy: the oldest go until the rest is light enough.
+        let mut cache = Cache::default();
+        let heaviest = MAX_CACHED_FOLD_BYTES;
+        for i in 0..MAX_CACHED_BYTES / heaviest {
+            cache.insert(stream(i), entry(heaviest));
+            cache.bound();
+        }
+        cache.insert(stream(100), entry(2 * heaviest));
+        cache.bound();
+        assert_eq!(cache.bytes, MAX_CACHED_BYTES);
+        assert!(!cache.entries.contains_key(&stream(0)));
+        assert!(!cache.entries.contains_key(&stream(1)));
+        assert!(cache.entries.contains_key(&stream(2)));
+        assert_eq!(cache.by_use.len(), cache.entries.len());
     }
 }
