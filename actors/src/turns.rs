@@ -496,7 +496,7 @@ impl TurnCoordinator {
             let max = self.inner.max_recovered.load(Ordering::Relaxed);
             let mut recovered = self.inner.recovered.lock().expect("recovered lock");
             if recovered.len() >= max && !recovered.contains_key(conversation_id) {
-                recovered.clear();
+                switchboard_events::forget::start_over(&mut *recovered);
             }
             recovered
                 .entry(conversation_id.to_owned())

@@ -29,6 +29,7 @@ pub mod apikey;
 pub mod catalog;
 pub mod codec;
 pub mod envelope;
+pub mod forget;
 pub mod log;
 pub mod time;
 

@@ -725,7 +725,7 @@ impl Writer {
             self.durable.unindexed.add(&overlay.runs);
             metrics::histogram!("switchboard_log_batch_size").record(appends as f64);
             if self.versions.len() + overlay.versions.len() > MAX_CACHED_STREAMS {
-                self.versions.clear();
+                crate::forget::start_over(&mut self.versions);
             }
             self.versions.extend(overlay.versions);
         }
