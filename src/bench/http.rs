@@ -42,7 +42,7 @@ use super::nats::requests::CpuMark;
 use super::nats::{phase, progress_bar, CpuPerRequest, Scratch};
 use super::{mark, positive_count, positive_seconds, share, thousands};
 use crate::config::Settings;
-use proxy::{FakeUpstream, PacedFigures};
+use proxy::{FakeUpstream, LatencyLog, PacedFigures};
 
 #[derive(Debug, clap::Args)]
 pub struct HttpBenchArgs {
@@ -72,6 +72,13 @@ pub struct HttpBenchArgs {
     /// on both.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     pub proxy_rounds: u32,
+    /// Also write every measured request of the proxy overhead to this file,
+    /// one tab-separated line each: the path (direct or proxied), the offered
+    /// rate, the round, when it was offered (µs into its round) and its
+    /// latency (µs). Slow requests on consecutive ticks are a stall of the
+    /// whole service; their times show whether stalls come at a steady period.
+    #[arg(long)]
+    pub latency_log: Option<std::path::PathBuf>,
 }
 
 /// HTTP acks/s >= this share of NATS acks/s.
@@ -213,6 +220,11 @@ pub fn measure(
     };
     let window = Duration::from_secs_f64(args.duration_secs);
     let load_before = load_average();
+    let mut latency_log = args
+        .latency_log
+        .as_deref()
+        .map(LatencyLog::create)
+        .transpose()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -249,7 +261,7 @@ pub fn measure(
             admin_key,
             upstream: &upstream,
         };
-        let measured = measure_all(args, &running, window, &bar, &show).await;
+        let measured = measure_all(args, &running, window, &bar, &show, &mut latency_log).await;
         phase(&bar, "stopping the service".into());
         server.shutdown().await;
         upstream.stop().await;
@@ -369,6 +381,7 @@ async fn measure_all(
     window: Duration,
     bar: &indicatif::ProgressBar,
     show: &impl Fn(String),
+    latency_log: &mut Option<LatencyLog>,
 ) -> anyhow::Result<Measured> {
     let (url, base, nats_pid) = (
         running.nats_url.as_str(),
@@ -574,8 +587,11 @@ async fn measure_all(
     let mut offered = args.proxy_rate;
     loop {
         let (upstream, rounds) = (running.upstream, args.proxy_rounds);
-        let run =
-            proxy::measure(base, &key, upstream, nats_pid, offered, window, rounds, bar).await?;
+        let log = latency_log.as_mut();
+        let run = proxy::measure(
+            base, &key, upstream, nats_pid, offered, window, rounds, bar, log,
+        )
+        .await?;
         show(proxy::line(offered, "direct to the upstream", &run.direct));
         show(proxy::line(offered, "through switchboard", &run.proxied));
         let by_round: Vec<String> = run
@@ -697,6 +713,7 @@ mod tests {
             proxy_rate: 50,
             proxy_low_rate: 20,
             proxy_rounds: 2,
+            latency_log: Some(dir.path().join("latencies.tsv")),
         };
         let report = measure(&args, dir.path(), true).expect("the bench runs");
 
@@ -732,5 +749,33 @@ mod tests {
         }
         let json = serde_json::to_value(&report).expect("the report serializes");
         assert_eq!(json["proxy_target"]["offered_per_sec"], 50);
+
+        // A line for every answered request of the rounds, none for the
+        // warm-ups, each offered within its round.
+        let log = std::fs::read_to_string(dir.path().join("latencies.tsv")).expect("the log");
+        let mut lines = log.lines();
+        assert_eq!(
+            lines.next(),
+            Some("path\toffered_per_sec\tround\toffered_at_us\tlatency_us")
+        );
+        let rows: Vec<Vec<&str>> = lines.map(|line| line.split('\t').collect()).collect();
+        for run in &report.proxy_runs {
+            for (path, side) in [("direct", &run.direct), ("proxied", &run.proxied)] {
+                let offered = run.offered_per_sec.to_string();
+                let logged = rows
+                    .iter()
+                    .filter(|row| row[0] == path && row[1] == offered)
+                    .collect::<Vec<_>>();
+                assert_eq!(logged.len() as u64, side.ok, "{path} at {offered}/s");
+                for row in logged {
+                    let round: u32 = row[2].parse().expect("a round");
+                    let at: u64 = row[3].parse().expect("a time");
+                    let latency: u64 = row[4].parse().expect("a latency");
+                    assert!((1..=2).contains(&round), "{row:?}");
+                    assert!(at < 150_000 + 20_000, "{row:?}");
+                    assert!(latency > 0, "{row:?}");
+                }
+            }
+        }
     }
 }

@@ -14,6 +14,9 @@
 //! provider's call. The added p99 is the median of the rounds' own: a stall
 //! of the shared machine in one slice sets that slice's p99.
 
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -159,6 +162,7 @@ pub struct PacedFigures {
 /// Both sides at `offered` requests per second, each after a warm-up, taking
 /// turns in `rounds` slices of `window`, so that a slow spell of a shared
 /// machine falls on both; each side's figures pool its slices.
+/// Each measured request also goes to `log`, if given.
 #[allow(clippy::too_many_arguments)]
 pub async fn measure(
     base: &str,
@@ -169,6 +173,7 @@ pub async fn measure(
     window: Duration,
     rounds: u32,
     bar: &indicatif::ProgressBar,
+    mut log: Option<&mut LatencyLog>,
 ) -> anyhow::Result<super::ProxyRun> {
     let sides = [Side::direct(upstream)?, Side::proxied(base, key)?];
     for side in &sides {
@@ -198,6 +203,9 @@ pub async fn measure(
             let cpu = CpuMark::now(nats_pid);
             let mut measured = paced(side, offered, slice).await;
             measured.cpu = cpu.spent(nats_pid);
+            if let Some(log) = log.as_deref_mut() {
+                log.write(["direct", "proxied"][i], offered, round, &measured)?;
+            }
             p99_ms[i] = Percentiles::of(&mut measured.latencies).p99_ms;
             pool.absorb(measured);
         }
@@ -317,6 +325,38 @@ impl Side {
     }
 }
 
+/// Every measured request of the proxy runs, a line each
+/// (`bench http --latency-log`).
+pub struct LatencyLog(BufWriter<File>);
+
+impl LatencyLog {
+    pub fn create(path: &Path) -> anyhow::Result<LatencyLog> {
+        let file =
+            File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+        let mut log = LatencyLog(BufWriter::new(file));
+        writeln!(
+            log.0,
+            "path\toffered_per_sec\tround\toffered_at_us\tlatency_us"
+        )?;
+        Ok(log)
+    }
+
+    /// The answered requests of one side's round.
+    fn write(
+        &mut self,
+        path: &str,
+        offered: usize,
+        round: u32,
+        paced: &Paced,
+    ) -> anyhow::Result<()> {
+        for (at, latency) in &paced.timeline {
+            let (at, latency) = (at.as_micros(), latency.as_micros());
+            writeln!(self.0, "{path}\t{offered}\t{round}\t{at}\t{latency}")?;
+        }
+        self.0.flush().context("cannot write the latency log")
+    }
+}
+
 /// What [`paced`] saw of one side: counts, latencies, and the time the
 /// requests took from the first tick to the last answer, summed over the
 /// windows it pools.
@@ -331,6 +371,9 @@ struct Paced {
     answering: Duration,
     /// Of the answered requests, in nanoseconds.
     latencies: Vec<u64>,
+    /// Of the answered requests, in the order answered: when each was
+    /// offered, into the window, and its latency (for [`LatencyLog`]).
+    timeline: Vec<(Duration, Duration)>,
     cpu: CpuSpent,
 }
 
@@ -346,6 +389,7 @@ impl Paced {
         self.sending += other.sending;
         self.answering += other.answering;
         self.latencies.extend(other.latencies);
+        self.timeline.extend(other.timeline);
         self.cpu.add(other.cpu);
     }
 
@@ -414,6 +458,7 @@ async fn paced(side: &Side, offered: usize, window: Duration) -> Paced {
         sending,
         answering: Duration::ZERO,
         latencies: Vec::with_capacity(sent as usize),
+        timeline: Vec::with_capacity(sent as usize),
         cpu: CpuSpent::default(),
     };
     let mut last = started;
@@ -432,6 +477,8 @@ async fn paced(side: &Side, offered: usize, window: Duration) -> Paced {
             Ok(()) => {
                 paced.ok += 1;
                 paced.latencies.push(took.as_nanos() as u64);
+                let offered_at = (at - took).saturating_duration_since(started);
+                paced.timeline.push((offered_at, took));
             }
             Err(why) => {
                 paced.failed += 1;
