@@ -457,16 +457,41 @@ async fn deltas_go_out_after_their_message_and_before_what_follows(
     assert!(queue.is_empty());
 }
 
-#[tokio::test]
-async fn the_outbox_publishes_each_queued_delta_after_its_message_and_before_what_follows() {
+/// A log and a queue of deltas for an outbox on a nats-server, and a
+/// subscriber to c1's events there.
+struct OnNats {
+    log: EventLog,
+    bus: Bus,
+    events: Subscription,
+    queue: DeltaQueue,
+    _client: Bus,
+    _dir: TempDir,
+    _server: NatsServer,
+}
+
+async fn on_nats() -> OnNats {
     let server = NatsServer::start();
     let dir = tempfile::tempdir().expect("temp dir");
     let log = open_log(&dir);
     let (bus, client) = (connect(&server).await, connect(&server).await);
-    let mut events = subscribe(&client, "sb.evt.conv.c1.>").await;
-    let queue = DeltaQueue::new();
-    let outbox = start_with_deltas(&log, &bus, &queue);
-    deltas_go_out_after_their_message_and_before_what_follows(&log, &mut events, &queue).await;
+    let events = subscribe(&client, "sb.evt.conv.c1.>").await;
+    OnNats {
+        log,
+        bus,
+        events,
+        queue: DeltaQueue::new(),
+        _client: client,
+        _dir: dir,
+        _server: server,
+    }
+}
+
+#[tokio::test]
+async fn the_outbox_publishes_each_queued_delta_after_its_message_and_before_what_follows() {
+    let mut on = on_nats().await;
+    let outbox = start_with_deltas(&on.log, &on.bus, &on.queue);
+    deltas_go_out_after_their_message_and_before_what_follows(&on.log, &mut on.events, &on.queue)
+        .await;
     outbox.stop().await;
 }
 
@@ -474,22 +499,18 @@ async fn the_outbox_publishes_each_queued_delta_after_its_message_and_before_wha
 /// start-up behind the log) go out in their place once it catches up.
 #[tokio::test]
 async fn deltas_queued_while_the_outbox_is_behind_go_out_in_their_place_as_it_catches_up() {
-    let server = NatsServer::start();
-    let dir = tempfile::tempdir().expect("temp dir");
-    let log = open_log(&dir);
-    let (bus, client) = (connect(&server).await, connect(&server).await);
-    let mut events = subscribe(&client, "sb.evt.conv.c1.>").await;
-    let queue = DeltaQueue::new();
-    let first = append(&log, conv("c1"), message("c1", 1)).await;
-    let second = append(&log, conv("c1"), message("c1", 2)).await;
-    let after = append(&log, conv("c1"), usage("c1", "key_1", 3)).await;
+    let mut on = on_nats().await;
+    let (log, queue) = (&on.log, &on.queue);
+    let first = append(log, conv("c1"), message("c1", 1)).await;
+    let second = append(log, conv("c1"), message("c1", 2)).await;
+    let after = append(log, conv("c1"), usage("c1", "key_1", 3)).await;
     for (seq, text) in [(second, "b1"), (first, "a1"), (second, "b2"), (first, "a2")] {
         assert!(queue.push(delta(seq, text)));
     }
-    let outbox = start_with_deltas(&log, &bus, &queue);
+    let outbox = start_with_deltas(log, &on.bus, queue);
     let mut heard = Vec::new();
     for _ in 0..7 {
-        heard.push(next_of_c1(&mut events).await);
+        heard.push(next_of_c1(&mut on.events).await);
     }
     assert_eq!(
         heard,

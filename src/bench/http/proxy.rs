@@ -206,7 +206,7 @@ pub async fn measure(
             if let Some(log) = log.as_deref_mut() {
                 log.write(["direct", "proxied"][i], offered, round, &measured)?;
             }
-            p99_ms[i] = Percentiles::of(&mut measured.latencies).p99_ms;
+            p99_ms[i] = Percentiles::of(&mut measured.latencies_ns()).p99_ms;
             pool.absorb(measured);
         }
         round_added_p99_ms.push(p99_ms[1] - p99_ms[0]);
@@ -369,10 +369,8 @@ struct Paced {
     first_failure: Option<String>,
     sending: Duration,
     answering: Duration,
-    /// Of the answered requests, in nanoseconds.
-    latencies: Vec<u64>,
     /// Of the answered requests, in the order answered: when each was
-    /// offered, into the window, and its latency (for [`LatencyLog`]).
+    /// offered, into the window, and its latency.
     timeline: Vec<(Duration, Duration)>,
     cpu: CpuSpent,
 }
@@ -388,12 +386,20 @@ impl Paced {
         }
         self.sending += other.sending;
         self.answering += other.answering;
-        self.latencies.extend(other.latencies);
         self.timeline.extend(other.timeline);
         self.cpu.add(other.cpu);
     }
 
-    fn figures(mut self, offered: usize) -> PacedFigures {
+    /// The answered requests' latencies, in nanoseconds.
+    fn latencies_ns(&self) -> Vec<u64> {
+        let nanos = |latency: &Duration| latency.as_nanos() as u64;
+        self.timeline
+            .iter()
+            .map(|(_, latency)| nanos(latency))
+            .collect()
+    }
+
+    fn figures(self, offered: usize) -> PacedFigures {
         let done_per_sec = rate(self.ok, self.answering.as_secs_f64());
         PacedFigures {
             sent: self.sent,
@@ -402,7 +408,7 @@ impl Paced {
             failed: self.failed,
             sent_per_sec: rate(self.sent, self.sending.as_secs_f64()),
             done_per_sec,
-            latency: Percentiles::of(&mut self.latencies),
+            latency: Percentiles::of(&mut self.latencies_ns()),
             sustained: self.skipped == 0
                 && self.failed == 0
                 && self.ok == self.sent
@@ -457,7 +463,6 @@ async fn paced(side: &Side, offered: usize, window: Duration) -> Paced {
         first_failure: None,
         sending,
         answering: Duration::ZERO,
-        latencies: Vec::with_capacity(sent as usize),
         timeline: Vec::with_capacity(sent as usize),
         cpu: CpuSpent::default(),
     };
@@ -476,7 +481,6 @@ async fn paced(side: &Side, offered: usize, window: Duration) -> Paced {
         match outcome {
             Ok(()) => {
                 paced.ok += 1;
-                paced.latencies.push(took.as_nanos() as u64);
                 let offered_at = (at - took).saturating_duration_since(started);
                 paced.timeline.push((offered_at, took));
             }
